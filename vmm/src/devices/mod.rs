@@ -1,0 +1,5 @@
+//! Emulated devices.
+
+pub mod bus;
+pub mod reset;
+pub mod serial;

@@ -1,0 +1,61 @@
+//! rtv's micro-VM monitor: a KVM VMM on the rust-vmm crates.
+//!
+//! [`vm::Vm`] assembles a machine (memory, vCPUs, in-kernel irqchip and PIT,
+//! serial console, reset port); [`linux::load`] puts a Linux kernel,
+//! initramfs and command line into it; [`vm::Vm::run`] runs it until the
+//! guest stops. [`platform`] holds the switches for PVM hosts.
+
+pub mod arch;
+pub mod devices;
+pub mod exit;
+pub mod linux;
+pub mod platform;
+pub mod vcpu;
+pub mod vm;
+
+pub use exit::VmExit;
+pub use linux::{BootProtocol, KernelConfig};
+pub use vm::{MachineConfig, Vm};
+
+/// Errors of a whole boot.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Building or running the VM failed.
+    #[error(transparent)]
+    Vm(#[from] vm::Error),
+    /// Loading the kernel failed.
+    #[error(transparent)]
+    Kernel(#[from] linux::Error),
+    /// Setting the boot vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] arch::regs::Error),
+}
+
+/// Checks the kernel and initramfs files before any VM exists, so bad input
+/// fails before anything is created.
+pub fn validate(machine: &MachineConfig, kernel: &KernelConfig) -> Result<(), Error> {
+    vm::validate(machine)?;
+    linux::open_vmlinux(&kernel.kernel)?;
+    if let Some(initrd) = &kernel.initrd {
+        std::fs::File::open(initrd).map_err(|source| linux::Error::File {
+            kind: "initramfs",
+            path: initrd.clone(),
+            source,
+        })?;
+    }
+    linux::build_cmdline(&[&kernel.cmdline])?;
+    Ok(())
+}
+
+/// Builds a VM, boots `kernel` in it and runs it to the end.
+pub fn boot(
+    machine: &MachineConfig,
+    kernel: &KernelConfig,
+    console: Box<dyn std::io::Write + Send>,
+) -> Result<VmExit, Error> {
+    validate(machine, kernel)?;
+    let vm = Vm::new(machine, console)?;
+    let entry = linux::load(&vm, kernel)?;
+    vm.set_boot_entry(entry)?;
+    Ok(vm.run()?)
+}

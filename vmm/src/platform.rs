@@ -1,0 +1,123 @@
+//! Host platform detection and the PVM switches.
+//!
+//! On hosts whose /dev/kvm is PVM ("Pagetable-based Virtual Machine") and
+//! the guest kernel has no PVM support, the guest kernel runs in PVM's
+//! native mode: its code is emulated instruction by instruction and some
+//! instructions are missing from the emulator. The guest then needs extra
+//! kernel command-line arguments (`guest-kernel/cmdline-pvm.txt`). On
+//! hardware KVM (VMX/SVM) none of this applies.
+
+use std::path::Path;
+
+/// The base command line every rtv guest gets.
+pub const BASE_CMDLINE: &str = include_str!("../../guest-kernel/cmdline.txt");
+/// What PVM native mode needs in addition.
+pub const PVM_CMDLINE: &str = include_str!("../../guest-kernel/cmdline-pvm.txt");
+
+/// Which kind of virtualization /dev/kvm provides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Virtualization {
+    /// Intel VMX or AMD SVM.
+    Hardware,
+    /// PVM (kvm_pvm module), guests in native (emulated-kernel) mode.
+    Pvm,
+    /// Neither could be identified.
+    Unknown,
+}
+
+/// The setting of the PVM switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PvmMode {
+    /// Detect from the host.
+    #[default]
+    Auto,
+    /// Always apply the PVM accommodations.
+    On,
+    /// Never apply them.
+    Off,
+}
+
+impl std::str::FromStr for PvmMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            other => Err(format!(
+                "unknown PVM mode {other:?} (expected auto, on or off)"
+            )),
+        }
+    }
+}
+
+/// Detects the host's virtualization.
+pub fn detect() -> Virtualization {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Virtualization::Pvm;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if hw
+        || Path::new("/sys/module/kvm_intel").exists()
+        || Path::new("/sys/module/kvm_amd").exists()
+    {
+        Virtualization::Hardware
+    } else {
+        Virtualization::Unknown
+    }
+}
+
+impl PvmMode {
+    /// Whether the accommodations apply on this host.
+    pub fn enabled(self) -> bool {
+        match self {
+            PvmMode::On => true,
+            PvmMode::Off => false,
+            PvmMode::Auto => detect() == Virtualization::Pvm,
+        }
+    }
+}
+
+/// The guest command line: the base, the PVM arguments when `pvm`, then `extra`.
+pub fn guest_cmdline(pvm: bool, extra: &str) -> String {
+    let mut parts = vec![BASE_CMDLINE.trim()];
+    if pvm {
+        parts.push(PVM_CMDLINE.trim());
+    }
+    parts.push(extra.trim());
+    parts
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_composition() {
+        let plain = guest_cmdline(false, "rtv.x=1");
+        assert!(plain.starts_with(BASE_CMDLINE.trim()));
+        assert!(plain.ends_with("rtv.x=1"));
+        let pvm = guest_cmdline(true, "");
+        if !PVM_CMDLINE.trim().is_empty() {
+            assert!(pvm.contains(PVM_CMDLINE.trim()));
+            assert!(!plain.contains(PVM_CMDLINE.trim()));
+        }
+        assert!(!pvm.ends_with(' '));
+    }
+
+    #[test]
+    fn pvm_mode_parses() {
+        assert_eq!("on".parse::<PvmMode>(), Ok(PvmMode::On));
+        assert!("maybe".parse::<PvmMode>().is_err());
+        assert!(PvmMode::On.enabled());
+        assert!(!PvmMode::Off.enabled());
+    }
+}

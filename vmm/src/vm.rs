@@ -1,0 +1,425 @@
+//! Assembles a micro-VM: KVM VM and vCPUs, guest memory, interrupt
+//! controllers, legacy devices; then runs it until the guest stops.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::layout::{self, EBDA_START};
+use crate::arch::regs::{self, BootEntry};
+use crate::arch::{cpuid, mptable};
+use crate::devices::bus::{self, Bus};
+use crate::devices::reset::{ResetDevice, I8042_BASE, I8042_LEN};
+use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::exit::{ExitNotifier, VmExit};
+use crate::vcpu::{self, Vcpu};
+
+/// The KVM API version every KVM since Linux 2.6.22 reports.
+const KVM_API_VERSION: i32 = 12;
+/// Smallest guest rtv accepts.
+pub const MIN_MEM_MIB: u64 = 16;
+
+/// The machine's shape.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// Guest RAM in MiB.
+    pub mem_size_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            mem_size_mib: 128,
+            vcpus: 1,
+            kvm_device: PathBuf::from("/dev/kvm"),
+        }
+    }
+}
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The KVM device cannot be opened.
+    #[error("cannot open the KVM device {path}: {source}")]
+    KvmOpen {
+        /// The device path.
+        path: PathBuf,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM reports an API version other than 12.
+    #[error("KVM at {path} reports API version {version}; rtv needs {KVM_API_VERSION}")]
+    KvmApi {
+        /// The device path.
+        path: PathBuf,
+        /// The version found.
+        version: i32,
+    },
+    /// A KVM capability rtv depends on is missing.
+    #[error("KVM lacks the {0} capability")]
+    KvmCap(&'static str),
+    /// A KVM call failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        source: kvm_ioctls::Error,
+    },
+    /// The requested memory size is not usable.
+    #[error("guest memory of {mib} MiB: {reason}")]
+    MemorySize {
+        /// The size asked for.
+        mib: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The requested vCPU count is not usable.
+    #[error("{count} vCPUs: {reason}")]
+    VcpuCount {
+        /// The count asked for.
+        count: u8,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Writing to guest memory failed.
+    #[error("writing {what} to guest memory: {source}")]
+    GuestWrite {
+        /// What was written.
+        what: &'static str,
+        /// Why it failed.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// Setting up a vCPU failed.
+    #[error("vCPU setup: {0}")]
+    VcpuSetup(#[from] regs::Error),
+    /// Placing a device failed.
+    #[error("device setup: {0}")]
+    Bus(#[from] bus::Error),
+    /// The MP table cannot be built.
+    #[error("MP table: {0}")]
+    MpTable(#[from] mptable::Error),
+    /// An OS resource (eventfd, thread, epoll) could not be had.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being created.
+        what: &'static str,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(#[from] event_manager::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+/// Total host memory in MiB, from /proc/meminfo.
+fn host_mem_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// Checks a machine shape before anything is created.
+pub fn validate(config: &MachineConfig) -> Result<(), Error> {
+    let mib = config.mem_size_mib;
+    if mib < MIN_MEM_MIB {
+        return Err(Error::MemorySize {
+            mib,
+            reason: format!("below the minimum of {MIN_MEM_MIB} MiB"),
+        });
+    }
+    if let Some(host) = host_mem_mib() {
+        if mib > host {
+            return Err(Error::MemorySize {
+                mib,
+                reason: format!("more than the host's {host} MiB of memory"),
+            });
+        }
+    }
+    if config.vcpus == 0 || usize::from(config.vcpus) > mptable::max_cpus() {
+        return Err(Error::VcpuCount {
+            count: config.vcpus,
+            reason: format!("rtv supports 1 to {}", mptable::max_cpus()),
+        });
+    }
+    Ok(())
+}
+
+/// A VM ready to be given a boot entry and run.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    memory: GuestMemoryMmap,
+    vcpus: Vec<VcpuFd>,
+    pio: Bus,
+    mmio: Bus,
+    exit: Arc<ExitNotifier>,
+    panicked: Arc<AtomicBool>,
+}
+
+impl Vm {
+    /// Creates the VM: KVM objects, memory, vCPUs, irqchip, PIT, serial
+    /// console (to `console`) and the reset port.
+    pub fn new(config: &MachineConfig, console: Box<dyn Write + Send>) -> Result<Vm, Error> {
+        validate(config)?;
+        let open_err = |source| Error::KvmOpen {
+            path: config.kvm_device.clone(),
+            source,
+        };
+        let c_path = std::ffi::CString::new(config.kvm_device.as_os_str().as_encoded_bytes())
+            .map_err(|_| open_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        let kvm = Kvm::new_with_path(c_path).map_err(open_err)?;
+        let version = kvm.get_api_version();
+        if version != KVM_API_VERSION {
+            return Err(Error::KvmApi {
+                path: config.kvm_device.clone(),
+                version,
+            });
+        }
+        for (cap, name) in [
+            (kvm_ioctls::Cap::Irqchip, "IRQCHIP"),
+            (kvm_ioctls::Cap::Irqfd, "IRQFD"),
+            (kvm_ioctls::Cap::Ioeventfd, "IOEVENTFD"),
+            (kvm_ioctls::Cap::UserMemory, "USER_MEMORY"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::KvmCap(name));
+            }
+        }
+        let max_vcpus = kvm.get_max_vcpus();
+        if usize::from(config.vcpus) > max_vcpus {
+            return Err(Error::VcpuCount {
+                count: config.vcpus,
+                reason: format!("KVM allows at most {max_vcpus}"),
+            });
+        }
+
+        let fd = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+        // Intel VMX needs these two pages below 4 GiB; elsewhere they are harmless.
+        if let Err(e) = fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize) {
+            tracing::debug!("KVM_SET_TSS_ADDR: {e}");
+        }
+        if let Err(e) = fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS) {
+            tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+        }
+        fd.create_irq_chip()
+            .map_err(kvm_err("creating the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("creating the PIT"))?;
+
+        let memory = create_memory(config.mem_size_mib)?;
+        register_memory(&fd, &memory)?;
+
+        let table = mptable::build(EBDA_START, config.vcpus)?;
+        memory
+            .write_slice(&table, GuestAddress(EBDA_START))
+            .map_err(|source| Error::GuestWrite {
+                what: "MP table",
+                source,
+            })?;
+
+        let exit = Arc::new(ExitNotifier::new().map_err(io_err("exit eventfd"))?);
+        let panicked = Arc::new(AtomicBool::new(false));
+        let mut pio = Bus::new();
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial eventfd"))?;
+        fd.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("serial irqfd"))?;
+        let sink = ConsoleSink::new(console, panicked.clone());
+        pio.insert(
+            Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink))),
+            COM1_BASE,
+            COM1_LEN,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(ResetDevice::new(exit.clone()))),
+            I8042_BASE,
+            I8042_LEN,
+        )?;
+
+        let supported = cpuid::supported(&kvm).map_err(kvm_err("reading supported CPUID"))?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        for index in 0..config.vcpus {
+            let vcpu = fd
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("creating a vCPU"))?;
+            vcpu.set_cpuid2(&cpuid::for_vcpu(supported.clone(), index, config.vcpus))
+                .map_err(kvm_err("setting CPUID"))?;
+            regs::setup_msrs(&vcpu)?;
+            regs::setup_fpu(&vcpu)?;
+            regs::setup_lapic(&vcpu)?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vm {
+            kvm,
+            fd,
+            memory,
+            vcpus,
+            pio,
+            mmio: Bus::new(),
+            exit,
+            panicked,
+        })
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The KVM VM handle.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The port I/O bus, to add devices.
+    pub fn pio_bus_mut(&mut self) -> &mut Bus {
+        &mut self.pio
+    }
+
+    /// The MMIO bus, to add devices.
+    pub fn mmio_bus_mut(&mut self) -> &mut Bus {
+        &mut self.mmio
+    }
+
+    /// Sets the boot vCPU's registers for `entry`; the others wait for the
+    /// guest to start them (INIT/SIPI through the in-kernel LAPIC).
+    pub fn set_boot_entry(&self, entry: BootEntry) -> Result<(), Error> {
+        let boot = self.vcpus.first().ok_or(Error::VcpuCount {
+            count: 0,
+            reason: "no boot vCPU".into(),
+        })?;
+        regs::setup_boot_vcpu(&self.memory, boot, entry)?;
+        Ok(())
+    }
+
+    /// Runs the VM until the guest stops or fails.
+    pub fn run(self) -> Result<VmExit, Error> {
+        let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new()?;
+        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+            exit: self.exit.clone(),
+        })));
+
+        let mut handles = Vec::with_capacity(self.vcpus.len());
+        for (index, fd) in self.vcpus.into_iter().enumerate() {
+            let vcpu = Vcpu::new(
+                index as u8,
+                fd,
+                self.pio.clone(),
+                self.mmio.clone(),
+                self.memory.clone(),
+                self.exit.clone(),
+            );
+            match vcpu.spawn() {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    self.exit
+                        .notify(VmExit::Error(format!("cannot start a vCPU thread: {e}")));
+                    break;
+                }
+            }
+        }
+
+        while !self.exit.stopping() {
+            if let Err(e) = events.run() {
+                self.exit.notify(VmExit::Error(format!("event loop: {e}")));
+            }
+        }
+        vcpu::stop_all(handles);
+
+        let reason = self
+            .exit
+            .reason()
+            .unwrap_or_else(|| VmExit::Error("stopped without a reason".into()));
+        // With `panic=-1` a panicking kernel resets the machine: report the panic.
+        if reason.is_clean() && self.panicked.load(Ordering::SeqCst) {
+            return Ok(VmExit::Panicked);
+        }
+        Ok(reason)
+    }
+}
+
+fn create_memory(mib: u64) -> Result<GuestMemoryMmap, Error> {
+    let size = mib << 20;
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::MemorySize {
+        mib,
+        reason: format!("the host cannot map it: {e}"),
+    })
+}
+
+fn register_memory(fd: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|source| Error::GuestWrite {
+                what: "memory slot",
+                source,
+            })?;
+        let mr = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes owned
+        // by `memory`, which the VM keeps (and the vCPUs clone) for as long
+        // as the guest can run; slots do not overlap.
+        unsafe { fd.set_user_memory_region(mr) }.map_err(kvm_err("registering guest memory"))?;
+    }
+    Ok(())
+}
+
+/// Wakes the event loop when the VM has a reason to stop.
+struct ExitWatcher {
+    exit: Arc<ExitNotifier>,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.event_set().contains(EventSet::IN) {
+            let _ = self.exit.event().read();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.exit.event(), EventSet::IN)) {
+            self.exit
+                .notify(VmExit::Error(format!("cannot watch the exit event: {e}")));
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Bad input to `rtv-vmm`: a clear error naming the thing, a non-zero exit,
+//! and nothing left behind.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("rtv-vmm-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The first bytes of an x86-64 executable ELF: enough to pass the header checks.
+fn elf_header() -> Vec<u8> {
+    let mut h = vec![0u8; 64];
+    h[..4].copy_from_slice(b"\x7fELF");
+    h[4] = 2;
+    h[5] = 1;
+    h[16] = 2;
+    h[18] = 62;
+    h
+}
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rtv-vmm"))
+        .args(args)
+        .output()
+        .expect("run rtv-vmm")
+}
+
+fn assert_fails_naming(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+}
+
+fn dir_is_empty_but(dir: &Path, keep: &[&Path]) -> bool {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .all(|e| keep.contains(&e.unwrap().path().as_path()))
+}
+
+#[test]
+fn missing_kernel() {
+    let out = vmm(&["--kernel", "/nonexistent/vmlinux"]);
+    assert_fails_naming(&out, "/nonexistent/vmlinux");
+}
+
+#[test]
+fn kernel_that_is_not_an_x86_64_elf() {
+    let dir = TempDir::new("notelf");
+    let bz = dir.file(
+        "bzImage",
+        &[
+            0x4d, 0x5a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ],
+    );
+    let out = vmm(&["--kernel", bz.to_str().unwrap()]);
+    assert_fails_naming(&out, "not an x86-64 ELF vmlinux");
+    assert_fails_naming(&out, bz.to_str().unwrap());
+    let mut arm = elf_header();
+    arm[18] = 183;
+    let arm = dir.file("arm64", &arm);
+    let out = vmm(&["--kernel", arm.to_str().unwrap()]);
+    assert_fails_naming(&out, "another architecture");
+}
+
+#[test]
+fn missing_initramfs() {
+    let dir = TempDir::new("noinitrd");
+    let k = dir.file("vmlinux", &elf_header());
+    let out = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initrd",
+        "/nonexistent/initramfs.cpio",
+    ]);
+    assert_fails_naming(&out, "initramfs /nonexistent/initramfs.cpio");
+}
+
+#[test]
+fn memory_the_host_cannot_give() {
+    let dir = TempDir::new("mem");
+    let k = dir.file("vmlinux", &elf_header());
+    let console = dir.0.join("console.log");
+    let out = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--mem",
+        "100000000",
+        "--console",
+        console.to_str().unwrap(),
+    ]);
+    assert_fails_naming(&out, "guest memory of 100000000 MiB");
+    assert!(!console.exists(), "console file left behind");
+    let out = vmm(&["--kernel", k.to_str().unwrap(), "--mem", "1"]);
+    assert_fails_naming(&out, "below the minimum");
+}
+
+#[test]
+fn kvm_device_absent() {
+    let dir = TempDir::new("kvm");
+    let k = dir.file("vmlinux", &elf_header());
+    let console = dir.0.join("console.log");
+    let out = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--kvm-device",
+        "/nonexistent/kvm",
+        "--console",
+        console.to_str().unwrap(),
+    ]);
+    assert_fails_naming(&out, "cannot open the KVM device /nonexistent/kvm");
+    assert!(dir_is_empty_but(&dir.0, &[&k]), "files left behind");
+}
+
+#[test]
+fn kvm_device_that_is_not_kvm() {
+    let dir = TempDir::new("notkvm");
+    let k = dir.file("vmlinux", &elf_header());
+    let out = vmm(&["--kernel", k.to_str().unwrap(), "--kvm-device", "/dev/null"]);
+    assert_fails_naming(&out, "/dev/null");
+}
+
+#[test]
+fn unknown_flag_and_bad_values() {
+    let out = vmm(&["--kernel", "x", "--frobnicate"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--frobnicate"));
+    let out = vmm(&["--kernel", "x", "--boot", "bios"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown boot protocol"));
+}
