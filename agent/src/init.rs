@@ -1,0 +1,181 @@
+//! The guest's init: kernel file systems, readiness, reaping, power-off.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::process::ExitCode;
+
+/// The line the host waits for: the guest is up and the agent runs.
+pub const READY_LINE: &str = "rtv-agent: ready";
+
+/// Kernel command-line flag: power the VM off right after readiness.
+const POWEROFF_FLAG: &str = "rtv.poweroff";
+
+struct Mount {
+    source: &'static str,
+    target: &'static str,
+    fstype: &'static str,
+    flags: libc::c_ulong,
+    data: &'static str,
+}
+
+const MOUNTS: &[Mount] = &[
+    Mount {
+        source: "proc",
+        target: "/proc",
+        fstype: "proc",
+        flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        data: "",
+    },
+    Mount {
+        source: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        data: "",
+    },
+    Mount {
+        source: "devtmpfs",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: libc::MS_NOSUID,
+        data: "mode=0755",
+    },
+];
+
+fn cstr(s: &str) -> CString {
+    // The strings are our own constants, without NUL bytes.
+    CString::new(s).unwrap_or_default()
+}
+
+fn mount(m: &Mount) -> std::io::Result<()> {
+    if let Err(e) = std::fs::create_dir(m.target) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+    }
+    let (source, target, fstype, data) =
+        (cstr(m.source), cstr(m.target), cstr(m.fstype), cstr(m.data));
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives
+    // the call; mount(2) does not keep them.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            m.flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        let e = std::io::Error::last_os_error();
+        // The kernel may have mounted devtmpfs already.
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+}
+
+/// Makes sure fds 0, 1 and 2 are open on the console (the kernel opens
+/// them only if /dev/console existed in the initramfs).
+fn ensure_stdio() {
+    // SAFETY: fcntl(F_GETFD) on a descriptor number only queries it.
+    let missing = (0..3).any(|fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0);
+    if !missing {
+        return;
+    }
+    let console = cstr("/dev/console");
+    // SAFETY: a valid path string; the result is checked.
+    let fd = unsafe { libc::open(console.as_ptr(), libc::O_RDWR) };
+    if fd < 0 {
+        return;
+    }
+    for target in 0..3 {
+        // SAFETY: both descriptors are valid; dup2 replaces `target`.
+        unsafe { libc::dup2(fd, target) };
+    }
+    if fd > 2 {
+        // SAFETY: `fd` is ours and no longer needed.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Whether `flag` appears as a word (alone or as `flag=...`) in `cmdline`.
+pub fn has_flag(cmdline: &str, flag: &str) -> bool {
+    cmdline
+        .split_whitespace()
+        .any(|w| w == flag || w.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
+}
+
+fn uptime() -> String {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn power_off() -> ! {
+    println!("rtv-agent: powering off");
+    let _ = std::io::stdout().flush();
+    // SAFETY: sync(2) has no arguments and cannot fail.
+    unsafe { libc::sync() };
+    // rtv's VMs end on a reset request (`reboot=k`): the VMM exits cleanly.
+    // SAFETY: reboot(2) with a valid command; it does not return on success.
+    unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_RESTART) };
+    let e = std::io::Error::last_os_error();
+    eprintln!("rtv-agent: reboot failed: {e}");
+    // As PID 1 we must not exit; wait for the host to end the VM.
+    loop {
+        // SAFETY: pause(2) only sleeps until a signal.
+        unsafe { libc::pause() };
+    }
+}
+
+/// Reaps children forever: PID 1 inherits every orphan.
+fn reap_forever() -> ! {
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a valid out-pointer for the call's duration.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 {
+            // No children: sleep until a signal (SIGCHLD) arrives.
+            // SAFETY: pause(2) only sleeps until a signal.
+            unsafe { libc::pause() };
+        }
+    }
+}
+
+/// Runs the init sequence; only returns (with a failure) if it cannot start.
+pub fn run() -> ExitCode {
+    for m in MOUNTS {
+        if let Err(e) = mount(m) {
+            ensure_stdio();
+            eprintln!("rtv-agent: mounting {} on {}: {e}", m.fstype, m.target);
+        }
+    }
+    ensure_stdio();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    println!("{READY_LINE} uptime={}s", uptime());
+    let _ = std::io::stdout().flush();
+    if has_flag(&cmdline, POWEROFF_FLAG) {
+        power_off();
+    }
+    reap_forever()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_whole_words() {
+        assert!(has_flag("console=ttyS0 rtv.poweroff quiet", "rtv.poweroff"));
+        assert!(has_flag("rtv.poweroff=1", "rtv.poweroff"));
+        assert!(!has_flag("rtv.poweroffx quiet", "rtv.poweroff"));
+        assert!(!has_flag("xrtv.poweroff", "rtv.poweroff"));
+        assert!(!has_flag("", "rtv.poweroff"));
+    }
+}
