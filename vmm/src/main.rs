@@ -15,8 +15,11 @@ use rtv_vmm::{BootProtocol, KernelConfig, MachineConfig};
 #[command(name = "rtv-vmm", version)]
 struct Args {
     /// ELF vmlinux to boot.
+    #[arg(long, required_unless_present = "print_cmdline")]
+    kernel: Option<PathBuf>,
+    /// Print the kernel command line that would be used, and exit.
     #[arg(long)]
-    kernel: PathBuf,
+    print_cmdline: bool,
     /// Initramfs (cpio) to hand the kernel.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -73,13 +76,17 @@ fn run(args: Args) -> anyhow::Result<u8> {
         Some(full) => full,
         None => platform::guest_cmdline(pvm, &args.append),
     };
+    if args.print_cmdline {
+        println!("{cmdline}");
+        return Ok(0);
+    }
     let machine = MachineConfig {
         mem_size_mib: args.mem,
         vcpus: args.vcpus,
         kvm_device: args.kvm_device,
     };
     let kernel = KernelConfig {
-        kernel: args.kernel,
+        kernel: args.kernel.context("--kernel is required")?,
         initrd: args.initrd,
         cmdline,
         protocol: args.boot,

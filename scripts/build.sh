@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds everything: the guest kernel (cached outside the repo), the
+# initramfs, and the workspace's release binaries. Prints `export` lines
+# for RTV_KERNEL, RTV_INITRAMFS and RTV_VMM on stdout.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bash scripts/install-deps.sh
+kernel=$(bash guest-kernel/build.sh)
+echo "[build] guest kernel: $kernel" >&2
+initramfs=$(bash rootfs-builder/build.sh)
+echo "[build] initramfs: $initramfs" >&2
+echo "[build] release binaries" >&2
+cargo build --release --workspace --quiet >&2
+echo "export RTV_KERNEL=$kernel RTV_INITRAMFS=$initramfs RTV_VMM=$root/target/release/rtv-vmm"

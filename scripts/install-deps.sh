@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what rtv needs from Debian's packages (idempotent: apt runs only
+# when something is missing). Rust (cargo) must already be on the machine.
+set -euo pipefail
+packages=(
+  build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils # guest kernel build
+  linux-source-6.1                                                  # guest kernel source
+  qemu-system-x86                                                   # reference VMM for benchmarks
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[deps] installing: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+else
+  echo "[deps] all Debian packages present" >&2
+fi
+command -v cargo >/dev/null || { echo "[deps] cargo not found: install the Rust toolchain (rustup) first" >&2; exit 1; }
+[ -r /dev/kvm ] && [ -w /dev/kvm ] || echo "[deps] warning: /dev/kvm is not usable by $(id -un); VMs will not start" >&2
