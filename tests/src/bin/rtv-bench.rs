@@ -60,7 +60,8 @@ fn qemu_command(mem: u64, cmdline: &str) -> Result<Command> {
         "microvm,acpi=off,x-option-roms=off,rtc=off,pic=on,pit=on,isa-serial=on",
         "-enable-kvm",
         "-cpu",
-        "host",
+        // QEMU aborts setting IA32_ARCH_CAPABILITIES on PVM hosts otherwise.
+        "host,-arch-capabilities",
         "-m",
         &format!("{mem}M"),
         "-smp",
