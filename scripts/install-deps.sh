@@ -6,6 +6,7 @@ packages=(
   build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils # guest kernel build
   linux-source-6.1                                                  # guest kernel source
   qemu-system-x86                                                   # reference VMM for benchmarks
+  busybox-static                                                    # test guests' user space
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -3,6 +3,11 @@
 use std::ffi::CString;
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::process::Processes;
+use crate::server::{self, Listener};
+use crate::{alog, log};
 
 /// The line the host waits for: the guest is up and the agent runs.
 pub const READY_LINE: &str = "rtv-agent: ready";
@@ -117,7 +122,8 @@ fn uptime() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-fn power_off() -> ! {
+/// Ends the VM.
+pub fn power_off() -> ! {
     println!("rtv-agent: powering off");
     let _ = std::io::stdout().flush();
     // SAFETY: sync(2) has no arguments and cannot fail.
@@ -148,6 +154,13 @@ fn reap_forever() -> ! {
     }
 }
 
+/// The value of `key=value` on the kernel command line.
+fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
 /// Runs the init sequence; only returns (with a failure) if it cannot start.
 pub fn run() -> ExitCode {
     for m in MOUNTS {
@@ -158,12 +171,32 @@ pub fn run() -> ExitCode {
     }
     ensure_stdio();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some(level) = param(&cmdline, "rtv.log") {
+        log::set_level(level);
+    }
+    let listener = Listener::vsock()
+        .map_err(|e| alog!(Warn, "no vsock listener (is there a vsock device?): {e}"))
+        .ok();
+    let procs = Arc::new(Processes::default());
     println!("{READY_LINE} uptime={}s", uptime());
     let _ = std::io::stdout().flush();
     if has_flag(&cmdline, POWEROFF_FLAG) {
         power_off();
     }
-    reap_forever()
+    match listener {
+        Some(listener) => {
+            let reaper = procs.clone();
+            if let Err(e) = std::thread::Builder::new()
+                .name("reaper".into())
+                .spawn(move || reaper.reap_forever())
+            {
+                alog!(Error, "cannot start the reaper: {e}");
+                reap_forever();
+            }
+            server::serve(listener, procs, || power_off())
+        }
+        None => reap_forever(),
+    }
 }
 
 #[cfg(test)]

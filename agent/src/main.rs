@@ -1,18 +1,57 @@
 //! rtv-agent: PID 1 of an rtv micro-VM.
 //!
-//! It mounts the kernel file systems, reports readiness on the console, and
-//! then stays as the guest's init: it reaps every orphaned process, and
-//! powers the VM off when asked (for now, with `rtv.poweroff` on the kernel
-//! command line).
+//! As PID 1 it mounts the kernel file systems, listens on vsock port 1024,
+//! reports readiness on the console, serves the host runtime's requests
+//! (start processes, relay their stdio, wait, signal, power off) and reaps
+//! every orphan. `rtv-agent --listen unix:PATH` runs the same server on a
+//! Unix socket on the host, for tests.
 
 mod init;
+mod log;
+mod process;
+mod server;
 
 use std::process::ExitCode;
+use std::sync::Arc;
+
+fn usage() -> ExitCode {
+    eprintln!("usage: rtv-agent (as PID 1 of an rtv guest)\n       rtv-agent --listen unix:PATH");
+    ExitCode::from(2)
+}
 
 fn main() -> ExitCode {
-    if std::process::id() != 1 {
-        eprintln!("rtv-agent: must run as PID 1 of an rtv guest");
-        return ExitCode::from(2);
+    if std::process::id() == 1 {
+        return init::run();
     }
-    init::run()
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let path = match args.as_slice() {
+        [flag, addr] if flag == "--listen" => match addr.strip_prefix("unix:") {
+            Some(p) => p.to_owned(),
+            None => return usage(),
+        },
+        _ => return usage(),
+    };
+    if let Ok(level) = std::env::var("RTV_AGENT_LOG") {
+        log::set_level(&level);
+    }
+    let listener = match std::os::unix::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("rtv-agent: cannot listen on {path}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let procs = Arc::new(process::Processes::default());
+    let reaper = procs.clone();
+    if let Err(e) = std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || reaper.reap_forever())
+    {
+        eprintln!("rtv-agent: cannot start the reaper: {e}");
+        return ExitCode::from(1);
+    }
+    eprintln!("{} on unix:{path}", init::READY_LINE);
+    server::serve(server::Listener::Unix(listener), procs, || {
+        std::process::exit(0)
+    })
 }

@@ -72,15 +72,39 @@ pub fn agent_initramfs(agent: Vec<u8>) -> Result<cpio::Archive, cpio::Error> {
     Ok(a)
 }
 
-/// Reads and checks the agent at `path` and builds its initramfs.
-pub fn build(agent_path: &Path) -> Result<Vec<u8>, Error> {
-    let path = agent_path.display().to_string();
-    let agent = std::fs::read(agent_path).map_err(|source| Error::ReadAgent {
-        path: path.clone(),
+/// The busybox applets a test guest gets, as /bin symlinks.
+pub const BUSYBOX_APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "head", "seq", "wc", "sleep", "stty", "true", "false", "id", "ls", "env",
+    "pwd", "kill", "ps", "hostname", "uname", "dd", "yes", "tr",
+];
+
+fn read_static(what: &'static str, path: &Path) -> Result<Vec<u8>, Error> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| Error::ReadAgent {
+        path: shown.clone(),
         source,
     })?;
-    check_static_elf(&agent).map_err(|reason| Error::BadAgent { path, reason })?;
-    Ok(agent_initramfs(agent)?.to_bytes()?)
+    check_static_elf(&bytes).map_err(|reason| Error::BadAgent {
+        path: format!("{what} {shown}"),
+        reason,
+    })?;
+    Ok(bytes)
+}
+
+/// Reads and checks the agent at `agent_path` (and, for test guests, a
+/// static busybox to install as /bin/busybox with [`BUSYBOX_APPLETS`]) and
+/// builds the initramfs.
+pub fn build(agent_path: &Path, busybox: Option<&Path>) -> Result<Vec<u8>, Error> {
+    let mut archive = agent_initramfs(read_static("agent", agent_path)?)?;
+    if let Some(bb) = busybox {
+        archive
+            .dir("bin", 0o755)?
+            .file("bin/busybox", 0o755, read_static("busybox", bb)?)?;
+        for applet in BUSYBOX_APPLETS {
+            archive.symlink(&format!("bin/{applet}"), "busybox")?;
+        }
+    }
+    Ok(archive.to_bytes()?)
 }
 
 #[cfg(test)]

@@ -13,6 +13,9 @@ struct Args {
     /// The statically linked agent binary.
     #[arg(long)]
     agent: PathBuf,
+    /// A static busybox to add as /bin/busybox with common applets (test guests).
+    #[arg(long)]
+    busybox: Option<PathBuf>,
     /// Where to write the initramfs.
     #[arg(long, short)]
     output: PathBuf,
@@ -20,7 +23,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bytes = rtv_rootfs_builder::build(&args.agent)?;
+    let bytes = rtv_rootfs_builder::build(&args.agent, args.busybox.as_deref())?;
     // Write beside the target and rename, so readers never see half a file.
     let tmp = args.output.with_extension("tmp");
     let write = || -> std::io::Result<()> {

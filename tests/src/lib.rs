@@ -1,6 +1,9 @@
 //! Shared by rtv's end-to-end tests and the `rtv-bench` command: where the
 //! guest kernel, initramfs and VMM are, and how to boot a VM as a process and
-//! watch its console.
+//! watch its console; and the agent scenarios run both against an agent on
+//! the host and in a booted VM.
+
+pub mod scenarios;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -67,6 +70,52 @@ pub fn initramfs() -> Result<PathBuf> {
     })
     .clone()
     .map_err(anyhow::Error::msg)
+}
+
+/// The test initramfs (agent and busybox): `$RTV_TEST_INITRAMFS`, or built
+/// by `rootfs-builder/build.sh --test`.
+pub fn test_initramfs() -> Result<PathBuf> {
+    static I: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    I.get_or_init(|| match std::env::var_os("RTV_TEST_INITRAMFS") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => {
+            let path = repo_root().join("rootfs-builder/build.sh");
+            let out = Command::new("bash")
+                .arg(&path)
+                .arg("--test")
+                .stderr(Stdio::inherit())
+                .output()
+                .map_err(|e| format!("running {}: {e}", path.display()))?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            match (out.status.success(), stdout.lines().last()) {
+                (true, Some(p)) => Ok(PathBuf::from(p.trim())),
+                _ => Err(format!("{} --test failed ({})", path.display(), out.status)),
+            }
+        }
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// A binary of this workspace, built (debug) if needed: `$RTV_<NAME>` wins.
+pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
+    let var = format!("RTV_BIN_{}", bin.to_uppercase().replace('-', "_"));
+    if let Some(p) = std::env::var_os(&var) {
+        return Ok(PathBuf::from(p));
+    }
+    let root = repo_root();
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .current_dir(&root)
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("building {bin} failed ({status})");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("debug").join(bin))
 }
 
 /// The `rtv-vmm` binary: `$RTV_VMM`, or the workspace's release build.

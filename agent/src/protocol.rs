@@ -1,0 +1,399 @@
+//! The wire protocol between the host runtime and the guest agent.
+//!
+//! Every connection goes to the agent's port ([`AGENT_PORT`] on vsock, or a
+//! Unix socket when the agent runs on the host for tests) and starts with a
+//! [`Hello`] frame, answered by a [`HelloReply`]. A `Hello::Control`
+//! connection then carries [`Request`]s and [`Response`]s, matched by id, so
+//! a blocking `Wait` never holds up other requests. A `Hello::Stream`
+//! connection becomes one process's stdin, stdout or stderr as a raw byte
+//! stream, so bulk output never blocks control messages.
+//!
+//! Frames are a 4-byte big-endian length followed by that many bytes of
+//! JSON. A frame longer than [`MAX_FRAME`] is refused before it is read.
+
+use std::io::{self, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol. Peers with another version are refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The vsock port the agent listens on.
+pub const AGENT_PORT: u32 = 1024;
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Errors reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer closed the connection cleanly between frames.
+    #[error("connection closed")]
+    Closed,
+    /// The connection ended inside a frame.
+    #[error("truncated frame: connection ended after {got} of {want} bytes")]
+    Truncated {
+        /// Bytes received.
+        got: usize,
+        /// Bytes expected.
+        want: usize,
+    },
+    /// The length prefix exceeds [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// The frame is not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// An I/O error.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// The first frame on every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hello {
+    /// A control connection.
+    Control {
+        /// The client's protocol version.
+        version: u32,
+    },
+    /// A stdio stream of a process started by `Exec`.
+    Stream {
+        /// The client's protocol version.
+        version: u32,
+        /// The process.
+        exec_id: u64,
+        /// Which stream.
+        stream: StreamKind,
+    },
+}
+
+impl Hello {
+    /// The protocol version the peer speaks.
+    pub fn version(&self) -> u32 {
+        match self {
+            Hello::Control { version } | Hello::Stream { version, .. } => *version,
+        }
+    }
+}
+
+/// The agent's answer to a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HelloReply {
+    /// Accepted.
+    Ok {
+        /// The agent's protocol version.
+        version: u32,
+    },
+    /// Refused, with the reason (a version mismatch, an unknown process).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One of a process's standard streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamKind {
+    /// Standard input (to the terminal, with a TTY).
+    Stdin,
+    /// Standard output (the terminal's output, with a TTY).
+    Stdout,
+    /// Standard error (unused with a TTY).
+    Stderr,
+}
+
+/// A terminal size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// How to start a process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ExecRequest {
+    /// Program and arguments; a program without `/` is looked up in PATH.
+    pub argv: Vec<String>,
+    /// Environment, `KEY=VALUE` each; nothing else is inherited.
+    pub env: Vec<String>,
+    /// Working directory (default `/`).
+    pub cwd: Option<String>,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// A terminal of this size instead of pipes.
+    pub tty: Option<WindowSize>,
+    /// Whether stdin will be attached (otherwise /dev/null).
+    pub stdin: bool,
+    /// Whether stdout will be attached (otherwise /dev/null).
+    pub stdout: bool,
+    /// Whether stderr will be attached (otherwise /dev/null; ignored with a TTY).
+    pub stderr: bool,
+}
+
+/// A request on a control connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Chosen by the client; echoed in the response.
+    pub id: u64,
+    /// What is asked.
+    pub body: RequestBody,
+}
+
+/// What a request asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestBody {
+    /// The agent's version.
+    Version,
+    /// Start a process.
+    Exec(ExecRequest),
+    /// Wait for a process to end.
+    Wait {
+        /// The process.
+        exec_id: u64,
+    },
+    /// Send a signal to a process.
+    Signal {
+        /// The process.
+        exec_id: u64,
+        /// Signal number.
+        signal: i32,
+    },
+    /// Change a process's terminal size.
+    ResizeTty {
+        /// The process.
+        exec_id: u64,
+        /// New size.
+        size: WindowSize,
+    },
+    /// Close a process's stdin.
+    CloseStdin {
+        /// The process.
+        exec_id: u64,
+    },
+    /// Facts about the guest.
+    GuestInfo,
+    /// Power the VM off.
+    Shutdown,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal ended it.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The status as a shell reports it: the code, or 128 + the signal.
+    pub fn code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// Facts about the guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestInfo {
+    /// `uname -r`.
+    pub kernel: String,
+    /// MemTotal in KiB.
+    pub mem_total_kib: u64,
+    /// Seconds since boot.
+    pub uptime_secs: f64,
+    /// The agent's version string.
+    pub agent_version: String,
+}
+
+/// The kind of a failed request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The program (or working directory) does not exist.
+    NotFound,
+    /// The program exists but cannot be run.
+    PermissionDenied,
+    /// No process with that exec id.
+    NoSuchProcess,
+    /// The request is not valid (empty argv, no TTY for a resize, ...).
+    InvalidRequest,
+    /// Anything else.
+    Other,
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// The request's id.
+    pub id: u64,
+    /// The result.
+    pub body: ResponseBody,
+}
+
+/// The result of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseBody {
+    /// For `Version`.
+    Version {
+        /// Protocol version.
+        protocol: u32,
+        /// Agent build version.
+        agent: String,
+    },
+    /// For `Exec`: the process started.
+    Started {
+        /// Its handle for later requests.
+        exec_id: u64,
+        /// Its pid in the guest.
+        pid: i32,
+    },
+    /// For `Wait`.
+    Exited(ExitStatus),
+    /// For `GuestInfo`.
+    GuestInfo(GuestInfo),
+    /// Done (signal, resize, close, shutdown).
+    Ok,
+    /// The request failed.
+    Error {
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// A message naming the thing.
+        message: String,
+    },
+}
+
+/// Serialises `msg` as one frame (length prefix included).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Checks a length prefix.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        Err(FrameError::TooLarge(len))
+    } else {
+        Ok(len)
+    }
+}
+
+/// Parses a frame body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, io::Error> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Reads one frame.
+pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
+    let mut prefix = [0u8; 4];
+    match read_full(r, &mut prefix)? {
+        0 => return Err(FrameError::Closed),
+        4 => {}
+        got => return Err(FrameError::Truncated { got, want: 4 }),
+    }
+    let len = frame_len(prefix)?;
+    let mut body = vec![0u8; len];
+    let got = read_full(r, &mut body)?;
+    if got < len {
+        return Err(FrameError::Truncated { got, want: len });
+    }
+    decode(&body)
+}
+
+/// Writes one frame.
+pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+    w.write_all(&encode(msg)?)?;
+    w.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn frames_round_trip() {
+        let req = Request {
+            id: 7,
+            body: RequestBody::Exec(ExecRequest {
+                argv: vec!["echo".into(), "hi".into()],
+                tty: Some(WindowSize { rows: 24, cols: 80 }),
+                ..Default::default()
+            }),
+        };
+        let bytes = encode(&req).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize,
+            bytes.len() - 4
+        );
+        let back: Request = read_frame(&mut Cursor::new(bytes)).unwrap();
+        assert_eq!(back, req);
+        let hello = Hello::Stream {
+            version: PROTOCOL_VERSION,
+            exec_id: 3,
+            stream: StreamKind::Stderr,
+        };
+        let back: Hello = read_frame(&mut Cursor::new(encode(&hello).unwrap())).unwrap();
+        assert_eq!(back, hello);
+    }
+
+    #[test]
+    fn truncated_oversized_and_garbage_frames() {
+        let frame = encode(&Hello::Control { version: 1 }).unwrap();
+        for cut in 1..frame.len() {
+            let err = read_frame::<_, Hello>(&mut Cursor::new(&frame[..cut])).unwrap_err();
+            assert!(
+                matches!(err, FrameError::Truncated { .. }),
+                "cut {cut}: {err}"
+            );
+        }
+        let err = read_frame::<_, Hello>(&mut Cursor::new(Vec::new())).unwrap_err();
+        assert!(matches!(err, FrameError::Closed));
+        let huge = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        let err = read_frame::<_, Hello>(&mut Cursor::new(huge.to_vec())).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge(n) if n == MAX_FRAME + 1));
+        let mut garbage = 5u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(b"{{{{{");
+        let err = read_frame::<_, Hello>(&mut Cursor::new(garbage)).unwrap_err();
+        assert!(matches!(err, FrameError::Malformed(_)));
+    }
+
+    #[test]
+    fn exit_status_codes() {
+        assert_eq!(ExitStatus::Code(1).code(), 1);
+        assert_eq!(ExitStatus::Signal(9).code(), 137);
+    }
+}

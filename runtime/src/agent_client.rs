@@ -1,0 +1,417 @@
+//! The host side of the agent protocol (`rtv_agent::protocol`), on tokio.
+//!
+//! The agent is reached through the VMM's hybrid vsock socket (write
+//! `CONNECT <port>\n`, read `OK <hostport>\n`, then the byte stream), or
+//! through a plain Unix socket when the agent runs on the host in tests.
+//! Dialling retries until a deadline, so a client can be started while the
+//! guest is still booting.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rtv_agent::protocol::{
+    decode, encode, frame_len, ErrorKind, ExecRequest, ExitStatus, FrameError, GuestInfo, Hello,
+    HelloReply, Request, RequestBody, Response, ResponseBody, StreamKind, WindowSize, AGENT_PORT,
+    PROTOCOL_VERSION,
+};
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::oneshot;
+
+/// How often a dial is retried while the agent is not reachable yet.
+const DIAL_RETRY: Duration = Duration::from_millis(10);
+/// How long one hybrid handshake or hello may take once connected.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long attaching a stream may take.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the agent is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Through a VMM's hybrid vsock Unix socket, to a guest port.
+    Hybrid {
+        /// The VMM's vsock socket.
+        uds: PathBuf,
+        /// The guest port.
+        port: u32,
+    },
+    /// A Unix socket the agent listens on directly.
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    /// The agent of the VM whose vsock socket is `uds`.
+    pub fn vm(uds: impl Into<PathBuf>) -> Self {
+        Endpoint::Hybrid {
+            uds: uds.into(),
+            port: AGENT_PORT,
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Hybrid { uds, port } => write!(f, "vsock port {port} via {}", uds.display()),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Errors talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The agent could not be reached before the deadline.
+    #[error("agent at {endpoint} not reachable within {waited:?}: {last}")]
+    Unreachable {
+        /// Where.
+        endpoint: String,
+        /// How long we tried.
+        waited: Duration,
+        /// The last error seen.
+        last: String,
+    },
+    /// The agent refused the connection (version mismatch, unknown process).
+    #[error("agent refused: {0}")]
+    Refused(String),
+    /// A frame could not be read or written.
+    #[error("agent protocol: {0}")]
+    Frame(#[from] FrameError),
+    /// The agent answered a request with an error.
+    #[error("agent: {message}")]
+    Agent {
+        /// The kind of failure.
+        kind: ErrorKind,
+        /// The agent's message.
+        message: String,
+    },
+    /// The control connection ended.
+    #[error("the agent's control connection closed")]
+    Disconnected,
+    /// The agent answered with something that does not fit the request.
+    #[error("unexpected reply from the agent: {0}")]
+    Unexpected(String),
+    /// An I/O error.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads one frame from an async stream.
+pub async fn read_frame_async<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    r: &mut R,
+) -> Result<T, FrameError> {
+    let mut prefix = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut prefix[got..]).await? {
+            0 if got == 0 => return Err(FrameError::Closed),
+            0 => return Err(FrameError::Truncated { got, want: 4 }),
+            n => got += n,
+        }
+    }
+    let len = frame_len(prefix)?;
+    let mut body = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match r.read(&mut body[got..]).await? {
+            0 => return Err(FrameError::Truncated { got, want: len }),
+            n => got += n,
+        }
+    }
+    decode(&body)
+}
+
+async fn connect_once(endpoint: &Endpoint) -> Result<UnixStream, String> {
+    match endpoint {
+        Endpoint::Unix(path) => UnixStream::connect(path).await.map_err(|e| e.to_string()),
+        Endpoint::Hybrid { uds, port } => {
+            let mut s = UnixStream::connect(uds).await.map_err(|e| e.to_string())?;
+            s.write_all(format!("CONNECT {port}\n").as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            // Read the reply a byte at a time: what follows it is the stream.
+            let mut line = Vec::new();
+            let read_line = async {
+                loop {
+                    let mut b = [0u8; 1];
+                    match s.read(&mut b).await {
+                        Ok(0) => {
+                            return Err(
+                                "connection closed by the VMM (nobody listening on the port?)"
+                                    .to_string(),
+                            )
+                        }
+                        Ok(_) if b[0] == b'\n' => return Ok(()),
+                        Ok(_) if line.len() < 64 => line.push(b[0]),
+                        Ok(_) => return Err("overlong reply from the VMM".to_string()),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+            };
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, read_line)
+                .await
+                .map_err(|_| "no reply to CONNECT".to_string())??;
+            let reply = String::from_utf8_lossy(&line);
+            if reply.starts_with("OK ") {
+                Ok(s)
+            } else {
+                Err(format!("VMM answered {reply:?} to CONNECT {port}"))
+            }
+        }
+    }
+}
+
+/// Connects to the agent, retrying until `deadline`, and exchanges hellos.
+async fn dial(
+    endpoint: &Endpoint,
+    hello: &Hello,
+    deadline: Instant,
+) -> Result<UnixStream, ClientError> {
+    let started = Instant::now();
+    loop {
+        let last = match connect_once(endpoint).await {
+            Ok(mut s) => {
+                s.write_all(&encode(hello)?).await?;
+                let reply = tokio::time::timeout(
+                    HANDSHAKE_TIMEOUT,
+                    read_frame_async::<_, HelloReply>(&mut s),
+                )
+                .await;
+                match reply {
+                    Ok(Ok(HelloReply::Ok { .. })) => return Ok(s),
+                    Ok(Ok(HelloReply::Refused { reason })) => {
+                        return Err(ClientError::Refused(reason))
+                    }
+                    // The VMM accepted but the guest side went away: retry.
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no hello reply".to_string(),
+                }
+            }
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(ClientError::Unreachable {
+                endpoint: endpoint.to_string(),
+                waited: started.elapsed(),
+                last,
+            });
+        }
+        tokio::time::sleep(DIAL_RETRY).await;
+    }
+}
+
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<ResponseBody>>>>>;
+
+/// A control connection to the agent.
+pub struct AgentClient {
+    endpoint: Endpoint,
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: AtomicU64,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AgentClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl AgentClient {
+    /// Opens a connection to the agent without a hello (for tests of the
+    /// agent's input handling), retrying for up to `timeout`.
+    pub async fn connect_raw(
+        endpoint: &Endpoint,
+        timeout: Duration,
+    ) -> Result<UnixStream, ClientError> {
+        let started = Instant::now();
+        loop {
+            match connect_once(endpoint).await {
+                Ok(s) => return Ok(s),
+                Err(last) if started.elapsed() >= timeout => {
+                    return Err(ClientError::Unreachable {
+                        endpoint: endpoint.to_string(),
+                        waited: started.elapsed(),
+                        last,
+                    })
+                }
+                Err(_) => tokio::time::sleep(DIAL_RETRY).await,
+            }
+        }
+    }
+
+    /// Opens a connection and sends `hello`; the stream after an accepted
+    /// hello is returned as it is.
+    pub async fn connect_with_hello(
+        endpoint: &Endpoint,
+        hello: &Hello,
+        timeout: Duration,
+    ) -> Result<UnixStream, ClientError> {
+        dial(endpoint, hello, Instant::now() + timeout).await
+    }
+
+    /// Connects to the agent at `endpoint`, retrying for up to `timeout`.
+    pub async fn connect(endpoint: Endpoint, timeout: Duration) -> Result<Self, ClientError> {
+        let hello = Hello::Control {
+            version: PROTOCOL_VERSION,
+        };
+        let stream = dial(&endpoint, &hello, Instant::now() + timeout).await?;
+        let (mut read, writer) = stream.into_split();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
+        let table = pending.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                match read_frame_async::<_, Response>(&mut read).await {
+                    Ok(resp) => {
+                        let tx = table
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_mut()
+                            .and_then(|m| m.remove(&resp.id));
+                        match tx {
+                            Some(tx) => {
+                                let _ = tx.send(resp.body);
+                            }
+                            None => tracing::warn!(
+                                id = resp.id,
+                                "agent reply to no pending request: {:?}",
+                                resp.body
+                            ),
+                        }
+                    }
+                    Err(e) => {
+                        if !matches!(e, FrameError::Closed) {
+                            tracing::warn!("agent control connection: {e}");
+                        }
+                        // Fail every pending and future request.
+                        table.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            endpoint,
+            writer: tokio::sync::Mutex::new(writer),
+            pending,
+            next_id: AtomicU64::new(1),
+            reader,
+        })
+    }
+
+    /// Sends a request and waits for its response.
+    pub async fn call(&self, body: RequestBody) -> Result<ResponseBody, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        match self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            Some(m) => m.insert(id, tx),
+            None => return Err(ClientError::Disconnected),
+        };
+        let frame = encode(&Request { id, body })?;
+        let sent = self.writer.lock().await.write_all(&frame).await;
+        if let Err(e) = sent {
+            if let Some(m) = self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                m.remove(&id);
+            }
+            return Err(e.into());
+        }
+        match rx.await.map_err(|_| ClientError::Disconnected)? {
+            ResponseBody::Error { kind, message } => Err(ClientError::Agent { kind, message }),
+            other => Ok(other),
+        }
+    }
+
+    fn unexpected<T>(body: ResponseBody) -> Result<T, ClientError> {
+        Err(ClientError::Unexpected(format!("{body:?}")))
+    }
+
+    /// The agent's protocol and build versions.
+    pub async fn version(&self) -> Result<(u32, String), ClientError> {
+        match self.call(RequestBody::Version).await? {
+            ResponseBody::Version { protocol, agent } => Ok((protocol, agent)),
+            other => Self::unexpected(other),
+        }
+    }
+
+    /// Starts a process; returns its exec id and guest pid.
+    pub async fn exec(&self, req: ExecRequest) -> Result<(u64, i32), ClientError> {
+        match self.call(RequestBody::Exec(req)).await? {
+            ResponseBody::Started { exec_id, pid } => Ok((exec_id, pid)),
+            other => Self::unexpected(other),
+        }
+    }
+
+    /// Waits for a process to end.
+    pub async fn wait(&self, exec_id: u64) -> Result<ExitStatus, ClientError> {
+        match self.call(RequestBody::Wait { exec_id }).await? {
+            ResponseBody::Exited(status) => Ok(status),
+            other => Self::unexpected(other),
+        }
+    }
+
+    async fn expect_ok(&self, body: RequestBody) -> Result<(), ClientError> {
+        match self.call(body).await? {
+            ResponseBody::Ok => Ok(()),
+            other => Self::unexpected(other),
+        }
+    }
+
+    /// Sends a signal to a process.
+    pub async fn signal(&self, exec_id: u64, signal: i32) -> Result<(), ClientError> {
+        self.expect_ok(RequestBody::Signal { exec_id, signal })
+            .await
+    }
+
+    /// Resizes a process's terminal.
+    pub async fn resize(&self, exec_id: u64, size: WindowSize) -> Result<(), ClientError> {
+        self.expect_ok(RequestBody::ResizeTty { exec_id, size })
+            .await
+    }
+
+    /// Closes a process's stdin.
+    pub async fn close_stdin(&self, exec_id: u64) -> Result<(), ClientError> {
+        self.expect_ok(RequestBody::CloseStdin { exec_id }).await
+    }
+
+    /// Facts about the guest.
+    pub async fn guest_info(&self) -> Result<GuestInfo, ClientError> {
+        match self.call(RequestBody::GuestInfo).await? {
+            ResponseBody::GuestInfo(info) => Ok(info),
+            other => Self::unexpected(other),
+        }
+    }
+
+    /// Asks the agent to power the VM off.
+    pub async fn shutdown(&self) -> Result<(), ClientError> {
+        self.expect_ok(RequestBody::Shutdown).await
+    }
+
+    /// Opens one of a process's stdio streams on its own connection.
+    pub async fn attach(
+        &self,
+        exec_id: u64,
+        stream: StreamKind,
+    ) -> Result<UnixStream, ClientError> {
+        let hello = Hello::Stream {
+            version: PROTOCOL_VERSION,
+            exec_id,
+            stream,
+        };
+        dial(&self.endpoint, &hello, Instant::now() + ATTACH_TIMEOUT).await
+    }
+}
