@@ -3,6 +3,6 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 eval "$(bash "$root/scripts/build.sh")"
-export RTV_KERNEL RTV_INITRAMFS RTV_VMM
+export RTV_KERNEL RTV_INITRAMFS RTV_TEST_INITRAMFS RTV_VMM
 cd "$root"
 exec cargo run --quiet --release -p rtv-tests --bin rtv-bench -- "${@:-boot}"

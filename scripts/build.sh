@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds everything: the guest kernel (cached outside the repo), the
 # initramfs, and the workspace's release binaries. Prints `export` lines
-# for RTV_KERNEL, RTV_INITRAMFS and RTV_VMM on stdout.
+# for RTV_KERNEL, RTV_INITRAMFS, RTV_TEST_INITRAMFS and RTV_VMM on stdout.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -10,6 +10,8 @@ kernel=$(bash guest-kernel/build.sh)
 echo "[build] guest kernel: $kernel" >&2
 initramfs=$(bash rootfs-builder/build.sh)
 echo "[build] initramfs: $initramfs" >&2
+test_initramfs=$(bash rootfs-builder/build.sh --test)
+echo "[build] test initramfs (with busybox): $test_initramfs" >&2
 echo "[build] release binaries" >&2
 cargo build --release --workspace --quiet >&2
-echo "export RTV_KERNEL=$kernel RTV_INITRAMFS=$initramfs RTV_VMM=$root/target/release/rtv-vmm"
+echo "export RTV_KERNEL=$kernel RTV_INITRAMFS=$initramfs RTV_TEST_INITRAMFS=$test_initramfs RTV_VMM=$root/target/release/rtv-vmm"

@@ -367,13 +367,18 @@ impl Default for BootSpec {
     }
 }
 
-/// The `rtv-vmm` command for `spec`.
+/// The `rtv-vmm` command for `spec`, with the production initramfs.
 pub fn rtv_vmm_command(spec: &BootSpec) -> Result<Command> {
+    rtv_vmm_command_with_initrd(spec, &initramfs()?)
+}
+
+/// The `rtv-vmm` command for `spec` with the initramfs `initrd`.
+pub fn rtv_vmm_command_with_initrd(spec: &BootSpec, initrd: &Path) -> Result<Command> {
     let mut cmd = Command::new(vmm_binary()?);
     cmd.arg("--kernel")
         .arg(kernel()?)
         .arg("--initrd")
-        .arg(initramfs()?)
+        .arg(initrd)
         .args(["--mem", &spec.mem_mib.to_string(), "--boot", spec.protocol])
         .args(["--append", &spec.append]);
     Ok(cmd)

@@ -5,7 +5,12 @@
 //! start to the agent's readiness line, and memory.
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use rtv_agent::protocol::{ExecRequest, StreamKind};
+use rtv_runtime::{AgentClient, Endpoint};
+use rtv_tests::workspace_binary;
+use tokio::io::AsyncReadExt;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -34,6 +39,13 @@ enum What {
         /// Leave QEMU out.
         #[arg(long)]
         no_qemu: bool,
+    },
+    /// The agent over vsock in a booted VM (and, for reference, on the host):
+    /// round trips of the version call and of exec `true`, stdout throughput.
+    Agent {
+        /// Round trips per figure.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        runs: usize,
     },
 }
 
@@ -186,8 +198,127 @@ fn boot(runs: usize, mem: u64, no_qemu: bool) -> Result<()> {
     Ok(())
 }
 
+struct AgentFigures {
+    version_ms: f64,
+    exec_true_ms: f64,
+    stdout_mib_s: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+async fn agent_figures(endpoint: Endpoint, runs: usize) -> Result<AgentFigures> {
+    let client = AgentClient::connect(endpoint, BOOT_TIMEOUT).await?;
+    let mut version = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        client.version().await?;
+        version.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut exec_true = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let (id, _) = client
+            .exec(ExecRequest {
+                argv: vec!["true".into()],
+                env: vec!["PATH=/bin:/usr/bin".into()],
+                ..Default::default()
+            })
+            .await?;
+        client.wait(id).await?;
+        exec_true.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    const MIB: usize = 32;
+    let (id, _) = client
+        .exec(ExecRequest {
+            argv: vec![
+                "head".into(),
+                "-c".into(),
+                format!("{}", MIB << 20),
+                "/dev/zero".into(),
+            ],
+            env: vec!["PATH=/bin:/usr/bin".into()],
+            stdout: true,
+            ..Default::default()
+        })
+        .await?;
+    let t = Instant::now();
+    let mut out = client.attach(id, StreamKind::Stdout).await?;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0usize;
+    loop {
+        let n = out.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    client.wait(id).await?;
+    anyhow::ensure!(total == MIB << 20, "read {total} bytes");
+    Ok(AgentFigures {
+        version_ms: median(version),
+        exec_true_ms: median(exec_true),
+        stdout_mib_s: MIB as f64 / secs,
+    })
+}
+
+fn agent(runs: usize) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    // On the host: the agent's own cost, without VM or vsock.
+    let dir = std::env::temp_dir().join(format!("rtv-bench-agent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("agent.sock");
+    let mut host_agent = Command::new(workspace_binary("rtv-agent", "rtv-agent")?)
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let host = rt.block_on(agent_figures(Endpoint::Unix(sock), runs));
+    let _ = host_agent.kill();
+    let _ = host_agent.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let host = host?;
+    // In a VM, through virtio-vsock.
+    let uds = std::env::temp_dir().join(format!("rtv-bench-{}.vsock", std::process::id()));
+    let mut cmd = rtv_tests::rtv_vmm_command_with_initrd(
+        &BootSpec {
+            append: String::new(),
+            ..Default::default()
+        },
+        &rtv_tests::test_initramfs()?,
+    )?;
+    cmd.arg("--vsock-cid").arg("3").arg("--vsock-uds").arg(&uds);
+    let mut vm = VmProcess::spawn(cmd)?;
+    vm.wait_for_line(READY_LINE, BOOT_TIMEOUT)?;
+    let guest = rt.block_on(agent_figures(Endpoint::vm(&uds), runs));
+    vm.kill();
+    let _ = std::fs::remove_file(&uds);
+    let guest = guest?;
+    println!("Agent over vsock (median of {runs}), host: {}", host_type());
+    println!();
+    println!("| figure | rtv VM (virtio-vsock) | agent on the host (Unix socket) |");
+    println!("|---|---|---|");
+    println!(
+        "| version call round trip | {:.2} ms | {:.2} ms |",
+        guest.version_ms, host.version_ms
+    );
+    println!(
+        "| exec `true` and wait | {:.1} ms | {:.1} ms |",
+        guest.exec_true_ms, host.exec_true_ms
+    );
+    println!(
+        "| stdout throughput | {:.1} MiB/s | {:.1} MiB/s |",
+        guest.stdout_mib_s, host.stdout_mib_s
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Args::parse().what {
         What::Boot { runs, mem, no_qemu } => boot(runs.max(1), mem, no_qemu),
+        What::Agent { runs } => agent(runs.max(1)),
     }
 }
