@@ -20,6 +20,8 @@ pub enum VmExit {
     Panicked,
     /// The VM could not go on: an unexpected KVM exit or a VMM failure.
     Error(String),
+    /// The VMM was asked to stop by a signal (SIGTERM, SIGINT).
+    Signal(i32),
 }
 
 impl VmExit {
@@ -29,12 +31,14 @@ impl VmExit {
     }
 
     /// The VMM process exit code for this exit: 0 for an orderly guest stop,
-    /// 2 for a guest kernel panic, 1 for an error.
+    /// 2 for a guest kernel panic, 1 for an error, 128 + the signal number
+    /// when stopped by a signal.
     pub fn exit_code(&self) -> i32 {
         match self {
             VmExit::Reset | VmExit::Shutdown | VmExit::Halted => 0,
             VmExit::Panicked => 2,
             VmExit::Error(_) => 1,
+            VmExit::Signal(sig) => 128 + sig,
         }
     }
 }
@@ -47,7 +51,18 @@ impl std::fmt::Display for VmExit {
             VmExit::Halted => write!(f, "guest halted"),
             VmExit::Panicked => write!(f, "guest kernel panicked"),
             VmExit::Error(e) => write!(f, "VM failed: {e}"),
+            VmExit::Signal(sig) => write!(f, "stopped by signal {sig} ({})", signal_name(*sig)),
         }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGQUIT => "SIGQUIT",
+        _ => "signal",
     }
 }
 
@@ -124,5 +139,8 @@ mod tests {
         assert_eq!(VmExit::Error("x".into()).exit_code(), 1);
         assert!(VmExit::Halted.is_clean());
         assert!(!VmExit::Panicked.is_clean());
+        assert_eq!(VmExit::Signal(libc::SIGTERM).exit_code(), 143);
+        assert_eq!(VmExit::Signal(libc::SIGINT).exit_code(), 130);
+        assert!(VmExit::Signal(15).to_string().contains("SIGTERM"));
     }
 }

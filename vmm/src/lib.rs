@@ -10,12 +10,21 @@ pub mod devices;
 pub mod exit;
 pub mod linux;
 pub mod platform;
+pub mod signals;
 pub mod vcpu;
 pub mod vm;
 
+pub use devices::virtio::vsock::VsockConfig;
 pub use exit::VmExit;
 pub use linux::{BootProtocol, KernelConfig};
 pub use vm::{MachineConfig, Vm};
+
+/// The command line the guest gets for `machine`: `cmdline` with the
+/// `virtio_mmio.device=` entries of the machine's devices appended (those
+/// already present are not repeated).
+pub fn full_cmdline(machine: &MachineConfig, cmdline: &str) -> String {
+    linux::with_device_entries(cmdline, &vm::virtio_cmdline_entries(machine))
+}
 
 /// Errors of a whole boot.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +52,7 @@ pub fn validate(machine: &MachineConfig, kernel: &KernelConfig) -> Result<(), Er
             source,
         })?;
     }
-    linux::build_cmdline(&[&kernel.cmdline])?;
+    linux::build_cmdline(&[&full_cmdline(machine, &kernel.cmdline)])?;
     Ok(())
 }
 

@@ -170,6 +170,21 @@ pub fn build_cmdline(parts: &[&str]) -> Result<Cmdline, Error> {
     Ok(cmdline)
 }
 
+/// `cmdline` with each of `entries` appended unless it is already there
+/// as a whole word.
+pub fn with_device_entries(cmdline: &str, entries: &[String]) -> String {
+    let mut out = cmdline.trim().to_string();
+    for entry in entries {
+        if !out.split_whitespace().any(|w| w == entry) {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(entry);
+        }
+    }
+    out
+}
+
 /// Loads the kernel, initramfs, command line and boot information into the
 /// VM's memory and returns the entry point to start the boot vCPU at.
 pub fn load(vm: &Vm, config: &KernelConfig) -> Result<BootEntry, Error> {
@@ -194,7 +209,7 @@ pub fn load(vm: &Vm, config: &KernelConfig) -> Result<BootEntry, Error> {
         }
         None => None,
     };
-    let cmdline = build_cmdline(&[&config.cmdline])?;
+    let cmdline = build_cmdline(&[&with_device_entries(&config.cmdline, vm.cmdline_entries())])?;
 
     let loaded =
         Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(|source| {
@@ -366,6 +381,19 @@ mod tests {
         let long = "x".repeat(CMDLINE_MAX_SIZE);
         assert!(build_cmdline(&[&long]).is_err());
         assert!(build_cmdline(&["bad\u{1}char"]).is_err());
+    }
+
+    #[test]
+    fn device_entries_are_appended_once() {
+        let e = vec!["virtio_mmio.device=4K@0xd0000000:5".to_string()];
+        assert_eq!(
+            with_device_entries("console=ttyS0 ", &e),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5"
+        );
+        let already = "a virtio_mmio.device=4K@0xd0000000:5 b";
+        assert_eq!(with_device_entries(already, &e), already);
+        assert_eq!(with_device_entries("", &e), e[0]);
+        assert_eq!(with_device_entries("x", &[]), "x");
     }
 
     #[test]

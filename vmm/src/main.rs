@@ -6,11 +6,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use rtv_vmm::devices::virtio::vsock::{ConfigError, MIN_GUEST_CID};
 use rtv_vmm::platform::{self, PvmMode};
-use rtv_vmm::{BootProtocol, KernelConfig, MachineConfig};
+use rtv_vmm::{BootProtocol, KernelConfig, MachineConfig, VsockConfig};
 
 /// Boot a Linux kernel and initramfs in an rtv micro-VM; exits when the guest
-/// stops (0), when its kernel panics (2), or on an error (1).
+/// stops (0), when its kernel panics (2), on an error (1), or on SIGTERM or
+/// SIGINT (128 + the signal).
 #[derive(Parser, Debug)]
 #[command(name = "rtv-vmm", version)]
 struct Args {
@@ -47,12 +49,26 @@ struct Args {
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// Give the guest a virtio-vsock device with this CID (3 or more).
+    #[arg(long, requires = "vsock_uds", value_name = "CID")]
+    vsock_cid: Option<u64>,
+    /// The vsock device's Unix socket (hybrid vsock): host clients connect
+    /// here and write `CONNECT <port>\n`; guest connections to host port P
+    /// go to PATH_P.
+    #[arg(long, requires = "vsock_cid", value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace), to standard error.
     #[arg(long, default_value = "warn", env = "RTV_LOG")]
     log_level: String,
 }
 
 fn main() -> ExitCode {
+    // Before any other thread exists: SIGTERM/SIGINT then wait for the
+    // event loop, which stops the VM and removes what it created.
+    if let Err(e) = rtv_vmm::signals::block_stop_signals() {
+        eprintln!("rtv-vmm: error: cannot block SIGTERM/SIGINT: {e}");
+        return ExitCode::from(1);
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -72,19 +88,22 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<u8> {
     let pvm = args.pvm.enabled();
+    let vsock = vsock_config(args.vsock_cid, args.vsock_uds)?;
+    let machine = MachineConfig {
+        mem_size_mib: args.mem,
+        vcpus: args.vcpus,
+        kvm_device: args.kvm_device,
+        vsock,
+        stop_on_signals: true,
+    };
     let cmdline = match args.cmdline {
         Some(full) => full,
         None => platform::guest_cmdline(pvm, &args.append),
     };
     if args.print_cmdline {
-        println!("{cmdline}");
+        println!("{}", rtv_vmm::full_cmdline(&machine, &cmdline));
         return Ok(0);
     }
-    let machine = MachineConfig {
-        mem_size_mib: args.mem,
-        vcpus: args.vcpus,
-        kvm_device: args.kvm_device,
-    };
     let kernel = KernelConfig {
         kernel: args.kernel.context("--kernel is required")?,
         initrd: args.initrd,
@@ -118,7 +137,30 @@ fn run(args: Args) -> anyhow::Result<u8> {
             if let Some(path) = console_file {
                 let _ = std::fs::remove_file(path);
             }
+            if matches!(e, rtv_vmm::Error::Vm(rtv_vmm::vm::Error::VsockListen(_))) {
+                return Err(anyhow::Error::new(e).context("--vsock-uds"));
+            }
             Err(e.into())
         }
+    }
+}
+
+/// The vsock flags, checked with the flag named in every error.
+fn vsock_config(cid: Option<u64>, uds: Option<PathBuf>) -> anyhow::Result<Option<VsockConfig>> {
+    let (Some(guest_cid), Some(uds_path)) = (cid, uds) else {
+        // clap makes the two flags require each other.
+        return Ok(None);
+    };
+    let config = VsockConfig {
+        guest_cid,
+        uds_path,
+    };
+    match config.validate() {
+        Ok(()) => Ok(Some(config)),
+        Err(ConfigError::Cid(cid)) => anyhow::bail!(
+            "--vsock-cid {cid}: CIDs 0-2 are reserved and {} is VMADDR_CID_ANY; use {MIN_GUEST_CID} to 4294967294",
+            u32::MAX
+        ),
+        Err(e @ ConfigError::Path { .. }) => anyhow::bail!("--vsock-uds: {e}"),
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -19,7 +19,11 @@ use crate::arch::{cpuid, mptable};
 use crate::devices::bus::{self, Bus};
 use crate::devices::reset::{ResetDevice, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::virtio::mmio::{self as virtio_mmio, MmioTransport, MMIO_WINDOW_SIZE};
+use crate::devices::virtio::vsock::{self, Vsock, VsockConfig};
+use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitNotifier, VmExit};
+use crate::signals;
 use crate::vcpu::{self, Vcpu};
 
 /// The KVM API version every KVM since Linux 2.6.22 reports.
@@ -36,6 +40,14 @@ pub struct MachineConfig {
     pub vcpus: u8,
     /// The KVM device node.
     pub kvm_device: PathBuf,
+    /// A virtio-vsock device (hybrid vsock over a Unix socket), if any.
+    pub vsock: Option<VsockConfig>,
+    /// Stop the VM cleanly on SIGTERM and SIGINT ([`VmExit::Signal`]).
+    /// [`Vm::run`] blocks them in its thread (so in the vCPU threads it
+    /// starts) and reads them from a signalfd; a process should call
+    /// [`signals::block_stop_signals`] first thing, before any other thread
+    /// exists.
+    pub stop_on_signals: bool,
 }
 
 impl Default for MachineConfig {
@@ -44,8 +56,36 @@ impl Default for MachineConfig {
             mem_size_mib: 128,
             vcpus: 1,
             kvm_device: PathBuf::from("/dev/kvm"),
+            vsock: None,
+            stop_on_signals: false,
         }
     }
+}
+
+/// First GSI given to virtio-mmio devices (after COM1's 4).
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+
+/// Where the `index`th virtio-mmio device sits: its window base and GSI.
+pub fn virtio_slot(index: usize) -> (u64, u32) {
+    (
+        layout::VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW_SIZE,
+        VIRTIO_IRQ_BASE + index as u32,
+    )
+}
+
+/// The `virtio_mmio.device=` kernel command-line entries for the devices
+/// `config` asks for, in the order [`Vm::new`] places them.
+pub fn virtio_cmdline_entries(config: &MachineConfig) -> Vec<String> {
+    let count = usize::from(config.vsock.is_some());
+    (0..count)
+        .map(|i| {
+            let (base, irq) = virtio_slot(i);
+            format!(
+                "virtio_mmio.device={}K@{base:#x}:{irq}",
+                MMIO_WINDOW_SIZE / 1024
+            )
+        })
+        .collect()
 }
 
 /// Errors building or running a VM.
@@ -122,6 +162,15 @@ pub enum Error {
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(#[from] event_manager::Error),
+    /// The vsock configuration is not usable.
+    #[error("vsock: {0}")]
+    VsockConfig(#[from] vsock::ConfigError),
+    /// The vsock device's socket cannot be set up.
+    #[error(transparent)]
+    VsockListen(#[from] vsock::ListenError),
+    /// No room left for another virtio device.
+    #[error("too many virtio devices (at most {0})")]
+    TooManyDevices(usize),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -163,6 +212,9 @@ pub fn validate(config: &MachineConfig) -> Result<(), Error> {
             reason: format!("rtv supports 1 to {}", mptable::max_cpus()),
         });
     }
+    if let Some(vsock) = &config.vsock {
+        vsock.validate()?;
+    }
     Ok(())
 }
 
@@ -176,6 +228,10 @@ pub struct Vm {
     mmio: Bus,
     exit: Arc<ExitNotifier>,
     panicked: Arc<AtomicBool>,
+    subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    virtio_count: usize,
+    cmdline_entries: Vec<String>,
+    stop_on_signals: bool,
 }
 
 impl Vm {
@@ -274,7 +330,7 @@ impl Vm {
             vcpus.push(vcpu);
         }
 
-        Ok(Vm {
+        let mut vm = Vm {
             kvm,
             fd,
             memory,
@@ -283,7 +339,62 @@ impl Vm {
             mmio: Bus::new(),
             exit,
             panicked,
-        })
+            subscribers: Vec::new(),
+            virtio_count: 0,
+            cmdline_entries: Vec::new(),
+            stop_on_signals: config.stop_on_signals,
+        };
+        if let Some(vsock) = &config.vsock {
+            let device = Arc::new(Mutex::new(Vsock::new(vsock)?));
+            vm.add_virtio_device(device.clone(), device)?;
+        }
+        Ok(vm)
+    }
+
+    /// Places a virtio device on the next virtio-mmio slot (4 KiB window,
+    /// own GSI through an irqfd, ioeventfds for its queue notifications);
+    /// `subscriber` (usually the same object) joins the event loop when the
+    /// VM runs. Returns the slot's base address and GSI.
+    pub fn add_virtio_device(
+        &mut self,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        subscriber: Arc<Mutex<dyn MutEventSubscriber + Send>>,
+    ) -> Result<(u64, u32), Error> {
+        let index = self.virtio_count;
+        let (base, irq) = virtio_slot(index);
+        let max = (layout::IOAPIC_START - layout::VIRTIO_MMIO_START) / MMIO_WINDOW_SIZE;
+        if irq >= u32::from(mptable::IOAPIC_PINS) || index as u64 >= max {
+            return Err(Error::TooManyDevices(index));
+        }
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(io_err("virtio irq eventfd"))?;
+        self.fd
+            .register_irqfd(&irqfd, irq)
+            .map_err(kvm_err("virtio irqfd"))?;
+        let transport = MmioTransport::new(self.memory.clone(), device, irqfd)
+            .map_err(io_err("virtio-mmio transport"))?;
+        let notify = IoEventAddress::Mmio(base + virtio_mmio::reg::QUEUE_NOTIFY);
+        for (queue, evt) in transport.queue_evts().iter().enumerate() {
+            self.fd
+                .register_ioevent(evt, &notify, queue as u32)
+                .map_err(kvm_err("virtio ioeventfd"))?;
+        }
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+        self.subscribers.push(subscriber);
+        self.virtio_count += 1;
+        self.cmdline_entries.push(format!(
+            "virtio_mmio.device={}K@{base:#x}:{irq}",
+            MMIO_WINDOW_SIZE / 1024
+        ));
+        tracing::debug!(base = format_args!("{base:#x}"), irq, "virtio-mmio device");
+        Ok((base, irq))
+    }
+
+    /// The `virtio_mmio.device=` entries the guest kernel needs for the
+    /// devices placed so far.
+    pub fn cmdline_entries(&self) -> &[String] {
+        &self.cmdline_entries
     }
 
     /// Guest memory.
@@ -329,6 +440,19 @@ impl Vm {
         events.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
             exit: self.exit.clone(),
         })));
+        for subscriber in &self.subscribers {
+            events.add_subscriber(subscriber.clone());
+        }
+        // Blocked before the vCPU threads start, so they inherit the mask.
+        let _signals = if self.stop_on_signals {
+            let watcher = signals::SignalWatcher::new(self.exit.clone())
+                .map_err(io_err("signalfd for SIGTERM and SIGINT"))?;
+            let watcher = Arc::new(Mutex::new(watcher));
+            events.add_subscriber(watcher.clone());
+            Some(watcher)
+        } else {
+            None
+        };
 
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for (index, fd) in self.vcpus.into_iter().enumerate() {

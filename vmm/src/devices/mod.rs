@@ -3,3 +3,4 @@
 pub mod bus;
 pub mod reset;
 pub mod serial;
+pub mod virtio;
