@@ -147,3 +147,95 @@ fn unknown_flag_and_bad_values() {
     let out = vmm(&["--kernel", "x", "--boot", "bios"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown boot protocol"));
 }
+
+#[test]
+fn vsock_flags_are_checked_and_named() {
+    let out = vmm(&["--print-cmdline", "--vsock-cid", "3"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vsock-uds"));
+    let out = vmm(&["--print-cmdline", "--vsock-uds", "/tmp/x.sock"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vsock-cid"));
+    for cid in ["0", "2", "4294967295"] {
+        let out = vmm(&[
+            "--print-cmdline",
+            "--vsock-cid",
+            cid,
+            "--vsock-uds",
+            "/tmp/x.sock",
+        ]);
+        assert_fails_naming(&out, &format!("--vsock-cid {cid}"));
+    }
+    let out = vmm(&[
+        "--print-cmdline",
+        "--vsock-cid",
+        "3",
+        "--vsock-uds",
+        "/nonexistent/dir/v.sock",
+    ]);
+    assert_fails_naming(&out, "--vsock-uds");
+    assert_fails_naming(&out, "/nonexistent/dir");
+}
+
+#[test]
+fn print_cmdline_includes_the_virtio_device() {
+    let out = vmm(&[
+        "--print-cmdline",
+        "--vsock-cid",
+        "3",
+        "--vsock-uds",
+        "/tmp/x.sock",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        line.trim_end()
+            .ends_with("virtio_mmio.device=4K@0xd0000000:5"),
+        "{line}"
+    );
+    // Given back as --cmdline, the entry is not doubled.
+    let full = line.trim().to_string();
+    let out = vmm(&[
+        "--print-cmdline",
+        "--cmdline",
+        &full,
+        "--vsock-cid",
+        "3",
+        "--vsock-uds",
+        "/tmp/x.sock",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), full);
+    let out = vmm(&["--print-cmdline"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("virtio_mmio"));
+}
+
+#[test]
+fn a_socket_path_in_use_is_refused() {
+    let dir = TempDir::new("vsock-inuse");
+    let k = dir.file("vmlinux", &elf_header());
+    let sock = dir.0.join("v.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let out = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--vsock-cid",
+        "3",
+        "--vsock-uds",
+        sock.to_str().unwrap(),
+    ]);
+    assert_fails_naming(&out, "--vsock-uds");
+    assert_fails_naming(&out, "already in use");
+    assert!(sock.exists(), "someone else's socket was removed");
+    // A regular file there is refused and kept.
+    let file = dir.file("f.sock", b"keep me");
+    let out = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--vsock-cid",
+        "3",
+        "--vsock-uds",
+        file.to_str().unwrap(),
+    ]);
+    assert_fails_naming(&out, "not a socket");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+}

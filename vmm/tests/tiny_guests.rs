@@ -176,3 +176,93 @@ fn secondary_vcpus_are_stopped_when_the_guest_resets() {
         "stopping the VM hung"
     );
 }
+
+fn vsock_config(tag: &str) -> rtv_vmm::VsockConfig {
+    let uds = std::env::temp_dir().join(format!("rtv-tiny-{tag}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&uds);
+    rtv_vmm::VsockConfig {
+        guest_cid: 3,
+        uds_path: uds,
+    }
+}
+
+#[test]
+fn virtio_mmio_registers_answer_through_kvm() {
+    // 32-bit PVH entry, paging off: read MagicValue and DeviceID of the
+    // device at 0xd0000000; print 'V' if they are virtio's and vsock's.
+    let code = [
+        0xa1, 0x00, 0x00, 0x00, 0xd0, // mov eax, [0xd0000000]
+        0x3d, 0x76, 0x69, 0x72, 0x74, // cmp eax, "virt"
+        0x75, 0x0e, // jne fail
+        0xa1, 0x08, 0x00, 0x00, 0xd0, // mov eax, [0xd0000008]
+        0x83, 0xf8, 0x13, // cmp eax, 19
+        0x75, 0x04, // jne fail
+        0xb0, b'V', // mov al, 'V'
+        0xeb, 0x02, // jmp out
+        0xb0, b'F', // fail: mov al, 'F'
+        0x66, 0xba, 0xf8, 0x03, 0xee, // out: mov dx, 0x3f8; out dx, al
+        0xb0, 0xfe, 0xe6, 0x64, 0xf4, // reset; hlt
+    ];
+    let vsock = vsock_config("mmio");
+    let path = vsock.uds_path.clone();
+    let console = Console::default();
+    let config = MachineConfig {
+        mem_size_mib: 16,
+        vsock: Some(vsock),
+        ..Default::default()
+    };
+    let vm = Vm::new(&config, Box::new(console.clone())).expect("create VM");
+    assert_eq!(
+        vm.cmdline_entries(),
+        ["virtio_mmio.device=4K@0xd0000000:5".to_string()]
+    );
+    assert!(path.exists(), "the vsock socket listens from VM creation");
+    vm.memory()
+        .write_slice(&code, GuestAddress(HIMEM_START))
+        .unwrap();
+    vm.set_boot_entry(BootEntry::Pvh {
+        entry: HIMEM_START,
+        start_info: PVH_INFO_START,
+    })
+    .unwrap();
+    let exit = vm.run().expect("run VM");
+    assert_eq!(exit, VmExit::Reset);
+    assert_eq!(console.0.lock().unwrap().as_slice(), b"V");
+    assert!(!path.exists(), "vsock socket left behind");
+}
+
+#[test]
+fn sigterm_stops_the_vm_and_removes_the_vsock_socket() {
+    // jmp $: the guest never stops by itself.
+    let vsock = vsock_config("sigterm");
+    let path = vsock.uds_path.clone();
+    let config = MachineConfig {
+        mem_size_mib: 16,
+        vsock: Some(vsock),
+        stop_on_signals: true,
+        ..Default::default()
+    };
+    let vm = Vm::new(&config, Box::new(Console::default())).expect("create VM");
+    vm.memory()
+        .write_slice(&[0xeb, 0xfe], GuestAddress(0x1000))
+        .unwrap();
+    vm.set_boot_entry(BootEntry::RealMode { cs: 0, ip: 0x1000 })
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        // SAFETY: pthread_self has no preconditions.
+        tx.send(unsafe { libc::pthread_self() }).unwrap();
+        vm.run()
+    });
+    let thread = rx.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(path.exists());
+    // A thread-directed SIGTERM: the VM's thread blocks it and reads it
+    // from its signalfd; the rest of the test process is untouched.
+    // SAFETY: `thread` is alive until joined below.
+    assert_eq!(unsafe { libc::pthread_kill(thread, libc::SIGTERM) }, 0);
+    let exit = runner.join().unwrap().expect("run VM");
+    assert_eq!(exit, VmExit::Signal(libc::SIGTERM));
+    assert_eq!(exit.exit_code(), 143);
+    assert!(!path.exists(), "vsock socket left behind");
+}
