@@ -45,6 +45,14 @@ const MOUNTS: &[Mount] = &[
         flags: libc::MS_NOSUID,
         data: "mode=0755",
     },
+    // Terminals for processes started with a TTY (openpty needs /dev/pts).
+    Mount {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: libc::MS_NOSUID | libc::MS_NOEXEC,
+        data: "gid=5,mode=0620,ptmxmode=0666",
+    },
 ];
 
 fn cstr(s: &str) -> CString {

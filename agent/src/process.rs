@@ -187,6 +187,13 @@ impl Processes {
             }
         }
 
+        // On PVM hosts the VMM gives init GLIBC_TUNABLES to keep user space
+        // off AVX (see rtv_vmm::platform::PVM_GUEST_ENV); pass it on.
+        if !req.env.iter().any(|e| e.starts_with("GLIBC_TUNABLES=")) {
+            if let Ok(t) = std::env::var("GLIBC_TUNABLES") {
+                cmd.env("GLIBC_TUNABLES", t);
+            }
+        }
         let mut proc = Proc {
             pid: 0,
             status: None,

@@ -25,10 +25,11 @@ use tokio::sync::oneshot;
 
 /// How often a dial is retried while the agent is not reachable yet.
 const DIAL_RETRY: Duration = Duration::from_millis(10);
-/// How long one hybrid handshake or hello may take once connected.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one hybrid handshake or hello may take once connected (a busy
+/// guest whose kernel code is emulated can take seconds to answer).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long attaching a stream may take.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Where the agent is.
 #[derive(Debug, Clone, PartialEq, Eq)]

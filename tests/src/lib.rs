@@ -252,6 +252,13 @@ impl VmProcess {
         }
     }
 
+    /// The next console line, if one arrives within `timeout`.
+    pub fn next_line(&mut self, timeout: Duration) -> Option<Line> {
+        let line = self.lines.recv_timeout(timeout).ok()?;
+        self.seen.push(line.clone());
+        Some(line)
+    }
+
     /// Waits for the process to exit; kills it if it outlives `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;

@@ -66,9 +66,25 @@ fn shared_vm() -> &'static Result<PathBuf, String> {
             );
             drop(_one);
             if ok {
-                // Keep the VM (and this thread, its parent for PDEATHSIG) alive.
+                // Keep the VM (and this thread, its parent for PDEATHSIG)
+                // alive, and show what the guest says (agent warnings).
                 loop {
-                    std::thread::park();
+                    match vm.next_line(Duration::from_secs(3600)) {
+                        Some(line) => {
+                            eprintln!("[shared VM {:8.2}s] {}", line.at.as_secs_f64(), line.text)
+                        }
+                        None => {
+                            if let Ok(status) = vm.wait_exit(Duration::from_millis(10)) {
+                                eprintln!(
+                                    "[shared VM] exited: {status}; stderr: {}",
+                                    vm.take_stderr()
+                                );
+                                loop {
+                                    std::thread::park();
+                                }
+                            }
+                        }
+                    }
                 }
             }
             Ok(())
