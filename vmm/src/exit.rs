@@ -22,6 +22,10 @@ pub enum VmExit {
     Error(String),
     /// The VMM was asked to stop by a signal (SIGTERM, SIGINT).
     Signal(i32),
+    /// The VM was snapshotted and then stopped, as asked.
+    Snapshotted,
+    /// The VMM stopped the VM on its own request (`VmController::stop`).
+    Stopped,
 }
 
 impl VmExit {
@@ -32,10 +36,12 @@ impl VmExit {
 
     /// The VMM process exit code for this exit: 0 for an orderly guest stop,
     /// 2 for a guest kernel panic, 1 for an error, 128 + the signal number
-    /// when stopped by a signal.
+    /// when stopped by a signal; 0 when stopped after a snapshot or on
+    /// request.
     pub fn exit_code(&self) -> i32 {
         match self {
             VmExit::Reset | VmExit::Shutdown | VmExit::Halted => 0,
+            VmExit::Snapshotted | VmExit::Stopped => 0,
             VmExit::Panicked => 2,
             VmExit::Error(_) => 1,
             VmExit::Signal(sig) => 128 + sig,
@@ -52,6 +58,8 @@ impl std::fmt::Display for VmExit {
             VmExit::Panicked => write!(f, "guest kernel panicked"),
             VmExit::Error(e) => write!(f, "VM failed: {e}"),
             VmExit::Signal(sig) => write!(f, "stopped by signal {sig} ({})", signal_name(*sig)),
+            VmExit::Snapshotted => write!(f, "VM snapshotted and stopped"),
+            VmExit::Stopped => write!(f, "VM stopped on request"),
         }
     }
 }
@@ -142,5 +150,7 @@ mod tests {
         assert_eq!(VmExit::Signal(libc::SIGTERM).exit_code(), 143);
         assert_eq!(VmExit::Signal(libc::SIGINT).exit_code(), 130);
         assert!(VmExit::Signal(15).to_string().contains("SIGTERM"));
+        assert_eq!(VmExit::Snapshotted.exit_code(), 0);
+        assert!(!VmExit::Snapshotted.is_clean());
     }
 }

@@ -4,6 +4,10 @@
 //! serial console, reset port); [`linux::load`] puts a Linux kernel,
 //! initramfs and command line into it; [`vm::Vm::run`] runs it until the
 //! guest stops. [`platform`] holds the switches for PVM hosts.
+//!
+//! Templates: [`VmController::snapshot`] pauses a running VM and writes a
+//! [`snapshot`] directory; [`Vm::restore`] builds a new VM from one, with
+//! guest memory mapped copy-on-write from the snapshot's memory file.
 
 pub mod arch;
 pub mod devices;
@@ -11,13 +15,15 @@ pub mod exit;
 pub mod linux;
 pub mod platform;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
 pub use devices::virtio::vsock::VsockConfig;
 pub use exit::VmExit;
 pub use linux::{BootProtocol, KernelConfig};
-pub use vm::{MachineConfig, Vm};
+pub use snapshot::SnapshotInfo;
+pub use vm::{AfterSnapshot, MachineConfig, RestoreConfig, RestoreError, Vm, VmController};
 
 /// The command line the guest gets for `machine`: `cmdline` with the
 /// `virtio_mmio.device=` entries of the machine's devices appended (those
@@ -56,15 +62,28 @@ pub fn validate(machine: &MachineConfig, kernel: &KernelConfig) -> Result<(), Er
     Ok(())
 }
 
+/// The line the guest agent prints when it is ready for requests: the
+/// moment a template VM is snapshotted.
+pub const READY_MARKER: &str = "rtv-agent: ready";
+
+/// Builds a VM and loads `kernel` into it, ready to [`Vm::run`].
+pub fn prepare(
+    machine: &MachineConfig,
+    kernel: &KernelConfig,
+    console: Box<dyn std::io::Write + Send>,
+) -> Result<Vm, Error> {
+    validate(machine, kernel)?;
+    let vm = Vm::new(machine, console)?;
+    let entry = linux::load(&vm, kernel)?;
+    vm.set_boot_entry(entry)?;
+    Ok(vm)
+}
+
 /// Builds a VM, boots `kernel` in it and runs it to the end.
 pub fn boot(
     machine: &MachineConfig,
     kernel: &KernelConfig,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<VmExit, Error> {
-    validate(machine, kernel)?;
-    let vm = Vm::new(machine, console)?;
-    let entry = linux::load(&vm, kernel)?;
-    vm.set_boot_entry(entry)?;
-    Ok(vm.run()?)
+    Ok(prepare(machine, kernel, console)?.run()?)
 }

@@ -1,36 +1,58 @@
 //! `rtv-vmm`: boot a Linux kernel and initramfs in a micro-VM.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
 use rtv_vmm::devices::virtio::vsock::{ConfigError, MIN_GUEST_CID};
 use rtv_vmm::platform::{self, PvmMode};
-use rtv_vmm::{BootProtocol, KernelConfig, MachineConfig, VsockConfig};
+use rtv_vmm::{
+    AfterSnapshot, BootProtocol, KernelConfig, MachineConfig, RestoreConfig, Vm, VmExit,
+    VsockConfig,
+};
 
-/// Boot a Linux kernel and initramfs in an rtv micro-VM; exits when the guest
-/// stops (0), when its kernel panics (2), on an error (1), or on SIGTERM or
-/// SIGINT (128 + the signal).
+/// Boot a Linux kernel and initramfs in an rtv micro-VM, or restore one from
+/// a snapshot; exits when the guest stops (0), when its kernel panics (2), on
+/// an error (1), or on SIGTERM or SIGINT (128 + the signal).
 #[derive(Parser, Debug)]
 #[command(name = "rtv-vmm", version)]
 struct Args {
     /// ELF vmlinux to boot.
-    #[arg(long, required_unless_present = "print_cmdline")]
+    #[arg(long, required_unless_present_any = ["print_cmdline", "restore"])]
     kernel: Option<PathBuf>,
+    /// Restore the VM snapshotted in DIR instead of booting a kernel (the
+    /// guest's memory size, vCPUs and devices come from the snapshot;
+    /// --mem/--vcpus, if given, must match it). A snapshot with a vsock
+    /// device needs --vsock-uds; --vsock-cid gives the guest a new CID.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["kernel", "initrd", "append", "cmdline", "print_cmdline", "snapshot_on_ready"]
+    )]
+    restore: Option<PathBuf>,
+    /// When the console shows the agent's readiness line ("rtv-agent:
+    /// ready"), pause the VM, write a snapshot to DIR, and exit 0 (or go on
+    /// running with --after-snapshot resume).
+    #[arg(long, value_name = "DIR")]
+    snapshot_on_ready: Option<PathBuf>,
+    /// What to do after --snapshot-on-ready: exit or resume.
+    #[arg(long, default_value = "exit", value_parser = ["exit", "resume"])]
+    after_snapshot: String,
     /// Print the kernel command line that would be used, and exit.
     #[arg(long)]
     print_cmdline: bool,
     /// Initramfs (cpio) to hand the kernel.
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 128)]
-    mem: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
+    /// Guest memory in MiB (default 128).
+    #[arg(long)]
+    mem: Option<u64>,
+    /// Number of vCPUs (default 1).
+    #[arg(long)]
+    vcpus: Option<u8>,
     /// Arguments appended to rtv's kernel command line.
     #[arg(long, default_value = "")]
     append: String,
@@ -54,8 +76,8 @@ struct Args {
     vsock_cid: Option<u64>,
     /// The vsock device's Unix socket (hybrid vsock): host clients connect
     /// here and write `CONNECT <port>\n`; guest connections to host port P
-    /// go to PATH_P.
-    #[arg(long, requires = "vsock_cid", value_name = "PATH")]
+    /// go to PATH_P. Needs --vsock-cid, except with --restore.
+    #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace), to standard error.
     #[arg(long, default_value = "warn", env = "RTV_LOG")]
@@ -86,12 +108,70 @@ fn main() -> ExitCode {
     }
 }
 
+fn open_console(path: &Path) -> anyhow::Result<(Box<dyn Write + Send>, Option<PathBuf>)> {
+    if path.as_os_str() == "-" {
+        return Ok((Box::new(std::io::stdout()), None));
+    }
+    let file =
+        std::fs::File::create(path).with_context(|| format!("console file {}", path.display()))?;
+    Ok((Box::new(file), Some(path.to_path_buf())))
+}
+
+fn report(exit: VmExit) -> u8 {
+    if exit.exit_code() == 0 {
+        tracing::info!("{exit}");
+    } else {
+        eprintln!("rtv-vmm: {exit}");
+    }
+    exit.exit_code() as u8
+}
+
+fn restore(args: Args, dir: PathBuf) -> anyhow::Result<u8> {
+    if let (Some(cid), Some(uds)) = (args.vsock_cid, &args.vsock_uds) {
+        vsock_config(Some(cid), Some(uds.clone()))?;
+    }
+    if let Some(uds) = &args.vsock_uds {
+        vsock_config(Some(MIN_GUEST_CID), Some(uds.clone()))?;
+    }
+    let config = RestoreConfig {
+        kvm_device: args.kvm_device,
+        vsock_uds: args.vsock_uds,
+        vsock_cid: args.vsock_cid,
+        stop_on_signals: true,
+        expect_mem_mib: args.mem,
+        expect_vcpus: args.vcpus,
+    };
+    let (console, console_file) = open_console(&args.console)?;
+    let start = Instant::now();
+    let vm = match Vm::restore(&dir, &config, console) {
+        Ok(vm) => vm,
+        Err(e) => {
+            if let Some(path) = console_file {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(anyhow::Error::new(e).context(format!("--restore {}", dir.display())));
+        }
+    };
+    tracing::info!(
+        ms = start.elapsed().as_millis() as u64,
+        "VM restored from {}",
+        dir.display()
+    );
+    Ok(report(vm.run()?))
+}
+
 fn run(args: Args) -> anyhow::Result<u8> {
+    if let Some(dir) = args.restore.clone() {
+        return restore(args, dir);
+    }
+    if args.vsock_uds.is_some() && args.vsock_cid.is_none() {
+        anyhow::bail!("--vsock-uds needs --vsock-cid (except with --restore)");
+    }
     let pvm = args.pvm.enabled();
     let vsock = vsock_config(args.vsock_cid, args.vsock_uds)?;
     let machine = MachineConfig {
-        mem_size_mib: args.mem,
-        vcpus: args.vcpus,
+        mem_size_mib: args.mem.unwrap_or(128),
+        vcpus: args.vcpus.unwrap_or(1),
         kvm_device: args.kvm_device,
         vsock,
         stop_on_signals: true,
@@ -114,24 +194,20 @@ fn run(args: Args) -> anyhow::Result<u8> {
     // Check everything the user gave before creating anything.
     rtv_vmm::validate(&machine, &kernel)?;
 
-    let console_file = (args.console.as_os_str() != "-").then(|| args.console.clone());
-    let console: Box<dyn Write + Send> = match &console_file {
-        Some(path) => Box::new(
-            std::fs::File::create(path)
-                .with_context(|| format!("console file {}", path.display()))?,
-        ),
-        None => Box::new(std::io::stdout()),
-    };
-    let result = rtv_vmm::boot(&machine, &kernel, console);
-    match result {
-        Ok(exit) => {
-            if exit.is_clean() {
-                tracing::info!("{exit}");
+    let (console, console_file) = open_console(&args.console)?;
+    let result = rtv_vmm::prepare(&machine, &kernel, console).and_then(|vm| {
+        if let Some(dir) = args.snapshot_on_ready {
+            let then = if args.after_snapshot == "resume" {
+                AfterSnapshot::Resume
             } else {
-                eprintln!("rtv-vmm: {exit}");
-            }
-            Ok(exit.exit_code() as u8)
+                AfterSnapshot::Exit
+            };
+            snapshot_on_ready(&vm, dir, then);
         }
+        Ok(vm.run()?)
+    });
+    match result {
+        Ok(exit) => Ok(report(exit)),
         Err(e) => {
             // The VM never ran: leave no console file behind.
             if let Some(path) = console_file {
@@ -142,6 +218,44 @@ fn run(args: Args) -> anyhow::Result<u8> {
             }
             Err(e.into())
         }
+    }
+}
+
+/// Snapshots the VM to `dir` when the agent's readiness line appears: the
+/// console hook (on a vCPU thread) wakes a thread that asks the VM for the
+/// snapshot and reports it.
+fn snapshot_on_ready(vm: &Vm, dir: PathBuf, then: AfterSnapshot) {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    vm.on_console_line(
+        rtv_vmm::READY_MARKER,
+        Box::new(move || {
+            let _ = tx.send(());
+        }),
+    );
+    let controller = vm.controller();
+    let spawned = std::thread::Builder::new()
+        .name("snapshot".into())
+        .spawn(move || {
+            // The VM ending without readiness drops the hook, and the sender.
+            if rx.recv().is_err() {
+                return;
+            }
+            match controller.snapshot(&dir, then) {
+                Ok(info) => eprintln!(
+                    "rtv-vmm: snapshot written to {}: paused {} ms, guest memory {} MiB ({:.1} MiB non-zero), {:.1} MiB on disk",
+                    info.dir.display(),
+                    info.paused_for.as_millis(),
+                    info.memory_size >> 20,
+                    info.memory_data as f64 / (1u64 << 20) as f64,
+                    info.disk_usage as f64 / (1u64 << 20) as f64,
+                ),
+                Err(rtv_vmm::snapshot::Error::NotRunning) => {}
+                Err(e) => controller.fail(format!("snapshot to {}: {e}", dir.display())),
+            }
+        });
+    if let Err(e) = spawned {
+        vm.controller()
+            .fail(format!("cannot start the snapshot thread: {e}"));
     }
 }
 

@@ -1,10 +1,12 @@
 //! Assembles a micro-VM: KVM VM and vCPUs, guest memory, interrupt
 //! controllers, legacy devices; then runs it until the guest stops.
 
+use std::collections::VecDeque;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
@@ -18,13 +20,19 @@ use crate::arch::regs::{self, BootEntry};
 use crate::arch::{cpuid, mptable};
 use crate::devices::bus::{self, Bus};
 use crate::devices::reset::{ResetDevice, I8042_BASE, I8042_LEN};
-use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
-use crate::devices::virtio::mmio::{self as virtio_mmio, MmioTransport, MMIO_WINDOW_SIZE};
+use crate::devices::serial::{
+    ConsoleSink, LineHook, SerialDevice, SerialSnapshot, COM1_BASE, COM1_IRQ, COM1_LEN,
+};
+use crate::devices::virtio::mmio::{
+    self as virtio_mmio, MmioState, MmioTransport, MMIO_WINDOW_SIZE,
+};
 use crate::devices::virtio::vsock::{self, Vsock, VsockConfig};
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitNotifier, VmExit};
 use crate::signals;
-use crate::vcpu::{self, Vcpu};
+use crate::snapshot::cpu::SaveParams;
+use crate::snapshot::{self, DeviceEntry, DevicesState, SnapshotInfo, VirtioSnapshot, VmState};
+use crate::vcpu::{self, Vcpu, VcpuHandle};
 
 /// The KVM API version every KVM since Linux 2.6.22 reports.
 const KVM_API_VERSION: i32 = 12;
@@ -218,20 +226,215 @@ pub fn validate(config: &MachineConfig) -> Result<(), Error> {
     Ok(())
 }
 
+/// How a VM is restored from a snapshot ([`Vm::restore`]).
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
+    /// The vsock device's Unix socket (required when the snapshot has a
+    /// vsock device; each restored VM needs its own).
+    pub vsock_uds: Option<PathBuf>,
+    /// The guest's new CID (default: the snapshot's).
+    pub vsock_cid: Option<u64>,
+    /// Stop the VM cleanly on SIGTERM and SIGINT (see [`MachineConfig`]).
+    pub stop_on_signals: bool,
+    /// Refuse a snapshot whose guest has another memory size (MiB).
+    pub expect_mem_mib: Option<u64>,
+    /// Refuse a snapshot whose guest has another vCPU count.
+    pub expect_vcpus: Option<u8>,
+}
+
+impl Default for RestoreConfig {
+    fn default() -> Self {
+        Self {
+            kvm_device: PathBuf::from("/dev/kvm"),
+            vsock_uds: None,
+            vsock_cid: None,
+            stop_on_signals: false,
+            expect_mem_mib: None,
+            expect_vcpus: None,
+        }
+    }
+}
+
+/// What the VM does once a snapshot is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterSnapshot {
+    /// Go on running.
+    Resume,
+    /// Stop ([`VmExit::Snapshotted`]).
+    Exit,
+}
+
+type SnapshotReply = mpsc::Sender<Result<SnapshotInfo, snapshot::Error>>;
+
+struct SnapshotRequest {
+    dir: PathBuf,
+    then: AfterSnapshot,
+    reply: Option<SnapshotReply>,
+}
+
+struct ControlQueue {
+    open: bool,
+    requests: VecDeque<SnapshotRequest>,
+}
+
+struct ControlShared {
+    queue: Mutex<ControlQueue>,
+    evt: EventFd,
+}
+
+/// Asks a VM, from any thread, for a snapshot or to stop. Requests made
+/// before [`Vm::run`] wait for it; after the VM ended they fail.
+#[derive(Clone)]
+pub struct VmController {
+    shared: Arc<ControlShared>,
+    exit: Arc<ExitNotifier>,
+}
+
+impl VmController {
+    fn push(&self, request: SnapshotRequest) -> Result<(), snapshot::Error> {
+        let mut queue = bus::lock(&self.shared.queue);
+        if !queue.open {
+            return Err(snapshot::Error::NotRunning);
+        }
+        queue.requests.push_back(request);
+        drop(queue);
+        let _ = self.shared.evt.write(1);
+        Ok(())
+    }
+
+    /// Pauses the VM, writes a snapshot to `dir`, then resumes or stops it;
+    /// blocks until the snapshot is written. On an error the VM resumes.
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        then: AfterSnapshot,
+    ) -> Result<SnapshotInfo, snapshot::Error> {
+        let (tx, rx) = mpsc::channel();
+        self.push(SnapshotRequest {
+            dir: dir.to_path_buf(),
+            then,
+            reply: Some(tx),
+        })?;
+        rx.recv().unwrap_or(Err(snapshot::Error::NotRunning))
+    }
+
+    /// Like [`Self::snapshot`] but does not wait: the VM logs the result;
+    /// with [`AfterSnapshot::Exit`] a failed snapshot ends the VM with
+    /// [`VmExit::Error`]. Safe to call from a console hook.
+    pub fn request_snapshot(&self, dir: &Path, then: AfterSnapshot) {
+        if let Err(e) = self.push(SnapshotRequest {
+            dir: dir.to_path_buf(),
+            then,
+            reply: None,
+        }) {
+            tracing::warn!("snapshot request: {e}");
+        }
+    }
+
+    /// Stops the VM ([`VmExit::Stopped`]).
+    pub fn stop(&self) {
+        self.exit.notify(VmExit::Stopped);
+    }
+
+    /// Stops the VM with an error ([`VmExit::Error`]).
+    pub fn fail(&self, reason: String) {
+        self.exit.notify(VmExit::Error(reason));
+    }
+}
+
+/// A placed virtio device.
+struct VirtioSlot {
+    entry: DeviceEntry,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
 /// A VM ready to be given a boot entry and run.
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
     memory: GuestMemoryMmap,
+    mem_size_mib: u64,
     vcpus: Vec<VcpuFd>,
     pio: Bus,
     mmio: Bus,
     exit: Arc<ExitNotifier>,
     panicked: Arc<AtomicBool>,
+    serial: Arc<Mutex<SerialDevice>>,
     subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
-    virtio_count: usize,
+    virtio: Vec<VirtioSlot>,
     cmdline_entries: Vec<String>,
     stop_on_signals: bool,
+    control: Arc<ControlShared>,
+    /// The kvmclock value to set just before the vCPUs start (restore).
+    pending_clock: Option<VmState>,
+    foreign_devices: usize,
+}
+
+fn open_kvm(kvm_device: &Path, vcpus: u8) -> Result<Kvm, Error> {
+    let open_err = |source| Error::KvmOpen {
+        path: kvm_device.to_path_buf(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(kvm_device.as_os_str().as_encoded_bytes())
+        .map_err(|_| open_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    let kvm = Kvm::new_with_path(c_path).map_err(open_err)?;
+    let version = kvm.get_api_version();
+    if version != KVM_API_VERSION {
+        return Err(Error::KvmApi {
+            path: kvm_device.to_path_buf(),
+            version,
+        });
+    }
+    for (cap, name) in [
+        (kvm_ioctls::Cap::Irqchip, "IRQCHIP"),
+        (kvm_ioctls::Cap::Irqfd, "IRQFD"),
+        (kvm_ioctls::Cap::Ioeventfd, "IOEVENTFD"),
+        (kvm_ioctls::Cap::UserMemory, "USER_MEMORY"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::KvmCap(name));
+        }
+    }
+    let max_vcpus = kvm.get_max_vcpus();
+    if usize::from(vcpus) > max_vcpus {
+        return Err(Error::VcpuCount {
+            count: vcpus,
+            reason: format!("KVM allows at most {max_vcpus}"),
+        });
+    }
+    Ok(kvm)
+}
+
+fn create_vm_fd(kvm: &Kvm) -> Result<VmFd, Error> {
+    let fd = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+    // Intel VMX needs these two pages below 4 GiB; elsewhere they are harmless.
+    if let Err(e) = fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize) {
+        tracing::debug!("KVM_SET_TSS_ADDR: {e}");
+    }
+    if let Err(e) = fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS) {
+        tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+    }
+    fd.create_irq_chip()
+        .map_err(kvm_err("creating the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit).map_err(kvm_err("creating the PIT"))?;
+    Ok(fd)
+}
+
+/// Errors restoring a VM: the snapshot's, or building the VM's.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The snapshot is unusable, or setting its state failed.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
+    /// Building the VM failed.
+    #[error(transparent)]
+    Vm(#[from] Error),
 }
 
 impl Vm {
@@ -239,54 +442,8 @@ impl Vm {
     /// console (to `console`) and the reset port.
     pub fn new(config: &MachineConfig, console: Box<dyn Write + Send>) -> Result<Vm, Error> {
         validate(config)?;
-        let open_err = |source| Error::KvmOpen {
-            path: config.kvm_device.clone(),
-            source,
-        };
-        let c_path = std::ffi::CString::new(config.kvm_device.as_os_str().as_encoded_bytes())
-            .map_err(|_| open_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
-        let kvm = Kvm::new_with_path(c_path).map_err(open_err)?;
-        let version = kvm.get_api_version();
-        if version != KVM_API_VERSION {
-            return Err(Error::KvmApi {
-                path: config.kvm_device.clone(),
-                version,
-            });
-        }
-        for (cap, name) in [
-            (kvm_ioctls::Cap::Irqchip, "IRQCHIP"),
-            (kvm_ioctls::Cap::Irqfd, "IRQFD"),
-            (kvm_ioctls::Cap::Ioeventfd, "IOEVENTFD"),
-            (kvm_ioctls::Cap::UserMemory, "USER_MEMORY"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(Error::KvmCap(name));
-            }
-        }
-        let max_vcpus = kvm.get_max_vcpus();
-        if usize::from(config.vcpus) > max_vcpus {
-            return Err(Error::VcpuCount {
-                count: config.vcpus,
-                reason: format!("KVM allows at most {max_vcpus}"),
-            });
-        }
-
-        let fd = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
-        // Intel VMX needs these two pages below 4 GiB; elsewhere they are harmless.
-        if let Err(e) = fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize) {
-            tracing::debug!("KVM_SET_TSS_ADDR: {e}");
-        }
-        if let Err(e) = fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS) {
-            tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
-        }
-        fd.create_irq_chip()
-            .map_err(kvm_err("creating the in-kernel irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(kvm_err("creating the PIT"))?;
-
+        let kvm = open_kvm(&config.kvm_device, config.vcpus)?;
+        let fd = create_vm_fd(&kvm)?;
         let memory = create_memory(config.mem_size_mib)?;
         register_memory(&fd, &memory)?;
 
@@ -297,24 +454,6 @@ impl Vm {
                 what: "MP table",
                 source,
             })?;
-
-        let exit = Arc::new(ExitNotifier::new().map_err(io_err("exit eventfd"))?);
-        let panicked = Arc::new(AtomicBool::new(false));
-        let mut pio = Bus::new();
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial eventfd"))?;
-        fd.register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(kvm_err("serial irqfd"))?;
-        let sink = ConsoleSink::new(console, panicked.clone());
-        pio.insert(
-            Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink))),
-            COM1_BASE,
-            COM1_LEN,
-        )?;
-        pio.insert(
-            Arc::new(Mutex::new(ResetDevice::new(exit.clone()))),
-            I8042_BASE,
-            I8042_LEN,
-        )?;
 
         let supported = cpuid::supported(&kvm).map_err(kvm_err("reading supported CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
@@ -329,26 +468,246 @@ impl Vm {
             regs::setup_lapic(&vcpu)?;
             vcpus.push(vcpu);
         }
+        let mut vm = Self::assemble(kvm, fd, memory, config, vcpus, console, None)?;
+        if let Some(vsock) = &config.vsock {
+            let device = Arc::new(Mutex::new(Vsock::new(vsock)?));
+            vm.place_virtio_device(
+                device.clone(),
+                device,
+                DeviceEntry::Vsock {
+                    guest_cid: vsock.guest_cid,
+                },
+                None,
+            )?;
+        }
+        Ok(vm)
+    }
 
-        let mut vm = Vm {
+    /// The parts every VM has: exit notifier, serial console, reset port.
+    fn assemble(
+        kvm: Kvm,
+        fd: VmFd,
+        memory: GuestMemoryMmap,
+        config: &MachineConfig,
+        vcpus: Vec<VcpuFd>,
+        console: Box<dyn Write + Send>,
+        serial_state: Option<&SerialSnapshot>,
+    ) -> Result<Vm, Error> {
+        let exit = Arc::new(ExitNotifier::new().map_err(io_err("exit eventfd"))?);
+        let panicked = Arc::new(AtomicBool::new(false));
+        let mut pio = Bus::new();
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial eventfd"))?;
+        fd.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("serial irqfd"))?;
+        let sink = ConsoleSink::new(console, panicked.clone());
+        let serial = match serial_state {
+            None => SerialDevice::new(serial_irq, sink),
+            Some(state) => {
+                SerialDevice::from_state(serial_irq, sink, state).map_err(|e| Error::Io {
+                    what: "restoring the serial port",
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                })?
+            }
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
+        pio.insert(
+            Arc::new(Mutex::new(ResetDevice::new(exit.clone()))),
+            I8042_BASE,
+            I8042_LEN,
+        )?;
+        let control = Arc::new(ControlShared {
+            queue: Mutex::new(ControlQueue {
+                open: true,
+                requests: VecDeque::new(),
+            }),
+            evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(io_err("control eventfd"))?,
+        });
+        Ok(Vm {
             kvm,
             fd,
             memory,
+            mem_size_mib: config.mem_size_mib,
             vcpus,
             pio,
             mmio: Bus::new(),
             exit,
             panicked,
+            serial,
             subscribers: Vec::new(),
-            virtio_count: 0,
+            virtio: Vec::new(),
             cmdline_entries: Vec::new(),
             stop_on_signals: config.stop_on_signals,
+            control,
+            pending_clock: None,
+            foreign_devices: 0,
+        })
+    }
+
+    /// Builds a VM from the snapshot in `dir`: guest memory mapped
+    /// MAP_PRIVATE from its memory file, the KVM state of the VM and every
+    /// vCPU, the devices and their queues. The snapshot is checked first
+    /// ([`snapshot::load`]); nothing is created if it is unusable. Run it
+    /// with [`Vm::run`]; the vsock device then tells the guest its
+    /// connections are gone.
+    pub fn restore(
+        dir: &Path,
+        config: &RestoreConfig,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Vm, RestoreError> {
+        let loaded = snapshot::load(dir)?;
+        let manifest = &loaded.manifest;
+        let mismatch = |problem: String| snapshot::Error::Mismatch {
+            dir: dir.to_path_buf(),
+            problem,
         };
-        if let Some(vsock) = &config.vsock {
-            let device = Arc::new(Mutex::new(Vsock::new(vsock)?));
-            vm.add_virtio_device(device.clone(), device)?;
+        if let Some(mib) = config.expect_mem_mib {
+            if mib != manifest.mem_size_mib {
+                return Err(mismatch(format!(
+                    "memory size mismatch: the snapshot's guest has {} MiB, {mib} MiB asked for",
+                    manifest.mem_size_mib
+                ))
+                .into());
+            }
         }
+        if let Some(n) = config.expect_vcpus {
+            if n != manifest.vcpus {
+                return Err(mismatch(format!(
+                    "vCPU count mismatch: the snapshot's guest has {} vCPUs, {n} asked for",
+                    manifest.vcpus
+                ))
+                .into());
+            }
+        }
+        let saved_cid = manifest
+            .devices
+            .iter()
+            .map(|d| match d {
+                DeviceEntry::Vsock { guest_cid } => *guest_cid,
+            })
+            .next();
+        let vsock = match (saved_cid, &config.vsock_uds) {
+            (Some(saved), Some(uds)) => Some(VsockConfig {
+                guest_cid: config.vsock_cid.unwrap_or(saved),
+                uds_path: uds.clone(),
+            }),
+            (Some(_), None) => {
+                return Err(mismatch(
+                    "the snapshot has a vsock device: give it a socket path (--vsock-uds)".into(),
+                )
+                .into())
+            }
+            (None, Some(_)) => {
+                return Err(mismatch(
+                    "the snapshot has no vsock device; a socket path was given".into(),
+                )
+                .into())
+            }
+            (None, None) => None,
+        };
+        let machine = MachineConfig {
+            mem_size_mib: manifest.mem_size_mib,
+            vcpus: manifest.vcpus,
+            kvm_device: config.kvm_device.clone(),
+            vsock: vsock.clone(),
+            stop_on_signals: config.stop_on_signals,
+        };
+        validate(&machine)?;
+
+        let kvm = open_kvm(&config.kvm_device, manifest.vcpus)?;
+        let fd = create_vm_fd(&kvm)?;
+        let xsave2 = xsave_size(&kvm, &fd);
+        for state in &loaded.vcpus {
+            if let Some(x) = &state.xsave {
+                let need = std::mem::size_of::<kvm_bindings::kvm_xsave>() + 4 * x.extra.len();
+                if !x.extra.is_empty() && xsave2.unwrap_or(0) < need {
+                    return Err(mismatch(format!(
+                        "vCPU {}: its XSAVE area ({need} bytes) is larger than this KVM's",
+                        state.index
+                    ))
+                    .into());
+                }
+            }
+        }
+        let ranges: Vec<(u64, u64)> = manifest
+            .ram_regions
+            .iter()
+            .map(|r| (r.guest_addr, r.size))
+            .collect();
+        let memory = snapshot::memory::map_private(&loaded.memory_path, &ranges).map_err(|e| {
+            snapshot::Error::File {
+                path: loaded.memory_path.clone(),
+                problem: format!("cannot map: {e}"),
+            }
+        })?;
+        register_memory(&fd, &memory)?;
+
+        let mut vcpus = Vec::with_capacity(loaded.vcpus.len());
+        for state in &loaded.vcpus {
+            let vcpu = fd
+                .create_vcpu(u64::from(state.index))
+                .map_err(kvm_err("creating a vCPU"))?;
+            let cpuid = snapshot::cpu::cpuid_of(state).map_err(|source| snapshot::Error::Vcpu {
+                index: usize::from(state.index),
+                source,
+            })?;
+            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("setting CPUID"))?;
+            vcpus.push(vcpu);
+        }
+        loaded.vm.restore_devices(&fd)?;
+        for (vcpu, state) in vcpus.iter().zip(&loaded.vcpus) {
+            snapshot::cpu::restore(vcpu, state).map_err(|source| snapshot::Error::Vcpu {
+                index: usize::from(state.index),
+                source,
+            })?;
+        }
+        let mut vm = Self::assemble(
+            kvm,
+            fd,
+            memory,
+            &machine,
+            vcpus,
+            console,
+            Some(&loaded.devices.serial),
+        )?;
+        for slot in &loaded.devices.virtio {
+            match &slot.device {
+                DeviceEntry::Vsock { .. } => {
+                    let Some(vsock) = &vsock else {
+                        return Err(mismatch("vsock device without a configuration".into()).into());
+                    };
+                    let device = Arc::new(Mutex::new(Vsock::new(vsock).map_err(Error::from)?));
+                    vm.place_virtio_device(
+                        device.clone(),
+                        device,
+                        DeviceEntry::Vsock {
+                            guest_cid: vsock.guest_cid,
+                        },
+                        Some(&slot.transport),
+                    )?;
+                }
+            }
+        }
+        vm.pending_clock = Some(loaded.vm);
         Ok(vm)
+    }
+
+    /// A handle to ask the VM for snapshots, or to stop, from any thread.
+    pub fn controller(&self) -> VmController {
+        VmController {
+            shared: self.control.clone(),
+            exit: self.exit.clone(),
+        }
+    }
+
+    /// Calls `hook` once, on a vCPU thread, when a console line contains
+    /// `marker` (e.g. the agent's `rtv-agent: ready`). The hook must not
+    /// block: hand the news on (a channel, [`VmController::request_snapshot`]).
+    pub fn on_console_line(&self, marker: &str, hook: LineHook) {
+        bus::lock(&self.serial)
+            .sink_mut()
+            .watch(marker.as_bytes(), hook);
     }
 
     /// Places a virtio device on the next virtio-mmio slot (4 KiB window,
@@ -360,7 +719,30 @@ impl Vm {
         device: Arc<Mutex<dyn VirtioDevice>>,
         subscriber: Arc<Mutex<dyn MutEventSubscriber + Send>>,
     ) -> Result<(u64, u32), Error> {
-        let index = self.virtio_count;
+        // Devices from outside cannot be rebuilt from a snapshot: a VM
+        // with one refuses to be snapshotted.
+        self.foreign_devices += 1;
+        self.place_virtio_device_inner(device, subscriber, None, None)
+    }
+
+    fn place_virtio_device(
+        &mut self,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        subscriber: Arc<Mutex<dyn MutEventSubscriber + Send>>,
+        entry: DeviceEntry,
+        state: Option<&MmioState>,
+    ) -> Result<(u64, u32), Error> {
+        self.place_virtio_device_inner(device, subscriber, Some(entry), state)
+    }
+
+    fn place_virtio_device_inner(
+        &mut self,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        subscriber: Arc<Mutex<dyn MutEventSubscriber + Send>>,
+        entry: Option<DeviceEntry>,
+        state: Option<&MmioState>,
+    ) -> Result<(u64, u32), Error> {
+        let index = self.cmdline_entries.len();
         let (base, irq) = virtio_slot(index);
         let max = (layout::IOAPIC_START - layout::VIRTIO_MMIO_START) / MMIO_WINDOW_SIZE;
         if irq >= u32::from(mptable::IOAPIC_PINS) || index as u64 >= max {
@@ -371,18 +753,28 @@ impl Vm {
         self.fd
             .register_irqfd(&irqfd, irq)
             .map_err(kvm_err("virtio irqfd"))?;
-        let transport = MmioTransport::new(self.memory.clone(), device, irqfd)
-            .map_err(io_err("virtio-mmio transport"))?;
+        let transport = match state {
+            None => MmioTransport::new(self.memory.clone(), device, irqfd)
+                .map_err(io_err("virtio-mmio transport"))?,
+            Some(state) => MmioTransport::restore(self.memory.clone(), device, irqfd, state)
+                .map_err(|e| Error::Io {
+                    what: "restoring a virtio-mmio transport",
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                })?,
+        };
         let notify = IoEventAddress::Mmio(base + virtio_mmio::reg::QUEUE_NOTIFY);
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
             self.fd
                 .register_ioevent(evt, &notify, queue as u32)
                 .map_err(kvm_err("virtio ioeventfd"))?;
         }
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+            .insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
         self.subscribers.push(subscriber);
-        self.virtio_count += 1;
+        if let Some(entry) = entry {
+            self.virtio.push(VirtioSlot { entry, transport });
+        }
         self.cmdline_entries.push(format!(
             "virtio_mmio.device={}K@{base:#x}:{irq}",
             MMIO_WINDOW_SIZE / 1024
@@ -433,11 +825,16 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs the VM until the guest stops or fails.
-    pub fn run(self) -> Result<VmExit, Error> {
+    /// Runs the VM until the guest stops or fails, answering the
+    /// [`VmController`]'s requests on the way.
+    pub fn run(mut self) -> Result<VmExit, Error> {
         let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new()?;
         events.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+            exit: self.exit.clone(),
+        })));
+        events.add_subscriber(Arc::new(Mutex::new(ControlWatcher {
+            control: self.control.clone(),
             exit: self.exit.clone(),
         })));
         for subscriber in &self.subscribers {
@@ -453,9 +850,16 @@ impl Vm {
         } else {
             None
         };
+        if let Some(saved) = self.pending_clock.take() {
+            // Last before the vCPUs run: the guest's clock goes on from
+            // where it was saved.
+            if let Err(e) = saved.restore_clock(&self.fd) {
+                tracing::warn!("restoring kvmclock: {e}");
+            }
+        }
 
         let mut handles = Vec::with_capacity(self.vcpus.len());
-        for (index, fd) in self.vcpus.into_iter().enumerate() {
+        for (index, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let vcpu = Vcpu::new(
                 index as u8,
                 fd,
@@ -478,6 +882,26 @@ impl Vm {
             if let Err(e) = events.run() {
                 self.exit.notify(VmExit::Error(format!("event loop: {e}")));
             }
+            loop {
+                let request = bus::lock(&self.control.queue).requests.pop_front();
+                let Some(request) = request else { break };
+                if self.exit.stopping() {
+                    if let Some(reply) = request.reply {
+                        let _ = reply.send(Err(snapshot::Error::NotRunning));
+                    }
+                    continue;
+                }
+                self.serve_snapshot(&handles, request);
+            }
+        }
+        {
+            let mut queue = bus::lock(&self.control.queue);
+            queue.open = false;
+            for request in queue.requests.drain(..) {
+                if let Some(reply) = request.reply {
+                    let _ = reply.send(Err(snapshot::Error::NotRunning));
+                }
+            }
         }
         vcpu::stop_all(handles);
 
@@ -490,6 +914,127 @@ impl Vm {
             return Ok(VmExit::Panicked);
         }
         Ok(reason)
+    }
+
+    fn serve_snapshot(&self, handles: &[VcpuHandle], request: SnapshotRequest) {
+        let start = Instant::now();
+        let result = self.take_snapshot(handles, &request.dir);
+        match &result {
+            Ok(info) => tracing::info!(
+                dir = %info.dir.display(),
+                paused_ms = info.paused_for.as_millis() as u64,
+                disk_usage = info.disk_usage,
+                "snapshot written"
+            ),
+            Err(e) => tracing::error!("snapshot to {}: {e}", request.dir.display()),
+        }
+        match (&result, request.then) {
+            (Ok(_), AfterSnapshot::Exit) => self.exit.notify(VmExit::Snapshotted),
+            (Err(e), AfterSnapshot::Exit) if request.reply.is_none() => self.exit.notify(
+                VmExit::Error(format!("snapshot to {}: {e}", request.dir.display())),
+            ),
+            _ => {
+                for h in handles {
+                    h.resume();
+                }
+                tracing::debug!(paused_ms = start.elapsed().as_millis() as u64, "VM resumed");
+            }
+        }
+        if let Some(reply) = request.reply {
+            let _ = reply.send(result);
+        }
+    }
+
+    fn take_snapshot(
+        &self,
+        handles: &[VcpuHandle],
+        dir: &Path,
+    ) -> Result<SnapshotInfo, snapshot::Error> {
+        if self.foreign_devices > 0 {
+            return Err(snapshot::Error::Device(
+                "added with add_virtio_device cannot be snapshotted".into(),
+            ));
+        }
+        let start = Instant::now();
+        let params = SaveParams {
+            msr_indices: self
+                .kvm
+                .get_msr_index_list()
+                .map(|l| l.as_slice().to_vec())
+                .map_err(|source| snapshot::Error::Kvm {
+                    what: "reading the MSR index list".into(),
+                    source,
+                })?,
+            xsave_size: xsave_size(&self.kvm, &self.fd),
+            xcrs: self.kvm.check_extension(kvm_ioctls::Cap::Xcrs),
+        };
+        for h in handles {
+            h.pause(Duration::from_secs(5))
+                .map_err(snapshot::Error::Pause)?;
+        }
+        let mut vcpus = Vec::with_capacity(handles.len());
+        for h in handles {
+            vcpus.push(h.save(params.clone()).map_err(snapshot::Error::Pause)?);
+        }
+        let vm = VmState::save(&self.fd)?;
+        let devices = DevicesState {
+            serial: bus::lock(&self.serial).state(),
+            virtio: self
+                .virtio
+                .iter()
+                .map(|slot| VirtioSnapshot {
+                    device: slot.entry.clone(),
+                    transport: bus::lock(&slot.transport).state(),
+                })
+                .collect(),
+        };
+        let (memory_size, memory_data) = snapshot::write(
+            dir,
+            &snapshot::Parts {
+                mem_size_mib: self.mem_size_mib,
+                memory: &self.memory,
+                vcpus: &vcpus,
+                vm: &vm,
+                devices: &devices,
+            },
+        )?;
+        Ok(SnapshotInfo {
+            dir: dir.to_path_buf(),
+            paused_for: start.elapsed(),
+            memory_size,
+            memory_data,
+            disk_usage: snapshot::disk_usage(dir),
+        })
+    }
+}
+
+/// KVM_CAP_XSAVE2's size (0 when KVM lacks it), or `None` without XSAVE.
+fn xsave_size(kvm: &Kvm, fd: &VmFd) -> Option<usize> {
+    if !kvm.check_extension(kvm_ioctls::Cap::Xsave) {
+        return None;
+    }
+    Some(usize::try_from(fd.check_extension_int(kvm_ioctls::Cap::Xsave2)).unwrap_or(0))
+}
+
+/// Wakes the event loop for the controller's requests.
+struct ControlWatcher {
+    control: Arc<ControlShared>,
+    exit: Arc<ExitNotifier>,
+}
+
+impl MutEventSubscriber for ControlWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.event_set().contains(EventSet::IN) {
+            let _ = self.control.evt.read();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.control.evt, EventSet::IN)) {
+            self.exit.notify(VmExit::Error(format!(
+                "cannot watch the control event: {e}"
+            )));
+        }
     }
 }
 

@@ -4,7 +4,8 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -31,11 +32,16 @@ impl Trigger for IrqTrigger {
 /// the VM, which on its own would look like a clean reboot.
 const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
 
-/// Console output: passes every byte on, and notices kernel panics.
+/// Called once when a console line contains its marker.
+pub type LineHook = Box<dyn FnMut() + Send>;
+
+/// Console output: passes every byte on, notices kernel panics, and calls
+/// hooks on marker lines.
 pub struct ConsoleSink {
     out: Box<dyn Write + Send>,
     line: Vec<u8>,
     panicked: Arc<AtomicBool>,
+    watches: Vec<(Vec<u8>, Option<LineHook>)>,
 }
 
 impl ConsoleSink {
@@ -45,7 +51,15 @@ impl ConsoleSink {
             out,
             line: Vec::with_capacity(160),
             panicked,
+            watches: Vec::new(),
         }
+    }
+
+    /// Calls `hook` (once) when a line contains `marker` within its first
+    /// 160 bytes. The hook runs on a vCPU thread with the UART locked: it
+    /// must only hand the news on.
+    pub fn watch(&mut self, marker: &[u8], hook: LineHook) {
+        self.watches.push((marker.to_vec(), Some(hook)));
     }
 
     fn scan(&mut self, byte: u8) {
@@ -62,6 +76,13 @@ impl ConsoleSink {
                 .any(|w| w == PANIC_MARKER)
             {
                 self.panicked.store(true, Ordering::SeqCst);
+            }
+            for (marker, hook) in &mut self.watches {
+                if hook.is_some() && self.line.ends_with(marker) {
+                    if let Some(mut hook) = hook.take() {
+                        hook();
+                    }
+                }
             }
         }
     }
@@ -86,6 +107,65 @@ impl Write for ConsoleSink {
     }
 }
 
+/// The UART's registers, as saved in a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes received and not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// The UART as a port-I/O bus device.
 pub struct SerialDevice {
     serial: Serial<IrqTrigger, NoEvents, ConsoleSink>,
@@ -97,6 +177,27 @@ impl SerialDevice {
         Self {
             serial: Serial::new(IrqTrigger(irq), sink),
         }
+    }
+
+    /// A UART with the registers of `state`.
+    pub fn from_state(
+        irq: EventFd,
+        sink: ConsoleSink,
+        state: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        let serial = Serial::from_state(&state.into(), IrqTrigger(irq), NoEvents, sink)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(Self { serial })
+    }
+
+    /// The registers, for a snapshot.
+    pub fn state(&self) -> SerialSnapshot {
+        self.serial.state().into()
+    }
+
+    /// The console output, to add watches.
+    pub fn sink_mut(&mut self) -> &mut ConsoleSink {
+        self.serial.writer_mut()
     }
 }
 
@@ -150,6 +251,29 @@ mod tests {
             uart.write(0, &[*b]);
         }
         assert!(panicked.load(Ordering::SeqCst));
+        // A watched marker fires its hook once.
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = hits.clone();
+        uart.sink_mut().watch(
+            b"rtv-agent: ready",
+            Box::new(move || {
+                h.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        for b in b"x\n[ 1.0] rtv-agent: ready\nrtv-agent: ready\n" {
+            uart.write(0, &[*b]);
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        // The registers survive a state round trip.
+        uart.write(7, &[0x5a]);
+        let state = uart.state();
+        let sink = ConsoleSink::new(Box::new(out.clone()), panicked.clone());
+        let mut copy =
+            SerialDevice::from_state(EventFd::new(libc::EFD_NONBLOCK).unwrap(), sink, &state)
+                .unwrap();
+        let mut scratch = [0u8];
+        copy.read(7, &mut scratch);
+        assert_eq!(scratch[0], 0x5a);
         // Line status register: transmitter empty.
         let mut lsr = [0u8];
         uart.read(5, &mut lsr);

@@ -7,7 +7,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -88,6 +89,84 @@ pub mod reg {
     pub const CONFIG: u64 = 0x100;
 }
 
+/// One queue's registers and ring positions, as saved in a snapshot.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    /// QueueNumMax.
+    pub max_size: u16,
+    /// QueueNum.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Driver (available) ring address.
+    pub avail_ring: u64,
+    /// Device (used) ring address.
+    pub used_ring: u64,
+    /// Next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will fill.
+    pub next_used: u16,
+    /// VIRTIO_F_EVENT_IDX in use.
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<&QueueSnapshot> for QueueState {
+    fn from(q: &QueueSnapshot) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// The transport's registers, as saved in a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MmioState {
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted.
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// Status.
+    pub status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// Whether the device was activated.
+    pub activated: bool,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// Each queue (from the device when activated, with its positions).
+    pub queues: Vec<QueueSnapshot>,
+}
+
 /// The register window of one virtio device.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
@@ -134,6 +213,82 @@ impl MmioTransport {
             config_generation: 0,
             activated: false,
         })
+    }
+
+    /// The registers and queues, for a snapshot (the device's own queues,
+    /// with their ring positions, once it is activated).
+    pub fn state(&self) -> MmioState {
+        let active = if self.activated {
+            lock(&self.device).active_queue_states()
+        } else {
+            Vec::new()
+        };
+        let queues = if active.len() == self.queues.len() {
+            active.into_iter().map(QueueSnapshot::from).collect()
+        } else {
+            self.queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect()
+        };
+        MmioState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            activated: self.activated,
+            interrupt_status: self.interrupt.status(),
+            queues,
+        }
+    }
+
+    /// A transport for `device` with the registers of `state`; an activated
+    /// device is activated again with the saved queues, then told it was
+    /// restored.
+    pub fn restore(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        irqfd: EventFd,
+        state: &MmioState,
+    ) -> Result<Self, String> {
+        let mut t = Self::new(mem, device, irqfd).map_err(|e| e.to_string())?;
+        if state.queues.len() != t.queues.len() {
+            return Err(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                t.queues.len()
+            ));
+        }
+        for (index, (q, saved)) in t.queues.iter_mut().zip(&state.queues).enumerate() {
+            if saved.max_size != q.max_size() {
+                return Err(format!(
+                    "queue {index}: saved maximum size {}, the device's is {}",
+                    saved.max_size,
+                    q.max_size()
+                ));
+            }
+            *q = Queue::try_from(QueueState::from(saved))
+                .map_err(|e| format!("queue {index}: {e}"))?;
+        }
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.driver_features = state.driver_features;
+        t.queue_sel = state.queue_sel;
+        t.status = state.status;
+        t.config_generation = state.config_generation;
+        if state.activated {
+            t.try_activate()?;
+            t.activated = true;
+            lock(&t.device).restored();
+        }
+        if state.interrupt_status != 0 {
+            t.interrupt
+                .status
+                .fetch_or(state.interrupt_status, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(t)
     }
 
     /// The eventfds signalled by QueueNotify writes, one per queue: register

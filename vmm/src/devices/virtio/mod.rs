@@ -10,7 +10,7 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -130,4 +130,12 @@ pub trait VirtioDevice: Send {
     /// wrote 0 to Status). Queues and eventfds given at activation are
     /// given up.
     fn reset(&mut self);
+    /// The queues the device runs since its activation (with their ring
+    /// positions), for a snapshot; empty when not activated.
+    fn active_queue_states(&self) -> Vec<QueueState> {
+        Vec::new()
+    }
+    /// Called once the device has been re-activated from a snapshot, before
+    /// the guest runs again.
+    fn restored(&mut self) {}
 }

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -67,6 +67,10 @@ pub const MAX_CONNECT_LINE: usize = 64;
 pub const MAX_QUEUED_RESETS: usize = 1024;
 /// First host-side port handed to host-initiated connections.
 pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
+
+/// virtio_vsock_event id: the transport was reset (after a snapshot
+/// restore); the guest drops its connections and re-reads its CID.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
 
 pub(crate) const TYPE_STREAM: u16 = 1;
 pub(crate) const OP_REQUEST: u16 = 1;
@@ -190,6 +194,7 @@ pub struct Vsock {
     active: Option<Active>,
     stale_evts: Vec<(EventFd, bool)>,
     drop_conns: bool,
+    reset_event: bool,
     muxer: Muxer,
 }
 
@@ -217,6 +222,7 @@ impl Vsock {
             active: None,
             stale_evts: Vec::new(),
             drop_conns: false,
+            reset_event: false,
             muxer: Muxer {
                 guest_cid: config.guest_cid,
                 uds_path: config.uds_path.clone(),
@@ -336,6 +342,43 @@ impl Vsock {
                 self.process_tx();
             }
         }
+        if self.reset_event && self.active.as_ref().is_some_and(|a| a.registered) {
+            self.reset_event = false;
+            self.send_transport_reset();
+        }
+    }
+
+    /// Puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET in the guest's next event
+    /// buffer.
+    fn send_transport_reset(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queues[EVENT_QUEUE];
+        let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+            tracing::warn!("vsock: no event buffer for the transport reset");
+            return;
+        };
+        let head = chain.head_index();
+        let written = match chain.next() {
+            Some(desc) if desc.is_write_only() && desc.len() >= 4 => mem
+                .write_obj(EVENT_TRANSPORT_RESET.to_le(), desc.addr())
+                .map(|()| 4)
+                .unwrap_or_else(|e| {
+                    tracing::warn!("vsock: cannot write the transport reset event: {e}");
+                    0
+                }),
+            _ => {
+                tracing::warn!("vsock: unusable event buffer");
+                0
+            }
+        };
+        if let Err(e) = queue.add_used(mem, head, written) {
+            tracing::warn!("vsock: cannot return an event buffer: {e}");
+        }
+        active.interrupt.signal_used_queue();
+        tracing::debug!("vsock: sent the transport reset event");
     }
 
     fn queue_event(&self, fd: RawFd) -> Option<usize> {
@@ -414,10 +457,26 @@ impl VirtioDevice for Vsock {
                 .extend(old.evts.into_iter().map(|e| (e, old.registered)));
         }
         self.drop_conns = true;
+        self.reset_event = false;
         if let Err(e) = self.control_evt.write(1) {
             tracing::error!("vsock: cannot wake the event loop for a reset: {e}");
         }
         tracing::debug!("vsock: reset");
+    }
+
+    fn active_queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+            .unwrap_or_default()
+    }
+
+    fn restored(&mut self) {
+        // Connections are not saved: the guest must drop its own.
+        self.reset_event = true;
+        if let Err(e) = self.control_evt.write(1) {
+            tracing::error!("vsock: cannot wake the event loop after a restore: {e}");
+        }
     }
 }
 
