@@ -175,6 +175,7 @@ fn run(args: Args) -> anyhow::Result<u8> {
         kvm_device: args.kvm_device,
         vsock,
         stop_on_signals: true,
+        pvm,
     };
     let cmdline = match args.cmdline {
         Some(full) => full,

@@ -56,6 +56,10 @@ pub struct MachineConfig {
     /// [`signals::block_stop_signals`] first thing, before any other thread
     /// exists.
     pub stop_on_signals: bool,
+    /// PVM accommodations in the machine itself: the guest is not offered
+    /// KVM's paravirtual IPIs and scheduler yield (their hypercalls do not
+    /// work in PVM native mode; with them a second vCPU never comes up).
+    pub pvm: bool,
 }
 
 impl Default for MachineConfig {
@@ -66,6 +70,7 @@ impl Default for MachineConfig {
             kvm_device: PathBuf::from("/dev/kvm"),
             vsock: None,
             stop_on_signals: false,
+            pvm: false,
         }
     }
 }
@@ -461,8 +466,13 @@ impl Vm {
             let vcpu = fd
                 .create_vcpu(u64::from(index))
                 .map_err(kvm_err("creating a vCPU"))?;
-            vcpu.set_cpuid2(&cpuid::for_vcpu(supported.clone(), index, config.vcpus))
-                .map_err(kvm_err("setting CPUID"))?;
+            vcpu.set_cpuid2(&cpuid::for_vcpu(
+                supported.clone(),
+                index,
+                config.vcpus,
+                config.pvm,
+            ))
+            .map_err(kvm_err("setting CPUID"))?;
             regs::setup_msrs(&vcpu)?;
             regs::setup_fpu(&vcpu)?;
             regs::setup_lapic(&vcpu)?;
@@ -612,6 +622,8 @@ impl Vm {
             kvm_device: config.kvm_device.clone(),
             vsock: vsock.clone(),
             stop_on_signals: config.stop_on_signals,
+            // CPUID comes from the snapshot.
+            pvm: false,
         };
         validate(&machine)?;
 
