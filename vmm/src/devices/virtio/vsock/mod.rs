@@ -34,6 +34,7 @@ use virtio_vsock::packet::VsockPacket;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use self::conn::{Conn, ConnKey, RxOp};
 pub use self::unix::{ListenError, UdsListener};
@@ -195,8 +196,18 @@ pub struct Vsock {
     stale_evts: Vec<(EventFd, bool)>,
     drop_conns: bool,
     reset_event: bool,
+    /// Set while the guest has not yet taken in a transport reset: nothing
+    /// is sent to it, so a connection made now is not reset with the old
+    /// ones, and its packets carry the guest's new CID. Cleared by the
+    /// guest's next event-queue notification (Linux refills the event
+    /// buffer once it has handled the event), or by this timer.
+    reset_gate: Option<TimerFd>,
     muxer: Muxer,
 }
+
+/// How long host connections wait for the guest to take in a transport
+/// reset before they go ahead anyway.
+pub const RESET_GATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Vsock {
     /// Creates the device and starts listening at `config.uds_path`.
@@ -223,6 +234,7 @@ impl Vsock {
             stale_evts: Vec::new(),
             drop_conns: false,
             reset_event: false,
+            reset_gate: None,
             muxer: Muxer {
                 guest_cid: config.guest_cid,
                 uds_path: config.uds_path.clone(),
@@ -284,6 +296,9 @@ impl Vsock {
     }
 
     fn process_rx(&mut self) {
+        if self.reset_gate.is_some() {
+            return;
+        }
         let Some(active) = self.active.as_mut() else {
             return;
         };
@@ -344,21 +359,48 @@ impl Vsock {
         }
         if self.reset_event && self.active.as_ref().is_some_and(|a| a.registered) {
             self.reset_event = false;
-            self.send_transport_reset();
+            if self.send_transport_reset() {
+                self.close_reset_gate(ops);
+            }
+        }
+    }
+
+    /// Holds back everything for the guest until it has taken in the
+    /// transport reset (or [`RESET_GATE_TIMEOUT`] passed).
+    fn close_reset_gate(&mut self, ops: &mut EventOps) {
+        let timer = TimerFd::new().and_then(|mut t| {
+            t.reset(RESET_GATE_TIMEOUT, None)?;
+            Ok(t)
+        });
+        match timer {
+            Ok(timer) => match ops.add(Events::new(&timer, EventSet::IN)) {
+                Ok(()) => self.reset_gate = Some(timer),
+                Err(e) => tracing::warn!("vsock: cannot watch the reset timer: {e}"),
+            },
+            Err(e) => tracing::warn!("vsock: cannot create the reset timer: {e}"),
+        }
+    }
+
+    fn open_reset_gate(&mut self, ops: &mut EventOps, why: &str) {
+        if let Some(timer) = self.reset_gate.take() {
+            if let Err(e) = ops.remove(Events::new(&timer, EventSet::IN)) {
+                tracing::warn!("vsock: cannot stop watching the reset timer: {e}");
+            }
+            tracing::debug!("vsock: transport reset taken in ({why})");
         }
     }
 
     /// Puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET in the guest's next event
-    /// buffer.
-    fn send_transport_reset(&mut self) {
+    /// buffer; `true` if it was sent.
+    fn send_transport_reset(&mut self) -> bool {
         let Some(active) = self.active.as_mut() else {
-            return;
+            return false;
         };
         let mem = &active.mem;
         let queue = &mut active.queues[EVENT_QUEUE];
         let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
             tracing::warn!("vsock: no event buffer for the transport reset");
-            return;
+            return false;
         };
         let head = chain.head_index();
         let written = match chain.next() {
@@ -379,6 +421,7 @@ impl Vsock {
         }
         active.interrupt.signal_used_queue();
         tracing::debug!("vsock: sent the transport reset event");
+        written > 0
     }
 
     fn queue_event(&self, fd: RawFd) -> Option<usize> {
@@ -493,8 +536,20 @@ impl MutEventSubscriber for Vsock {
             match index {
                 TX_QUEUE => self.process_tx(),
                 RX_QUEUE => {}
-                _ => {} // The device sends no events.
+                // The guest refilled its event buffers: it has handled the
+                // transport reset.
+                _ => self.open_reset_gate(ops, "the guest refilled its event queue"),
             }
+        } else if self
+            .reset_gate
+            .as_ref()
+            .is_some_and(|t| t.as_raw_fd() == fd)
+        {
+            if let Some(timer) = self.reset_gate.as_mut() {
+                let _ = timer.wait();
+            }
+            tracing::warn!("vsock: the guest did not take in the transport reset in time");
+            self.open_reset_gate(ops, "timeout");
         } else if fd == self.listener.as_raw_fd() {
             self.muxer.accept(&self.listener);
         } else if let Some((evt, _)) = self.stale_evts.iter().find(|(e, _)| e.as_raw_fd() == fd) {
