@@ -424,3 +424,69 @@ fn a_snapshot_of_a_stopped_vm_fails_cleanly() {
         .unwrap_err();
     assert!(err.to_string().contains("not running"), "{err}");
 }
+
+fn rtv_vmm() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rtv-vmm"))
+}
+
+#[test]
+fn cli_restores_a_snapshot_and_names_bad_ones() {
+    let dir = TempDir::new("cli");
+    let snap = dir.0.join("snap");
+    let saved = counter_snapshot(&snap);
+
+    // Mismatches and missing snapshots: exit 1, the problem named, no
+    // console file left.
+    let console = dir.0.join("console.txt");
+    let out = rtv_vmm()
+        .args(["--restore", snap.to_str().unwrap(), "--mem", "64"])
+        .arg("--console")
+        .arg(&console)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--restore") && stderr.contains("memory size mismatch"),
+        "{stderr}"
+    );
+    assert!(!console.exists());
+    let out = rtv_vmm()
+        .args(["--restore", "/nonexistent/snap"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/snap/state.json: missing"),
+        "{stderr}"
+    );
+    let out = rtv_vmm()
+        .args(["--restore", "/x", "--kernel", "/y"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--kernel"));
+
+    // A good one runs until SIGTERM, counting on from the snapshot.
+    let mut child = rtv_vmm()
+        .args(["--restore", snap.to_str().unwrap(), "--vcpus", "2"])
+        .arg("--console")
+        .arg(&console)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::fs::metadata(&console).map_or(0, |m| m.len()) < 100 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no console output"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+    let out = std::fs::read(&console).unwrap();
+    assert!(out[0] == saved as u8 || out[0] == saved.wrapping_add(1) as u8);
+}

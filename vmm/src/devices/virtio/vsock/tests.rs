@@ -910,3 +910,44 @@ fn too_many_connections_are_refused_not_buffered() {
     assert!(g.dev.lock().unwrap().connection_count() <= MAX_CONNECTIONS);
     assert!(resets >= 20, "only {resets} resets");
 }
+
+#[test]
+fn restored_device_sends_a_transport_reset_and_holds_connections_until_it_is_taken_in() {
+    let mut g = Guest::new("restored");
+    // The guest offers one 4-byte event buffer, as Linux does.
+    let event_buf = buffer(EVENT_QUEUE, 0);
+    g.mem
+        .write_obj(0xffff_ffffu32, GuestAddress(event_buf))
+        .unwrap();
+    g.write_desc(EVENT_QUEUE, 0, event_buf, 4, F_WRITE, 0);
+    g.publish(EVENT_QUEUE, 0);
+    g.dev.lock().unwrap().restored();
+    g.pump();
+    let used_idx: u16 = g.mem.read_obj(GuestAddress(used(EVENT_QUEUE) + 2)).unwrap();
+    assert_eq!(used_idx, 1, "the event buffer was not used");
+    let len: u32 = g.mem.read_obj(GuestAddress(used(EVENT_QUEUE) + 8)).unwrap();
+    assert_eq!(len, 4);
+    let id: u32 = g.mem.read_obj(GuestAddress(event_buf)).unwrap();
+    assert_eq!(id, EVENT_TRANSPORT_RESET);
+    // A host client now waits: nothing goes to the guest...
+    let mut c = g.client();
+    c.write_all(b"CONNECT 1024\n").unwrap();
+    assert!(
+        g.recv().is_empty(),
+        "a request before the guest took in the reset"
+    );
+    // ...until the guest refills its event queue.
+    g.write_desc(EVENT_QUEUE, 1, buffer(EVENT_QUEUE, 1), 4, F_WRITE, 0);
+    g.publish(EVENT_QUEUE, 1);
+    g.kick(EVENT_QUEUE);
+    let reqs = g.recv();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert_eq!((reqs[0].op, reqs[0].dst_port), (OP_REQUEST, 1024));
+    g.send(Pkt::from_guest(OP_RESPONSE, 1024, reqs[0].src_port), &[]);
+    assert_eq!(read_line(&mut c), format!("OK {}", reqs[0].src_port));
+    // The queue positions are there for a snapshot.
+    let states = g.dev.lock().unwrap().active_queue_states();
+    assert_eq!(states.len(), 3);
+    assert_eq!(states[EVENT_QUEUE].next_avail, 1);
+    assert_eq!(states[EVENT_QUEUE].next_used, 1);
+}
