@@ -167,42 +167,42 @@ async fn connect_once(endpoint: &Endpoint) -> Result<UnixStream, String> {
     }
 }
 
-/// Connects to the agent, retrying until `deadline`, and exchanges hellos.
+/// Connects to the agent, retrying until `deadline` while nobody answers,
+/// and exchanges hellos. Once the guest has accepted the connection the
+/// hello is not sent again: attaching a stream is not idempotent, and a
+/// busy guest may take long to answer.
 async fn dial(
     endpoint: &Endpoint,
     hello: &Hello,
     deadline: Instant,
 ) -> Result<UnixStream, ClientError> {
     let started = Instant::now();
-    loop {
-        let last = match connect_once(endpoint).await {
-            Ok(mut s) => {
-                s.write_all(&encode(hello)?).await?;
-                let reply = tokio::time::timeout(
-                    HANDSHAKE_TIMEOUT,
-                    read_frame_async::<_, HelloReply>(&mut s),
-                )
-                .await;
-                match reply {
-                    Ok(Ok(HelloReply::Ok { .. })) => return Ok(s),
-                    Ok(Ok(HelloReply::Refused { reason })) => {
-                        return Err(ClientError::Refused(reason))
-                    }
-                    // The VMM accepted but the guest side went away: retry.
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "no hello reply".to_string(),
-                }
+    let mut s = loop {
+        match connect_once(endpoint).await {
+            Ok(s) => break s,
+            Err(last) if Instant::now() >= deadline => {
+                return Err(ClientError::Unreachable {
+                    endpoint: endpoint.to_string(),
+                    waited: started.elapsed(),
+                    last,
+                })
             }
-            Err(e) => e,
-        };
-        if Instant::now() >= deadline {
-            return Err(ClientError::Unreachable {
-                endpoint: endpoint.to_string(),
-                waited: started.elapsed(),
-                last,
-            });
+            Err(_) => tokio::time::sleep(DIAL_RETRY).await,
         }
-        tokio::time::sleep(DIAL_RETRY).await;
+    };
+    s.write_all(&encode(hello)?).await?;
+    let wait = deadline
+        .saturating_duration_since(Instant::now())
+        .max(HANDSHAKE_TIMEOUT);
+    match tokio::time::timeout(wait, read_frame_async::<_, HelloReply>(&mut s)).await {
+        Ok(Ok(HelloReply::Ok { .. })) => Ok(s),
+        Ok(Ok(HelloReply::Refused { reason })) => Err(ClientError::Refused(reason)),
+        Ok(Err(e)) => Err(ClientError::Frame(e)),
+        Err(_) => Err(ClientError::Unreachable {
+            endpoint: endpoint.to_string(),
+            waited: started.elapsed(),
+            last: format!("no answer to the hello within {wait:?}"),
+        }),
     }
 }
 
