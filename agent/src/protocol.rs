@@ -182,7 +182,32 @@ pub enum RequestBody {
     GuestInfo,
     /// Power the VM off.
     Shutdown,
+    /// Give the guest its own identity (a VM restored from a template has
+    /// the template's): hostname, entropy credited to the kernel's RNG (which
+    /// is then reseeded), and the wall clock. Only PID 1 of a guest does
+    /// this; an agent on the host refuses (`InvalidRequest`).
+    SetIdentity(Identity),
 }
+
+/// A sandbox's identity, set by [`RequestBody::SetIdentity`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The guest's hostname (1 to [`MAX_HOSTNAME`] bytes).
+    pub hostname: String,
+    /// Random bytes from the host (at least [`MIN_ENTROPY`], at most
+    /// [`MAX_ENTROPY`]), credited to the guest's RNG in full.
+    pub entropy: Vec<u8>,
+    /// The host's wall clock when the request was made, in nanoseconds since
+    /// the Unix epoch.
+    pub unix_time_ns: u64,
+}
+
+/// Longest hostname the guest kernel takes.
+pub const MAX_HOSTNAME: usize = 64;
+/// Fewest entropy bytes a `SetIdentity` must carry.
+pub const MIN_ENTROPY: usize = 32;
+/// Most entropy bytes a `SetIdentity` may carry.
+pub const MAX_ENTROPY: usize = 4096;
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,6 +240,10 @@ pub struct GuestInfo {
     pub uptime_secs: f64,
     /// The agent's version string.
     pub agent_version: String,
+    /// The guest's wall clock, in nanoseconds since the Unix epoch (0 from
+    /// an agent that does not report it).
+    #[serde(default)]
+    pub unix_time_ns: u64,
 }
 
 /// The kind of a failed request.
@@ -264,7 +293,7 @@ pub enum ResponseBody {
     Exited(ExitStatus),
     /// For `GuestInfo`.
     GuestInfo(GuestInfo),
-    /// Done (signal, resize, close, shutdown).
+    /// Done (signal, resize, close, shutdown, set identity).
     Ok,
     /// The request failed.
     Error {
@@ -389,6 +418,23 @@ mod tests {
         garbage.extend_from_slice(b"{{{{{");
         let err = read_frame::<_, Hello>(&mut Cursor::new(garbage)).unwrap_err();
         assert!(matches!(err, FrameError::Malformed(_)));
+    }
+
+    #[test]
+    fn set_identity_round_trips_and_old_guest_info_parses() {
+        let req = Request {
+            id: 9,
+            body: RequestBody::SetIdentity(Identity {
+                hostname: "sb-1".into(),
+                entropy: vec![0, 255, 7],
+                unix_time_ns: 1_700_000_000_123_456_789,
+            }),
+        };
+        let back: Request = read_frame(&mut Cursor::new(encode(&req).unwrap())).unwrap();
+        assert_eq!(back, req);
+        let old = r#"{"kernel":"6.1","mem_total_kib":1,"uptime_secs":1.5,"agent_version":"0.1.0"}"#;
+        let info: GuestInfo = decode(old.as_bytes()).unwrap();
+        assert_eq!(info.unix_time_ns, 0);
     }
 
     #[test]

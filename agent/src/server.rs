@@ -14,6 +14,7 @@ use rtv_agent::protocol::{
 };
 
 use crate::alog;
+use crate::identity;
 use crate::process::{Failure, Processes, StreamEnd};
 
 /// How long a new connection may take to say hello.
@@ -248,6 +249,10 @@ fn handle_request(procs: &Processes, body: RequestBody) -> ResponseBody {
         }
         RequestBody::GuestInfo => Ok(ResponseBody::GuestInfo(guest_info())),
         RequestBody::Shutdown => Ok(ResponseBody::Ok),
+        RequestBody::SetIdentity(id) => identity::set(&id).map(|()| {
+            alog!(Info, "identity set: hostname {:?}", id.hostname);
+            ResponseBody::Ok
+        }),
     };
     result.unwrap_or_else(failure)
 }
@@ -321,5 +326,6 @@ fn guest_info() -> GuestInfo {
         mem_total_kib,
         uptime_secs,
         agent_version: env!("CARGO_PKG_VERSION").into(),
+        unix_time_ns: identity::now_ns(),
     }
 }
