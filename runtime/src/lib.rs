@@ -1,5 +1,11 @@
-//! rtv's runtime library. For now: the host client of the guest agent.
+//! rtv's runtime library: the host client of the guest agent, VM templates
+//! (snapshots of a booted guest, cached per kernel, initramfs, VMM build and
+//! machine size) and sandboxes started from them.
 
 pub mod agent_client;
+pub mod sandbox;
+pub mod template;
 
 pub use agent_client::{AgentClient, ClientError, Endpoint};
+pub use sandbox::{Origin, Sandbox, SandboxConfig, SandboxError};
+pub use template::{TemplateCache, TemplateError, TemplateSpec};

@@ -1,0 +1,692 @@
+//! A sandbox: one micro-VM (an `rtv-vmm` process) with its agent connected
+//! and its own identity.
+//!
+//! [`Sandbox::start`] restores the VM from a template ([`crate::template`]),
+//! making the template first if there is none; a template the VMM refuses
+//! is discarded and made again once; when templates are off, or the restore
+//! path fails anyway, the sandbox cold boots. Either way the host then sets
+//! the guest's identity through the agent (`SetIdentity`): its hostname,
+//! fresh entropy credited to the guest's RNG (and a CRNG reseed), and the
+//! wall clock, none of which may come from the template.
+//!
+//! Each sandbox's VMM has its own vsock socket, console file and stderr log
+//! in the sandbox's state directory, and its own CID. The VMM gets SIGTERM
+//! when the thread that started it ends (`PR_SET_PDEATHSIG`; start
+//! sandboxes from long-lived threads, such as tokio's workers), and is
+//! killed when the [`Sandbox`] is dropped.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rtv_agent::protocol::{Identity, RequestBody, ResponseBody, MAX_HOSTNAME};
+
+use crate::agent_client::{AgentClient, ClientError, Endpoint};
+use crate::template::{file_tail, TemplateCache, TemplateError, TemplateSpec};
+
+/// Bytes of host entropy each sandbox gets.
+pub const ENTROPY_BYTES: usize = 64;
+/// The vsock socket's name in the state directory.
+pub const VSOCK_FILE: &str = "vsock.sock";
+/// The console file's name in the state directory.
+pub const CONSOLE_FILE: &str = "console.log";
+/// The VMM's stderr log's name in the state directory.
+pub const STDERR_FILE: &str = "vmm.stderr.log";
+/// Longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// How to start a sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// The guest kernel (ELF vmlinux).
+    pub kernel: PathBuf,
+    /// The initramfs (with the agent as /init).
+    pub initramfs: PathBuf,
+    /// The `rtv-vmm` binary.
+    pub vmm: PathBuf,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Where this sandbox's vsock socket, console and VMM log go (created if
+    /// needed; emptied of them, and removed if then empty, when it stops).
+    pub state_dir: PathBuf,
+    /// The guest's hostname.
+    pub hostname: String,
+    /// The guest's vsock CID (3 or more; distinct per sandbox).
+    pub cid: u32,
+    /// Restore from a template (made if needed) instead of cold booting.
+    pub use_template: bool,
+    /// The template cache; `None`: [`TemplateCache::default_root`].
+    pub template_dir: Option<PathBuf>,
+    /// How long a cold boot (or making a template) may take to agent readiness.
+    pub boot_timeout: Duration,
+    /// How long a restored guest's agent may take to answer.
+    pub restore_timeout: Duration,
+}
+
+impl SandboxConfig {
+    /// A configuration with defaults: 128 MiB, 1 vCPU, templates on in the
+    /// default cache, 300 s to boot, 120 s to restore.
+    pub fn new(
+        kernel: impl Into<PathBuf>,
+        initramfs: impl Into<PathBuf>,
+        vmm: impl Into<PathBuf>,
+        state_dir: impl Into<PathBuf>,
+        hostname: impl Into<String>,
+        cid: u32,
+    ) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initramfs: initramfs.into(),
+            vmm: vmm.into(),
+            mem_mib: 128,
+            vcpus: 1,
+            state_dir: state_dir.into(),
+            hostname: hostname.into(),
+            cid,
+            use_template: true,
+            template_dir: None,
+            boot_timeout: Duration::from_secs(300),
+            restore_timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// The template this configuration restores from.
+    pub fn template_spec(&self) -> TemplateSpec {
+        TemplateSpec {
+            kernel: self.kernel.clone(),
+            initramfs: self.initramfs.clone(),
+            vmm: self.vmm.clone(),
+            mem_mib: self.mem_mib,
+            vcpus: self.vcpus,
+        }
+    }
+
+    /// The template cache this configuration uses.
+    pub fn template_cache(&self) -> Result<TemplateCache, TemplateError> {
+        let root = match &self.template_dir {
+            Some(dir) => dir.clone(),
+            None => TemplateCache::default_root()?,
+        };
+        Ok(TemplateCache::new(root).with_make_timeout(self.boot_timeout))
+    }
+
+    fn check(&self) -> Result<(), SandboxError> {
+        let bad = |field: &'static str, problem: String| SandboxError::Config { field, problem };
+        if self.hostname.is_empty()
+            || self.hostname.len() > MAX_HOSTNAME
+            || self
+                .hostname
+                .bytes()
+                .any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace())
+        {
+            return Err(bad(
+                "hostname",
+                format!(
+                    "{:?}: 1 to {MAX_HOSTNAME} bytes, no NUL, '/' or white space",
+                    self.hostname
+                ),
+            ));
+        }
+        if self.cid < 3 || self.cid == u32::MAX {
+            return Err(bad(
+                "cid",
+                format!("{}: CIDs 0-2 and {} are reserved", self.cid, u32::MAX),
+            ));
+        }
+        if self.vcpus == 0 {
+            return Err(bad("vcpus", "0".into()));
+        }
+        let sock = self.state_dir.join(VSOCK_FILE);
+        if sock.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(bad(
+                "state_dir",
+                format!(
+                    "{}: the vsock socket path would be {} bytes, Unix sockets take {MAX_SOCKET_PATH}",
+                    self.state_dir.display(),
+                    sock.as_os_str().len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Sandbox errors, naming the file, template or VMM concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A configuration field is not usable.
+    #[error("sandbox config {field}: {problem}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The state directory (or a file in it) could not be made.
+    #[error("sandbox state {path}: {source}")]
+    State {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The VMM could not be started.
+    #[error("starting {vmm}: {source}")]
+    Spawn {
+        /// The binary.
+        vmm: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The VMM ended before the agent answered.
+    #[error("rtv-vmm ({how}) exited with {status} before the agent answered; its stderr ends with:\n{stderr_tail}")]
+    VmmExited {
+        /// What it was doing (`--restore DIR` or a cold boot).
+        how: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// The end of its stderr.
+        stderr_tail: String,
+    },
+    /// The agent could not be reached or refused a request.
+    #[error("agent of sandbox {hostname} ({what}): {source}; console ends with:\n{console_tail}")]
+    Agent {
+        /// The sandbox.
+        hostname: String,
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        source: Box<ClientError>,
+        /// The end of the guest console.
+        console_tail: String,
+    },
+    /// A template could not be made or used.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// The host's RNG failed.
+    #[error("host getrandom: {0}")]
+    Entropy(std::io::Error),
+    /// A blocking task failed.
+    #[error("background task: {0}")]
+    Task(String),
+    /// The VMM did not exit after the guest was asked to power off.
+    #[error("rtv-vmm (pid {pid}) did not exit within {waited:?} of the shutdown request; killed")]
+    StopTimeout {
+        /// The VMM's pid.
+        pid: u32,
+        /// How long we waited.
+        waited: Duration,
+    },
+}
+
+/// How a sandbox's VM came to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Restored from a template.
+    Template {
+        /// The template's key.
+        key: String,
+        /// How long making the template took, if this start made it.
+        made_in: Option<Duration>,
+        /// Problems found with earlier templates, which were replaced.
+        replaced: Vec<String>,
+    },
+    /// Cold booted.
+    ColdBoot {
+        /// Why not from a template (`None`: templates were off).
+        fallback_reason: Option<String>,
+    },
+}
+
+/// Fills `buf` from the host's RNG (getrandom(2)).
+pub fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let rest = &mut buf[got..];
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        got += n as usize;
+    }
+    Ok(())
+}
+
+/// Has `cmd`'s process get SIGTERM when the thread that spawns it ends.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no parent memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A running VMM and the files it uses; killed and cleaned up when dropped.
+struct Vmm {
+    child: Child,
+    state_dir: PathBuf,
+    how: String,
+}
+
+impl Vmm {
+    fn file(&self, name: &str) -> PathBuf {
+        self.state_dir.join(name)
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn kill(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn cleanup(&self) {
+        for name in [VSOCK_FILE, CONSOLE_FILE, STDERR_FILE] {
+            let _ = std::fs::remove_file(self.file(name));
+        }
+        // Only if nothing else is in it.
+        let _ = std::fs::remove_dir(&self.state_dir);
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.kill();
+        self.cleanup();
+    }
+}
+
+/// What to start the VMM with.
+enum Boot<'a> {
+    Cold,
+    Restore(&'a Path),
+}
+
+/// A running sandbox.
+pub struct Sandbox {
+    client: AgentClient,
+    vmm: Vmm,
+    hostname: String,
+    origin: Origin,
+    ready_after: Duration,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("hostname", &self.hostname)
+            .field("pid", &self.vmm.child.id())
+            .field("state_dir", &self.vmm.state_dir)
+            .field("origin", &self.origin)
+            .finish()
+    }
+}
+
+fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Sandbox {
+    /// Starts a sandbox: from a template (made if needed) when
+    /// `use_template`, else (or when that fails) by a cold boot; then
+    /// connects the agent and sets the guest's identity.
+    pub async fn start(cfg: SandboxConfig) -> Result<Sandbox, SandboxError> {
+        cfg.check()?;
+        let started = Instant::now();
+        let mut fallback_reason = None;
+        if cfg.use_template {
+            match Self::from_template(&cfg, started).await {
+                Ok(sandbox) => return Ok(sandbox),
+                Err(e) => {
+                    tracing::warn!(
+                        sandbox = %cfg.hostname,
+                        "cannot start from a template, cold booting: {e}"
+                    );
+                    fallback_reason = Some(e.to_string());
+                }
+            }
+        }
+        let (vmm, client) = launch(&cfg, Boot::Cold).await?;
+        Self::finish(
+            &cfg,
+            vmm,
+            client,
+            Origin::ColdBoot { fallback_reason },
+            started,
+        )
+        .await
+    }
+
+    async fn from_template(cfg: &SandboxConfig, started: Instant) -> Result<Sandbox, SandboxError> {
+        let cache = cfg.template_cache()?;
+        let spec = cfg.template_spec();
+        let mut replaced = Vec::new();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (c, s) = (cache.clone(), spec.clone());
+            let obtained = tokio::task::spawn_blocking(move || c.get_or_make(&s))
+                .await
+                .map_err(|e| SandboxError::Task(e.to_string()))??;
+            replaced.extend(obtained.replaced.clone());
+            let template = obtained.template;
+            match launch(cfg, Boot::Restore(&template.snapshot_dir())).await {
+                Ok((vmm, client)) => {
+                    let origin = Origin::Template {
+                        key: template.key().to_owned(),
+                        made_in: obtained.made_in,
+                        replaced,
+                    };
+                    return Self::finish(cfg, vmm, client, origin, started).await;
+                }
+                Err(SandboxError::VmmExited {
+                    how,
+                    status,
+                    stderr_tail,
+                }) if attempt == 1 => {
+                    // The VMM checks every file of the snapshot and names
+                    // the one it refuses: drop the template, make another.
+                    let reason = format!("rtv-vmm {how} exited with {status}: {stderr_tail}");
+                    tracing::warn!(
+                        sandbox = %cfg.hostname,
+                        template = %template.dir.display(),
+                        "the VMM refused the template; replacing it: {reason}"
+                    );
+                    let c = cache.clone();
+                    let r = reason.clone();
+                    tokio::task::spawn_blocking(move || c.discard(&template, &r))
+                        .await
+                        .map_err(|e| SandboxError::Task(e.to_string()))??;
+                    replaced.push(reason);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn finish(
+        cfg: &SandboxConfig,
+        vmm: Vmm,
+        client: AgentClient,
+        origin: Origin,
+        started: Instant,
+    ) -> Result<Sandbox, SandboxError> {
+        let mut entropy = vec![0u8; ENTROPY_BYTES];
+        host_random(&mut entropy).map_err(SandboxError::Entropy)?;
+        let identity = Identity {
+            hostname: cfg.hostname.clone(),
+            entropy,
+            unix_time_ns: now_unix_ns(),
+        };
+        let agent_error = |what, source| SandboxError::Agent {
+            hostname: cfg.hostname.clone(),
+            what,
+            source: Box::new(source),
+            console_tail: file_tail(&vmm.file(CONSOLE_FILE), 2048),
+        };
+        match client.call(RequestBody::SetIdentity(identity)).await {
+            Ok(ResponseBody::Ok) => {}
+            Ok(other) => {
+                return Err(agent_error(
+                    "setting its identity",
+                    ClientError::Unexpected(format!("{other:?}")),
+                ))
+            }
+            Err(e) => return Err(agent_error("setting its identity", e)),
+        }
+        let ready_after = started.elapsed();
+        tracing::info!(
+            sandbox = %cfg.hostname,
+            pid = vmm.child.id(),
+            ms = ready_after.as_millis() as u64,
+            "sandbox ready ({origin:?})"
+        );
+        Ok(Sandbox {
+            client,
+            vmm,
+            hostname: cfg.hostname.clone(),
+            origin,
+            ready_after,
+        })
+    }
+
+    /// The agent's control connection.
+    pub fn client(&self) -> &AgentClient {
+        &self.client
+    }
+
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.vmm.child.id()
+    }
+
+    /// The guest's hostname, as set.
+    pub fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
+    /// How the VM came to be.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// From the call to `start` to the identity set (agent ready).
+    pub fn ready_after(&self) -> Duration {
+        self.ready_after
+    }
+
+    /// The guest console's file.
+    pub fn console_path(&self) -> PathBuf {
+        self.vmm.file(CONSOLE_FILE)
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.vmm.state_dir
+    }
+
+    /// Asks the agent to power the guest off, waits up to `timeout` for the
+    /// VMM to exit (then kills it), and cleans the state directory.
+    pub async fn stop(mut self, timeout: Duration) -> Result<ExitStatus, SandboxError> {
+        let started = Instant::now();
+        // The reply may be lost as the guest goes down: the exit is what counts.
+        if let Err(e) = tokio::time::timeout(timeout, self.client.shutdown()).await {
+            tracing::debug!(sandbox = %self.hostname, "shutdown request: {e}");
+        }
+        loop {
+            if let Some(status) = self.vmm.exited() {
+                return Ok(status);
+            }
+            if started.elapsed() >= timeout {
+                let pid = self.pid();
+                self.vmm.kill();
+                return Err(SandboxError::StopTimeout {
+                    pid,
+                    waited: started.elapsed(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Dropping `self` removes the state files.
+    }
+}
+
+/// Starts the VMM and connects to its agent; a VMM that exits first is
+/// reported with its status and stderr.
+async fn launch(cfg: &SandboxConfig, boot: Boot<'_>) -> Result<(Vmm, AgentClient), SandboxError> {
+    let dir = &cfg.state_dir;
+    std::fs::create_dir_all(dir).map_err(|source| SandboxError::State {
+        path: dir.clone(),
+        source,
+    })?;
+    let uds = dir.join(VSOCK_FILE);
+    // A socket left by a VMM that was killed would stop the new one binding.
+    match std::fs::remove_file(&uds) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(SandboxError::State { path: uds, source }),
+    }
+    let stderr_path = dir.join(STDERR_FILE);
+    let stderr = File::create(&stderr_path).map_err(|source| SandboxError::State {
+        path: stderr_path.clone(),
+        source,
+    })?;
+    let mut cmd = Command::new(&cfg.vmm);
+    let (how, timeout) = match boot {
+        Boot::Cold => {
+            cmd.arg("--kernel")
+                .arg(&cfg.kernel)
+                .arg("--initrd")
+                .arg(&cfg.initramfs)
+                .args(["--mem", &cfg.mem_mib.to_string()])
+                .args(["--vcpus", &cfg.vcpus.to_string()]);
+            ("cold boot".to_string(), cfg.boot_timeout)
+        }
+        Boot::Restore(snapshot) => {
+            cmd.arg("--restore")
+                .arg(snapshot)
+                .args(["--mem", &cfg.mem_mib.to_string()])
+                .args(["--vcpus", &cfg.vcpus.to_string()]);
+            (
+                format!("--restore {}", snapshot.display()),
+                cfg.restore_timeout,
+            )
+        }
+    };
+    cmd.args(["--vsock-cid", &cfg.cid.to_string()])
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--console")
+        .arg(dir.join(CONSOLE_FILE))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    die_with_parent(&mut cmd);
+    let child = cmd.spawn().map_err(|source| SandboxError::Spawn {
+        vmm: cfg.vmm.clone(),
+        source,
+    })?;
+    let mut vmm = Vmm {
+        child,
+        state_dir: dir.clone(),
+        how,
+    };
+    let connect = AgentClient::connect(Endpoint::vm(&uds), timeout);
+    tokio::pin!(connect);
+    let connected = loop {
+        tokio::select! {
+            r = &mut connect => break r,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                if let Some(status) = vmm.exited() {
+                    return Err(SandboxError::VmmExited {
+                        how: vmm.how.clone(),
+                        status,
+                        stderr_tail: file_tail(&stderr_path, 2048),
+                    });
+                }
+            }
+        }
+    };
+    match connected {
+        Ok(client) => Ok((vmm, client)),
+        Err(source) => {
+            if let Some(status) = vmm.exited() {
+                return Err(SandboxError::VmmExited {
+                    how: vmm.how.clone(),
+                    status,
+                    stderr_tail: file_tail(&stderr_path, 2048),
+                });
+            }
+            Err(SandboxError::Agent {
+                hostname: cfg.hostname.clone(),
+                what: "connecting",
+                source: Box::new(source),
+                console_tail: file_tail(&vmm.file(CONSOLE_FILE), 2048),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SandboxConfig {
+        SandboxConfig::new("k", "i", "v", "/tmp/sb", "sb-1", 3)
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        assert!(cfg().check().is_ok());
+        let cases = [
+            (
+                SandboxConfig {
+                    hostname: "a/b".into(),
+                    ..cfg()
+                },
+                "hostname",
+            ),
+            (SandboxConfig { cid: 2, ..cfg() }, "cid"),
+            (SandboxConfig { vcpus: 0, ..cfg() }, "vcpus"),
+            (
+                SandboxConfig {
+                    state_dir: PathBuf::from("/").join("x".repeat(100)),
+                    ..cfg()
+                },
+                "state_dir",
+            ),
+        ];
+        for (c, field) in cases {
+            match c.check() {
+                Err(SandboxError::Config { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn host_random_fills_the_buffer() {
+        let (mut a, mut b) = ([0u8; 64], [0u8; 64]);
+        host_random(&mut a).unwrap();
+        host_random(&mut b).unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_exits_at_once_is_reported_with_its_stderr() {
+        let dir = std::env::temp_dir().join(format!("rtv-sb-unit-{}", std::process::id()));
+        let c = SandboxConfig {
+            vmm: PathBuf::from("/bin/false"),
+            state_dir: dir.clone(),
+            use_template: false,
+            ..cfg()
+        };
+        match Sandbox::start(c).await {
+            Err(SandboxError::VmmExited { how, status, .. }) => {
+                assert_eq!(how, "cold boot");
+                assert_eq!(status.code(), Some(1));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!dir.exists(), "state dir left behind");
+    }
+}

@@ -1,0 +1,923 @@
+//! VM templates: a snapshot of a booted guest whose agent is ready, made
+//! once per (kernel, initramfs, VMM build, memory size, vCPU count) and
+//! restored by every sandbox that asks for the same.
+//!
+//! The cache directory (`$RTV_CACHE_DIR/templates`, or
+//! `~/.cache/rtv/templates`) holds one directory per key:
+//!
+//! | path | content |
+//! |---|---|
+//! | `<key>/template.json` | [`TemplateManifest`]: the key's inputs, when it was made, the snapshot's VMM build id |
+//! | `<key>/snapshot/` | the VMM's snapshot (`state.json`, `memory.bin`, ...) |
+//! | `<key>/make-console.log` | the guest console of the boot that made it |
+//! | `<key>.lock` | flocked by whoever makes, replaces or discards `<key>` |
+//!
+//! The key is the sha256 of the kernel's and the initramfs's sha256, the
+//! output of `rtv-vmm --version` with the VMM's build id, the memory size
+//! and the vCPU count. `rtv-vmm` does not print its snapshot build id, so
+//! the build id in the key is the sha256 of the `rtv-vmm` binary (stricter:
+//! any rebuild is another key); the snapshot's own build id is recorded in
+//! `template.json` once made, and checked against `state.json` before use.
+//!
+//! A template is made in a temporary directory next to the others and
+//! renamed into place, under the key's lock: concurrent makers wait for the
+//! first and reuse its template. Before use a template is checked cheaply
+//! (our manifest, the snapshot manifest's build, sizes and the presence of
+//! every file); the VMM checks every file's sha256 when it restores, and
+//! exits 1 naming the file: the sandbox then discards the template
+//! ([`TemplateCache::discard`]) and makes a new one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Our manifest's file name, in the template's directory.
+pub const MANIFEST_FILE: &str = "template.json";
+/// The VMM snapshot's directory name, in the template's directory.
+pub const SNAPSHOT_DIR: &str = "snapshot";
+/// The VMM snapshot's manifest, in [`SNAPSHOT_DIR`].
+pub const SNAPSHOT_MANIFEST: &str = "state.json";
+/// The version of [`TemplateManifest`] this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The vsock CID of the guest a template is made from (restores get their own).
+pub const TEMPLATE_CID: u64 = 3;
+/// How long making a template (a cold boot) may take by default.
+pub const DEFAULT_MAKE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Template errors; each names the file, directory or process concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// An input (kernel, initramfs, VMM binary) cannot be read.
+    #[error("{what} {path}: {source}")]
+    Input {
+        /// Which input.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `rtv-vmm --version` failed.
+    #[error("asking {vmm} for its version: {problem}")]
+    VmmVersion {
+        /// The binary.
+        vmm: PathBuf,
+        /// What went wrong.
+        problem: String,
+    },
+    /// No cache directory: neither configured, nor `$RTV_CACHE_DIR`, nor `$HOME`.
+    #[error("no template cache directory: set RTV_CACHE_DIR or HOME, or configure one")]
+    NoCacheDir,
+    /// A file or directory of the cache could not be used.
+    #[error("template cache {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// There is no template for the key yet.
+    #[error("template {dir}: missing")]
+    Missing {
+        /// Where it would be.
+        dir: PathBuf,
+    },
+    /// The template is damaged or does not match what was asked for.
+    #[error("template {dir}: {problem}")]
+    Invalid {
+        /// The template's directory.
+        dir: PathBuf,
+        /// What is wrong, naming the file.
+        problem: String,
+    },
+    /// The VMM could not make the template.
+    #[error("making template {key}: rtv-vmm {status}; its stderr ends with:\n{stderr_tail}")]
+    Make {
+        /// The key.
+        key: String,
+        /// How the VMM ended (or that it could not start, or timed out).
+        status: String,
+        /// The end of its stderr.
+        stderr_tail: String,
+    },
+}
+
+impl TemplateError {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        TemplateError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// What a template is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateSpec {
+    /// The guest kernel (ELF vmlinux).
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initramfs: PathBuf,
+    /// The `rtv-vmm` binary.
+    pub vmm: PathBuf,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+}
+
+/// The inputs of a template's key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInputs {
+    /// sha256 of the kernel file.
+    pub kernel_sha256: String,
+    /// sha256 of the initramfs file.
+    pub initramfs_sha256: String,
+    /// `rtv-vmm --version`.
+    pub vmm_version: String,
+    /// The VMM's build id: `sha256:` and the hash of the `rtv-vmm` binary.
+    pub vmm_build_id: String,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+}
+
+impl KeyInputs {
+    /// The key: sha256 of the inputs, lowercase hex.
+    pub fn key(&self) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            "rtv-template-key-v1",
+            &self.kernel_sha256,
+            &self.initramfs_sha256,
+            &self.vmm_version,
+            &self.vmm_build_id,
+            &self.mem_mib.to_string(),
+            &self.vcpus.to_string(),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        hex(&h.finalize())
+    }
+}
+
+/// `template.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateManifest {
+    /// [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// The key (the directory's name).
+    pub key: String,
+    /// What the key is made of.
+    pub inputs: KeyInputs,
+    /// The files it was made from (for people; not part of the key).
+    pub made_from: MadeFrom,
+    /// When, in milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// How long making it took, in milliseconds.
+    pub make_ms: u64,
+    /// The build id the VMM wrote into the snapshot's `state.json`.
+    pub snapshot_build_id: String,
+    /// A random id of this very template, so a discard never removes a
+    /// newer one made in its place.
+    pub instance: String,
+}
+
+/// The paths a template was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MadeFrom {
+    /// Kernel.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initramfs: PathBuf,
+    /// VMM binary.
+    pub vmm: PathBuf,
+}
+
+/// A checked template.
+#[derive(Debug, Clone)]
+pub struct Template {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: TemplateManifest,
+}
+
+impl Template {
+    /// The VMM's snapshot directory, for `rtv-vmm --restore`.
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.dir.join(SNAPSHOT_DIR)
+    }
+
+    /// The key.
+    pub fn key(&self) -> &str {
+        &self.manifest.key
+    }
+}
+
+/// What [`TemplateCache::get_or_make`] did.
+#[derive(Debug, Clone)]
+pub struct Obtained {
+    /// The template.
+    pub template: Template,
+    /// How long making it took, if this call made it.
+    pub made_in: Option<Duration>,
+    /// Why an earlier template with the same key was replaced, if it was.
+    pub replaced: Option<String>,
+}
+
+/// The parts of the VMM's `state.json` checked before use.
+#[derive(Debug, Deserialize)]
+struct SnapshotManifest {
+    format_version: u32,
+    vmm: SnapshotVmm,
+    mem_size_mib: u64,
+    vcpus: u8,
+    files: BTreeMap<String, SnapshotFile>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SnapshotVmm {
+    version: String,
+    build_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct SnapshotFile {
+    size: u64,
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A file's identity on disk, to reuse its hash while it is unchanged.
+type FileStamp = (PathBuf, u64, u64, u64, i64, i64);
+
+fn stamp(path: &Path, meta: &std::fs::Metadata) -> FileStamp {
+    (
+        path.to_path_buf(),
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    )
+}
+
+/// sha256 of a file, remembered per process while the file is unchanged
+/// (kernels are tens of MiB; every sandbox start needs the key).
+pub fn file_sha256(what: &'static str, path: &Path) -> Result<String, TemplateError> {
+    static MEMO: Mutex<Option<HashMap<FileStamp, String>>> = Mutex::new(None);
+    let input = |source| TemplateError::Input {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(input)?;
+    let key = stamp(path, &meta);
+    if let Some(h) = MEMO
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(&key))
+    {
+        return Ok(h.clone());
+    }
+    let mut file = File::open(path).map_err(input)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(input)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let h = hex(&hasher.finalize());
+    MEMO.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(key, h.clone());
+    Ok(h)
+}
+
+/// `rtv-vmm --version`, remembered per process while the binary is unchanged.
+fn vmm_version(vmm: &Path) -> Result<String, TemplateError> {
+    static MEMO: Mutex<Option<HashMap<FileStamp, String>>> = Mutex::new(None);
+    let meta = std::fs::metadata(vmm).map_err(|source| TemplateError::Input {
+        what: "VMM binary",
+        path: vmm.to_path_buf(),
+        source,
+    })?;
+    let key = stamp(vmm, &meta);
+    if let Some(v) = MEMO
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(&key))
+    {
+        return Ok(v.clone());
+    }
+    let problem = |problem: String| TemplateError::VmmVersion {
+        vmm: vmm.to_path_buf(),
+        problem,
+    };
+    let out = Command::new(vmm)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| problem(e.to_string()))?;
+    if !out.status.success() {
+        return Err(problem(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if version.is_empty() {
+        return Err(problem("it printed nothing".into()));
+    }
+    MEMO.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(key, version.clone());
+    Ok(version)
+}
+
+impl TemplateSpec {
+    /// The inputs of this spec's key (hashes the files; remembered).
+    pub fn inputs(&self) -> Result<KeyInputs, TemplateError> {
+        Ok(KeyInputs {
+            kernel_sha256: file_sha256("kernel", &self.kernel)?,
+            initramfs_sha256: file_sha256("initramfs", &self.initramfs)?,
+            vmm_version: vmm_version(&self.vmm)?,
+            vmm_build_id: format!("sha256:{}", file_sha256("VMM binary", &self.vmm)?),
+            mem_mib: self.mem_mib,
+            vcpus: self.vcpus,
+        })
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A name nobody else uses at once: pid, a counter and the clock.
+fn unique(tag: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{tag}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    )
+}
+
+/// 16 random bytes from the host, hex.
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    let _ = crate::sandbox::host_random(&mut b);
+    hex(&b)
+}
+
+/// The end of a text file, for error messages.
+pub fn file_tail(path: &Path, max: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max as u64)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).trim_end().to_owned()
+}
+
+/// An exclusive flock on a file, released when dropped.
+struct Lock(File);
+
+impl Lock {
+    fn take(path: &Path) -> Result<Self, TemplateError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| TemplateError::io(path, e))?;
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is passed.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(Lock(file));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(TemplateError::io(path, e));
+            }
+        }
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        // SAFETY: unlocking our own descriptor (closing it would too).
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// The template cache.
+#[derive(Debug, Clone)]
+pub struct TemplateCache {
+    root: PathBuf,
+    make_timeout: Duration,
+}
+
+impl TemplateCache {
+    /// The cache in `root` (created when a template is made).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            make_timeout: DEFAULT_MAKE_TIMEOUT,
+        }
+    }
+
+    /// The cache in the default place: `$RTV_CACHE_DIR/templates`, or
+    /// `$HOME/.cache/rtv/templates`.
+    pub fn default_root() -> Result<PathBuf, TemplateError> {
+        if let Some(dir) = std::env::var_os("RTV_CACHE_DIR").filter(|d| !d.is_empty()) {
+            return Ok(PathBuf::from(dir).join("templates"));
+        }
+        match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+            Some(home) => Ok(PathBuf::from(home).join(".cache/rtv/templates")),
+            None => Err(TemplateError::NoCacheDir),
+        }
+    }
+
+    /// How long making a template may take before the VMM is killed.
+    pub fn with_make_timeout(mut self, timeout: Duration) -> Self {
+        self.make_timeout = timeout;
+        self
+    }
+
+    /// The cache's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the template with `key` lives.
+    pub fn dir_of(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    fn lock_of(&self, key: &str) -> PathBuf {
+        self.root.join(format!("{key}.lock"))
+    }
+
+    /// The template for `spec`, checked, if there is a good one; does not
+    /// make or remove anything.
+    pub fn check(&self, spec: &TemplateSpec) -> Result<Template, TemplateError> {
+        let inputs = spec.inputs()?;
+        self.validate(&inputs)
+    }
+
+    fn validate(&self, inputs: &KeyInputs) -> Result<Template, TemplateError> {
+        let key = inputs.key();
+        let dir = self.dir_of(&key);
+        let invalid = |problem: String| TemplateError::Invalid {
+            dir: dir.clone(),
+            problem,
+        };
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let text = match std::fs::read(&manifest_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return if dir.exists() {
+                    Err(invalid(format!("{MANIFEST_FILE} is missing")))
+                } else {
+                    Err(TemplateError::Missing { dir })
+                };
+            }
+            Err(e) => return Err(invalid(format!("{MANIFEST_FILE}: cannot read: {e}"))),
+        };
+        let manifest: TemplateManifest = serde_json::from_slice(&text)
+            .map_err(|e| invalid(format!("{MANIFEST_FILE}: not a template manifest: {e}")))?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(invalid(format!(
+                "{MANIFEST_FILE}: format_version {}, this runtime reads {FORMAT_VERSION}",
+                manifest.format_version
+            )));
+        }
+        if manifest.key != key || manifest.inputs != *inputs {
+            return Err(invalid(format!(
+                "{MANIFEST_FILE}: made from other inputs (VMM {} build {}, kernel {}, initramfs {}, {} MiB, {} vCPUs); wanted VMM {} build {}, kernel {}, initramfs {}, {} MiB, {} vCPUs",
+                manifest.inputs.vmm_version,
+                manifest.inputs.vmm_build_id,
+                manifest.inputs.kernel_sha256,
+                manifest.inputs.initramfs_sha256,
+                manifest.inputs.mem_mib,
+                manifest.inputs.vcpus,
+                inputs.vmm_version,
+                inputs.vmm_build_id,
+                inputs.kernel_sha256,
+                inputs.initramfs_sha256,
+                inputs.mem_mib,
+                inputs.vcpus,
+            )));
+        }
+        let snap = dir.join(SNAPSHOT_DIR);
+        let state_path = snap.join(SNAPSHOT_MANIFEST);
+        let name = format!("{SNAPSHOT_DIR}/{SNAPSHOT_MANIFEST}");
+        let state_text =
+            std::fs::read(&state_path).map_err(|e| invalid(format!("{name}: cannot read: {e}")))?;
+        let state: SnapshotManifest = serde_json::from_slice(&state_text)
+            .map_err(|e| invalid(format!("{name}: not a snapshot manifest: {e}")))?;
+        if state.vmm.build_id != manifest.snapshot_build_id {
+            return Err(invalid(format!(
+                "{name}: written by VMM build {} (version {}, format {}), {MANIFEST_FILE} says build {}",
+                state.vmm.build_id, state.vmm.version, state.format_version, manifest.snapshot_build_id
+            )));
+        }
+        if state.mem_size_mib != inputs.mem_mib || state.vcpus != inputs.vcpus {
+            return Err(invalid(format!(
+                "{name}: {} MiB and {} vCPUs, wanted {} MiB and {} vCPUs",
+                state.mem_size_mib, state.vcpus, inputs.mem_mib, inputs.vcpus
+            )));
+        }
+        for (file, entry) in &state.files {
+            let path = snap.join(file);
+            let len = match std::fs::metadata(&path) {
+                Ok(m) => m.len(),
+                Err(e) => return Err(invalid(format!("{SNAPSHOT_DIR}/{file}: {e}"))),
+            };
+            if len != entry.size {
+                let how = if len < entry.size {
+                    "truncated"
+                } else {
+                    "too long"
+                };
+                return Err(invalid(format!(
+                    "{SNAPSHOT_DIR}/{file}: {how}: {len} bytes, {name} says {}",
+                    entry.size
+                )));
+            }
+        }
+        Ok(Template { dir, manifest })
+    }
+
+    /// The template for `spec`: a good one from the cache, or a new one
+    /// (made by this call, or by a concurrent maker it waited for). A
+    /// damaged or mismatched template in the way is logged, removed and
+    /// made anew.
+    pub fn get_or_make(&self, spec: &TemplateSpec) -> Result<Obtained, TemplateError> {
+        let inputs = spec.inputs()?;
+        match self.validate(&inputs) {
+            Ok(template) => {
+                return Ok(Obtained {
+                    template,
+                    made_in: None,
+                    replaced: None,
+                })
+            }
+            Err(TemplateError::Missing { .. }) | Err(TemplateError::Invalid { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::create_dir_all(&self.root).map_err(|e| TemplateError::io(&self.root, e))?;
+        let key = inputs.key();
+        let _lock = Lock::take(&self.lock_of(&key))?;
+        // Someone may have made it while we waited for the lock.
+        let replaced = match self.validate(&inputs) {
+            Ok(template) => {
+                return Ok(Obtained {
+                    template,
+                    made_in: None,
+                    replaced: None,
+                })
+            }
+            Err(TemplateError::Missing { .. }) => None,
+            Err(TemplateError::Invalid { dir, problem }) => {
+                tracing::warn!(
+                    template = %dir.display(),
+                    "template is damaged or does not match, removing and making it again: {problem}"
+                );
+                self.remove(&dir)?;
+                Some(problem)
+            }
+            Err(e) => return Err(e),
+        };
+        let started = Instant::now();
+        let template = self.make(spec, &inputs)?;
+        Ok(Obtained {
+            template,
+            made_in: Some(started.elapsed()),
+            replaced,
+        })
+    }
+
+    /// Removes `template` because the VMM refused it (or it failed
+    /// otherwise), unless it was already replaced by another one.
+    pub fn discard(&self, template: &Template, reason: &str) -> Result<(), TemplateError> {
+        let _lock = Lock::take(&self.lock_of(template.key()))?;
+        let current: Option<TemplateManifest> = std::fs::read(template.dir.join(MANIFEST_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok());
+        match current {
+            Some(m) if m.instance != template.manifest.instance => {
+                tracing::info!(
+                    template = %template.dir.display(),
+                    "template was already replaced"
+                );
+                Ok(())
+            }
+            _ => {
+                tracing::warn!(
+                    template = %template.dir.display(),
+                    "removing a template the VMM could not restore: {reason}"
+                );
+                self.remove(&template.dir)
+            }
+        }
+    }
+
+    /// Moves `dir` out of the way (atomically), then deletes it. Running
+    /// VMs restored from it keep their private mappings of its memory.
+    fn remove(&self, dir: &Path) -> Result<(), TemplateError> {
+        let trash = self.root.join(format!(".{}", unique("trash")));
+        match std::fs::rename(dir, &trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(TemplateError::io(dir, e)),
+        }
+        std::fs::remove_dir_all(&trash).map_err(|e| TemplateError::io(&trash, e))
+    }
+
+    /// Cold boots the guest with `--snapshot-on-ready` into a temporary
+    /// directory, writes our manifest, and renames it into place (the
+    /// caller holds the key's lock).
+    fn make(&self, spec: &TemplateSpec, inputs: &KeyInputs) -> Result<Template, TemplateError> {
+        let key = inputs.key();
+        let tmp = self.root.join(format!(".{}", unique("making")));
+        std::fs::create_dir_all(&tmp).map_err(|e| TemplateError::io(&tmp, e))?;
+        let result = self.make_in(spec, inputs, &key, &tmp);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    fn make_in(
+        &self,
+        spec: &TemplateSpec,
+        inputs: &KeyInputs,
+        key: &str,
+        tmp: &Path,
+    ) -> Result<Template, TemplateError> {
+        let started = Instant::now();
+        let failed = |status: String, stderr: &Path| TemplateError::Make {
+            key: key.to_owned(),
+            status,
+            stderr_tail: file_tail(stderr, 2048),
+        };
+        // A short path: Unix socket paths are limited to 107 bytes.
+        let uds = std::env::temp_dir().join(format!("rtv-{}.vsock", unique("tmpl")));
+        let stderr_path = tmp.join("make-stderr.log");
+        let stderr = File::create(&stderr_path).map_err(|e| TemplateError::io(&stderr_path, e))?;
+        let snapshot = tmp.join(SNAPSHOT_DIR);
+        let mut cmd = Command::new(&spec.vmm);
+        cmd.arg("--kernel")
+            .arg(&spec.kernel)
+            .arg("--initrd")
+            .arg(&spec.initramfs)
+            .args(["--mem", &spec.mem_mib.to_string()])
+            .args(["--vcpus", &spec.vcpus.to_string()])
+            .args(["--vsock-cid", &TEMPLATE_CID.to_string()])
+            .arg("--vsock-uds")
+            .arg(&uds)
+            .arg("--snapshot-on-ready")
+            .arg(&snapshot)
+            .arg("--console")
+            .arg(tmp.join("make-console.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        crate::sandbox::die_with_parent(&mut cmd);
+        tracing::info!(key, "making a VM template (cold boot)");
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| failed(format!("could not start: {e}"), &stderr_path))?;
+        let deadline = started + self.make_timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let _ = std::fs::remove_file(&uds);
+                    return Err(failed(
+                        format!("did not snapshot within {:?}", self.make_timeout),
+                        &stderr_path,
+                    ));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(failed(format!("cannot be waited for: {e}"), &stderr_path));
+                }
+            }
+        };
+        let _ = std::fs::remove_file(&uds);
+        if !status.success() {
+            return Err(failed(format!("exited with {status}"), &stderr_path));
+        }
+        let state_path = snapshot.join(SNAPSHOT_MANIFEST);
+        let state: SnapshotManifest = std::fs::read(&state_path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_slice(&t).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                failed(
+                    format!("exited 0 without a usable {}: {e}", state_path.display()),
+                    &stderr_path,
+                )
+            })?;
+        let manifest = TemplateManifest {
+            format_version: FORMAT_VERSION,
+            key: key.to_owned(),
+            inputs: inputs.clone(),
+            made_from: MadeFrom {
+                kernel: spec.kernel.clone(),
+                initramfs: spec.initramfs.clone(),
+                vmm: spec.vmm.clone(),
+            },
+            created_unix_ms: now_unix_ms(),
+            make_ms: started.elapsed().as_millis() as u64,
+            snapshot_build_id: state.vmm.build_id,
+            instance: random_id(),
+        };
+        let manifest_path = tmp.join(MANIFEST_FILE);
+        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| TemplateError::Io {
+            path: manifest_path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(&manifest_path, bytes).map_err(|e| TemplateError::io(&manifest_path, e))?;
+        let dir = self.dir_of(key);
+        std::fs::rename(tmp, &dir).map_err(|e| TemplateError::io(&dir, e))?;
+        tracing::info!(
+            key,
+            ms = manifest.make_ms,
+            "VM template made in {}",
+            dir.display()
+        );
+        Ok(Template { dir, manifest })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs() -> KeyInputs {
+        KeyInputs {
+            kernel_sha256: "k".into(),
+            initramfs_sha256: "i".into(),
+            vmm_version: "rtv-vmm 0.1.0".into(),
+            vmm_build_id: "sha256:b".into(),
+            mem_mib: 128,
+            vcpus: 1,
+        }
+    }
+
+    #[test]
+    fn every_input_changes_the_key() {
+        let base = inputs().key();
+        assert_eq!(base.len(), 64);
+        let variants = [
+            KeyInputs {
+                kernel_sha256: "k2".into(),
+                ..inputs()
+            },
+            KeyInputs {
+                initramfs_sha256: "i2".into(),
+                ..inputs()
+            },
+            KeyInputs {
+                vmm_version: "rtv-vmm 0.2.0".into(),
+                ..inputs()
+            },
+            KeyInputs {
+                vmm_build_id: "sha256:c".into(),
+                ..inputs()
+            },
+            KeyInputs {
+                mem_mib: 256,
+                ..inputs()
+            },
+            KeyInputs {
+                vcpus: 2,
+                ..inputs()
+            },
+        ];
+        for v in variants {
+            assert_ne!(v.key(), base, "{v:?}");
+        }
+        // Length-prefixed parts: moving a character between parts matters.
+        let shifted = KeyInputs {
+            kernel_sha256: "ki".into(),
+            initramfs_sha256: String::new(),
+            ..inputs()
+        };
+        assert_ne!(shifted.key(), base);
+    }
+
+    #[test]
+    fn missing_and_invalid_templates_are_told_apart() {
+        let root = std::env::temp_dir().join(unique("rtv-template-unit"));
+        let cache = TemplateCache::new(&root);
+        let key = inputs().key();
+        assert!(matches!(
+            cache.validate(&inputs()),
+            Err(TemplateError::Missing { .. })
+        ));
+        let dir = cache.dir_of(&key);
+        std::fs::create_dir_all(dir.join(SNAPSHOT_DIR)).unwrap();
+        let err = cache.validate(&inputs()).unwrap_err().to_string();
+        assert!(err.contains("template.json is missing"), "{err}");
+        let manifest = TemplateManifest {
+            format_version: FORMAT_VERSION,
+            key: key.clone(),
+            inputs: inputs(),
+            made_from: MadeFrom {
+                kernel: "k".into(),
+                initramfs: "i".into(),
+                vmm: "v".into(),
+            },
+            created_unix_ms: 1,
+            make_ms: 1,
+            snapshot_build_id: "abc".into(),
+            instance: "x".into(),
+        };
+        std::fs::write(
+            dir.join(MANIFEST_FILE),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+        let state = |build: &str, size: u64| {
+            format!(
+                r#"{{"format_version":1,"vmm":{{"version":"0.1.0","build_id":"{build}"}},"mem_size_mib":128,"vcpus":1,"files":{{"memory.bin":{{"size":{size},"sha256":"00"}}}}}}"#
+            )
+        };
+        std::fs::write(dir.join(SNAPSHOT_DIR).join("memory.bin"), [0u8; 10]).unwrap();
+        std::fs::write(
+            dir.join(SNAPSHOT_DIR).join(SNAPSHOT_MANIFEST),
+            state("abc", 10),
+        )
+        .unwrap();
+        let t = cache.validate(&inputs()).unwrap();
+        assert_eq!(t.snapshot_dir(), dir.join(SNAPSHOT_DIR));
+        std::fs::write(
+            dir.join(SNAPSHOT_DIR).join(SNAPSHOT_MANIFEST),
+            state("other", 10),
+        )
+        .unwrap();
+        let err = cache.validate(&inputs()).unwrap_err().to_string();
+        assert!(err.contains("state.json") && err.contains("other"), "{err}");
+        std::fs::write(
+            dir.join(SNAPSHOT_DIR).join(SNAPSHOT_MANIFEST),
+            state("abc", 11),
+        )
+        .unwrap();
+        let err = cache.validate(&inputs()).unwrap_err().to_string();
+        assert!(
+            err.contains("memory.bin") && err.contains("truncated"),
+            "{err}"
+        );
+        let other = KeyInputs {
+            mem_mib: 256,
+            ..inputs()
+        };
+        // Another key is another directory: missing.
+        assert!(matches!(
+            cache.validate(&other),
+            Err(TemplateError::Missing { .. })
+        ));
+        cache.remove(&dir).unwrap();
+        assert!(!dir.exists());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
