@@ -59,6 +59,8 @@ struct Table {
     by_pid: HashMap<i32, u64>,
     next_id: u64,
     spawned: u64,
+    /// Spawns under way (see [`Processes::spawn`]).
+    spawning: usize,
 }
 
 /// Every process the agent started, by exec id.
@@ -170,9 +172,15 @@ impl Processes {
         cmd.arg0(program)
             .args(&req.argv[1..])
             .env_clear()
-            .current_dir(cwd)
-            .uid(req.uid)
-            .gid(req.gid);
+            .current_dir(cwd);
+        // Only change identity when asked to: without it std starts the
+        // process with posix_spawn (vfork), which spares the guest kernel
+        // copying the agent's page tables.
+        // SAFETY: geteuid and getegid cannot fail.
+        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        if req.uid != euid || req.gid != egid {
+            cmd.uid(req.uid).gid(req.gid);
+        }
         for kv in &req.env {
             match kv.split_once('=') {
                 Some((k, v)) if !k.is_empty() => {
@@ -235,12 +243,22 @@ impl Processes {
                 .stderr(pipe_or_null(req.stderr));
         }
 
-        // Hold the table while spawning: the reaper then cannot collect this
-        // child's status before it is registered.
+        // While a spawn is under way the reaper leaves unknown children
+        // alone: std reaps a child whose exec failed itself, and this child
+        // is registered only once spawn() returns. The table is not held
+        // during the fork and exec (seconds in an emulated guest kernel).
+        lock(&self.table).spawning += 1;
+        let spawned = cmd.spawn();
         let mut table = lock(&self.table);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Failure::io(&format!("starting {}", resolved.display()), &e))?;
+        table.spawning -= 1;
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                drop(table);
+                self.changed.notify_all();
+                return Err(Failure::io(&format!("starting {}", resolved.display()), &e));
+            }
+        };
         proc.pid = child.id() as i32;
         if proc.tty.is_none() {
             proc.stdin = child
@@ -400,6 +418,11 @@ impl Processes {
             // SAFETY: waitid filled `info` for a WEXITED event.
             let pid = unsafe { info.si_pid() };
             let mut table = lock(&self.table);
+            // A child that is not ours yet may be one a spawn under way is
+            // about to register, or reap itself: wait for the spawns.
+            while !table.by_pid.contains_key(&pid) && table.spawning > 0 {
+                table = self.changed.wait(table).unwrap_or_else(|p| p.into_inner());
+            }
             let mut status = 0;
             // SAFETY: waitpid on a specific pid with a valid out-pointer;
             // WNOHANG because a spawn may have reaped it meanwhile.
