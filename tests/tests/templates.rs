@@ -1,0 +1,359 @@
+//! Sandboxes started from VM templates, on the real /dev/kvm with the real
+//! guest kernel and the test initramfs: five sandboxes restored from one
+//! template at once, each with its own hostname, RNG output and clock; a
+//! corrupted (and a truncated) template detected and replaced; a template
+//! that claims another VMM build not used. The template cache is a
+//! temporary directory of this test process, removed by the last test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use rtv_agent::protocol::{ErrorKind, ExecRequest, Identity, RequestBody, StreamKind};
+use rtv_runtime::template::{Template, MANIFEST_FILE, SNAPSHOT_DIR, SNAPSHOT_MANIFEST};
+use rtv_runtime::{
+    AgentClient, ClientError, Endpoint, Origin, Sandbox, SandboxConfig, TemplateCache,
+    TemplateError,
+};
+use rtv_tests::{kernel, test_initramfs, vmm_binary, workspace_binary, BOOT_TIMEOUT};
+use tokio::io::AsyncReadExt;
+
+/// Tests in this file that use the shared cache; the last one to finish
+/// removes it.
+const CACHE_USERS: usize = 3;
+static FINISHED: AtomicUsize = AtomicUsize::new(0);
+/// The cache is shared, and two of the tests damage it: one at a time.
+static CACHE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const PREFIX: &str = "rtv-templates-test-";
+
+/// This process's template cache, after removing those of test processes
+/// that are gone.
+fn cache_root() -> &'static PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix(PREFIX) {
+                    if !Path::new("/proc").join(pid).exists() {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        }
+        tmp.join(format!("{PREFIX}{}", std::process::id()))
+    })
+}
+
+/// Counts a cache user out; the last removes the cache.
+struct CacheUser;
+
+impl Drop for CacheUser {
+    fn drop(&mut self) {
+        if FINISHED.fetch_add(1, Ordering::SeqCst) + 1 == CACHE_USERS {
+            let _ = std::fs::remove_dir_all(cache_root());
+        }
+    }
+}
+
+fn config(tag: &str, index: u32) -> SandboxConfig {
+    let state = std::env::temp_dir().join(format!("rtv-sb-{}-{tag}-{index}", std::process::id()));
+    let mut cfg = SandboxConfig::new(
+        kernel().unwrap(),
+        test_initramfs().unwrap(),
+        vmm_binary().unwrap(),
+        state,
+        format!("{tag}-{index}"),
+        10 + index,
+    );
+    cfg.template_dir = Some(cache_root().clone());
+    cfg.boot_timeout = BOOT_TIMEOUT;
+    cfg
+}
+
+fn cache() -> TemplateCache {
+    TemplateCache::new(cache_root()).with_make_timeout(BOOT_TIMEOUT)
+}
+
+/// The template for `config`'s spec, made if needed.
+async fn template_for(cfg: &SandboxConfig) -> Template {
+    let spec = cfg.template_spec();
+    tokio::task::spawn_blocking(move || cache().get_or_make(&spec))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("making the template: {e}"))
+        .template
+}
+
+/// Runs `argv` in the guest; returns its exit code and raw stdout.
+async fn run(c: &AgentClient, argv: &[&str]) -> (i32, Vec<u8>) {
+    let (id, _) = c
+        .exec(ExecRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec!["PATH=/bin".into()],
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("exec {argv:?}: {e}"));
+    let mut out = Vec::new();
+    c.attach(id, StreamKind::Stdout)
+        .await
+        .unwrap()
+        .read_to_end(&mut out)
+        .await
+        .unwrap();
+    let status = c.wait(id).await.unwrap();
+    (status.code(), out)
+}
+
+async fn stop(sandbox: Sandbox) {
+    let dir = sandbox.state_dir().to_path_buf();
+    let status = sandbox.stop(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(status.code(), Some(0), "VMM exit");
+    assert!(!dir.exists(), "state dir {} left behind", dir.display());
+}
+
+fn origin_key(sandbox: &Sandbox) -> (&str, Option<Duration>, &[String]) {
+    match sandbox.origin() {
+        Origin::Template {
+            key,
+            made_in,
+            replaced,
+        } => (key, *made_in, replaced),
+        other => panic!(
+            "{} was not restored from a template: {other:?}",
+            sandbox.hostname()
+        ),
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_sandboxes_from_one_template_have_their_own_identity() {
+    let _user = CacheUser;
+    let _lock = CACHE_LOCK.lock().await;
+    let template = template_for(&config("five", 0)).await;
+    let mut starts = Vec::new();
+    for i in 0..5 {
+        starts.push(tokio::spawn(Sandbox::start(config("five", i))));
+    }
+    let mut sandboxes = Vec::new();
+    for s in starts {
+        sandboxes.push(s.await.unwrap().unwrap_or_else(|e| panic!("{e}")));
+    }
+    let mut pids: Vec<u32> = sandboxes.iter().map(Sandbox::pid).collect();
+    pids.sort();
+    pids.dedup();
+    assert_eq!(pids.len(), 5, "one VMM each");
+    for sb in &sandboxes {
+        let (key, made_in, replaced) = origin_key(sb);
+        assert_eq!(key, template.key());
+        assert_eq!(
+            made_in,
+            None,
+            "{}: the template was made again",
+            sb.hostname()
+        );
+        assert!(replaced.is_empty(), "{replaced:?}");
+        eprintln!("{}: ready after {:?}", sb.hostname(), sb.ready_after());
+    }
+    // Two processes in each guest.
+    let checks = sandboxes.iter().map(|sb| async move {
+        let c = sb.client();
+        let (code, host) = run(c, &["hostname"]).await;
+        assert_eq!(code, 0);
+        let (code, random) = run(c, &["head", "-c", "16", "/dev/urandom"]).await;
+        assert_eq!(code, 0);
+        let info = c.guest_info().await.unwrap();
+        (
+            String::from_utf8_lossy(&host).trim().to_owned(),
+            random,
+            info,
+        )
+    });
+    let mut results = Vec::new();
+    for check in checks {
+        results.push(check.await);
+    }
+    let host_now = now_ns();
+    let mut randoms = Vec::new();
+    for (sb, (hostname, random, info)) in sandboxes.iter().zip(&results) {
+        assert_eq!(hostname, sb.hostname(), "the guest's hostname");
+        assert_eq!(random.len(), 16, "{}: {random:?}", sb.hostname());
+        randoms.push(random.clone());
+        // The clock was set from the host's, not left at the template's.
+        let skew = host_now.abs_diff(info.unix_time_ns);
+        assert!(
+            skew < 30_000_000_000,
+            "{}: guest clock {} vs host {host_now}: {} s apart",
+            sb.hostname(),
+            info.unix_time_ns,
+            skew / 1_000_000_000
+        );
+    }
+    randoms.sort();
+    randoms.dedup();
+    assert_eq!(randoms.len(), 5, "the guests' RNGs gave the same bytes");
+    for sb in sandboxes {
+        stop(sb).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_or_corrupted_template_is_detected_and_replaced() {
+    let _user = CacheUser;
+    let _lock = CACHE_LOCK.lock().await;
+    let cfg = config("corrupt", 0);
+    let spec = cfg.template_spec();
+    let old = template_for(&cfg).await;
+    let memory = old.snapshot_dir().join("memory.bin");
+    let len = std::fs::metadata(&memory).unwrap().len();
+    // Truncated: our own check names the file.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&memory)
+        .unwrap();
+    f.set_len(len - 4096).unwrap();
+    match cache().check(&spec) {
+        Err(TemplateError::Invalid { problem, .. }) => {
+            assert!(
+                problem.contains("memory.bin") && problem.contains("truncated"),
+                "{problem}"
+            )
+        }
+        other => panic!("a truncated template passed: {other:?}"),
+    }
+    // The right length again, but one byte flipped: only the VMM's sha256
+    // check sees it. The sandbox must detect it and replace the template.
+    f.set_len(len).unwrap();
+    let mut byte = [0u8; 1];
+    {
+        use std::os::unix::fs::FileExt;
+        let r = std::fs::File::open(&memory).unwrap();
+        r.read_exact_at(&mut byte, 1 << 20).unwrap();
+        f.write_all_at(&[!byte[0]], 1 << 20).unwrap();
+    }
+    drop(f);
+    assert!(cache().check(&spec).is_ok(), "sizes are right again");
+    let sb = Sandbox::start(cfg).await.unwrap_or_else(|e| panic!("{e}"));
+    let (key, made_in, replaced) = origin_key(&sb);
+    assert_eq!(key, old.key(), "same inputs, same key");
+    assert!(made_in.is_some(), "the template was not made again");
+    assert!(
+        replaced.len() == 1
+            && replaced[0].contains("memory.bin")
+            && replaced[0].contains("corrupted"),
+        "the VMM's refusal, naming the file: {replaced:?}"
+    );
+    let new = cache().check(&spec).unwrap();
+    assert_ne!(new.manifest.instance, old.manifest.instance);
+    let (code, out) = run(sb.client(), &["hostname"]).await;
+    assert_eq!(
+        (code, String::from_utf8_lossy(&out).trim()),
+        (0, "corrupt-0")
+    );
+    stop(sb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_claiming_another_vmm_build_is_not_used() {
+    let _user = CacheUser;
+    let _lock = CACHE_LOCK.lock().await;
+    let cfg = config("build", 0);
+    let spec = cfg.template_spec();
+    let old = template_for(&cfg).await;
+    // The VMM's own manifest claims another build: refused by our check
+    // (and by the VMM).
+    let state = old.snapshot_dir().join(SNAPSHOT_MANIFEST);
+    let original = std::fs::read_to_string(&state).unwrap();
+    let build = &old.manifest.snapshot_build_id;
+    assert!(original.contains(build.as_str()));
+    std::fs::write(&state, original.replace(build.as_str(), "0123456789abcdef")).unwrap();
+    match cache().check(&spec) {
+        Err(TemplateError::Invalid { problem, .. }) => assert!(
+            problem.contains("state.json") && problem.contains("0123456789abcdef"),
+            "{problem}"
+        ),
+        other => panic!("a snapshot of another build passed: {other:?}"),
+    }
+    std::fs::write(&state, &original).unwrap();
+    assert!(cache().check(&spec).is_ok());
+    // Our manifest claims another VMM build: another key's inputs.
+    let manifest_path = old.dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    let ours = &old.manifest.inputs.vmm_build_id;
+    assert!(text.contains(ours.as_str()));
+    std::fs::write(
+        &manifest_path,
+        text.replace(ours.as_str(), "sha256:another-build"),
+    )
+    .unwrap();
+    match cache().check(&spec) {
+        Err(TemplateError::Invalid { problem, .. }) => assert!(
+            problem.contains(MANIFEST_FILE) && problem.contains("another-build"),
+            "{problem}"
+        ),
+        other => panic!("a template of another build passed: {other:?}"),
+    }
+    let sb = Sandbox::start(cfg).await.unwrap_or_else(|e| panic!("{e}"));
+    let (key, made_in, replaced) = origin_key(&sb);
+    assert_eq!(key, old.key());
+    assert!(made_in.is_some(), "the template was used, not made again");
+    assert!(
+        replaced.len() == 1 && replaced[0].contains("another-build"),
+        "{replaced:?}"
+    );
+    let new = cache().check(&spec).unwrap();
+    assert_ne!(new.manifest.instance, old.manifest.instance);
+    assert!(new.dir.join(SNAPSHOT_DIR).join("memory.bin").exists());
+    let (code, _) = run(sb.client(), &["true"]).await;
+    assert_eq!(code, 0);
+    stop(sb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_identity_is_refused_by_an_agent_on_the_host() {
+    let dir = std::env::temp_dir().join(format!("rtv-identity-host-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("agent.sock");
+    let mut agent = Command::new(workspace_binary("rtv-agent", "rtv-agent").unwrap())
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .spawn()
+        .unwrap();
+    let client = AgentClient::connect(Endpoint::Unix(sock), Duration::from_secs(30)).await;
+    let result = match &client {
+        Ok(c) => Some(
+            c.call(RequestBody::SetIdentity(Identity {
+                hostname: "must-not-change".into(),
+                entropy: vec![1; 32],
+                unix_time_ns: 1,
+            }))
+            .await,
+        ),
+        Err(_) => None,
+    };
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    client.unwrap();
+    match result {
+        Some(Err(ClientError::Agent { kind, message })) => {
+            assert_eq!(kind, ErrorKind::InvalidRequest);
+            assert!(message.contains("not PID 1"), "{message}");
+        }
+        other => panic!("an agent on the host accepted SetIdentity: {other:?}"),
+    }
+}
