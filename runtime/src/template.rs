@@ -920,4 +920,140 @@ mod tests {
         assert!(!dir.exists());
         let _ = std::fs::remove_dir_all(&root);
     }
+
+    /// A stand-in for rtv-vmm: answers --version, and for
+    /// --snapshot-on-ready writes a small snapshot after a second, counting
+    /// its runs in `count`.
+    fn fake_vmm(dir: &Path, tag: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(format!("fake-vmm-{tag}"));
+        let count = dir.join("makes");
+        let script = format!(
+            r#"#!/bin/sh
+# {tag}
+if [ "$1" = --version ]; then echo "rtv-vmm 9.9.9"; exit 0; fi
+while [ $# -gt 0 ]; do [ "$1" = --snapshot-on-ready ] && out=$2; shift; done
+echo made >> {count}
+sleep 1
+mkdir -p "$out"
+printf abcd > "$out/memory.bin"
+printf '{{"format_version":1,"vmm":{{"version":"9.9.9","build_id":"fake-{tag}"}},"mem_size_mib":128,"vcpus":1,"files":{{"memory.bin":{{"size":4,"sha256":"x"}}}}}}' > "$out/state.json"
+"#,
+            count = count.display()
+        );
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn makes(dir: &Path) -> usize {
+        std::fs::read_to_string(dir.join("makes"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    /// The spec's inputs, retrying while the new script is busy (another
+    /// test's fork may briefly hold it open for writing).
+    fn ready(spec: &TemplateSpec) {
+        for _ in 0..50 {
+            if spec.inputs().is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        spec.inputs().unwrap();
+    }
+
+    #[test]
+    fn concurrent_makers_make_one_template_and_another_build_gets_its_own() {
+        let work = std::env::temp_dir().join(unique("rtv-template-makers"));
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::write(work.join("vmlinux"), b"kernel").unwrap();
+        std::fs::write(work.join("initrd"), b"initramfs").unwrap();
+        let spec = TemplateSpec {
+            kernel: work.join("vmlinux"),
+            initramfs: work.join("initrd"),
+            vmm: fake_vmm(&work, "a"),
+            mem_mib: 128,
+            vcpus: 1,
+        };
+        ready(&spec);
+        let cache = TemplateCache::new(work.join("cache"));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (c, s) = (cache.clone(), spec.clone());
+                std::thread::spawn(move || c.get_or_make(&s))
+            })
+            .collect();
+        let got: Vec<Obtained> = threads
+            .into_iter()
+            .map(|t| t.join().unwrap().unwrap())
+            .collect();
+        assert_eq!(makes(&work), 1, "one maker, the others waited");
+        assert_eq!(got.iter().filter(|o| o.made_in.is_some()).count(), 1);
+        let first = &got[0].template;
+        assert!(got
+            .iter()
+            .all(|o| o.template.manifest.instance == first.manifest.instance));
+        assert_eq!(first.manifest.snapshot_build_id, "fake-a");
+        assert!(first.snapshot_dir().join("memory.bin").exists());
+        // No temporary directories are left.
+        let leftovers: Vec<_> = std::fs::read_dir(cache.root())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // Another VMM build (another binary): another key, never the old one.
+        let other = TemplateSpec {
+            vmm: fake_vmm(&work, "b"),
+            ..spec.clone()
+        };
+        ready(&other);
+        let b = cache.get_or_make(&other).unwrap();
+        assert_eq!(makes(&work), 2);
+        assert_ne!(b.template.key(), first.key());
+        assert_eq!(b.template.manifest.snapshot_build_id, "fake-b");
+        assert!(
+            cache.check(&spec).is_ok(),
+            "the first build's template stays"
+        );
+        // Discarding a template that was replaced meanwhile keeps the new one.
+        let stale = first.clone();
+        cache.discard(&stale, "test").unwrap();
+        assert!(cache.check(&spec).is_err());
+        let again = cache.get_or_make(&spec).unwrap();
+        assert_eq!(makes(&work), 3);
+        cache.discard(&stale, "stale").unwrap();
+        let kept = cache.check(&spec).unwrap();
+        assert_eq!(kept.manifest.instance, again.template.manifest.instance);
+        // A failing VMM is reported with its stderr.
+        let broken = work.join("broken-vmm");
+        std::fs::write(
+            &broken,
+            "#!/bin/sh\n[ \"$1\" = --version ] && { echo v; exit 0; }\necho 'no KVM here' >&2\nexit 1\n",
+        )
+        .unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let bad = TemplateSpec {
+            vmm: broken,
+            ..spec.clone()
+        };
+        ready(&bad);
+        match cache.get_or_make(&bad) {
+            Err(TemplateError::Make {
+                status,
+                stderr_tail,
+                ..
+            }) => {
+                assert!(status.contains("exit status: 1"), "{status}");
+                assert!(stderr_tail.contains("no KVM here"), "{stderr_tail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&work);
+    }
 }
