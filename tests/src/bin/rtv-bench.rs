@@ -2,7 +2,8 @@
 //!
 //! `rtv-bench boot` boots the same kernel and initramfs N times with rtv's
 //! VMM and with QEMU's microvm machine, and reports the time from process
-//! start to the agent's readiness line, and memory.
+//! start to the agent's readiness line, and memory. `rtv-bench template`
+//! compares sandboxes restored from a VM template with cold-booted ones.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -46,6 +47,23 @@ enum What {
         /// Round trips per figure.
         #[arg(long, short = 'n', default_value_t = 20)]
         runs: usize,
+    },
+    /// Sandboxes from a VM template against cold boots: start to agent ready
+    /// (identity set), and the memory of idle sandboxes (RSS and PSS sums).
+    Template {
+        /// Template starts timed one after another.
+        #[arg(long, short = 'n', default_value_t = 5)]
+        runs: usize,
+        /// Cold-booted sandboxes (booted one after another, timed, then
+        /// measured idle together).
+        #[arg(long, default_value_t = 10)]
+        cold: usize,
+        /// Sandboxes restored from the template at once, measured idle together.
+        #[arg(long, default_value_t = 10)]
+        idle: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        mem: u64,
     },
 }
 
@@ -316,9 +334,216 @@ fn agent(runs: usize) -> Result<()> {
     Ok(())
 }
 
+/// RSS and PSS of a process in KiB, from /proc/PID/smaps_rollup.
+fn rss_pss(pid: u32) -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .with_context(|| format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("Rss:"), field("Pss:")))
+}
+
+/// Sums of RSS and PSS (KiB) over the sandboxes' VMM processes.
+fn memory_of(sandboxes: &[rtv_runtime::Sandbox]) -> Result<(u64, u64)> {
+    let mut sum = (0, 0);
+    for sb in sandboxes {
+        let (rss, pss) = rss_pss(sb.pid())?;
+        sum.0 += rss;
+        sum.1 += pss;
+    }
+    Ok(sum)
+}
+
+fn seconds(samples: &[Duration]) -> (f64, f64, f64) {
+    let mut t: Vec<f64> = samples.iter().map(Duration::as_secs_f64).collect();
+    t.sort_by(|a, b| a.total_cmp(b));
+    let median = if t.len() % 2 == 1 {
+        t[t.len() / 2]
+    } else {
+        (t[t.len() / 2 - 1] + t[t.len() / 2]) / 2.0
+    };
+    (median, t[0], t[t.len() - 1])
+}
+
+async fn stop_all(sandboxes: Vec<rtv_runtime::Sandbox>) {
+    for sb in sandboxes {
+        let name = sb.hostname().to_owned();
+        if let Err(e) = sb.stop(Duration::from_secs(60)).await {
+            eprintln!("  stopping {name}: {e}");
+        }
+    }
+}
+
+async fn template_bench(runs: usize, cold: usize, idle: usize, mem: u64) -> Result<()> {
+    use rtv_runtime::{Origin, Sandbox, SandboxConfig};
+    let work = std::env::temp_dir().join(format!("rtv-bench-tmpl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let (kernel, initrd, vmm) = (kernel()?, initramfs()?, rtv_tests::vmm_binary()?);
+    let next = std::sync::atomic::AtomicU32::new(0);
+    let config = |tag: &str, use_template: bool| {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut c = SandboxConfig::new(
+            &kernel,
+            &initrd,
+            &vmm,
+            work.join(format!("{tag}-{i}")),
+            format!("{tag}-{i}"),
+            10 + i,
+        );
+        c.mem_mib = mem;
+        c.use_template = use_template;
+        c.template_dir = Some(work.join("templates"));
+        c.boot_timeout = BOOT_TIMEOUT;
+        c
+    };
+    let result = async {
+        // The template, made once (a cold boot and a snapshot).
+        let cfg = config("make", true);
+        let (cache, spec) = (cfg.template_cache()?, cfg.template_spec());
+        let made = tokio::task::spawn_blocking(move || cache.get_or_make(&spec)).await??;
+        let make_s = made.made_in.unwrap_or_default().as_secs_f64();
+        let disk_mib = std::fs::read_dir(made.template.snapshot_dir())?
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .sum::<u64>() as f64
+            / (1u64 << 20) as f64;
+        eprintln!("template made in {make_s:.2}s, {disk_mib:.1} MiB on disk");
+        // Template starts, one after another.
+        let mut warm = Vec::new();
+        for run in 0..runs {
+            let sb = Sandbox::start(config("tmpl", true)).await?;
+            anyhow::ensure!(
+                matches!(sb.origin(), Origin::Template { made_in: None, .. }),
+                "run {}: not restored from the template: {:?}",
+                run + 1,
+                sb.origin()
+            );
+            eprintln!("  template start {}: {:.2}s", run + 1, sb.ready_after().as_secs_f64());
+            warm.push(sb.ready_after());
+            stop_all(vec![sb]).await;
+        }
+        // `idle` sandboxes restored at once, left idle and measured.
+        let t = Instant::now();
+        let mut starts = Vec::new();
+        for _ in 0..idle {
+            starts.push(tokio::spawn(Sandbox::start(config("idle", true))));
+        }
+        let mut restored = Vec::new();
+        let mut failed = None;
+        for s in starts {
+            match s.await? {
+                Ok(sb) => restored.push(sb),
+                Err(e) => failed = Some(e),
+            }
+        }
+        let together = t.elapsed().as_secs_f64();
+        let at_once: Vec<Duration> = restored.iter().map(|s| s.ready_after()).collect();
+        let restored_mem = match failed {
+            None => {
+                eprintln!("  {idle} restored at once in {together:.2}s; idling 5 s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                memory_of(&restored)
+            }
+            Some(e) => Err(e.into()),
+        };
+        stop_all(restored).await;
+        let restored_mem = restored_mem?;
+        // `cold` cold boots, one after another, kept running, then measured.
+        let mut booted = Vec::new();
+        let mut cold_times = Vec::new();
+        let mut failed = None;
+        for run in 0..cold {
+            match Sandbox::start(config("cold", false)).await {
+                Ok(sb) => {
+                    eprintln!("  cold boot {}: {:.2}s", run + 1, sb.ready_after().as_secs_f64());
+                    cold_times.push(sb.ready_after());
+                    booted.push(sb);
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let cold_mem = match failed {
+            None => {
+                eprintln!("  {cold} cold-booted; idling 5 s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                memory_of(&booted)
+            }
+            Some(e) => Err(e.into()),
+        };
+        stop_all(booted).await;
+        let cold_mem = cold_mem?;
+        println!(
+            "Sandbox start to agent ready, identity set ({mem} MiB guest, 1 vCPU), host: {}",
+            host_type()
+        );
+        println!();
+        println!(
+            "Template made once in {make_s:.2} s (cold boot and snapshot), {disk_mib:.1} MiB on disk."
+        );
+        if cold != idle {
+            println!(
+                "Only {cold} cold-booted sandboxes (--cold {cold}) against {idle} restored ones."
+            );
+        }
+        println!();
+        println!("| start | runs | median | min | max |");
+        println!("|---|---|---|---|---|");
+        let row = |name: &str, t: &[Duration]| {
+            if t.is_empty() {
+                return;
+            }
+            let (median, min, max) = seconds(t);
+            println!(
+                "| {name} | {} | {median:.2} s | {min:.2} s | {max:.2} s |",
+                t.len()
+            );
+        };
+        row("cold boot", &cold_times);
+        row("from the template", &warm);
+        row(&format!("from the template, {idle} at once"), &at_once);
+        println!();
+        println!("| idle sandboxes | count | RSS sum | PSS sum | PSS per sandbox |");
+        println!("|---|---|---|---|---|");
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        for (name, n, (rss, pss)) in [
+            ("cold-booted", cold, cold_mem),
+            ("restored from one template", idle, restored_mem),
+        ] {
+            if n == 0 {
+                continue;
+            }
+            println!(
+                "| {name} | {n} | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+                mib(rss),
+                mib(pss),
+                mib(pss) / n as f64
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
 fn main() -> Result<()> {
     match Args::parse().what {
         What::Boot { runs, mem, no_qemu } => boot(runs.max(1), mem, no_qemu),
         What::Agent { runs } => agent(runs.max(1)),
+        What::Template {
+            runs,
+            cold,
+            idle,
+            mem,
+        } => tokio::runtime::Runtime::new()?.block_on(template_bench(runs, cold, idle, mem)),
     }
 }
