@@ -191,28 +191,42 @@ fn control(mut stream: UnixStream, procs: Arc<Processes>, shutdown: ShutdownFn) 
                 return;
             }
         };
+        // Requests that can block (a wait, a fork and exec that takes a
+        // second in an emulated guest kernel) get a thread; the rest are
+        // answered at once, sparing the guest a thread's creation.
+        let blocking = matches!(
+            req.body,
+            RequestBody::Wait { .. } | RequestBody::Exec(_) | RequestBody::Shutdown
+        );
+        if !blocking {
+            answer(&procs, &writer, req, shutdown);
+            continue;
+        }
         let procs = procs.clone();
         let writer = writer.clone();
         let spawned = std::thread::Builder::new()
             .name("request".into())
-            .spawn(move || {
-                let is_shutdown = req.body == RequestBody::Shutdown;
-                let body = handle_request(&procs, req.body);
-                let resp = Response { id: req.id, body };
-                let sent = write_frame(
-                    &mut *writer.lock().unwrap_or_else(|p| p.into_inner()),
-                    &resp,
-                );
-                if let Err(e) = sent {
-                    alog!(Info, "reply to request {}: {e}", req.id);
-                }
-                if is_shutdown {
-                    shutdown();
-                }
-            });
+            .spawn(move || answer(&procs, &writer, req, shutdown));
         if let Err(e) = spawned {
             alog!(Error, "cannot start a request thread: {e}");
         }
+    }
+}
+
+/// Handles one request and writes its response.
+fn answer(procs: &Processes, writer: &Mutex<UnixStream>, req: Request, shutdown: ShutdownFn) {
+    let is_shutdown = req.body == RequestBody::Shutdown;
+    let body = handle_request(procs, req.body);
+    let resp = Response { id: req.id, body };
+    let sent = write_frame(
+        &mut *writer.lock().unwrap_or_else(|p| p.into_inner()),
+        &resp,
+    );
+    if let Err(e) = sent {
+        alog!(Info, "reply to request {}: {e}", req.id);
+    }
+    if is_shutdown {
+        shutdown();
     }
 }
 
