@@ -70,6 +70,13 @@ pub struct Processes {
     changed: Condvar,
 }
 
+fn no_such(id: u64) -> Failure {
+    Failure::new(
+        ErrorKind::NoSuchProcess,
+        format!("no process with exec id {id}"),
+    )
+}
+
 fn lock(m: &Mutex<Table>) -> MutexGuard<'_, Table> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -285,12 +292,7 @@ impl Processes {
     pub fn wait(&self, id: u64) -> Result<ExitStatus, Failure> {
         let mut table = lock(&self.table);
         loop {
-            let proc = table.procs.get(&id).ok_or_else(|| {
-                Failure::new(
-                    ErrorKind::NoSuchProcess,
-                    format!("no process with exec id {id}"),
-                )
-            })?;
+            let proc = table.procs.get(&id).ok_or_else(|| no_such(id))?;
             if let Some(status) = proc.status {
                 return Ok(status);
             }
@@ -301,12 +303,7 @@ impl Processes {
     /// Sends `signal` to process `id` if it has not been reaped.
     pub fn signal(&self, id: u64, signal: i32) -> Result<(), Failure> {
         let table = lock(&self.table);
-        let proc = table.procs.get(&id).ok_or_else(|| {
-            Failure::new(
-                ErrorKind::NoSuchProcess,
-                format!("no process with exec id {id}"),
-            )
-        })?;
+        let proc = table.procs.get(&id).ok_or_else(|| no_such(id))?;
         if proc.status.is_some() {
             return Err(Failure::new(
                 ErrorKind::NoSuchProcess,
@@ -327,12 +324,7 @@ impl Processes {
     /// Resizes process `id`'s terminal.
     pub fn resize(&self, id: u64, size: WindowSize) -> Result<(), Failure> {
         let table = lock(&self.table);
-        let proc = table.procs.get(&id).ok_or_else(|| {
-            Failure::new(
-                ErrorKind::NoSuchProcess,
-                format!("no process with exec id {id}"),
-            )
-        })?;
+        let proc = table.procs.get(&id).ok_or_else(|| no_such(id))?;
         let tty = proc.tty.as_ref().ok_or_else(|| {
             Failure::new(
                 ErrorKind::InvalidRequest,
@@ -345,12 +337,7 @@ impl Processes {
     /// Closes process `id`'s stdin (sends end-of-file to a terminal).
     pub fn close_stdin(&self, id: u64) -> Result<(), Failure> {
         let table = lock(&self.table);
-        let proc = table.procs.get(&id).ok_or_else(|| {
-            Failure::new(
-                ErrorKind::NoSuchProcess,
-                format!("no process with exec id {id}"),
-            )
-        })?;
+        let proc = table.procs.get(&id).ok_or_else(|| no_such(id))?;
         if let Some(tty) = &proc.tty {
             use std::io::Write;
             // VEOF (^D) at the start of a line ends the terminal's input.
@@ -364,12 +351,7 @@ impl Processes {
     /// Hands out one of process `id`'s streams, once.
     pub fn take_stream(&self, id: u64, kind: StreamKind) -> Result<StreamEnd, Failure> {
         let mut table = lock(&self.table);
-        let proc = table.procs.get_mut(&id).ok_or_else(|| {
-            Failure::new(
-                ErrorKind::NoSuchProcess,
-                format!("no process with exec id {id}"),
-            )
-        })?;
+        let proc = table.procs.get_mut(&id).ok_or_else(|| no_such(id))?;
         let taken = match (&proc.tty, kind) {
             (Some(tty), StreamKind::Stdin) => Some(StreamEnd::Input(Arc::new(Mutex::new(Some(
                 tty.try_clone()

@@ -282,23 +282,14 @@ pub async fn tty_resize(c: &AgentClient) -> Result<()> {
 
 /// A binary that does not exist is a clear error naming it.
 pub async fn missing_binary(c: &AgentClient) -> Result<()> {
-    match c.exec(exec(&["/no/such/binary"])).await {
-        Err(ClientError::Agent {
-            kind: ErrorKind::NotFound,
-            message,
-        }) => {
-            ensure!(message.contains("/no/such/binary"), "{message}");
+    for program in ["/no/such/binary", "no-such-command"] {
+        match c.exec(exec(&[program])).await {
+            Err(ClientError::Agent {
+                kind: ErrorKind::NotFound,
+                message,
+            }) => ensure!(message.contains(program), "{message}"),
+            other => bail!("{program}: expected NotFound, got {other:?}"),
         }
-        other => bail!("expected NotFound, got {other:?}"),
-    }
-    match c.exec(exec(&["no-such-command"])).await {
-        Err(ClientError::Agent {
-            kind: ErrorKind::NotFound,
-            message,
-        }) => {
-            ensure!(message.contains("no-such-command"), "{message}");
-        }
-        other => bail!("expected NotFound, got {other:?}"),
     }
     // The agent goes on serving.
     echo(c).await
@@ -364,6 +355,20 @@ pub async fn guest_info(c: &AgentClient) -> Result<()> {
         "{info:?}"
     );
     Ok(())
+}
+
+/// Connects to the agent at `endpoint` and runs every shared scenario;
+/// panics listing the failed ones.
+pub async fn connect_and_run_all(endpoint: Endpoint, timeout: Duration) {
+    let client = AgentClient::connect(endpoint.clone(), timeout)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let failures = run_shared(&endpoint, &client).await;
+    assert!(
+        failures.is_empty(),
+        "failed scenarios:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// Every scenario that shares one agent, in order; returns the failures.

@@ -38,15 +38,7 @@ fn start_agent(tag: &str) -> (Agent, Endpoint) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_agent_scenario_on_the_host() {
     let (_agent, endpoint) = start_agent("all");
-    let client = AgentClient::connect(endpoint.clone(), Duration::from_secs(30))
-        .await
-        .unwrap();
-    let failures = scenarios::run_shared(&endpoint, &client).await;
-    assert!(
-        failures.is_empty(),
-        "failed scenarios:\n{}",
-        failures.join("\n")
-    );
+    scenarios::connect_and_run_all(endpoint, Duration::from_secs(30)).await;
 }
 
 #[tokio::test]

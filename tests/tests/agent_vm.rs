@@ -100,36 +100,33 @@ fn shared_vm() -> &'static Result<PathBuf, String> {
 async fn every_agent_scenario_in_a_vm() {
     let uds = shared_vm().as_ref().expect("shared VM");
     let endpoint = Endpoint::vm(uds);
-    let client = AgentClient::connect(endpoint.clone(), Duration::from_secs(60))
-        .await
-        .unwrap();
-    let failures = scenarios::run_shared(&endpoint, &client).await;
-    assert!(
-        failures.is_empty(),
-        "failed scenarios:\n{}",
-        failures.join("\n")
-    );
+    scenarios::connect_and_run_all(endpoint, Duration::from_secs(60)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_of_its_own_handshakes_and_powers_off() {
+#[test]
+fn a_vm_of_its_own_handshakes_and_powers_off() {
     let uds = socket_path("own");
+    // Boots one at a time; the guard is held in this thread, not across
+    // an await of a shared runtime.
     let _one = one_vm_at_a_time();
     let mut vm = VmProcess::spawn(vm_command(&uds, 4)).unwrap();
-    // The client dials while the guest boots, retrying until its deadline.
-    let client = AgentClient::connect(Endpoint::vm(&uds), BOOT_TIMEOUT)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\nconsole:\n{}", vm.transcript()));
-    let (protocol, _) = client.version().await.unwrap();
-    assert_eq!(protocol, rtv_agent::protocol::PROTOCOL_VERSION);
-    let info = client.guest_info().await.unwrap();
-    assert!(info.kernel.contains("rtv"), "{info:?}");
-    assert!(
-        info.mem_total_kib > 64 * 1024 && info.mem_total_kib <= 128 * 1024,
-        "{info:?}"
-    );
-    client.shutdown().await.unwrap();
-    let status = vm.wait_exit(Duration::from_secs(120)).unwrap();
-    assert_eq!(status.code(), Some(0), "stderr: {}", vm.take_stderr());
-    assert!(!uds.exists(), "the VMM left its vsock socket behind");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // The client dials while the guest boots, retrying until its deadline.
+        let client = AgentClient::connect(Endpoint::vm(&uds), BOOT_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\nconsole:\n{}", vm.transcript()));
+        let (protocol, _) = client.version().await.unwrap();
+        assert_eq!(protocol, rtv_agent::protocol::PROTOCOL_VERSION);
+        let info = client.guest_info().await.unwrap();
+        assert!(info.kernel.contains("rtv"), "{info:?}");
+        assert!(
+            info.mem_total_kib > 64 * 1024 && info.mem_total_kib <= 128 * 1024,
+            "{info:?}"
+        );
+        client.shutdown().await.unwrap();
+        let status = vm.wait_exit(Duration::from_secs(120)).unwrap();
+        assert_eq!(status.code(), Some(0), "stderr: {}", vm.take_stderr());
+        assert!(!uds.exists(), "the VMM left its vsock socket behind");
+    });
 }
