@@ -1,6 +1,7 @@
-//! The agent as PID 1 of a booted VM, reached through the VMM's hybrid
-//! vsock socket: every scenario of tests/src/scenarios.rs in one shared VM,
-//! and one test that boots a VM of its own, talks to it and powers it off.
+//! The agent as PID 1 of a VM, reached through the VMM's hybrid vsock
+//! socket: every scenario of tests/src/scenarios.rs in one shared sandbox
+//! started from a VM template, and one test that cold boots a VM of its
+//! own, dials it while it boots, talks to it and powers it off.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -8,10 +9,9 @@ use std::process::Command;
 use std::sync::{mpsc, OnceLock};
 use std::time::Duration;
 
+use rtv_runtime::sandbox::{Sandbox, SandboxConfig, VSOCK_FILE};
 use rtv_runtime::{AgentClient, Endpoint};
-use rtv_tests::{
-    one_vm_at_a_time, scenarios, test_initramfs, BootSpec, VmProcess, BOOT_TIMEOUT, READY_LINE,
-};
+use rtv_tests::{one_vm_at_a_time, scenarios, test_initramfs, BootSpec, VmProcess, BOOT_TIMEOUT};
 
 /// The VMM command for a test VM with a vsock device on `uds`.
 fn vm_command(uds: &std::path::Path, cid: u32) -> Command {
@@ -43,56 +43,65 @@ fn socket_path(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("rtv-test-{tag}-{}.vsock", std::process::id()))
 }
 
-/// One VM for this test binary, booted on first use; it lives until the
-/// test process exits.
+/// The shared sandbox's state directory, removed when the test process exits.
+static SHARED_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn remove_shared_dir() {
+    if let Some(dir) = SHARED_DIR.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// One sandbox for this test binary, started on first use from a VM
+/// template (made by a cold boot the first time, then cached), as rtv's
+/// sandboxes start; it lives until the test process exits.
 fn shared_vm() -> &'static Result<PathBuf, String> {
     static VM: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     VM.get_or_init(|| {
-        let uds = socket_path("shared");
+        let dir = SHARED_DIR
+            .get_or_init(|| {
+                std::env::temp_dir().join(format!("rtv-test-shared-{}", std::process::id()))
+            })
+            .clone();
+        // SAFETY: registers a plain function with no arguments to run at exit.
+        unsafe { libc::atexit(remove_shared_dir) };
         let (tx, rx) = mpsc::channel();
-        let path = uds.clone();
+        // The sandbox's VMM is started from this thread (it gets SIGTERM
+        // when its parent thread ends), which therefore lives as long as
+        // the test process.
         std::thread::spawn(move || {
-            let _one = one_vm_at_a_time();
-            let mut vm = match VmProcess::spawn(vm_command(&path, 3)) {
-                Ok(vm) => vm,
-                Err(e) => return tx.send(Err(format!("{e:#}"))),
-            };
-            let ready = vm.wait_for_line(READY_LINE, BOOT_TIMEOUT);
-            let ok = ready.is_ok();
-            let _ = tx.send(
-                ready
-                    .map(|l| eprintln!("shared VM ready after {:.2}s", l.at.as_secs_f64()))
-                    .map_err(|e| format!("{e:#}")),
-            );
-            drop(_one);
-            if ok {
-                // Keep the VM (and this thread, its parent for PDEATHSIG)
-                // alive, and show what the guest says (agent warnings).
-                loop {
-                    match vm.next_line(Duration::from_secs(3600)) {
-                        Some(line) => {
-                            eprintln!("[shared VM {:8.2}s] {}", line.at.as_secs_f64(), line.text)
-                        }
-                        None => {
-                            if let Ok(status) = vm.wait_exit(Duration::from_millis(10)) {
-                                eprintln!(
-                                    "[shared VM] exited: {status}; stderr: {}",
-                                    vm.take_stderr()
-                                );
-                                loop {
-                                    std::thread::park();
-                                }
-                            }
-                        }
-                    }
+            let started = (|| -> anyhow::Result<(tokio::runtime::Runtime, Sandbox)> {
+                let cfg = SandboxConfig::new(
+                    rtv_tests::kernel()?,
+                    test_initramfs()?,
+                    rtv_tests::vmm_binary()?,
+                    &dir,
+                    "shared",
+                    3,
+                );
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let _one = one_vm_at_a_time();
+                let sandbox = rt.block_on(Sandbox::start(cfg))?;
+                Ok((rt, sandbox))
+            })();
+            match started {
+                Ok((rt, sandbox)) => {
+                    eprintln!(
+                        "shared sandbox ready after {:.2}s ({:?})",
+                        sandbox.ready_after().as_secs_f64(),
+                        sandbox.origin()
+                    );
+                    let _ = tx.send(Ok(sandbox.state_dir().join(VSOCK_FILE)));
+                    rt.block_on(std::future::pending::<()>());
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(format!("{e:#}")));
                 }
             }
-            Ok(())
         });
-        rx.recv()
-            .map_err(|e| e.to_string())
-            .and_then(|r| r)
-            .map(|()| uds)
+        rx.recv().map_err(|e| e.to_string()).and_then(|r| r)
     })
 }
 
