@@ -12,4 +12,13 @@ cargo fmt --all -- --check
 echo "[test] cargo clippy" >&2
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 echo "[test] cargo test" >&2
-cargo test --workspace 2>&1
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --all-targets 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
