@@ -191,7 +191,7 @@ fn run(args: Args) -> anyhow::Result<u8> {
         cmdline,
         protocol: args.boot,
     };
-    tracing::info!(pvm, cmdline = %kernel.cmdline, "booting");
+    tracing::info!(pvm, cmdline = %platform::redact_seed(&kernel.cmdline), "booting");
     // Check everything the user gave before creating anything.
     rtv_vmm::validate(&machine, &kernel)?;
 

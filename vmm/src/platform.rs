@@ -116,6 +116,21 @@ pub fn rng_seed_arg() -> String {
     format!("rtv.rng_seed={hex}")
 }
 
+/// `cmdline` with the RNG seed's value hidden, for logs.
+pub fn redact_seed(cmdline: &str) -> String {
+    cmdline
+        .split_whitespace()
+        .map(|w| {
+            if w.starts_with("rtv.rng_seed=") {
+                "rtv.rng_seed=<redacted>"
+            } else {
+                w
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The guest command line: the base, the PVM arguments when `pvm`, a fresh
 /// RNG seed, then `extra`.
 pub fn guest_cmdline(pvm: bool, extra: &str) -> String {
@@ -163,6 +178,14 @@ mod tests {
         let (sa, sb) = (seed(&a).unwrap(), seed(&b).unwrap());
         assert_eq!(sa.len(), "rtv.rng_seed=".len() + 64);
         assert_ne!(sa, sb);
+    }
+
+    #[test]
+    fn logs_do_not_show_the_seed() {
+        let line = guest_cmdline(false, "x=1");
+        let shown = redact_seed(&line);
+        assert!(shown.contains("rtv.rng_seed=<redacted>") && shown.ends_with("x=1"));
+        assert!(!shown.contains(&rng_seed_arg()[13..]));
     }
 
     #[test]
