@@ -19,6 +19,7 @@ pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
+pub use devices::virtio::fs::FsConfig;
 pub use devices::virtio::vsock::VsockConfig;
 pub use exit::VmExit;
 pub use linux::{BootProtocol, KernelConfig};

@@ -79,6 +79,10 @@ struct Args {
     /// go to PATH_P. Needs --vsock-cid, except with --restore.
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
+    /// Share this host directory with the guest over virtio-fs (mount tag
+    /// `rtvfs`: `mount -t virtiofs rtvfs /mnt`). Not with --restore.
+    #[arg(long, value_name = "PATH", conflicts_with = "restore")]
+    shared_dir: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace), to standard error.
     #[arg(long, default_value = "warn", env = "RTV_LOG")]
     log_level: String,
@@ -174,6 +178,9 @@ fn run(args: Args) -> anyhow::Result<u8> {
         vcpus: args.vcpus.unwrap_or(1),
         kvm_device: args.kvm_device,
         vsock,
+        fs: args
+            .shared_dir
+            .map(rtv_vmm::devices::virtio::fs::FsConfig::new),
         stop_on_signals: true,
         pvm,
     };

@@ -23,6 +23,7 @@ use crate::devices::reset::{ResetDevice, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{
     ConsoleSink, LineHook, SerialDevice, SerialSnapshot, COM1_BASE, COM1_IRQ, COM1_LEN,
 };
+use crate::devices::virtio::fs::{FsConfig, FsError, VirtioFs};
 use crate::devices::virtio::mmio::{
     self as virtio_mmio, MmioState, MmioTransport, MMIO_WINDOW_SIZE,
 };
@@ -50,6 +51,9 @@ pub struct MachineConfig {
     pub kvm_device: PathBuf,
     /// A virtio-vsock device (hybrid vsock over a Unix socket), if any.
     pub vsock: Option<VsockConfig>,
+    /// A virtio-fs device sharing a host directory, if any (placed after
+    /// the vsock device). A VM with one cannot be snapshotted.
+    pub fs: Option<FsConfig>,
     /// Stop the VM cleanly on SIGTERM and SIGINT ([`VmExit::Signal`]).
     /// [`Vm::run`] blocks them in its thread (so in the vCPU threads it
     /// starts) and reads them from a signalfd; a process should call
@@ -69,6 +73,7 @@ impl Default for MachineConfig {
             vcpus: 1,
             kvm_device: PathBuf::from("/dev/kvm"),
             vsock: None,
+            fs: None,
             stop_on_signals: false,
             pvm: false,
         }
@@ -89,7 +94,7 @@ pub fn virtio_slot(index: usize) -> (u64, u32) {
 /// The `virtio_mmio.device=` kernel command-line entries for the devices
 /// `config` asks for, in the order [`Vm::new`] places them.
 pub fn virtio_cmdline_entries(config: &MachineConfig) -> Vec<String> {
-    let count = usize::from(config.vsock.is_some());
+    let count = usize::from(config.vsock.is_some()) + usize::from(config.fs.is_some());
     (0..count)
         .map(|i| {
             let (base, irq) = virtio_slot(i);
@@ -181,6 +186,9 @@ pub enum Error {
     /// The vsock device's socket cannot be set up.
     #[error(transparent)]
     VsockListen(#[from] vsock::ListenError),
+    /// The virtio-fs device cannot be set up.
+    #[error("virtio-fs: {0}")]
+    Fs(#[from] FsError),
     /// No room left for another virtio device.
     #[error("too many virtio devices (at most {0})")]
     TooManyDevices(usize),
@@ -227,6 +235,9 @@ pub fn validate(config: &MachineConfig) -> Result<(), Error> {
     }
     if let Some(vsock) = &config.vsock {
         vsock.validate()?;
+    }
+    if let Some(fs) = &config.fs {
+        fs.validate()?;
     }
     Ok(())
 }
@@ -375,6 +386,7 @@ pub struct Vm {
     /// The kvmclock value to set just before the vCPUs start (restore).
     pending_clock: Option<VmState>,
     foreign_devices: usize,
+    fs_devices: usize,
 }
 
 fn open_kvm(kvm_device: &Path, vcpus: u8) -> Result<Kvm, Error> {
@@ -490,6 +502,11 @@ impl Vm {
                 None,
             )?;
         }
+        if let Some(fs) = &config.fs {
+            let device = Arc::new(Mutex::new(VirtioFs::new(fs)?));
+            vm.place_virtio_device_inner(device.clone(), device, None, None)?;
+            vm.fs_devices += 1;
+        }
         Ok(vm)
     }
 
@@ -552,6 +569,7 @@ impl Vm {
             control,
             pending_clock: None,
             foreign_devices: 0,
+            fs_devices: 0,
         })
     }
 
@@ -621,6 +639,7 @@ impl Vm {
             vcpus: manifest.vcpus,
             kvm_device: config.kvm_device.clone(),
             vsock: vsock.clone(),
+            fs: None,
             stop_on_signals: config.stop_on_signals,
             // CPUID comes from the snapshot.
             pvm: false,
@@ -962,6 +981,11 @@ impl Vm {
         handles: &[VcpuHandle],
         dir: &Path,
     ) -> Result<SnapshotInfo, snapshot::Error> {
+        if self.fs_devices > 0 {
+            return Err(snapshot::Error::Device(
+                "a VM with a virtio-fs device (--shared-dir) cannot be snapshotted yet".into(),
+            ));
+        }
         if self.foreign_devices > 0 {
             return Err(snapshot::Error::Device(
                 "added with add_virtio_device cannot be snapshotted".into(),

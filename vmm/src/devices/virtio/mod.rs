@@ -4,6 +4,7 @@
 //! MMIO bus; the device behind it implements [`VirtioDevice`] and does its
 //! work on the VMM's event loop once the driver has activated it.
 
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
@@ -37,6 +38,8 @@ pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
 
 /// virtio device ID of a socket (vsock) device.
 pub const DEVICE_ID_VSOCK: u32 = 19;
+/// virtio device ID of a file system (virtio-fs) device.
+pub const DEVICE_ID_FS: u32 = 26;
 
 /// A device's interrupt line: the InterruptStatus bits shared with the
 /// transport, and the irqfd that raises the GSI.

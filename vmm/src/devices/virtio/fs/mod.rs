@@ -1,0 +1,448 @@
+//! virtio-fs (device ID 26) served inside the VMM with fuse-backend-rs's
+//! passthrough file system, the way Dragonball does it.
+//!
+//! Two queues: the high-priority queue (FORGET/INTERRUPT) and one request
+//! queue. Both carry FUSE requests and are served the same way on the VMM's
+//! event loop thread: each descriptor chain becomes a fuse-backend-rs
+//! virtio-fs `Reader`/`Writer` pair handed to `Server::handle_message`.
+//!
+//! The guest is untrusted: the passthrough root is the shared directory,
+//! lookups of `.` and `..` are refused before they reach the passthrough
+//! file system (it lets them through for NFS export, and `..` of the root
+//! would be the host directory above the share), and malformed chains are
+//! dropped with a log.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActivateError, Interrupt, VirtioDevice, DEVICE_ID_FS, VIRTIO_F_VERSION_1};
+
+/// The tag the guest mounts (`mount -t virtiofs rtvfs /mnt`).
+pub const DEFAULT_TAG: &str = "rtvfs";
+/// Size of the tag field of the configuration space.
+pub const TAG_LEN: usize = 36;
+/// Size of the configuration space: tag + num_request_queues.
+pub const CONFIG_LEN: usize = TAG_LEN + 4;
+/// Number of request queues.
+pub const NUM_REQUEST_QUEUES: u32 = 1;
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the high-priority queue.
+pub const HIPRIO_QUEUE: usize = 0;
+/// Index of the (only) request queue.
+pub const REQUEST_QUEUE: usize = 1;
+
+const FUSE_LOOKUP: u32 = 1;
+const IN_HEADER_LEN: usize = 40;
+
+/// What the device shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// The host directory the guest sees as the root of the mount.
+    pub shared_dir: PathBuf,
+    /// The mount tag (at most 36 bytes).
+    pub tag: String,
+}
+
+/// Why the device cannot be created.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// The shared directory is not usable.
+    #[error("shared directory {path}: {source}")]
+    SharedDir {
+        /// The path given.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The tag does not fit the configuration space.
+    #[error("virtio-fs tag {0:?}: must be 1 to 36 bytes")]
+    Tag(String),
+    /// The passthrough file system cannot be set up.
+    #[error("virtio-fs passthrough: {0}")]
+    Passthrough(std::io::Error),
+}
+
+impl FsConfig {
+    /// A share of `shared_dir` under the default tag.
+    pub fn new(shared_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            shared_dir: shared_dir.into(),
+            tag: DEFAULT_TAG.to_string(),
+        }
+    }
+
+    /// Checks the tag and that the directory exists.
+    pub fn validate(&self) -> Result<(), FsError> {
+        if self.tag.is_empty() || self.tag.len() > TAG_LEN {
+            return Err(FsError::Tag(self.tag.clone()));
+        }
+        let meta = std::fs::metadata(&self.shared_dir).map_err(|source| FsError::SharedDir {
+            path: self.shared_dir.clone(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(FsError::SharedDir {
+                path: self.shared_dir.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"),
+            });
+        }
+        Ok(())
+    }
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    interrupt: Arc<Interrupt>,
+    evts: Vec<EventFd>,
+    registered: bool,
+}
+
+/// The virtio-fs device.
+pub struct VirtioFs {
+    config_space: [u8; CONFIG_LEN],
+    shared_dir: PathBuf,
+    server: Server<PassthroughFs>,
+    control_evt: EventFd,
+    active: Option<Active>,
+    stale_evts: Vec<(EventFd, bool)>,
+    requests: u64,
+}
+
+impl VirtioFs {
+    /// Creates the device sharing `config.shared_dir`.
+    pub fn new(config: &FsConfig) -> Result<Self, FsError> {
+        config.validate()?;
+        let root =
+            std::fs::canonicalize(&config.shared_dir).map_err(|source| FsError::SharedDir {
+                path: config.shared_dir.clone(),
+                source,
+            })?;
+        let root_dir = root
+            .to_str()
+            .ok_or_else(|| FsError::SharedDir {
+                path: root.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not UTF-8"),
+            })?
+            .to_string();
+        let fs_cfg = PassthroughConfig {
+            root_dir,
+            // Keep the root import at INIT (so a remount after a driver
+            // reset works) and, with it, the passthrough's own validation of
+            // path components in create/mkdir/rename/...
+            do_import: true,
+            xattr: false,
+            // O_PATH fds, not file handles: no open_by_handle_at (needs
+            // CAP_DAC_READ_SEARCH).
+            inode_file_handles: false,
+            writeback: false,
+            cache_policy: CachePolicy::Auto,
+            ..Default::default()
+        };
+        let fs = PassthroughFs::new(fs_cfg).map_err(FsError::Passthrough)?;
+        let mut config_space = [0u8; CONFIG_LEN];
+        config_space[..config.tag.len()].copy_from_slice(config.tag.as_bytes());
+        config_space[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
+        let control_evt =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(FsError::Passthrough)?;
+        Ok(Self {
+            config_space,
+            shared_dir: root,
+            server: Server::new(fs),
+            control_evt,
+            active: None,
+            stale_evts: Vec::new(),
+            requests: 0,
+        })
+    }
+
+    /// The shared directory (canonical).
+    pub fn shared_dir(&self) -> &Path {
+        &self.shared_dir
+    }
+
+    /// Number of FUSE requests served so far.
+    pub fn requests_served(&self) -> u64 {
+        self.requests
+    }
+
+    fn queue_event(&self, fd: RawFd) -> Option<usize> {
+        self.active
+            .as_ref()
+            .and_then(|a| a.evts.iter().position(|e| e.as_raw_fd() == fd))
+    }
+
+    /// Serves every available chain of queue `index`.
+    fn process_queue(&mut self, index: usize) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let mut used = false;
+        loop {
+            let Some(queue) = active.queues.get_mut(index) else {
+                return;
+            };
+            let chain = match queue.iter(&mem) {
+                Ok(mut iter) => iter.next(),
+                Err(e) => {
+                    tracing::warn!(index, "virtio-fs: cannot read the queue: {e}");
+                    break;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let len = serve_chain(&self.server, &mem, chain);
+            self.requests += 1;
+            if let Err(e) = queue.add_used(&mem, head, len) {
+                tracing::warn!(head, "virtio-fs: cannot return a descriptor chain: {e}");
+            }
+            used = true;
+        }
+        if used {
+            active.interrupt.signal_used_queue();
+        }
+    }
+
+    fn sync_activation(&mut self, ops: &mut EventOps) {
+        let _ = self.control_evt.read();
+        for (evt, registered) in self.stale_evts.drain(..) {
+            if registered {
+                if let Err(e) = ops.remove(Events::new(&evt, EventSet::IN)) {
+                    tracing::warn!("virtio-fs: cannot stop watching a queue: {e}");
+                }
+            }
+        }
+        let mut newly = false;
+        if let Some(active) = self.active.as_mut() {
+            if !active.registered {
+                for evt in &active.evts {
+                    if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                        tracing::error!("virtio-fs: cannot watch a queue: {e}");
+                    }
+                }
+                active.registered = true;
+                newly = true;
+            }
+        }
+        if newly {
+            self.process_queue(HIPRIO_QUEUE);
+            self.process_queue(REQUEST_QUEUE);
+        }
+    }
+}
+
+/// Reads the FUSE request's opcode and, for LOOKUP, refuses `.` and `..`
+/// (returns the reply's error when refused).
+fn refused(mem: &GuestMemoryMmap, chain: &DescriptorChain<&GuestMemoryMmap>) -> Option<u64> {
+    let mut head = [0u8; IN_HEADER_LEN + 3];
+    let mut filled = 0;
+    for desc in chain.clone().readable() {
+        if filled == head.len() {
+            break;
+        }
+        let take = (head.len() - filled).min(desc.len() as usize);
+        if mem
+            .read_slice(&mut head[filled..filled + take], desc.addr())
+            .is_err()
+        {
+            return None;
+        }
+        filled += take;
+    }
+    if filled < IN_HEADER_LEN {
+        return None;
+    }
+    let opcode = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if opcode != FUSE_LOOKUP {
+        return None;
+    }
+    let unique = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
+    let name = &head[IN_HEADER_LEN..filled];
+    let dot = name.first() == Some(&b'.')
+        && (name.get(1) == Some(&0) || (name.get(1) == Some(&b'.') && name.get(2) == Some(&0)));
+    dot.then_some(unique)
+}
+
+/// Serves one chain; returns the number of bytes written for the used ring.
+fn serve_chain(
+    server: &Server<PassthroughFs>,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> u32 {
+    let head = chain.head_index();
+    if let Some(unique) = refused(mem, &chain) {
+        tracing::warn!(head, "virtio-fs: refusing a lookup of . or ..");
+        let mut reply = [0u8; 16];
+        reply[..4].copy_from_slice(&16u32.to_le_bytes());
+        reply[4..8].copy_from_slice(&(-libc::EACCES).to_le_bytes());
+        reply[8..].copy_from_slice(&unique.to_le_bytes());
+        return match VirtioFsWriter::new(mem, chain) {
+            Ok(mut w) => match w.write_all(&reply) {
+                Ok(()) => 16,
+                Err(e) => {
+                    tracing::warn!(head, "virtio-fs: cannot write a reply: {e}");
+                    0
+                }
+            },
+            Err(e) => {
+                tracing::warn!(
+                    head,
+                    "virtio-fs: dropping a malformed descriptor chain: {e}"
+                );
+                0
+            }
+        };
+    }
+    let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(
+                head,
+                "virtio-fs: dropping a malformed descriptor chain: {e}"
+            );
+            return 0;
+        }
+    };
+    let writer = match VirtioFsWriter::new(mem, chain) {
+        Ok(w) => Writer::VirtioFs(w),
+        Err(e) => {
+            tracing::warn!(
+                head,
+                "virtio-fs: dropping a malformed descriptor chain: {e}"
+            );
+            return 0;
+        }
+    };
+    match server.handle_message(reader, writer, None, None) {
+        Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
+        Err(e) => {
+            tracing::warn!(head, "virtio-fs: dropping a request: {e}");
+            0
+        }
+    }
+}
+
+impl VirtioDevice for VirtioFs {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        match start
+            .checked_add(data.len())
+            .filter(|&end| end <= CONFIG_LEN)
+        {
+            Some(end) => data.copy_from_slice(&self.config_space[start..end]),
+            None => {
+                tracing::debug!(
+                    offset,
+                    len = data.len(),
+                    "virtio-fs: config read out of range"
+                );
+                data.fill(0);
+            }
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::warn!(
+            offset,
+            len = data.len(),
+            "virtio-fs: the driver wrote the read-only config space"
+        );
+    }
+
+    fn activate(
+        &mut self,
+        _features: u64,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 2 || queue_evts.len() != 2 {
+            return Err(ActivateError(format!(
+                "virtio-fs needs 2 queues, got {}",
+                queues.len()
+            )));
+        }
+        if let Some(old) = self.active.take() {
+            self.stale_evts
+                .extend(old.evts.into_iter().map(|e| (e, old.registered)));
+        }
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+            evts: queue_evts,
+            registered: false,
+        });
+        self.control_evt
+            .write(1)
+            .map_err(|e| ActivateError(format!("waking the event loop: {e}")))?;
+        tracing::debug!("virtio-fs: activated");
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(old) = self.active.take() {
+            self.stale_evts
+                .extend(old.evts.into_iter().map(|e| (e, old.registered)));
+        }
+        if let Err(e) = self.control_evt.write(1) {
+            tracing::error!("virtio-fs: cannot wake the event loop for a reset: {e}");
+        }
+        tracing::debug!("virtio-fs: reset");
+    }
+
+    fn active_queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl MutEventSubscriber for VirtioFs {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.control_evt.as_raw_fd() {
+            self.sync_activation(ops);
+        } else if let Some(index) = self.queue_event(fd) {
+            if let Some(active) = &self.active {
+                let _ = active.evts[index].read();
+            }
+            self.process_queue(index);
+        } else if let Some((evt, _)) = self.stale_evts.iter().find(|(e, _)| e.as_raw_fd() == fd) {
+            let _ = evt.read();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.control_evt, EventSet::IN)) {
+            tracing::error!("virtio-fs: cannot watch the control event: {e}");
+        }
+    }
+}
