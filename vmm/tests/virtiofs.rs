@@ -530,3 +530,41 @@ fn guest_mounts_reads_and_writes_the_share_and_cannot_leave_it() {
     eprintln!("escape attempts: `..` -> {dotdot:?}; symlink -> {link:?}");
     drop(vmm);
 }
+
+#[test]
+fn a_vm_with_a_shared_dir_refuses_to_snapshot() {
+    use rtv_vmm::arch::regs::BootEntry;
+    use rtv_vmm::{AfterSnapshot, MachineConfig, Vm, VmExit};
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = TempDir::new("snap");
+    let config = MachineConfig {
+        mem_size_mib: 16,
+        fs: Some(FsConfig::new(&dir.0)),
+        ..Default::default()
+    };
+    assert_eq!(
+        rtv_vmm::vm::virtio_cmdline_entries(&config).len(),
+        1,
+        "the device is on the kernel command line"
+    );
+    let vm = Vm::new(&config, Box::new(std::io::sink())).expect("create VM");
+    // Real mode at 0x1000: jmp $.
+    vm.memory()
+        .write_slice(&[0xeb, 0xfe], GuestAddress(0x1000))
+        .unwrap();
+    vm.set_boot_entry(BootEntry::RealMode { cs: 0, ip: 0x1000 })
+        .unwrap();
+    assert_eq!(vm.cmdline_entries().len(), 1);
+    let controller = vm.controller();
+    let thread = std::thread::spawn(move || vm.run().expect("run VM"));
+    let err = controller
+        .snapshot(&dir.0.join("snap"), AfterSnapshot::Resume)
+        .unwrap_err();
+    controller.stop();
+    assert_eq!(thread.join().unwrap(), VmExit::Stopped);
+    assert!(err.to_string().contains("virtio-fs"), "{err}");
+    assert!(!dir.0.join("snap").join("memory.bin").exists());
+}
