@@ -187,7 +187,7 @@ pub enum Error {
     #[error(transparent)]
     VsockListen(#[from] vsock::ListenError),
     /// The virtio-fs device cannot be set up.
-    #[error("virtio-fs: {0}")]
+    #[error(transparent)]
     Fs(#[from] FsError),
     /// No room left for another virtio device.
     #[error("too many virtio devices (at most {0})")]

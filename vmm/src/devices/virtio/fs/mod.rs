@@ -59,7 +59,7 @@ pub struct FsConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
     /// The shared directory is not usable.
-    #[error("shared directory {path}: {source}")]
+    #[error("virtio-fs shared directory {path}")]
     SharedDir {
         /// The path given.
         path: PathBuf,
@@ -70,8 +70,8 @@ pub enum FsError {
     #[error("virtio-fs tag {0:?}: must be 1 to 36 bytes")]
     Tag(String),
     /// The passthrough file system cannot be set up.
-    #[error("virtio-fs passthrough: {0}")]
-    Passthrough(std::io::Error),
+    #[error("virtio-fs passthrough file system")]
+    Passthrough(#[source] std::io::Error),
 }
 
 impl FsConfig {
