@@ -142,6 +142,11 @@ impl VirtioFs {
             // Keep the root import at INIT (so a remount after a driver
             // reset works) and, with it, the passthrough's own validation of
             // path components in create/mkdir/rename/...
+            // Known: the import sets the whole VMM process's umask to 0 so
+            // the modes the guest asks for are kept. The VMM creates its
+            // files (console, vsock socket) before the guest can send INIT,
+            // and a VM with a shared directory is not snapshotted, so nothing
+            // it creates gets the permissive mask today.
             do_import: true,
             xattr: false,
             // O_PATH fds, not file handles: no open_by_handle_at (needs
