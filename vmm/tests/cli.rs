@@ -1,31 +1,11 @@
 //! Bad input to `rtv-vmm`: a clear error naming the thing, a non-zero exit,
 //! and nothing left behind.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("rtv-vmm-cli-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::TempDir;
 
 /// The first bytes of an x86-64 executable ELF: enough to pass the header checks.
 fn elf_header() -> Vec<u8> {
@@ -65,7 +45,7 @@ fn missing_kernel() {
 
 #[test]
 fn kernel_that_is_not_an_x86_64_elf() {
-    let dir = TempDir::new("notelf");
+    let dir = TempDir::new("vmm-cli-notelf");
     let bz = dir.file(
         "bzImage",
         &[
@@ -84,7 +64,7 @@ fn kernel_that_is_not_an_x86_64_elf() {
 
 #[test]
 fn missing_initramfs() {
-    let dir = TempDir::new("noinitrd");
+    let dir = TempDir::new("vmm-cli-noinitrd");
     let k = dir.file("vmlinux", &elf_header());
     let out = vmm(&[
         "--kernel",
@@ -97,7 +77,7 @@ fn missing_initramfs() {
 
 #[test]
 fn memory_the_host_cannot_give() {
-    let dir = TempDir::new("mem");
+    let dir = TempDir::new("vmm-cli-mem");
     let k = dir.file("vmlinux", &elf_header());
     let console = dir.0.join("console.log");
     let out = vmm(&[
@@ -116,7 +96,7 @@ fn memory_the_host_cannot_give() {
 
 #[test]
 fn kvm_device_absent() {
-    let dir = TempDir::new("kvm");
+    let dir = TempDir::new("vmm-cli-kvm");
     let k = dir.file("vmlinux", &elf_header());
     let console = dir.0.join("console.log");
     let out = vmm(&[
@@ -133,7 +113,7 @@ fn kvm_device_absent() {
 
 #[test]
 fn kvm_device_that_is_not_kvm() {
-    let dir = TempDir::new("notkvm");
+    let dir = TempDir::new("vmm-cli-notkvm");
     let k = dir.file("vmlinux", &elf_header());
     let out = vmm(&["--kernel", k.to_str().unwrap(), "--kvm-device", "/dev/null"]);
     assert_fails_naming(&out, "/dev/null");
@@ -211,7 +191,7 @@ fn print_cmdline_includes_the_virtio_device() {
 
 #[test]
 fn a_socket_path_in_use_is_refused() {
-    let dir = TempDir::new("vsock-inuse");
+    let dir = TempDir::new("vmm-cli-vsock-inuse");
     let k = dir.file("vmlinux", &elf_header());
     let sock = dir.0.join("v.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();

@@ -3,9 +3,7 @@
 //! on counting in restored VMs; damaged snapshots are refused with the file
 //! and the problem named.
 
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,55 +12,8 @@ use rtv_vmm::arch::regs::BootEntry;
 use rtv_vmm::{AfterSnapshot, MachineConfig, RestoreConfig, Vm, VmController, VmExit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-    fn bytes(&self) -> Vec<u8> {
-        self.0.lock().unwrap().clone()
-    }
-    fn wait_for(&self, len: usize) {
-        let start = Instant::now();
-        while self.len() < len {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the guest printed {} bytes, not {len}",
-                self.len()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("rtv-snap-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::{Console, TempDir};
 
 /// Where the counter lives in guest memory (and in memory.bin).
 const COUNTER: u64 = 0x2000;
@@ -165,7 +116,7 @@ fn counter_snapshot(dir: &Path) -> u32 {
 
 #[test]
 fn restored_guest_goes_on_counting_from_the_snapshot() {
-    let dir = TempDir::new("counter");
+    let dir = TempDir::new("snap-counter");
     let snap = dir.0.join("snap");
     let saved = counter_snapshot(&snap);
 
@@ -192,7 +143,7 @@ fn restored_guest_goes_on_counting_from_the_snapshot() {
 
 #[test]
 fn two_vms_restored_from_one_snapshot_run_independently() {
-    let dir = TempDir::new("twins");
+    let dir = TempDir::new("snap-twins");
     let snap = dir.0.join("snap");
     let saved = counter_snapshot(&snap);
 
@@ -245,7 +196,7 @@ fn assert_names(err: &str, needles: &[&str]) {
 
 #[test]
 fn damaged_snapshots_are_refused_with_the_file_and_problem_named() {
-    let dir = TempDir::new("damaged");
+    let dir = TempDir::new("snap-damaged");
     let snap = dir.0.join("snap");
     counter_snapshot(&snap);
     let ok = RestoreConfig::default();
@@ -365,7 +316,7 @@ fn restored_vsock_device_gets_its_own_socket_and_cid() {
         0xee, // out dx, al
         0xeb, 0xf8, // jmp l
     ];
-    let dir = TempDir::new("vsock");
+    let dir = TempDir::new("snap-vsock");
     let snap = dir.0.join("snap");
     let console = Console::default();
     let config = MachineConfig {
@@ -418,7 +369,7 @@ fn a_snapshot_of_a_stopped_vm_fails_cleanly() {
     let vm = counter_vm(1, None);
     let controller = vm.controller.clone();
     assert_eq!(vm.stop(), VmExit::Stopped);
-    let dir = TempDir::new("stopped");
+    let dir = TempDir::new("snap-stopped");
     let err = controller
         .snapshot(&dir.0.join("snap"), AfterSnapshot::Resume)
         .unwrap_err();
@@ -431,7 +382,7 @@ fn rtv_vmm() -> std::process::Command {
 
 #[test]
 fn cli_restores_a_snapshot_and_names_bad_ones() {
-    let dir = TempDir::new("cli");
+    let dir = TempDir::new("snap-cli");
     let snap = dir.0.join("snap");
     let saved = counter_snapshot(&snap);
 

@@ -2,8 +2,6 @@
 //! of machine code on the real /dev/kvm. They run in milliseconds, even
 //! where guest kernel code is emulated.
 
-use std::io::{self, Write};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rtv_vmm::arch::layout::{HIMEM_START, PVH_INFO_START};
@@ -11,18 +9,8 @@ use rtv_vmm::arch::regs::BootEntry;
 use rtv_vmm::{MachineConfig, Vm, VmExit};
 use vm_memory::{Bytes, GuestAddress};
 
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+mod common;
+use common::Console;
 
 fn run_guest(
     code: &[u8],

@@ -22,22 +22,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("rtv-vmm-fs-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::TempDir;
 
 fn read32(t: &mut MmioTransport, offset: u64) -> u32 {
     let mut b = [0u8; 4];
@@ -58,7 +44,7 @@ fn transport(dir: &Path) -> MmioTransport {
 
 #[test]
 fn config_space_holds_the_tag_and_one_request_queue() {
-    let dir = TempDir::new("config");
+    let dir = TempDir::new("vmm-fs-config");
     let mut t = transport(&dir.0);
     assert_eq!(read32(&mut t, reg::DEVICE_ID), DEVICE_ID_FS);
     assert_eq!(DEVICE_ID_FS, 26);
@@ -84,7 +70,7 @@ fn config_space_holds_the_tag_and_one_request_queue() {
 
 #[test]
 fn two_queues_and_version_1_negotiated() {
-    let dir = TempDir::new("features");
+    let dir = TempDir::new("vmm-fs-features");
     let mut t = transport(&dir.0);
     for q in 0..2 {
         write32(&mut t, reg::QUEUE_SEL, q);
@@ -116,7 +102,7 @@ fn two_queues_and_version_1_negotiated() {
 fn a_missing_shared_dir_is_refused() {
     let err = VirtioFs::new(&FsConfig::new("/nonexistent/rtv-share")).err();
     assert!(err.unwrap().to_string().contains("/nonexistent/rtv-share"));
-    let dir = TempDir::new("tag");
+    let dir = TempDir::new("vmm-fs-tag");
     let mut config = FsConfig::new(&dir.0);
     config.tag = "x".repeat(37);
     assert!(VirtioFs::new(&config).is_err());
@@ -257,7 +243,7 @@ impl Driver {
 
 #[test]
 fn fuse_requests_are_served_and_dot_dot_is_refused() {
-    let dir = TempDir::new("queue");
+    let dir = TempDir::new("vmm-fs-queue");
     let share = dir.0.join("share");
     std::fs::create_dir(&share).unwrap();
     std::fs::write(share.join("hello.txt"), "hi").unwrap();
@@ -423,7 +409,7 @@ fn guest_mounts_reads_and_writes_the_share_and_cannot_leave_it() {
         eprintln!("skipped: guest kernel or test initramfs not available");
         return;
     };
-    let tmp = TempDir::new("e2e");
+    let tmp = TempDir::new("vmm-fs-e2e");
     let share = tmp.0.join("share");
     std::fs::create_dir(&share).unwrap();
     std::fs::write(share.join("hello.txt"), "hello from the host\n").unwrap();
@@ -539,7 +525,7 @@ fn a_vm_with_a_shared_dir_refuses_to_snapshot() {
         eprintln!("skipped: no /dev/kvm");
         return;
     }
-    let dir = TempDir::new("snap");
+    let dir = TempDir::new("vmm-fs-snap");
     let config = MachineConfig {
         mem_size_mib: 16,
         fs: Some(FsConfig::new(&dir.0)),
