@@ -4,6 +4,7 @@
 //! MMIO bus; the device behind it implements [`VirtioDevice`] and does its
 //! work on the VMM's event loop once the driver has activated it.
 
+pub mod activation;
 pub mod fs;
 pub mod mmio;
 pub mod vsock;

@@ -13,7 +13,6 @@
 //! dropped with a log.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,9 +22,9 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, Pas
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::activation::Activation;
 use super::{ActivateError, Interrupt, VirtioDevice, DEVICE_ID_FS, VIRTIO_F_VERSION_1};
 
 /// The tag the guest mounts (`mount -t virtiofs rtvfs /mnt`).
@@ -102,22 +101,12 @@ impl FsConfig {
     }
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    interrupt: Arc<Interrupt>,
-    evts: Vec<EventFd>,
-    registered: bool,
-}
-
 /// The virtio-fs device.
 pub struct VirtioFs {
     config_space: [u8; CONFIG_LEN],
     shared_dir: PathBuf,
     server: Server<PassthroughFs>,
-    control_evt: EventFd,
-    active: Option<Active>,
-    stale_evts: Vec<(EventFd, bool)>,
+    act: Activation,
     requests: u64,
 }
 
@@ -160,15 +149,12 @@ impl VirtioFs {
         let mut config_space = [0u8; CONFIG_LEN];
         config_space[..config.tag.len()].copy_from_slice(config.tag.as_bytes());
         config_space[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
-        let control_evt =
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(FsError::Passthrough)?;
+        let act = Activation::new("virtio-fs").map_err(FsError::Passthrough)?;
         Ok(Self {
             config_space,
             shared_dir: root,
             server: Server::new(fs),
-            control_evt,
-            active: None,
-            stale_evts: Vec::new(),
+            act,
             requests: 0,
         })
     }
@@ -183,15 +169,9 @@ impl VirtioFs {
         self.requests
     }
 
-    fn queue_event(&self, fd: RawFd) -> Option<usize> {
-        self.active
-            .as_ref()
-            .and_then(|a| a.evts.iter().position(|e| e.as_raw_fd() == fd))
-    }
-
     /// Serves every available chain of queue `index`.
     fn process_queue(&mut self, index: usize) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.act.active.as_mut() else {
             return;
         };
         let mem = active.mem.clone();
@@ -222,27 +202,7 @@ impl VirtioFs {
     }
 
     fn sync_activation(&mut self, ops: &mut EventOps) {
-        let _ = self.control_evt.read();
-        for (evt, registered) in self.stale_evts.drain(..) {
-            if registered {
-                if let Err(e) = ops.remove(Events::new(&evt, EventSet::IN)) {
-                    tracing::warn!("virtio-fs: cannot stop watching a queue: {e}");
-                }
-            }
-        }
-        let mut newly = false;
-        if let Some(active) = self.active.as_mut() {
-            if !active.registered {
-                for evt in &active.evts {
-                    if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                        tracing::error!("virtio-fs: cannot watch a queue: {e}");
-                    }
-                }
-                active.registered = true;
-                newly = true;
-            }
-        }
-        if newly {
+        if self.act.sync(ops) {
             self.process_queue(HIPRIO_QUEUE);
             self.process_queue(REQUEST_QUEUE);
         }
@@ -387,67 +347,34 @@ impl VirtioDevice for VirtioFs {
         interrupt: Arc<Interrupt>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 || queue_evts.len() != 2 {
-            return Err(ActivateError(format!(
-                "virtio-fs needs 2 queues, got {}",
-                queues.len()
-            )));
-        }
-        if let Some(old) = self.active.take() {
-            self.stale_evts
-                .extend(old.evts.into_iter().map(|e| (e, old.registered)));
-        }
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-            evts: queue_evts,
-            registered: false,
-        });
-        self.control_evt
-            .write(1)
-            .map_err(|e| ActivateError(format!("waking the event loop: {e}")))?;
+        self.act.activate(2, mem, queues, interrupt, queue_evts)?;
         tracing::debug!("virtio-fs: activated");
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(old) = self.active.take() {
-            self.stale_evts
-                .extend(old.evts.into_iter().map(|e| (e, old.registered)));
-        }
-        if let Err(e) = self.control_evt.write(1) {
-            tracing::error!("virtio-fs: cannot wake the event loop for a reset: {e}");
-        }
+        self.act.reset();
         tracing::debug!("virtio-fs: reset");
     }
 
     fn active_queue_states(&self) -> Vec<QueueState> {
-        self.active
-            .as_ref()
-            .map(|a| a.queues.iter().map(|q| q.state()).collect())
-            .unwrap_or_default()
+        self.act.queue_states()
     }
 }
 
 impl MutEventSubscriber for VirtioFs {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.control_evt.as_raw_fd() {
+        if self.act.is_control(fd) {
             self.sync_activation(ops);
-        } else if let Some(index) = self.queue_event(fd) {
-            if let Some(active) = &self.active {
-                let _ = active.evts[index].read();
-            }
+        } else if let Some(index) = self.act.queue_event(fd) {
             self.process_queue(index);
-        } else if let Some((evt, _)) = self.stale_evts.iter().find(|(e, _)| e.as_raw_fd() == fd) {
-            let _ = evt.read();
+        } else {
+            self.act.drain_stale(fd);
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.control_evt, EventSet::IN)) {
-            tracing::error!("virtio-fs: cannot watch the control event: {e}");
-        }
+        self.act.init(ops);
     }
 }

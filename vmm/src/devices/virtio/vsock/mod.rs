@@ -38,6 +38,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use self::conn::{Conn, ConnKey, RxOp};
 pub use self::unix::{ListenError, UdsListener};
+use super::activation::Activation;
 use super::{ActivateError, Interrupt, VirtioDevice, DEVICE_ID_VSOCK, VIRTIO_F_VERSION_1};
 
 /// The host's CID.
@@ -148,14 +149,6 @@ impl VsockConfig {
 }
 
 /// What the device holds once the driver has activated it.
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    interrupt: Arc<Interrupt>,
-    evts: Vec<EventFd>,
-    registered: bool,
-}
-
 /// A host client that has connected but not yet said where to.
 struct PendingClient {
     stream: UnixStream,
@@ -191,9 +184,7 @@ struct Muxer {
 pub struct Vsock {
     cid: u64,
     listener: UdsListener,
-    control_evt: EventFd,
-    active: Option<Active>,
-    stale_evts: Vec<(EventFd, bool)>,
+    act: Activation,
     drop_conns: bool,
     reset_event: bool,
     /// Set while the guest has not yet taken in a transport reset: nothing
@@ -219,19 +210,14 @@ impl Vsock {
             });
         }
         let listener = UdsListener::bind(&config.uds_path)?;
-        let control_evt =
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
-                ListenError::Io {
-                    path: config.uds_path.clone(),
-                    source,
-                }
-            })?;
+        let act = Activation::new("vsock").map_err(|source| ListenError::Io {
+            path: config.uds_path.clone(),
+            source,
+        })?;
         Ok(Self {
             cid: config.guest_cid,
             listener,
-            control_evt,
-            active: None,
-            stale_evts: Vec::new(),
+            act,
             drop_conns: false,
             reset_event: false,
             reset_gate: None,
@@ -271,7 +257,7 @@ impl Vsock {
     }
 
     fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.act.active.as_mut() else {
             return;
         };
         let mem = &active.mem;
@@ -299,7 +285,7 @@ impl Vsock {
         if self.reset_gate.is_some() {
             return;
         }
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.act.active.as_mut() else {
             return;
         };
         let mem = &active.mem;
@@ -335,29 +321,14 @@ impl Vsock {
     }
 
     fn sync_activation(&mut self, ops: &mut EventOps) {
-        let _ = self.control_evt.read();
-        for (evt, registered) in self.stale_evts.drain(..) {
-            if registered {
-                if let Err(e) = ops.remove(Events::new(&evt, EventSet::IN)) {
-                    tracing::warn!("vsock: cannot stop watching a queue: {e}");
-                }
-            }
-        }
+        let newly = self.act.sync(ops);
         if std::mem::take(&mut self.drop_conns) {
             self.muxer.drop_all();
         }
-        if let Some(active) = self.active.as_mut() {
-            if !active.registered {
-                for evt in &active.evts {
-                    if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                        tracing::error!("vsock: cannot watch a queue: {e}");
-                    }
-                }
-                active.registered = true;
-                self.process_tx();
-            }
+        if newly {
+            self.process_tx();
         }
-        if self.reset_event && self.active.as_ref().is_some_and(|a| a.registered) {
+        if self.reset_event && self.act.active.as_ref().is_some_and(|a| a.registered) {
             self.reset_event = false;
             if self.send_transport_reset() {
                 self.close_reset_gate(ops);
@@ -393,7 +364,7 @@ impl Vsock {
     /// Puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET in the guest's next event
     /// buffer; `true` if it was sent.
     fn send_transport_reset(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.act.active.as_mut() else {
             return false;
         };
         let mem = &active.mem;
@@ -422,11 +393,6 @@ impl Vsock {
         active.interrupt.signal_used_queue();
         tracing::debug!("vsock: sent the transport reset event");
         written > 0
-    }
-
-    fn queue_event(&self, fd: RawFd) -> Option<usize> {
-        let active = self.active.as_ref()?;
-        active.evts.iter().position(|e| e.as_raw_fd() == fd)
     }
 }
 
@@ -470,56 +436,26 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<Interrupt>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 3 || queue_evts.len() != 3 {
-            return Err(ActivateError(format!(
-                "vsock needs 3 queues, got {}",
-                queues.len()
-            )));
-        }
-        if let Some(old) = self.active.take() {
-            self.stale_evts
-                .extend(old.evts.into_iter().map(|e| (e, old.registered)));
-        }
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-            evts: queue_evts,
-            registered: false,
-        });
-        self.control_evt
-            .write(1)
-            .map_err(|e| ActivateError(format!("waking the event loop: {e}")))?;
+        self.act.activate(3, mem, queues, interrupt, queue_evts)?;
         tracing::debug!(cid = self.cid, "vsock: activated");
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(old) = self.active.take() {
-            self.stale_evts
-                .extend(old.evts.into_iter().map(|e| (e, old.registered)));
-        }
         self.drop_conns = true;
         self.reset_event = false;
-        if let Err(e) = self.control_evt.write(1) {
-            tracing::error!("vsock: cannot wake the event loop for a reset: {e}");
-        }
+        self.act.reset();
         tracing::debug!("vsock: reset");
     }
 
     fn active_queue_states(&self) -> Vec<QueueState> {
-        self.active
-            .as_ref()
-            .map(|a| a.queues.iter().map(|q| q.state()).collect())
-            .unwrap_or_default()
+        self.act.queue_states()
     }
 
     fn restored(&mut self) {
         // Connections are not saved: the guest must drop its own.
         self.reset_event = true;
-        if let Err(e) = self.control_evt.write(1) {
-            tracing::error!("vsock: cannot wake the event loop after a restore: {e}");
-        }
+        self.act.wake("a restore");
     }
 }
 
@@ -527,12 +463,9 @@ impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
         let set = events.event_set();
-        if fd == self.control_evt.as_raw_fd() {
+        if self.act.is_control(fd) {
             self.sync_activation(ops);
-        } else if let Some(index) = self.queue_event(fd) {
-            if let Some(active) = &self.active {
-                let _ = active.evts[index].read();
-            }
+        } else if let Some(index) = self.act.queue_event(fd) {
             match index {
                 TX_QUEUE => self.process_tx(),
                 RX_QUEUE => {}
@@ -552,8 +485,7 @@ impl MutEventSubscriber for Vsock {
             self.open_reset_gate(ops, "timeout");
         } else if fd == self.listener.as_raw_fd() {
             self.muxer.accept(&self.listener);
-        } else if let Some((evt, _)) = self.stale_evts.iter().find(|(e, _)| e.as_raw_fd() == fd) {
-            let _ = evt.read();
+        } else if self.act.drain_stale(fd) {
         } else {
             self.muxer.socket_event(fd, set);
         }
@@ -562,9 +494,7 @@ impl MutEventSubscriber for Vsock {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.control_evt, EventSet::IN)) {
-            tracing::error!("vsock: cannot watch the control event: {e}");
-        }
+        self.act.init(ops);
         if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
             tracing::error!("vsock: cannot watch the listening socket: {e}");
         }
