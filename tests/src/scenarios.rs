@@ -295,38 +295,30 @@ pub async fn missing_binary(c: &AgentClient) -> Result<()> {
     echo(c).await
 }
 
+/// Opens a control connection, sends `bytes` after the hello, and returns
+/// everything the agent answers until it hangs up.
+async fn control_reply_to(endpoint: &Endpoint, bytes: &[u8]) -> Result<String> {
+    let hello = Hello::Control {
+        version: PROTOCOL_VERSION,
+    };
+    let mut s = AgentClient::connect_with_hello(endpoint, &hello, Duration::from_secs(30)).await?;
+    s.write_all(bytes).await?;
+    Ok(String::from_utf8_lossy(&read_all(s).await?).into_owned())
+}
+
 /// Truncated, oversized and garbage frames get a clear error (or a closed
 /// connection) and the agent keeps serving other connections.
 pub async fn bad_frames(endpoint: &Endpoint, c: &AgentClient) -> Result<()> {
     // Oversized length prefix after a good hello.
-    let mut s = AgentClient::connect_with_hello(
-        endpoint,
-        &Hello::Control {
-            version: PROTOCOL_VERSION,
-        },
-        Duration::from_secs(30),
-    )
-    .await?;
-    s.write_all(&u32::MAX.to_be_bytes()).await?;
-    let reply = read_all(s).await?;
-    let text = String::from_utf8_lossy(&reply);
+    let text = control_reply_to(endpoint, &u32::MAX.to_be_bytes()).await?;
     ensure!(
         text.contains("exceeds"),
         "oversized frame answered {text:?}"
     );
     // Garbage JSON.
-    let mut s = AgentClient::connect_with_hello(
-        endpoint,
-        &Hello::Control {
-            version: PROTOCOL_VERSION,
-        },
-        Duration::from_secs(30),
-    )
-    .await?;
     let mut frame = 9u32.to_be_bytes().to_vec();
     frame.extend_from_slice(b"not json!");
-    s.write_all(&frame).await?;
-    let text = String::from_utf8_lossy(&read_all(s).await?).into_owned();
+    let text = control_reply_to(endpoint, &frame).await?;
     ensure!(text.contains("malformed"), "garbage answered {text:?}");
     // A truncated hello, then hang up.
     let mut raw = AgentClient::connect_raw(endpoint, Duration::from_secs(30)).await?;
