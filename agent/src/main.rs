@@ -6,6 +6,7 @@
 //! every orphan. `rtv-agent --listen unix:PATH` runs the same server on a
 //! Unix socket on the host, for tests.
 
+mod container;
 mod identity;
 mod init;
 mod log;

@@ -13,6 +13,7 @@
 
 use std::io::{self, Read, Write};
 
+use oci_spec::runtime::{LinuxResources, Process, Spec};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -137,6 +138,95 @@ pub struct ExecRequest {
     pub stderr: bool,
 }
 
+/// The stdio of a container's process: pipes or a terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Stdio {
+    /// A terminal of this size instead of pipes.
+    pub tty: Option<WindowSize>,
+    /// Whether stdin will be attached (otherwise /dev/null).
+    pub stdin: bool,
+    /// Whether stdout will be attached (otherwise /dev/null).
+    pub stdout: bool,
+    /// Whether stderr will be attached (otherwise /dev/null; ignored with a TTY).
+    pub stderr: bool,
+}
+
+/// Where the virtio-fs share (tag [`SHARE_TAG`]) is mounted in the guest.
+pub const SHARE_MOUNTPOINT: &str = "/run/rtv/share";
+/// The virtio-fs tag of a sandbox's shared directory.
+pub const SHARE_TAG: &str = "rtvfs";
+
+/// Create a container: its init process is set up and waits for
+/// [`RequestBody::StartContainer`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateContainer {
+    /// The container's id (unique in the sandbox).
+    pub container_id: String,
+    /// Its OCI runtime spec. `root.path` is the root file system's path as
+    /// the agent sees it (under [`SHARE_MOUNTPOINT`] in a guest); bind
+    /// mount sources and namespace paths are guest paths too.
+    pub spec: Spec,
+    /// The init process's stdio.
+    pub stdio: Stdio,
+}
+
+/// Run another process in a running container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecInContainer {
+    /// The container.
+    pub container_id: String,
+    /// The process, as in the OCI spec's `process`.
+    pub process: Process,
+    /// Its stdio.
+    pub stdio: Stdio,
+}
+
+/// A container's state, as the agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerStatus {
+    /// Set up; the init process waits to be started.
+    Created,
+    /// The init process runs.
+    Running,
+    /// Frozen (cgroup freezer).
+    Paused,
+    /// The init process has ended.
+    Stopped,
+}
+
+/// What [`RequestBody::ContainerState`] answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerState {
+    /// The container's id.
+    pub container_id: String,
+    /// Its status.
+    pub status: ContainerStatus,
+    /// The init process's pid in the guest (0 once reaped).
+    pub pid: i32,
+    /// The init process's exec id, for `Wait`, `Signal` and streams.
+    pub exec_id: u64,
+    /// How the init process ended, once it has.
+    pub exit: Option<ExitStatus>,
+    /// Processes of this container the kernel's OOM killer has killed.
+    pub oom_kills: u64,
+}
+
+/// Resource usage of a container (from its cgroup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ContainerStats {
+    /// memory.current, in bytes.
+    pub memory_bytes: u64,
+    /// memory.max, in bytes (`None` for no limit).
+    pub memory_limit_bytes: Option<u64>,
+    /// CPU time used, in microseconds.
+    pub cpu_usage_usec: u64,
+    /// pids.current.
+    pub pids: u64,
+    /// OOM kills (memory.events oom_kill).
+    pub oom_kills: u64,
+}
+
 /// A request on a control connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
@@ -187,6 +277,64 @@ pub enum RequestBody {
     /// is then reseeded), and the wall clock. Only PID 1 of a guest does
     /// this; an agent on the host refuses (`InvalidRequest`).
     SetIdentity(Identity),
+    /// Create a container; answered with `Started` for its init process.
+    CreateContainer(Box<CreateContainer>),
+    /// Let a created container's init process run its program.
+    StartContainer {
+        /// The container.
+        container_id: String,
+    },
+    /// Start another process in a running container; answered with `Started`.
+    ExecInContainer(Box<ExecInContainer>),
+    /// Send a signal to a container's init process, or to all its processes.
+    SignalContainer {
+        /// The container.
+        container_id: String,
+        /// Signal number.
+        signal: i32,
+        /// Every process in the container, not only init.
+        all: bool,
+    },
+    /// A container's state.
+    ContainerState {
+        /// The container.
+        container_id: String,
+    },
+    /// The guest pids of a container's processes; answered with `Pids`.
+    ContainerPids {
+        /// The container.
+        container_id: String,
+    },
+    /// Freeze a running container.
+    PauseContainer {
+        /// The container.
+        container_id: String,
+    },
+    /// Thaw a paused container.
+    ResumeContainer {
+        /// The container.
+        container_id: String,
+    },
+    /// Change a container's cgroup limits.
+    UpdateContainer {
+        /// The container.
+        container_id: String,
+        /// The new limits (fields left out are unchanged).
+        resources: LinuxResources,
+    },
+    /// A container's resource usage; answered with `Stats`.
+    ContainerStats {
+        /// The container.
+        container_id: String,
+    },
+    /// Remove a container. It must be created or stopped unless `force`,
+    /// which kills its processes first.
+    DeleteContainer {
+        /// The container.
+        container_id: String,
+        /// Kill it if it runs.
+        force: bool,
+    },
 }
 
 /// A sandbox's identity, set by [`RequestBody::SetIdentity`].
@@ -256,8 +404,15 @@ pub enum ErrorKind {
     PermissionDenied,
     /// No process with that exec id.
     NoSuchProcess,
-    /// The request is not valid (empty argv, no TTY for a resize, ...).
+    /// The request is not valid (empty argv, no TTY for a resize, a spec
+    /// field the agent cannot honour, ...).
     InvalidRequest,
+    /// No container with that id.
+    NoSuchContainer,
+    /// A container with that id exists already.
+    AlreadyExists,
+    /// The container is not in a state that allows the request.
+    InvalidState,
     /// Anything else.
     Other,
 }
@@ -293,6 +448,12 @@ pub enum ResponseBody {
     Exited(ExitStatus),
     /// For `GuestInfo`.
     GuestInfo(GuestInfo),
+    /// For `ContainerState`.
+    ContainerState(ContainerState),
+    /// For `ContainerPids`.
+    Pids(Vec<i32>),
+    /// For `ContainerStats`.
+    Stats(ContainerStats),
     /// Done (signal, resize, close, shutdown, set identity).
     Ok,
     /// The request failed.

@@ -267,6 +267,10 @@ fn handle_request(procs: &Processes, body: RequestBody) -> ResponseBody {
             alog!(Info, "identity set: hostname {:?}", id.hostname);
             ResponseBody::Ok
         }),
+        _ => Err(Failure {
+            kind: ErrorKind::InvalidRequest,
+            message: "containers are being wired in".into(),
+        }),
     };
     result.unwrap_or_else(failure)
 }
