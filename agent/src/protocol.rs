@@ -320,7 +320,7 @@ pub enum RequestBody {
         /// The container.
         container_id: String,
         /// The new limits (fields left out are unchanged).
-        resources: LinuxResources,
+        resources: Box<LinuxResources>,
     },
     /// A container's resource usage; answered with `Stats`.
     ContainerStats {
