@@ -26,7 +26,8 @@ struct Args {
     /// Restore the VM snapshotted in DIR instead of booting a kernel (the
     /// guest's memory size, vCPUs and devices come from the snapshot;
     /// --mem/--vcpus, if given, must match it). A snapshot with a vsock
-    /// device needs --vsock-uds; --vsock-cid gives the guest a new CID.
+    /// device needs --vsock-uds; --vsock-cid gives the guest a new CID. A
+    /// snapshot with a virtio-fs device needs --shared-dir.
     #[arg(
         long,
         value_name = "DIR",
@@ -80,8 +81,10 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
     /// Share this host directory with the guest over virtio-fs (mount tag
-    /// `rtvfs`: `mount -t virtiofs rtvfs /mnt`). Not with --restore.
-    #[arg(long, value_name = "PATH", conflicts_with = "restore")]
+    /// `rtvfs`: `mount -t virtiofs rtvfs /mnt`). With --restore: the
+    /// directory the snapshot's virtio-fs device shares from now on (a
+    /// snapshot is only taken while the guest has not mounted it).
+    #[arg(long, value_name = "PATH")]
     shared_dir: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace), to standard error.
     #[arg(long, default_value = "warn", env = "RTV_LOG")]
@@ -141,6 +144,7 @@ fn restore(args: Args, dir: PathBuf) -> anyhow::Result<u8> {
         kvm_device: args.kvm_device,
         vsock_uds: args.vsock_uds,
         vsock_cid: args.vsock_cid,
+        shared_dir: args.shared_dir,
         stop_on_signals: true,
         expect_mem_mib: args.mem,
         expect_vcpus: args.vcpus,

@@ -52,7 +52,8 @@ pub struct MachineConfig {
     /// A virtio-vsock device (hybrid vsock over a Unix socket), if any.
     pub vsock: Option<VsockConfig>,
     /// A virtio-fs device sharing a host directory, if any (placed after
-    /// the vsock device). A VM with one cannot be snapshotted.
+    /// the vsock device). A VM with one can be snapshotted only while the
+    /// guest has sent the device no FUSE request (has not mounted it).
     pub fs: Option<FsConfig>,
     /// Stop the VM cleanly on SIGTERM and SIGINT ([`VmExit::Signal`]).
     /// [`Vm::run`] blocks them in its thread (so in the vCPU threads it
@@ -252,6 +253,10 @@ pub struct RestoreConfig {
     pub vsock_uds: Option<PathBuf>,
     /// The guest's new CID (default: the snapshot's).
     pub vsock_cid: Option<u64>,
+    /// The directory the virtio-fs device shares (required when the
+    /// snapshot has a virtio-fs device, refused otherwise). The snapshot
+    /// holds no file system state, so this is the new VM's own share.
+    pub shared_dir: Option<PathBuf>,
     /// Stop the VM cleanly on SIGTERM and SIGINT (see [`MachineConfig`]).
     pub stop_on_signals: bool,
     /// Refuse a snapshot whose guest has another memory size (MiB).
@@ -266,6 +271,7 @@ impl Default for RestoreConfig {
             kvm_device: PathBuf::from("/dev/kvm"),
             vsock_uds: None,
             vsock_cid: None,
+            shared_dir: None,
             stop_on_signals: false,
             expect_mem_mib: None,
             expect_vcpus: None,
@@ -386,7 +392,9 @@ pub struct Vm {
     /// The kvmclock value to set just before the vCPUs start (restore).
     pending_clock: Option<VmState>,
     foreign_devices: usize,
-    fs_devices: usize,
+    /// The virtio-fs devices, asked before a snapshot whether the guest
+    /// has used them.
+    fs_devices: Vec<Arc<Mutex<VirtioFs>>>,
 }
 
 fn open_kvm(kvm_device: &Path, vcpus: u8) -> Result<Kvm, Error> {
@@ -503,9 +511,7 @@ impl Vm {
             )?;
         }
         if let Some(fs) = &config.fs {
-            let device = Arc::new(Mutex::new(VirtioFs::new(fs)?));
-            vm.place_virtio_device_inner(device.clone(), device, None, None)?;
-            vm.fs_devices += 1;
+            vm.place_fs_device(fs, None)?;
         }
         Ok(vm)
     }
@@ -569,7 +575,7 @@ impl Vm {
             control,
             pending_clock: None,
             foreign_devices: 0,
-            fs_devices: 0,
+            fs_devices: Vec::new(),
         })
     }
 
@@ -608,13 +614,10 @@ impl Vm {
                 .into());
             }
         }
-        let saved_cid = manifest
-            .devices
-            .iter()
-            .map(|d| match d {
-                DeviceEntry::Vsock { guest_cid } => *guest_cid,
-            })
-            .next();
+        let saved_cid = manifest.devices.iter().find_map(|d| match d {
+            DeviceEntry::Vsock { guest_cid } => Some(*guest_cid),
+            _ => None,
+        });
         let vsock = match (saved_cid, &config.vsock_uds) {
             (Some(saved), Some(uds)) => Some(VsockConfig {
                 guest_cid: config.vsock_cid.unwrap_or(saved),
@@ -634,12 +637,37 @@ impl Vm {
             }
             (None, None) => None,
         };
+        let saved_tag = manifest.devices.iter().find_map(|d| match d {
+            DeviceEntry::Fs { tag } => Some(tag.clone()),
+            _ => None,
+        });
+        let fs = match (saved_tag, &config.shared_dir) {
+            (Some(tag), Some(dir)) => Some(FsConfig {
+                shared_dir: dir.clone(),
+                tag,
+            }),
+            (Some(_), None) => {
+                return Err(mismatch(
+                    "the snapshot has a virtio-fs device: give it a directory to share (--shared-dir)"
+                        .into(),
+                )
+                .into())
+            }
+            (None, Some(_)) => {
+                return Err(mismatch(
+                    "the snapshot has no virtio-fs device; a directory to share (--shared-dir) was given"
+                        .into(),
+                )
+                .into())
+            }
+            (None, None) => None,
+        };
         let machine = MachineConfig {
             mem_size_mib: manifest.mem_size_mib,
             vcpus: manifest.vcpus,
             kvm_device: config.kvm_device.clone(),
             vsock: vsock.clone(),
-            fs: None,
+            fs: fs.clone(),
             stop_on_signals: config.stop_on_signals,
             // CPUID comes from the snapshot.
             pvm: false,
@@ -718,6 +746,14 @@ impl Vm {
                         Some(&slot.transport),
                     )?;
                 }
+                DeviceEntry::Fs { .. } => {
+                    let Some(fs) = &fs else {
+                        return Err(
+                            mismatch("virtio-fs device without a configuration".into()).into()
+                        );
+                    };
+                    vm.place_fs_device(fs, Some(&slot.transport))?;
+                }
             }
         }
         vm.pending_clock = Some(loaded.vm);
@@ -764,6 +800,22 @@ impl Vm {
         state: Option<&MmioState>,
     ) -> Result<(u64, u32), Error> {
         self.place_virtio_device_inner(device, subscriber, Some(entry), state)
+    }
+
+    /// Places a virtio-fs device sharing `fs` (with its transport's saved
+    /// registers and queues, on a restore).
+    fn place_fs_device(&mut self, fs: &FsConfig, state: Option<&MmioState>) -> Result<(), Error> {
+        let device = Arc::new(Mutex::new(VirtioFs::new(fs)?));
+        self.place_virtio_device(
+            device.clone(),
+            device.clone(),
+            DeviceEntry::Fs {
+                tag: fs.tag.clone(),
+            },
+            state,
+        )?;
+        self.fs_devices.push(device);
+        Ok(())
     }
 
     fn place_virtio_device_inner(
@@ -981,10 +1033,18 @@ impl Vm {
         handles: &[VcpuHandle],
         dir: &Path,
     ) -> Result<SnapshotInfo, snapshot::Error> {
-        if self.fs_devices > 0 {
-            return Err(snapshot::Error::Device(
-                "a VM with a virtio-fs device (--shared-dir) cannot be snapshotted yet".into(),
-            ));
+        // The event loop (this thread) serves the device's queues, so the
+        // count cannot change under us. Requests the guest queued but the
+        // device has not taken yet stay in the saved rings and are served
+        // by the restored device.
+        for device in &self.fs_devices {
+            let served = bus::lock(device).requests_served();
+            if served > 0 {
+                return Err(snapshot::Error::Device(format!(
+                    "virtio-fs (--shared-dir): the guest has used the share ({served} FUSE requests served); \
+                     its inodes and open files live in this VMM and cannot be saved: snapshot before the guest mounts it"
+                )));
+            }
         }
         if self.foreign_devices > 0 {
             return Err(snapshot::Error::Device(

@@ -8,16 +8,19 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use rtv_vmm::devices::bus::BusDevice;
+use rtv_vmm::arch::regs::BootEntry;
+use rtv_vmm::devices::bus::{Bus, BusDevice};
 use rtv_vmm::devices::virtio::fs::{FsConfig, VirtioFs, CONFIG_LEN, REQUEST_QUEUE, TAG_LEN};
 use rtv_vmm::devices::virtio::mmio::{reg, MmioTransport};
 use rtv_vmm::devices::virtio::{
-    Interrupt, VirtioDevice, DEVICE_ID_FS, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_FEATURES_OK,
-    VIRTIO_F_VERSION_1,
+    Interrupt, VirtioDevice, DEVICE_ID_FS, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK, VIRTIO_F_VERSION_1,
 };
+use rtv_vmm::{AfterSnapshot, MachineConfig, RestoreConfig, Vm, VmExit};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -119,12 +122,33 @@ fn desc_table(q: u64) -> u64 {
     0x10000 * (q + 1)
 }
 
+/// How the test's driver reaches the device.
+enum Backend {
+    /// The device alone, activated directly, on an event loop of the test's.
+    Device {
+        events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+        notify: Vec<EventFd>,
+    },
+    /// The device in a running VM: its registers through the VM's MMIO bus
+    /// (as a vCPU would reach them), served by the VM's own event loop.
+    Vm { bus: Bus, base: u64 },
+}
+
+/// A virtio driver on the host side: two queues of 256 at [`desc_table`],
+/// requests at 0x80000, replies at 0x90000.
 struct Driver {
     mem: GuestMemoryMmap,
-    events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
-    notify: Vec<EventFd>,
+    backend: Backend,
     avail_idx: u16,
     next_desc: u16,
+}
+
+fn setup_queue(queue: &mut Queue, q: u64) {
+    queue.set_size(256);
+    queue.set_desc_table_address(Some(desc_table(q) as u32), Some(0));
+    queue.set_avail_ring_address(Some((desc_table(q) + 0x1000) as u32), Some(0));
+    queue.set_used_ring_address(Some((desc_table(q) + 0x2000) as u32), Some(0));
+    queue.set_ready(true);
 }
 
 impl Driver {
@@ -140,11 +164,7 @@ impl Driver {
         let mut queues = Vec::new();
         for q in 0..2u64 {
             let mut queue = Queue::new(256).unwrap();
-            queue.set_size(256);
-            queue.set_desc_table_address(Some(desc_table(q) as u32), Some(0));
-            queue.set_avail_ring_address(Some((desc_table(q) + 0x1000) as u32), Some(0));
-            queue.set_used_ring_address(Some((desc_table(q) + 0x2000) as u32), Some(0));
-            queue.set_ready(true);
+            setup_queue(&mut queue, q);
             queues.push(queue);
         }
         let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
@@ -160,8 +180,7 @@ impl Driver {
             .unwrap();
         let mut d = Driver {
             mem,
-            events,
-            notify,
+            backend: Backend::Device { events, notify },
             avail_idx: 0,
             next_desc: 0,
         };
@@ -169,9 +188,59 @@ impl Driver {
         d
     }
 
+    /// Drives the virtio-fs device at `base` of a running VM the way the
+    /// guest's driver does: status handshake, VERSION_1, both queues, then
+    /// DRIVER_OK (which activates the device). Sends no FUSE request.
+    fn in_vm(mem: GuestMemoryMmap, bus: Bus, base: u64) -> Self {
+        let w = |off: u64, v: u32| assert!(bus.write(base + off, &v.to_le_bytes()), "{off:#x}");
+        let r = |off: u64| {
+            let mut b = [0u8; 4];
+            assert!(bus.read(base + off, &mut b));
+            u32::from_le_bytes(b)
+        };
+        assert_eq!(r(reg::DEVICE_ID), DEVICE_ID_FS);
+        w(reg::STATUS, STATUS_ACKNOWLEDGE);
+        w(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(reg::DRIVER_FEATURES_SEL, 1);
+        w(reg::DRIVER_FEATURES, 1);
+        let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        w(reg::STATUS, s);
+        assert_eq!(r(reg::STATUS), s);
+        for q in 0..2u64 {
+            w(reg::QUEUE_SEL, q as u32);
+            w(reg::QUEUE_NUM, 256);
+            w(reg::QUEUE_DESC_LOW, desc_table(q) as u32);
+            w(reg::QUEUE_DESC_HIGH, 0);
+            w(reg::QUEUE_DRIVER_LOW, (desc_table(q) + 0x1000) as u32);
+            w(reg::QUEUE_DRIVER_HIGH, 0);
+            w(reg::QUEUE_DEVICE_LOW, (desc_table(q) + 0x2000) as u32);
+            w(reg::QUEUE_DEVICE_HIGH, 0);
+            w(reg::QUEUE_READY, 1);
+        }
+        w(reg::STATUS, s | STATUS_DRIVER_OK);
+        assert_eq!(r(reg::STATUS), s | STATUS_DRIVER_OK, "device activated");
+        Self::resumed(mem, bus, base)
+    }
+
+    /// Goes on driving an already active device of a (restored) VM, from
+    /// the ring positions in guest memory.
+    fn resumed(mem: GuestMemoryMmap, bus: Bus, base: u64) -> Self {
+        let avail = desc_table(REQUEST_QUEUE as u64) + 0x1000;
+        let avail_idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
+        Driver {
+            mem,
+            backend: Backend::Vm { bus, base },
+            avail_idx,
+            next_desc: 0,
+        }
+    }
+
     fn pump(&mut self) {
+        let Backend::Device { events, .. } = &mut self.backend else {
+            return;
+        };
         for _ in 0..100 {
-            if self.events.run_with_timeout(1).unwrap() == 0 {
+            if events.run_with_timeout(1).unwrap() == 0 {
                 return;
             }
         }
@@ -182,6 +251,9 @@ impl Driver {
     /// queue; returns the used length.
     fn send(&mut self, descs: &[(u64, u32, u16)]) -> u32 {
         let q = REQUEST_QUEUE as u64;
+        // Each chain is returned before the next is sent: the table's
+        // start is free again.
+        self.next_desc = 0;
         let head = self.next_desc;
         for (i, &(addr, len, flags)) in descs.iter().enumerate() {
             let idx = self.next_desc;
@@ -201,13 +273,29 @@ impl Driver {
         self.mem
             .write_obj(head, GuestAddress(avail + 4 + 2 * slot))
             .unwrap();
-        self.avail_idx += 1;
+        self.avail_idx = self.avail_idx.wrapping_add(1);
         self.mem
             .write_obj(self.avail_idx, GuestAddress(avail + 2))
             .unwrap();
-        self.notify[REQUEST_QUEUE].write(1).unwrap();
-        self.pump();
         let used = desc_table(q) + 0x2000;
+        match &mut self.backend {
+            Backend::Device { notify, .. } => {
+                notify[REQUEST_QUEUE].write(1).unwrap();
+                self.pump();
+            }
+            Backend::Vm { bus, base } => {
+                let queue = (REQUEST_QUEUE as u32).to_le_bytes();
+                assert!(bus.write(*base + reg::QUEUE_NOTIFY, &queue));
+                let start = Instant::now();
+                while self.mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap() != self.avail_idx {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(10),
+                        "the VM's device did not serve the request"
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
         let used_idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
         assert_eq!(used_idx, self.avail_idx, "the chain was not returned");
         let id: u32 = self
@@ -239,6 +327,34 @@ impl Driver {
         let uniq: u64 = self.mem.read_obj(GuestAddress(reply + 8)).unwrap();
         (len, err, uniq)
     }
+
+    /// The reply's bytes after the 16-byte header.
+    fn reply_body(&self, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        self.mem
+            .read_slice(&mut b, GuestAddress(0x90000 + 16))
+            .unwrap();
+        b
+    }
+
+    /// FUSE_INIT 7.31; asserts it succeeded.
+    fn init(&mut self, unique: u64) {
+        let (len, err, uniq) = self.fuse(FUSE_INIT, 0, unique, &init_body());
+        assert_eq!((err, uniq), (0, unique));
+        assert!(len > 16, "INIT reply of {len} bytes");
+    }
+}
+
+const FUSE_LOOKUP: u32 = 1;
+const FUSE_INIT: u32 = 26;
+
+/// The body of FUSE_INIT 7.31 with max_readahead 128 KiB and no flags.
+fn init_body() -> Vec<u8> {
+    let mut init = Vec::new();
+    for v in [7u32, 31, 0x20000, 0] {
+        init.extend_from_slice(&v.to_le_bytes());
+    }
+    init
 }
 
 #[test]
@@ -249,14 +365,7 @@ fn fuse_requests_are_served_and_dot_dot_is_refused() {
     std::fs::write(share.join("hello.txt"), "hi").unwrap();
     let mut d = Driver::new(&share);
 
-    // FUSE_INIT 7.31.
-    let mut init = Vec::new();
-    for v in [7u32, 31, 0x20000, 0] {
-        init.extend_from_slice(&v.to_le_bytes());
-    }
-    let (len, err, unique) = d.fuse(26, 0, 1, &init);
-    assert_eq!((err, unique), (0, 1));
-    assert!(len > 16, "INIT reply of {len} bytes");
+    d.init(1);
 
     // LOOKUP of a file in the share.
     let (len, err, unique) = d.fuse(1, 1, 2, b"hello.txt\0");
@@ -292,7 +401,12 @@ fn fuse_requests_are_served_and_dot_dot_is_refused() {
 
 // ---- end to end -----------------------------------------------------------
 
-fn artifact(script: &str, args: &[&str]) -> Option<PathBuf> {
+/// A build artifact: `$var` (as scripts/test.sh exports it), or the path
+/// the build script prints.
+fn artifact(var: &str, script: &str, args: &[&str]) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
+        return Some(PathBuf::from(p));
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
     let out = Command::new("bash")
         .arg(root.join(script))
@@ -402,18 +516,18 @@ fn guest_mounts_reads_and_writes_the_share_and_cannot_leave_it() {
         eprintln!("skipped: no /dev/kvm");
         return;
     }
-    let (Some(kernel), Some(initrd)) = (
-        artifact("guest-kernel/build.sh", &[]),
-        artifact("rootfs-builder/build.sh", &["--test"]),
-    ) else {
-        eprintln!("skipped: guest kernel or test initramfs not available");
-        return;
-    };
+    let kernel = artifact("RTV_KERNEL", "guest-kernel/build.sh", &[])
+        .expect("the guest kernel (RTV_KERNEL or guest-kernel/build.sh)");
+    let initrd = artifact("RTV_TEST_INITRAMFS", "rootfs-builder/build.sh", &["--test"])
+        .expect("the test initramfs (RTV_TEST_INITRAMFS or rootfs-builder/build.sh --test)");
     let tmp = TempDir::new("vmm-fs-e2e");
     let share = tmp.0.join("share");
     std::fs::create_dir(&share).unwrap();
     std::fs::write(share.join("hello.txt"), "hello from the host\n").unwrap();
     let uds = tmp.0.join("vsock.sock");
+    // Snapshotted at readiness, before the share is mounted; restored at
+    // the end with another directory.
+    let snap = tmp.0.join("snap");
     let vmm = Vmm(Command::new(env!("CARGO_BIN_EXE_rtv-vmm"))
         .arg("--kernel")
         .arg(&kernel)
@@ -423,6 +537,9 @@ fn guest_mounts_reads_and_writes_the_share_and_cannot_leave_it() {
         .arg(&uds)
         .arg("--shared-dir")
         .arg(&share)
+        .arg("--snapshot-on-ready")
+        .arg(&snap)
+        .args(["--after-snapshot", "resume"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -436,6 +553,12 @@ fn guest_mounts_reads_and_writes_the_share_and_cannot_leave_it() {
         boot.elapsed().as_millis()
     );
     assert_eq!(code, 0);
+    // The snapshot must be written before the guest mounts the share.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !snap.join("state.json").exists() {
+        assert!(Instant::now() < deadline, "no snapshot at readiness");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let t = Instant::now();
     let (_, code) = run(&uds, 3, "true");
     let exec_only = t.elapsed();
@@ -515,20 +638,59 @@ fn guest_mounts_reads_and_writes_the_share_and_cannot_leave_it() {
     }
     eprintln!("escape attempts: `..` -> {dotdot:?}; symlink -> {link:?}");
     drop(vmm);
+
+    // The snapshot taken before the mount, restored with another share.
+    let new_share = tmp.0.join("new-share");
+    std::fs::create_dir(&new_share).unwrap();
+    std::fs::write(
+        new_share.join("only-in-new.txt"),
+        "the new sandbox's share\n",
+    )
+    .unwrap();
+    let restore = |args: &[&std::ffi::OsStr]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rtv-vmm"));
+        cmd.arg("--restore").arg(&snap).args(args);
+        cmd
+    };
+    let uds2 = tmp.0.join("vsock2.sock");
+    let out = restore(&["--vsock-uds".as_ref(), uds2.as_os_str()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--shared-dir"), "{stderr}");
+    let t = Instant::now();
+    let restored = Vmm(restore(&[
+        "--vsock-uds".as_ref(),
+        uds2.as_os_str(),
+        "--shared-dir".as_ref(),
+        new_share.as_os_str(),
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .unwrap());
+    let (out, code) = run(
+        &uds2,
+        1,
+        "mkdir -p /mnt && mount -t virtiofs rtvfs /mnt && cat /mnt/only-in-new.txt && ls /mnt",
+    );
+    eprintln!(
+        "restored, mounted the new share and read it in {} ms",
+        t.elapsed().as_millis()
+    );
+    assert_eq!(code, 0, "guest output: {out}");
+    assert_eq!(out, "the new sandbox's share\nonly-in-new.txt\n");
+    drop(restored);
 }
 
-#[test]
-fn a_vm_with_a_shared_dir_refuses_to_snapshot() {
-    use rtv_vmm::arch::regs::BootEntry;
-    use rtv_vmm::{AfterSnapshot, MachineConfig, Vm, VmExit};
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: no /dev/kvm");
-        return;
-    }
-    let dir = TempDir::new("vmm-fs-snap");
+/// A tiny guest (`jmp $`) with a virtio-fs device that the test drives
+/// through the VM's MMIO bus, as the guest's driver would.
+fn tiny_fs_vm(share: &Path) -> (Driver, rtv_vmm::VmController, JoinHandle<VmExit>) {
     let config = MachineConfig {
         mem_size_mib: 16,
-        fs: Some(FsConfig::new(&dir.0)),
+        fs: Some(FsConfig::new(share)),
         ..Default::default()
     };
     assert_eq!(
@@ -536,7 +698,7 @@ fn a_vm_with_a_shared_dir_refuses_to_snapshot() {
         1,
         "the device is on the kernel command line"
     );
-    let vm = Vm::new(&config, Box::new(std::io::sink())).expect("create VM");
+    let mut vm = Vm::new(&config, Box::new(std::io::sink())).expect("create VM");
     // Real mode at 0x1000: jmp $.
     vm.memory()
         .write_slice(&[0xeb, 0xfe], GuestAddress(0x1000))
@@ -544,13 +706,140 @@ fn a_vm_with_a_shared_dir_refuses_to_snapshot() {
     vm.set_boot_entry(BootEntry::RealMode { cs: 0, ip: 0x1000 })
         .unwrap();
     assert_eq!(vm.cmdline_entries().len(), 1);
+    let mem = vm.memory().clone();
+    let bus = vm.mmio_bus_mut().clone();
     let controller = vm.controller();
     let thread = std::thread::spawn(move || vm.run().expect("run VM"));
+    let (base, _) = rtv_vmm::vm::virtio_slot(0);
+    (Driver::in_vm(mem, bus, base), controller, thread)
+}
+
+/// Restores `snap` with `shared_dir`; the driver goes on from the saved rings.
+fn restore_fs_vm(
+    snap: &Path,
+    shared_dir: &Path,
+) -> (Driver, rtv_vmm::VmController, JoinHandle<VmExit>) {
+    let config = RestoreConfig {
+        shared_dir: Some(shared_dir.to_path_buf()),
+        ..Default::default()
+    };
+    let mut vm = Vm::restore(snap, &config, Box::new(std::io::sink())).expect("restore VM");
+    let mem = vm.memory().clone();
+    let bus = vm.mmio_bus_mut().clone();
+    let controller = vm.controller();
+    let thread = std::thread::spawn(move || vm.run().expect("run VM"));
+    let (base, _) = rtv_vmm::vm::virtio_slot(0);
+    (Driver::resumed(mem, bus, base), controller, thread)
+}
+
+fn restore_err(snap: &Path, shared_dir: Option<&Path>) -> String {
+    let config = RestoreConfig {
+        shared_dir: shared_dir.map(Path::to_path_buf),
+        ..Default::default()
+    };
+    match Vm::restore(snap, &config, Box::new(std::io::sink())) {
+        Ok(_) => panic!("{} restored with shared_dir {shared_dir:?}", snap.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// LOOKUP of `name` in the root: (error, size of the file found).
+fn lookup_size(d: &mut Driver, unique: u64, name: &str) -> (i32, u64) {
+    let body = format!("{name}\0");
+    let (len, err, uniq) = d.fuse(FUSE_LOOKUP, 1, unique, body.as_bytes());
+    assert_eq!(uniq, unique);
+    if err != 0 {
+        return (err, 0);
+    }
+    // fuse_entry_out: nodeid, generation, entry_valid, attr_valid (u64),
+    // two u32 nsecs, then fuse_attr: ino, size.
+    assert!(len >= 16 + 40 + 16, "LOOKUP reply of {len} bytes");
+    let body = d.reply_body(40 + 16);
+    (0, u64::from_le_bytes(body[48..56].try_into().unwrap()))
+}
+
+#[test]
+fn an_unmounted_share_is_snapshotted_and_restored_with_another_directory() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = TempDir::new("vmm-fs-snap");
+    let (old, new) = (dir.0.join("old"), dir.0.join("new"));
+    std::fs::create_dir(&old).unwrap();
+    std::fs::create_dir(&new).unwrap();
+    std::fs::write(old.join("only-in-old"), "old").unwrap();
+    std::fs::write(new.join("only-in-new"), "the new share").unwrap();
+
+    // Driver set up, device active, no FUSE request: the snapshot is taken.
+    let (mut d, controller, thread) = tiny_fs_vm(&old);
+    let snap = dir.0.join("snap");
+    controller
+        .snapshot(&snap, AfterSnapshot::Resume)
+        .expect("snapshot of a VM whose share is not mounted");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("state.json")).unwrap()).unwrap();
+    assert_eq!(
+        manifest["devices"],
+        serde_json::json!([{"kind": "fs", "tag": "rtvfs"}])
+    );
+    // Once the guest has sent FUSE_INIT (mounted), no more snapshots.
+    d.init(1);
+    assert_eq!(lookup_size(&mut d, 2, "only-in-old"), (0, 3));
+    let refused = dir.0.join("refused");
     let err = controller
-        .snapshot(&dir.0.join("snap"), AfterSnapshot::Resume)
-        .unwrap_err();
+        .snapshot(&refused, AfterSnapshot::Resume)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("virtio-fs") && err.contains("2 FUSE requests served"),
+        "{err}"
+    );
+    assert!(!refused.join("state.json").exists());
+    // The VM goes on serving after the refusal.
+    assert_eq!(lookup_size(&mut d, 3, "only-in-old"), (0, 3));
     controller.stop();
     assert_eq!(thread.join().unwrap(), VmExit::Stopped);
-    assert!(err.to_string().contains("virtio-fs"), "{err}");
-    assert!(!dir.0.join("snap").join("memory.bin").exists());
+
+    // The snapshot's device needs a directory, and gets the new one.
+    let err = restore_err(&snap, None);
+    assert!(err.contains("--shared-dir"), "{err}");
+    let err = restore_err(&snap, Some(&dir.0.join("missing")));
+    assert!(err.contains("missing"), "{err}");
+    let (mut d, controller, thread) = restore_fs_vm(&snap, &new);
+    d.init(1);
+    assert_eq!(lookup_size(&mut d, 2, "only-in-new"), (0, 13));
+    assert_eq!(lookup_size(&mut d, 3, "only-in-old").0, -libc::ENOENT);
+    // A restored VM whose share is mounted refuses too.
+    let err = controller
+        .snapshot(&refused, AfterSnapshot::Resume)
+        .unwrap_err();
+    assert!(err.to_string().contains("FUSE requests served"), "{err}");
+    controller.stop();
+    assert_eq!(thread.join().unwrap(), VmExit::Stopped);
+
+    // A snapshot without a virtio-fs device refuses a directory.
+    let vm = Vm::new(
+        &MachineConfig {
+            mem_size_mib: 16,
+            ..Default::default()
+        },
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    vm.memory()
+        .write_slice(&[0xeb, 0xfe], GuestAddress(0x1000))
+        .unwrap();
+    vm.set_boot_entry(BootEntry::RealMode { cs: 0, ip: 0x1000 })
+        .unwrap();
+    let controller = vm.controller();
+    let thread = std::thread::spawn(move || vm.run().expect("run VM"));
+    let plain = dir.0.join("plain");
+    controller.snapshot(&plain, AfterSnapshot::Exit).unwrap();
+    assert_eq!(thread.join().unwrap(), VmExit::Snapshotted);
+    let err = restore_err(&plain, Some(&new));
+    assert!(
+        err.contains("no virtio-fs device") && err.contains("--shared-dir"),
+        "{err}"
+    );
 }

@@ -8,7 +8,7 @@
 //! | `memory.bin` | guest RAM, the regions one after the other, sparse (zero pages are holes) |
 //! | `vm.json` | [`VmState`]: PIC master and slave, IOAPIC, PIT, kvmclock |
 //! | `vcpu-N.json` | [`cpu::VcpuState`] of vCPU N |
-//! | `devices.json` | [`DevicesState`]: the UART, each virtio-mmio transport and its queues |
+//! | `devices.json` | [`DevicesState`]: the UART, each virtio-mmio transport and its queues (vsock; virtio-fs while unmounted) |
 //!
 //! [`load`] checks everything before anything is built from it: a missing,
 //! truncated or corrupted file, another format version or VMM build, a
@@ -147,6 +147,14 @@ pub enum DeviceEntry {
     Vsock {
         /// The CID the guest had.
         guest_cid: u64,
+    },
+    /// virtio-fs. Saved only while the guest has sent it no FUSE request
+    /// (nothing is mounted, so neither side holds inodes or open files):
+    /// its transport and queues are all there is, and a restore serves
+    /// whatever directory the new VM is given.
+    Fs {
+        /// The mount tag the guest read from the configuration space.
+        tag: String,
     },
 }
 

@@ -134,8 +134,9 @@ impl VirtioFs {
             // Known: the import sets the whole VMM process's umask to 0 so
             // the modes the guest asks for are kept. The VMM creates its
             // files (console, vsock socket) before the guest can send INIT,
-            // and a VM with a shared directory is not snapshotted, so nothing
-            // it creates gets the permissive mask today.
+            // and a VM whose guest has sent INIT (or any request) refuses
+            // to be snapshotted, so no snapshot file gets the permissive
+            // mask either.
             do_import: true,
             xattr: false,
             // O_PATH fds, not file handles: no open_by_handle_at (needs
