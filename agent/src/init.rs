@@ -5,6 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use crate::container::{cgroup, Containers};
 use crate::process::Processes;
 use crate::server::{self, Listener};
 use crate::{alog, log};
@@ -90,6 +91,74 @@ fn mount(m: &Mount) -> std::io::Result<()> {
             Err(e)
         }
     }
+}
+
+/// Where PID 1 mounts the cgroup2 hierarchy for containers.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Mounts cgroup2 and enables its controllers for containers' cgroups.
+fn container_cgroups() -> Option<std::path::PathBuf> {
+    let m = Mount {
+        source: "cgroup2",
+        target: CGROUP_ROOT,
+        fstype: "cgroup2",
+        flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        data: "",
+    };
+    if let Err(e) = mount(&m) {
+        alog!(Warn, "no cgroup2 for containers: {e}");
+        return None;
+    }
+    let root = std::path::PathBuf::from(CGROUP_ROOT);
+    if let Err(e) = cgroup::enable_controllers(&root) {
+        alog!(Warn, "cgroup2 controllers: {e}");
+    }
+    Some(root)
+}
+
+/// Makes PID 1's root a bind mount of the initramfs, mounted on it, so
+/// containers can pivot_root away from it: the kernel refuses pivot_root
+/// when the current root is the initial rootfs, which has no parent mount.
+fn root_on_a_mount() -> std::io::Result<()> {
+    let c = |s: &str| cstr(s);
+    let (root, dir, dot) = (c("/"), c("/.rtv-root"), c("."));
+    if let Err(e) = std::fs::create_dir("/.rtv-root") {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+    }
+    // SAFETY: valid NUL-terminated paths; mount(2) does not keep them.
+    let rc = unsafe {
+        libc::mount(
+            root.as_ptr(),
+            dir.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/.rtv-root")?;
+    // SAFETY: as above; moves the bind mount (our cwd) onto "/".
+    let rc = unsafe {
+        libc::mount(
+            dot.as_ptr(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: chroot(2) to our cwd, the moved mount.
+    if unsafe { libc::chroot(dot.as_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")
 }
 
 /// Makes sure fds 0, 1 and 2 are open on the console (the kernel opens
@@ -178,6 +247,9 @@ pub fn run() -> ExitCode {
         }
     }
     ensure_stdio();
+    if let Err(e) = root_on_a_mount() {
+        eprintln!("rtv-agent: cannot put the root on a mount (containers cannot pivot_root): {e}");
+    }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if let Some(level) = param(&cmdline, "rtv.log") {
         log::set_level(level);
@@ -201,7 +273,9 @@ pub fn run() -> ExitCode {
                 alog!(Error, "cannot start the reaper: {e}");
                 reap_forever();
             }
-            server::serve(listener, procs, || power_off())
+            let containers = Containers::new(procs.clone(), container_cgroups(), true);
+            let agent = Arc::new(server::Agent { procs, containers });
+            server::serve(listener, agent, || power_off())
         }
         None => reap_forever(),
     }

@@ -52,8 +52,11 @@ fn main() -> ExitCode {
         eprintln!("rtv-agent: cannot start the reaper: {e}");
         return ExitCode::from(1);
     }
+    let containers =
+        container::Containers::new(procs.clone(), container::cgroup::find_root(), false);
+    let agent = Arc::new(server::Agent { procs, containers });
     eprintln!("{} on unix:{path}", init::READY_LINE);
-    server::serve(server::Listener::Unix(listener), procs, || {
+    server::serve(server::Listener::Unix(listener), agent, || {
         std::process::exit(0)
     })
 }

@@ -10,7 +10,11 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rtv_agent::protocol::{ErrorKind, ExecRequest, ExitStatus, StreamKind, WindowSize};
+use std::os::fd::RawFd;
+
+use rtv_agent::protocol::{
+    ErrorKind, ExecRequest, ExitStatus, Stdio as StdioRequest, StreamKind, WindowSize,
+};
 
 /// Where programs are looked up when the request's environment has no PATH.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -23,14 +27,16 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    /// A failure of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
             message: message.into(),
         }
     }
 
-    fn io(what: &str, e: &std::io::Error) -> Self {
+    /// A failed I/O operation on `what`.
+    pub fn io(what: &str, e: &std::io::Error) -> Self {
         let kind = match e.kind() {
             std::io::ErrorKind::NotFound => ErrorKind::NotFound,
             std::io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
@@ -418,6 +424,150 @@ impl Processes {
                     self.changed.notify_all();
                 }
             }
+        }
+    }
+}
+
+/// A process's stdio made before a fork: the child's ends (to become its
+/// fds 0-2) and the agent's (kept in the process table).
+pub struct PreparedStdio {
+    child: [OwnedFd; 3],
+    tty: Option<Arc<File>>,
+    stdin: Option<SharedStdin>,
+    stdout: Option<File>,
+    stderr: Option<File>,
+}
+
+fn pipe() -> Result<(File, File), Failure> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(Failure::io(
+            "making a pipe",
+            &std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: pipe2 returned two new descriptors that we now own.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+fn dev_null() -> Result<File, Failure> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| Failure::io("/dev/null", &e))
+}
+
+/// Makes the pipes or terminal for `stdio`.
+pub fn prepare_stdio(stdio: &StdioRequest) -> Result<PreparedStdio, Failure> {
+    if let Some(size) = stdio.tty {
+        let (master, slave) = open_pty(size)?;
+        let dup = |f: &File| {
+            f.try_clone()
+                .map(OwnedFd::from)
+                .map_err(|e| Failure::io("duplicating the terminal", &e))
+        };
+        return Ok(PreparedStdio {
+            child: [dup(&slave)?, dup(&slave)?, OwnedFd::from(slave)],
+            tty: Some(Arc::new(master)),
+            stdin: None,
+            stdout: None,
+            stderr: None,
+        });
+    }
+    let (stdin_child, stdin) = if stdio.stdin {
+        let (r, w) = pipe()?;
+        (r, Some(Arc::new(Mutex::new(Some(w)))))
+    } else {
+        (dev_null()?, None)
+    };
+    let output = |wanted: bool| -> Result<(File, Option<File>), Failure> {
+        if wanted {
+            let (r, w) = pipe()?;
+            Ok((w, Some(r)))
+        } else {
+            Ok((dev_null()?, None))
+        }
+    };
+    let (stdout_child, stdout) = output(stdio.stdout)?;
+    let (stderr_child, stderr) = output(stdio.stderr)?;
+    Ok(PreparedStdio {
+        child: [stdin_child.into(), stdout_child.into(), stderr_child.into()],
+        tty: None,
+        stdin,
+        stdout,
+        stderr,
+    })
+}
+
+impl PreparedStdio {
+    /// The child's descriptors for 0, 1 and 2.
+    pub fn child_fds(&self) -> [RawFd; 3] {
+        [
+            self.child[0].as_raw_fd(),
+            self.child[1].as_raw_fd(),
+            self.child[2].as_raw_fd(),
+        ]
+    }
+
+    /// Whether the child's stdio is a terminal.
+    pub fn is_tty(&self) -> bool {
+        self.tty.is_some()
+    }
+}
+
+impl Processes {
+    /// Starts a process with `fork`, which forks and returns the child's
+    /// pid (the child never returns from it), and registers it with its
+    /// stdio. The reaper leaves the child alone until it is registered.
+    pub fn fork_registered(
+        &self,
+        stdio: PreparedStdio,
+        fork: impl FnOnce(&PreparedStdio) -> std::io::Result<i32>,
+    ) -> Result<(u64, i32), Failure> {
+        lock(&self.table).spawning += 1;
+        let forked = fork(&stdio);
+        let mut table = lock(&self.table);
+        table.spawning -= 1;
+        let pid = match forked {
+            Ok(pid) => pid,
+            Err(e) => {
+                drop(table);
+                self.changed.notify_all();
+                return Err(Failure::io("fork", &e));
+            }
+        };
+        let proc = Proc {
+            pid,
+            status: None,
+            stdin: stdio.stdin,
+            stdout: stdio.stdout,
+            stderr: stdio.stderr,
+            tty: stdio.tty,
+        };
+        table.next_id += 1;
+        table.spawned += 1;
+        let id = table.next_id;
+        table.by_pid.insert(pid, id);
+        table.procs.insert(id, proc);
+        drop(table);
+        self.changed.notify_all();
+        // The child's ends close here: only the child holds them now.
+        drop(stdio.child);
+        Ok((id, pid))
+    }
+
+    /// How process `id` ended, if it has.
+    pub fn status(&self, id: u64) -> Option<ExitStatus> {
+        lock(&self.table).procs.get(&id).and_then(|p| p.status)
+    }
+
+    /// Forgets process `id` (it must have ended): its streams close.
+    pub fn forget(&self, id: u64) {
+        let mut table = lock(&self.table);
+        if table.procs.get(&id).is_some_and(|p| p.status.is_some()) {
+            table.procs.remove(&id);
         }
     }
 }

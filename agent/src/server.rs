@@ -14,8 +14,17 @@ use rtv_agent::protocol::{
 };
 
 use crate::alog;
+use crate::container::Containers;
 use crate::identity;
 use crate::process::{Failure, Processes, StreamEnd};
+
+/// What the server serves: processes and containers.
+pub struct Agent {
+    /// Every process the agent started.
+    pub procs: Arc<Processes>,
+    /// Every container.
+    pub containers: Containers,
+}
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -87,14 +96,14 @@ impl Listener {
 pub type ShutdownFn = fn();
 
 /// Serves connections forever.
-pub fn serve(listener: Listener, procs: Arc<Processes>, shutdown: ShutdownFn) -> ! {
+pub fn serve(listener: Listener, agent: Arc<Agent>, shutdown: ShutdownFn) -> ! {
     loop {
         match listener.accept() {
             Ok(stream) => {
-                let procs = procs.clone();
+                let agent = agent.clone();
                 let spawned = std::thread::Builder::new()
                     .name("conn".into())
-                    .spawn(move || handle_connection(stream, procs, shutdown));
+                    .spawn(move || handle_connection(stream, agent, shutdown));
                 if let Err(e) = spawned {
                     alog!(Error, "cannot start a connection thread: {e}");
                 }
@@ -112,7 +121,7 @@ fn refuse(stream: &mut UnixStream, reason: String) {
     let _ = write_frame(stream, &HelloReply::Refused { reason });
 }
 
-fn handle_connection(mut stream: UnixStream, procs: Arc<Processes>, shutdown: ShutdownFn) {
+fn handle_connection(mut stream: UnixStream, agent: Arc<Agent>, shutdown: ShutdownFn) {
     let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
     let hello: Hello = match read_frame(&mut stream) {
         Ok(h) => h,
@@ -139,14 +148,14 @@ fn handle_connection(mut stream: UnixStream, procs: Arc<Processes>, shutdown: Sh
             )
             .is_ok()
             {
-                control(stream, procs, shutdown);
+                control(stream, agent, shutdown);
             }
         }
         Hello::Stream {
             exec_id,
             stream: kind,
             ..
-        } => match procs.take_stream(exec_id, kind) {
+        } => match agent.procs.take_stream(exec_id, kind) {
             Ok(end) => {
                 if write_frame(
                     &mut stream,
@@ -164,7 +173,7 @@ fn handle_connection(mut stream: UnixStream, procs: Arc<Processes>, shutdown: Sh
     }
 }
 
-fn control(mut stream: UnixStream, procs: Arc<Processes>, shutdown: ShutdownFn) {
+fn control(mut stream: UnixStream, agent: Arc<Agent>, shutdown: ShutdownFn) {
     let writer = match stream.try_clone() {
         Ok(w) => Arc::new(Mutex::new(w)),
         Err(e) => return alog!(Error, "cannot clone a control connection: {e}"),
@@ -196,17 +205,25 @@ fn control(mut stream: UnixStream, procs: Arc<Processes>, shutdown: ShutdownFn) 
         // answered at once, sparing the guest a thread's creation.
         let blocking = matches!(
             req.body,
-            RequestBody::Wait { .. } | RequestBody::Exec(_) | RequestBody::Shutdown
+            RequestBody::Wait { .. }
+                | RequestBody::Exec(_)
+                | RequestBody::Shutdown
+                | RequestBody::CreateContainer(_)
+                | RequestBody::StartContainer { .. }
+                | RequestBody::ExecInContainer(_)
+                | RequestBody::PauseContainer { .. }
+                | RequestBody::ResumeContainer { .. }
+                | RequestBody::DeleteContainer { .. }
         );
         if !blocking {
-            answer(&procs, &writer, req, shutdown);
+            answer(&agent, &writer, req, shutdown);
             continue;
         }
-        let procs = procs.clone();
+        let agent = agent.clone();
         let writer = writer.clone();
         let spawned = std::thread::Builder::new()
             .name("request".into())
-            .spawn(move || answer(&procs, &writer, req, shutdown));
+            .spawn(move || answer(&agent, &writer, req, shutdown));
         if let Err(e) = spawned {
             alog!(Error, "cannot start a request thread: {e}");
         }
@@ -214,9 +231,9 @@ fn control(mut stream: UnixStream, procs: Arc<Processes>, shutdown: ShutdownFn) 
 }
 
 /// Handles one request and writes its response.
-fn answer(procs: &Processes, writer: &Mutex<UnixStream>, req: Request, shutdown: ShutdownFn) {
+fn answer(agent: &Agent, writer: &Mutex<UnixStream>, req: Request, shutdown: ShutdownFn) {
     let is_shutdown = req.body == RequestBody::Shutdown;
-    let body = handle_request(procs, req.body);
+    let body = handle_request(agent, req.body);
     let resp = Response { id: req.id, body };
     let sent = write_frame(
         &mut *writer.lock().unwrap_or_else(|p| p.into_inner()),
@@ -237,7 +254,9 @@ fn failure(f: Failure) -> ResponseBody {
     }
 }
 
-fn handle_request(procs: &Processes, body: RequestBody) -> ResponseBody {
+fn handle_request(agent: &Agent, body: RequestBody) -> ResponseBody {
+    let procs = &agent.procs;
+    let containers = &agent.containers;
     let result = match body {
         RequestBody::Version => Ok(ResponseBody::Version {
             protocol: PROTOCOL_VERSION,
@@ -267,10 +286,50 @@ fn handle_request(procs: &Processes, body: RequestBody) -> ResponseBody {
             alog!(Info, "identity set: hostname {:?}", id.hostname);
             ResponseBody::Ok
         }),
-        _ => Err(Failure {
-            kind: ErrorKind::InvalidRequest,
-            message: "containers are being wired in".into(),
+        RequestBody::CreateContainer(req) => containers.create(&req).map(|(exec_id, pid)| {
+            alog!(Info, "created container {} (pid {pid})", req.container_id);
+            ResponseBody::Started { exec_id, pid }
         }),
+        RequestBody::StartContainer { container_id } => {
+            containers.start(&container_id).map(|()| ResponseBody::Ok)
+        }
+        RequestBody::ExecInContainer(req) => containers
+            .exec(&req)
+            .map(|(exec_id, pid)| ResponseBody::Started { exec_id, pid }),
+        RequestBody::SignalContainer {
+            container_id,
+            signal,
+            all,
+        } => containers
+            .signal(&container_id, signal, all)
+            .map(|()| ResponseBody::Ok),
+        RequestBody::ContainerState { container_id } => containers
+            .state(&container_id)
+            .map(ResponseBody::ContainerState),
+        RequestBody::ContainerPids { container_id } => {
+            containers.pids(&container_id).map(ResponseBody::Pids)
+        }
+        RequestBody::PauseContainer { container_id } => containers
+            .set_paused(&container_id, true)
+            .map(|()| ResponseBody::Ok),
+        RequestBody::ResumeContainer { container_id } => containers
+            .set_paused(&container_id, false)
+            .map(|()| ResponseBody::Ok),
+        RequestBody::UpdateContainer {
+            container_id,
+            resources,
+        } => containers
+            .update(&container_id, &resources)
+            .map(|()| ResponseBody::Ok),
+        RequestBody::ContainerStats { container_id } => {
+            containers.stats(&container_id).map(ResponseBody::Stats)
+        }
+        RequestBody::DeleteContainer {
+            container_id,
+            force,
+        } => containers
+            .delete(&container_id, force)
+            .map(|()| ResponseBody::Ok),
     };
     result.unwrap_or_else(failure)
 }

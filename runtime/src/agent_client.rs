@@ -12,10 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use oci_spec::runtime::LinuxResources;
 use rtv_agent::protocol::{
-    decode, encode, frame_len, ErrorKind, ExecRequest, ExitStatus, FrameError, GuestInfo, Hello,
-    HelloReply, Request, RequestBody, Response, ResponseBody, StreamKind, WindowSize, AGENT_PORT,
-    PROTOCOL_VERSION,
+    decode, encode, frame_len, ContainerState, ContainerStats, CreateContainer, ErrorKind,
+    ExecInContainer, ExecRequest, ExitStatus, FrameError, GuestInfo, Hello, HelloReply, Request,
+    RequestBody, Response, ResponseBody, StreamKind, WindowSize, AGENT_PORT, PROTOCOL_VERSION,
 };
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -400,6 +401,131 @@ impl AgentClient {
     /// Asks the agent to power the VM off.
     pub async fn shutdown(&self) -> Result<(), ClientError> {
         self.expect_ok(RequestBody::Shutdown).await
+    }
+
+    /// Creates a container; returns its init process's exec id and pid.
+    pub async fn create_container(&self, req: CreateContainer) -> Result<(u64, i32), ClientError> {
+        match self
+            .call(RequestBody::CreateContainer(Box::new(req)))
+            .await?
+        {
+            ResponseBody::Started { exec_id, pid } => Ok((exec_id, pid)),
+            other => Self::unexpected(other),
+        }
+    }
+
+    /// Starts a created container.
+    pub async fn start_container(&self, container_id: &str) -> Result<(), ClientError> {
+        self.expect_ok(RequestBody::StartContainer {
+            container_id: container_id.into(),
+        })
+        .await
+    }
+
+    /// Runs another process in a running container.
+    pub async fn exec_in_container(&self, req: ExecInContainer) -> Result<(u64, i32), ClientError> {
+        match self
+            .call(RequestBody::ExecInContainer(Box::new(req)))
+            .await?
+        {
+            ResponseBody::Started { exec_id, pid } => Ok((exec_id, pid)),
+            other => Self::unexpected(other),
+        }
+    }
+
+    /// Signals a container's init, or all its processes.
+    pub async fn signal_container(
+        &self,
+        container_id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), ClientError> {
+        self.expect_ok(RequestBody::SignalContainer {
+            container_id: container_id.into(),
+            signal,
+            all,
+        })
+        .await
+    }
+
+    /// A container's state.
+    pub async fn container_state(&self, container_id: &str) -> Result<ContainerState, ClientError> {
+        match self
+            .call(RequestBody::ContainerState {
+                container_id: container_id.into(),
+            })
+            .await?
+        {
+            ResponseBody::ContainerState(s) => Ok(s),
+            other => Self::unexpected(other),
+        }
+    }
+
+    /// The guest pids of a container's processes.
+    pub async fn container_pids(&self, container_id: &str) -> Result<Vec<i32>, ClientError> {
+        match self
+            .call(RequestBody::ContainerPids {
+                container_id: container_id.into(),
+            })
+            .await?
+        {
+            ResponseBody::Pids(p) => Ok(p),
+            other => Self::unexpected(other),
+        }
+    }
+
+    /// Freezes (`true`) or thaws a container.
+    pub async fn pause_container(
+        &self,
+        container_id: &str,
+        pause: bool,
+    ) -> Result<(), ClientError> {
+        let container_id = container_id.into();
+        self.expect_ok(if pause {
+            RequestBody::PauseContainer { container_id }
+        } else {
+            RequestBody::ResumeContainer { container_id }
+        })
+        .await
+    }
+
+    /// Changes a container's cgroup limits.
+    pub async fn update_container(
+        &self,
+        container_id: &str,
+        resources: LinuxResources,
+    ) -> Result<(), ClientError> {
+        self.expect_ok(RequestBody::UpdateContainer {
+            container_id: container_id.into(),
+            resources: Box::new(resources),
+        })
+        .await
+    }
+
+    /// A container's resource usage.
+    pub async fn container_stats(&self, container_id: &str) -> Result<ContainerStats, ClientError> {
+        match self
+            .call(RequestBody::ContainerStats {
+                container_id: container_id.into(),
+            })
+            .await?
+        {
+            ResponseBody::Stats(s) => Ok(s),
+            other => Self::unexpected(other),
+        }
+    }
+
+    /// Removes a container (`force` kills it first).
+    pub async fn delete_container(
+        &self,
+        container_id: &str,
+        force: bool,
+    ) -> Result<(), ClientError> {
+        self.expect_ok(RequestBody::DeleteContainer {
+            container_id: container_id.into(),
+            force,
+        })
+        .await
     }
 
     /// Opens one of a process's stdio streams on its own connection.

@@ -4,8 +4,11 @@
 
 pub mod agent_client;
 pub mod sandbox;
+pub mod share;
+pub mod spec;
 pub mod template;
 
 pub use agent_client::{AgentClient, ClientError, Endpoint};
 pub use sandbox::{Origin, Sandbox, SandboxConfig, SandboxError};
+pub use share::{Share, ShareError};
 pub use template::{TemplateCache, TemplateError, TemplateSpec};

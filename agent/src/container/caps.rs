@@ -135,6 +135,7 @@ fn name(n: u32) -> String {
 
 /// The capability numbers in a mask, as names `CAP_...` in ascending order
 /// (for tests and logs).
+#[cfg(test)]
 pub fn names(mask: u64) -> Vec<String> {
     (0..64u32)
         .filter(|n| mask & (1u64 << n) != 0)
@@ -211,8 +212,6 @@ pub enum IdentityStep {
     /// capability in it (`EPERM` when it is not both permitted and
     /// inheritable).
     Ambient,
-    /// `umask(2)`.
-    Umask,
 }
 
 impl std::fmt::Display for IdentityStep {
@@ -225,7 +224,6 @@ impl std::fmt::Display for IdentityStep {
             Self::SetUid => "setresuid",
             Self::SetCaps => "capset",
             Self::Ambient => "setting the ambient capabilities",
-            Self::Umask => "umask",
         })
     }
 }

@@ -1,0 +1,196 @@
+//! A sandbox's shared directory: the host directory the VMM serves over
+//! virtio-fs (tag `rtvfs`), mounted by the agent at
+//! [`SHARE_MOUNTPOINT`] in the guest. Each container gets
+//! `<share>/<id>/rootfs`, a bind mount of its bundle's root file system,
+//! and `<share>/<id>/mounts/<n>` for each bind mount of its spec.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::Spec;
+use rtv_agent::protocol::SHARE_MOUNTPOINT;
+
+/// Why the share could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    /// A file-system operation failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A spec field cannot be mapped into the share.
+    #[error("{field}: {message}")]
+    Spec {
+        /// The field.
+        field: String,
+        /// Why.
+        message: String,
+    },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ShareError + 'a {
+    move |source| ShareError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn cpath(path: &Path) -> Result<CString, ShareError> {
+    CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| ShareError::Spec {
+        field: "path".into(),
+        message: format!("{} contains a NUL byte", path.display()),
+    })
+}
+
+fn bind(source: &Path, target: &Path) -> Result<(), ShareError> {
+    let (s, t) = (cpath(source)?, cpath(target)?);
+    // SAFETY: valid NUL-terminated paths; mount(2) does not keep them.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        )
+    };
+    if rc < 0 {
+        return Err(io("bind-mounting onto", target)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // Keep the sandbox's mounts out of the host's other namespaces.
+    // SAFETY: as above, with a null source and type.
+    unsafe {
+        libc::mount(
+            std::ptr::null(),
+            t.as_ptr(),
+            std::ptr::null(),
+            libc::MS_PRIVATE | libc::MS_REC,
+            std::ptr::null(),
+        )
+    };
+    Ok(())
+}
+
+fn unmount(target: &Path) {
+    if let Ok(t) = cpath(target) {
+        // SAFETY: a valid path; a lazy unmount of a mount we made.
+        unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// A sandbox's shared directory on the host.
+#[derive(Debug, Clone)]
+pub struct Share {
+    dir: PathBuf,
+}
+
+impl Share {
+    /// The share at `dir` (created if missing).
+    pub fn new(dir: impl Into<PathBuf>) -> Result<Self, ShareError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+        Ok(Self { dir })
+    }
+
+    /// The host directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn container_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// The guest path of a container's root file system.
+    pub fn guest_rootfs(id: &str) -> String {
+        format!("{SHARE_MOUNTPOINT}/{id}/rootfs")
+    }
+
+    /// Places container `id`'s root file system and bind-mount sources in
+    /// the share, and returns the spec rewritten with their guest paths.
+    /// On error nothing is left in the share.
+    pub fn add_container(&self, id: &str, rootfs: &Path, spec: &Spec) -> Result<Spec, ShareError> {
+        let result = self.add_inner(id, rootfs, spec);
+        if result.is_err() {
+            self.remove_container(id);
+        }
+        result
+    }
+
+    fn add_inner(&self, id: &str, rootfs: &Path, spec: &Spec) -> Result<Spec, ShareError> {
+        let cdir = self.container_dir(id);
+        let target = cdir.join("rootfs");
+        std::fs::create_dir_all(&target).map_err(io("creating", &target))?;
+        bind(rootfs, &target)?;
+        let mut spec = spec.clone();
+        if let Some(root) = spec.root_mut() {
+            root.set_path(PathBuf::from(Self::guest_rootfs(id)));
+        }
+        if let Some(mounts) = spec.mounts_mut() {
+            for (i, m) in mounts.iter_mut().enumerate() {
+                let is_bind = m.typ().as_deref() == Some("bind")
+                    || m.options()
+                        .iter()
+                        .flatten()
+                        .any(|o| o == "bind" || o == "rbind");
+                if !is_bind {
+                    continue;
+                }
+                let Some(source) = m.source().clone() else {
+                    return Err(ShareError::Spec {
+                        field: format!("mounts[{i}].source"),
+                        message: "a bind mount needs a source".into(),
+                    });
+                };
+                let meta = std::fs::metadata(&source).map_err(|e| ShareError::Spec {
+                    field: format!("mounts[{i}].source"),
+                    message: format!("{}: {e}", source.display()),
+                })?;
+                let dest = cdir.join("mounts").join(i.to_string());
+                if meta.is_dir() {
+                    std::fs::create_dir_all(&dest).map_err(io("creating", &dest))?;
+                } else {
+                    let parent = cdir.join("mounts");
+                    std::fs::create_dir_all(&parent).map_err(io("creating", &parent))?;
+                    std::fs::File::create(&dest).map_err(io("creating", &dest))?;
+                }
+                bind(&source, &dest)?;
+                m.set_source(Some(PathBuf::from(format!(
+                    "{SHARE_MOUNTPOINT}/{id}/mounts/{i}"
+                ))));
+            }
+        }
+        Ok(spec)
+    }
+
+    /// Unmounts and removes everything of container `id` in the share.
+    pub fn remove_container(&self, id: &str) {
+        let cdir = self.container_dir(id);
+        if let Ok(entries) = std::fs::read_dir(cdir.join("mounts")) {
+            for e in entries.flatten() {
+                unmount(&e.path());
+            }
+        }
+        unmount(&cdir.join("rootfs"));
+        // Only empty directories and files we created remain; a failed
+        // unmount leaves the mount point, which remove_dir_all would descend
+        // into, so remove non-recursively.
+        if let Ok(entries) = std::fs::read_dir(cdir.join("mounts")) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir(&p));
+            }
+        }
+        let _ = std::fs::remove_dir(cdir.join("mounts"));
+        let _ = std::fs::remove_dir(cdir.join("rootfs"));
+        let _ = std::fs::remove_dir(&cdir);
+    }
+}

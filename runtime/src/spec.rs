@@ -1,0 +1,158 @@
+//! OCI runtime specs: reading config.json with errors that name the
+//! offending field, and the default spec `rtv spec` writes.
+
+use std::path::Path;
+
+use oci_spec::runtime::Spec;
+
+/// Why a spec could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A field does not parse; `field` is its JSON path.
+    #[error("{path}: {field}: {message}")]
+    Field {
+        /// The file.
+        path: String,
+        /// The field's JSON path (`linux.namespaces[2].type`).
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Parses a spec from JSON text; errors name the field by its JSON path.
+pub fn parse(path: &str, text: &[u8]) -> Result<Spec, SpecError> {
+    let de = &mut serde_json::Deserializer::from_slice(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        SpecError::Field {
+            path: path.to_owned(),
+            field: if field == "." {
+                "(document)".into()
+            } else {
+                field
+            },
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+/// Reads and parses `path` (a bundle's config.json).
+pub fn load(path: &Path) -> Result<Spec, SpecError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read(path).map_err(|source| SpecError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    parse(&shown, &text)
+}
+
+/// The default spec for a busybox-style root file system, as `runc spec`
+/// writes it (without a network namespace: containers share the VM's).
+pub const DEFAULT_SPEC: &str = r#"{
+  "ociVersion": "1.0.2",
+  "process": {
+    "terminal": true,
+    "user": { "uid": 0, "gid": 0 },
+    "args": ["sh"],
+    "env": [
+      "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+      "TERM=xterm"
+    ],
+    "cwd": "/",
+    "capabilities": {
+      "bounding": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+      "effective": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+      "permitted": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+    },
+    "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }],
+    "noNewPrivileges": true
+  },
+  "root": { "path": "rootfs", "readonly": true },
+  "hostname": "rtv",
+  "mounts": [
+    { "destination": "/proc", "type": "proc", "source": "proc" },
+    { "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+      "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
+    { "destination": "/dev/pts", "type": "devpts", "source": "devpts",
+      "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"] },
+    { "destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+      "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] },
+    { "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+      "options": ["nosuid", "noexec", "nodev"] },
+    { "destination": "/sys", "type": "sysfs", "source": "sysfs",
+      "options": ["nosuid", "noexec", "nodev", "ro"] },
+    { "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+      "options": ["nosuid", "noexec", "nodev", "relatime", "ro"] }
+  ],
+  "linux": {
+    "resources": { "devices": [{ "allow": false, "access": "rwm" }] },
+    "namespaces": [
+      { "type": "pid" }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" },
+      { "type": "cgroup" }
+    ],
+    "maskedPaths": [
+      "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+      "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+      "/proc/scsi"
+    ],
+    "readonlyPaths": [
+      "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
+    ]
+  }
+}
+"#;
+
+/// The default spec.
+pub fn default_spec() -> Spec {
+    // DEFAULT_SPEC is a constant checked by a test below.
+    parse("(default spec)", DEFAULT_SPEC.as_bytes()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_spec_parses() {
+        let s = parse("default", DEFAULT_SPEC.as_bytes()).unwrap();
+        assert_eq!(
+            s.process().as_ref().unwrap().args().as_ref().unwrap()[0],
+            "sh"
+        );
+        assert_eq!(s.mounts().as_ref().unwrap().len(), 7);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = parse(
+            "config.json",
+            br#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"pid"},{"type":"bogus"}]}}"#,
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("linux.namespaces[1].type"), "{msg}");
+        assert!(msg.contains("bogus"), "{msg}");
+        let e = parse(
+            "config.json",
+            br#"{"ociVersion":"1.0.2","process":{"user":{"uid":"x"}}}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("process.user.uid"), "{e}");
+        let e = parse("config.json", b"{").unwrap_err();
+        assert!(e.to_string().starts_with("config.json: "), "{e}");
+        let e = load(Path::new("/nonexistent/rtv/config.json")).unwrap_err();
+        assert!(
+            e.to_string().contains("/nonexistent/rtv/config.json"),
+            "{e}"
+        );
+    }
+}
