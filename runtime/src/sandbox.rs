@@ -14,6 +14,13 @@
 //! when the thread that started it ends (`PR_SET_PDEATHSIG`; start
 //! sandboxes from long-lived threads, such as tokio's workers), and is
 //! killed when the [`Sandbox`] is dropped.
+//!
+//! A sandbox with a shared directory ([`SandboxConfig::shared_dir`]) gets a
+//! virtio-fs device serving it (tag `rtvfs`; the guest mounts it with
+//! `mount -t virtiofs rtvfs /mnt`). It is restored from a template made
+//! with such a device (another key than the templates without one), which
+//! was snapshotted before anything mounted it, so the restored device
+//! serves the sandbox's own directory.
 
 use std::fs::File;
 use std::os::unix::process::CommandExt;
@@ -57,6 +64,9 @@ pub struct SandboxConfig {
     pub hostname: String,
     /// The guest's vsock CID (3 or more; distinct per sandbox).
     pub cid: u32,
+    /// A host directory shared with the guest over virtio-fs (tag
+    /// `rtvfs`), if any. Not removed when the sandbox stops.
+    pub shared_dir: Option<PathBuf>,
     /// Restore from a template (made if needed) instead of cold booting.
     pub use_template: bool,
     /// The template cache; `None`: [`TemplateCache::default_root`].
@@ -87,6 +97,7 @@ impl SandboxConfig {
             state_dir: state_dir.into(),
             hostname: hostname.into(),
             cid,
+            shared_dir: None,
             use_template: true,
             template_dir: None,
             boot_timeout: Duration::from_secs(300),
@@ -102,6 +113,7 @@ impl SandboxConfig {
             vmm: self.vmm.clone(),
             mem_mib: self.mem_mib,
             vcpus: self.vcpus,
+            virtio_fs: self.shared_dir.is_some(),
         }
     }
 
@@ -139,6 +151,18 @@ impl SandboxConfig {
         }
         if self.vcpus == 0 {
             return Err(bad("vcpus", "0".into()));
+        }
+        if let Some(dir) = &self.shared_dir {
+            match std::fs::metadata(dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(bad(
+                        "shared_dir",
+                        format!("{}: not a directory", dir.display()),
+                    ))
+                }
+                Err(e) => return Err(bad("shared_dir", format!("{}: {e}", dir.display()))),
+            }
         }
         let sock = self.state_dir.join(VSOCK_FILE);
         if sock.as_os_str().len() > MAX_SOCKET_PATH {
@@ -572,6 +596,9 @@ async fn launch(cfg: &SandboxConfig, boot: Boot<'_>) -> Result<(Vmm, AgentClient
             )
         }
     };
+    if let Some(share) = &cfg.shared_dir {
+        cmd.arg("--shared-dir").arg(share);
+    }
     cmd.args(["--vsock-cid", &cfg.cid.to_string()])
         .arg("--vsock-uds")
         .arg(&uds)
@@ -647,6 +674,20 @@ mod tests {
             ),
             (SandboxConfig { cid: 2, ..cfg() }, "cid"),
             (SandboxConfig { vcpus: 0, ..cfg() }, "vcpus"),
+            (
+                SandboxConfig {
+                    shared_dir: Some(PathBuf::from("/nonexistent/rtv-share")),
+                    ..cfg()
+                },
+                "shared_dir",
+            ),
+            (
+                SandboxConfig {
+                    shared_dir: Some(PathBuf::from("/proc/self/status")),
+                    ..cfg()
+                },
+                "shared_dir",
+            ),
             (
                 SandboxConfig {
                     state_dir: PathBuf::from("/").join("x".repeat(100)),

@@ -1,6 +1,7 @@
 //! VM templates: a snapshot of a booted guest whose agent is ready, made
-//! once per (kernel, initramfs, VMM build, memory size, vCPU count) and
-//! restored by every sandbox that asks for the same.
+//! once per (kernel, initramfs, VMM build, memory size, vCPU count, with or
+//! without a virtio-fs device) and restored by every sandbox that asks for
+//! the same.
 //!
 //! The cache directory (`$RTV_CACHE_DIR/templates`, or
 //! `~/.cache/rtv/templates`) holds one directory per key:
@@ -10,11 +11,12 @@
 //! | `<key>/template.json` | [`TemplateManifest`]: the key's inputs, when it was made, the snapshot's VMM build id |
 //! | `<key>/snapshot/` | the VMM's snapshot (`state.json`, `memory.bin`, ...) |
 //! | `<key>/make-console.log` | the guest console of the boot that made it |
+//! | `<key>/share/` | templates with a virtio-fs device: the empty placeholder directory the device shared while the template was made (the guest never mounts it; each restore shares the sandbox's own directory) |
 //! | `<key>.lock` | flocked by whoever makes, replaces or discards `<key>` |
 //!
 //! The key is the sha256 of the kernel's and the initramfs's sha256, the
-//! output of `rtv-vmm --version` with the VMM's build id, the memory size
-//! and the vCPU count. `rtv-vmm` does not print its snapshot build id, so
+//! output of `rtv-vmm --version` with the VMM's build id, the memory size,
+//! the vCPU count and whether the VM has a virtio-fs device. `rtv-vmm` does not print its snapshot build id, so
 //! the build id in the key is the sha256 of the `rtv-vmm` binary (stricter:
 //! any rebuild is another key); the snapshot's own build id is recorded in
 //! `template.json` once made, and checked against `state.json` before use.
@@ -51,6 +53,8 @@ pub const SNAPSHOT_MANIFEST: &str = "state.json";
 pub const FORMAT_VERSION: u32 = 1;
 /// The vsock CID of the guest a template is made from (restores get their own).
 pub const TEMPLATE_CID: u64 = 3;
+/// The placeholder share's directory name, in the template's directory.
+pub const SHARE_DIR: &str = "share";
 /// How long making a template (a cold boot) may take by default.
 pub const DEFAULT_MAKE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -134,6 +138,9 @@ pub struct TemplateSpec {
     pub mem_mib: u64,
     /// vCPUs.
     pub vcpus: u8,
+    /// With a virtio-fs device (the sandboxes restored from it share a
+    /// directory each).
+    pub virtio_fs: bool,
 }
 
 /// The inputs of a template's key.
@@ -151,6 +158,9 @@ pub struct KeyInputs {
     pub mem_mib: u64,
     /// vCPUs.
     pub vcpus: u8,
+    /// With a virtio-fs device.
+    #[serde(default)]
+    pub virtio_fs: bool,
 }
 
 impl KeyInputs {
@@ -165,6 +175,7 @@ impl KeyInputs {
             &self.vmm_build_id,
             &self.mem_mib.to_string(),
             &self.vcpus.to_string(),
+            if self.virtio_fs { "virtio-fs" } else { "no-fs" },
         ] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
@@ -246,6 +257,13 @@ struct SnapshotManifest {
     mem_size_mib: u64,
     vcpus: u8,
     files: BTreeMap<String, SnapshotFile>,
+    #[serde(default)]
+    devices: Vec<SnapshotDevice>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SnapshotDevice {
+    kind: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -369,6 +387,7 @@ impl TemplateSpec {
             vmm_build_id: format!("sha256:{}", file_sha256("VMM binary", &self.vmm)?),
             mem_mib: self.mem_mib,
             vcpus: self.vcpus,
+            virtio_fs: self.virtio_fs,
         })
     }
 }
@@ -560,6 +579,18 @@ impl TemplateCache {
                 state.mem_size_mib, state.vcpus, inputs.mem_mib, inputs.vcpus
             )));
         }
+        let has_fs = state.devices.iter().any(|d| d.kind == "fs");
+        if has_fs != inputs.virtio_fs {
+            return Err(invalid(format!(
+                "{name}: the snapshot {} a virtio-fs device, the key says it {}",
+                if has_fs { "has" } else { "has no" },
+                if inputs.virtio_fs {
+                    "has one"
+                } else {
+                    "has none"
+                }
+            )));
+        }
         for (file, entry) in &state.files {
             let path = snap.join(file);
             let len = match std::fs::metadata(&path) {
@@ -716,6 +747,14 @@ impl TemplateCache {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
+        if spec.virtio_fs {
+            // The guest is snapshotted at readiness, before anything could
+            // mount it: the snapshot holds no file system state, and each
+            // restore shares the sandbox's own directory.
+            let share = tmp.join(SHARE_DIR);
+            std::fs::create_dir(&share).map_err(|e| TemplateError::io(&share, e))?;
+            cmd.arg("--shared-dir").arg(&share);
+        }
         crate::sandbox::die_with_parent(&mut cmd);
         tracing::info!(key, "making a VM template (cold boot)");
         let mut child = cmd
@@ -800,6 +839,7 @@ mod tests {
             vmm_build_id: "sha256:b".into(),
             mem_mib: 128,
             vcpus: 1,
+            virtio_fs: false,
         }
     }
 
@@ -830,6 +870,10 @@ mod tests {
             },
             KeyInputs {
                 vcpus: 2,
+                ..inputs()
+            },
+            KeyInputs {
+                virtio_fs: true,
                 ..inputs()
             },
         ];
@@ -932,12 +976,20 @@ mod tests {
             r#"#!/bin/sh
 # {tag}
 if [ "$1" = --version ]; then echo "rtv-vmm 9.9.9"; exit 0; fi
-while [ $# -gt 0 ]; do [ "$1" = --snapshot-on-ready ] && out=$2; shift; done
+devices='[]'
+while [ $# -gt 0 ]; do
+  [ "$1" = --snapshot-on-ready ] && out=$2
+  if [ "$1" = --shared-dir ]; then
+    [ -d "$2" ] || {{ echo "no shared dir $2" >&2; exit 1; }}
+    devices='[{{"kind":"fs","tag":"rtvfs"}}]'
+  fi
+  shift
+done
 echo made >> {count}
 sleep 1
 mkdir -p "$out"
 printf abcd > "$out/memory.bin"
-printf '{{"format_version":1,"vmm":{{"version":"9.9.9","build_id":"fake-{tag}"}},"mem_size_mib":128,"vcpus":1,"files":{{"memory.bin":{{"size":4,"sha256":"x"}}}}}}' > "$out/state.json"
+printf '{{"format_version":1,"vmm":{{"version":"9.9.9","build_id":"fake-{tag}"}},"mem_size_mib":128,"vcpus":1,"devices":%s,"files":{{"memory.bin":{{"size":4,"sha256":"x"}}}}}}' "$devices" > "$out/state.json"
 "#,
             count = count.display()
         );
@@ -976,6 +1028,7 @@ printf '{{"format_version":1,"vmm":{{"version":"9.9.9","build_id":"fake-{tag}"}}
             vmm: fake_vmm(&work, "a"),
             mem_mib: 128,
             vcpus: 1,
+            virtio_fs: false,
         };
         ready(&spec);
         let cache = TemplateCache::new(work.join("cache"));
@@ -1018,12 +1071,34 @@ printf '{{"format_version":1,"vmm":{{"version":"9.9.9","build_id":"fake-{tag}"}}
             cache.check(&spec).is_ok(),
             "the first build's template stays"
         );
+        // With a virtio-fs device: another key, made with an empty
+        // placeholder share in the template's directory.
+        let with_fs = TemplateSpec {
+            virtio_fs: true,
+            ..spec.clone()
+        };
+        let fs = cache.get_or_make(&with_fs).unwrap();
+        assert_eq!(makes(&work), 3);
+        assert_ne!(fs.template.key(), first.key());
+        assert_ne!(fs.template.key(), b.template.key());
+        assert!(fs.template.manifest.inputs.virtio_fs);
+        let share = fs.template.dir.join(SHARE_DIR);
+        assert_eq!(std::fs::read_dir(&share).unwrap().count(), 0, "empty share");
+        assert!(cache.check(&with_fs).is_ok());
+        assert!(cache.check(&spec).is_ok(), "the template without stays");
+        // A snapshot whose devices disagree with the key is refused.
+        let state = fs.template.snapshot_dir().join(SNAPSHOT_MANIFEST);
+        let text = std::fs::read_to_string(&state).unwrap();
+        std::fs::write(&state, text.replace(r#""kind":"fs""#, r#""kind":"vsock""#)).unwrap();
+        let err = cache.check(&with_fs).unwrap_err().to_string();
+        assert!(err.contains("virtio-fs"), "{err}");
+        let first_makes = makes(&work);
         // Discarding a template that was replaced meanwhile keeps the new one.
         let stale = first.clone();
         cache.discard(&stale, "test").unwrap();
         assert!(cache.check(&spec).is_err());
         let again = cache.get_or_make(&spec).unwrap();
-        assert_eq!(makes(&work), 3);
+        assert_eq!(makes(&work), first_makes + 1);
         cache.discard(&stale, "stale").unwrap();
         let kept = cache.check(&spec).unwrap();
         assert_eq!(kept.manifest.instance, again.template.manifest.instance);

@@ -2,7 +2,8 @@
 //! guest kernel and the test initramfs: five sandboxes restored from one
 //! template at once, each with its own hostname, RNG output and clock; a
 //! corrupted (and a truncated) template detected and replaced; a template
-//! that claims another VMM build not used. The template cache is a
+//! that claims another VMM build not used; sandboxes with a shared directory
+//! restored from a template with a virtio-fs device, each reading its own. The template cache is a
 //! temporary directory of this test process (with copies of the kernel,
 //! initramfs and VMM), removed by the last test.
 
@@ -13,7 +14,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use rtv_agent::protocol::{ErrorKind, ExecRequest, Identity, RequestBody, StreamKind};
-use rtv_runtime::template::{Template, MANIFEST_FILE, SNAPSHOT_DIR, SNAPSHOT_MANIFEST};
+use rtv_runtime::template::{Template, MANIFEST_FILE, SHARE_DIR, SNAPSHOT_DIR, SNAPSHOT_MANIFEST};
 use rtv_runtime::{
     AgentClient, ClientError, Endpoint, Origin, Sandbox, SandboxConfig, TemplateCache,
     TemplateError,
@@ -23,7 +24,7 @@ use tokio::io::AsyncReadExt;
 
 /// Tests in this file that use the shared cache; the last one to finish
 /// removes it.
-const CACHE_USERS: usize = 3;
+const CACHE_USERS: usize = 4;
 static FINISHED: AtomicUsize = AtomicUsize::new(0);
 /// The cache is shared, and two of the tests damage it: one at a time.
 static CACHE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -359,6 +360,75 @@ async fn a_template_claiming_another_vmm_build_is_not_used() {
     let (code, _) = run(sb.client(), &["true"]).await;
     assert_eq!(code, 0);
     stop(sb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_with_a_share_read_their_own_host_directory_through_virtio_fs() {
+    let _user = CacheUser;
+    let _lock = CACHE_LOCK.lock().await;
+    let plain_key = config("share", 0).template_spec().inputs().unwrap().key();
+    let shares: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let dir = cache_root().join(format!("share-{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join("file"),
+                format!("placed on the host for sandbox {i}\n"),
+            )
+            .unwrap();
+            dir
+        })
+        .collect();
+    let mut template_key = None;
+    // One after the other: the first makes the template (with a virtio-fs
+    // device), the second restores it with its own share.
+    for (i, share) in shares.iter().enumerate() {
+        let mut cfg = config("share", i as u32);
+        cfg.shared_dir = Some(share.clone());
+        let want_key = cfg.template_spec().inputs().unwrap().key();
+        assert_ne!(want_key, plain_key, "with and without a share: two keys");
+        let sb = Sandbox::start(cfg).await.unwrap_or_else(|e| panic!("{e}"));
+        let (key, made_in, _) = origin_key(&sb);
+        assert_eq!(key, want_key);
+        if i > 0 {
+            assert_eq!(made_in, None, "the template was made again");
+        }
+        template_key = Some(key.to_owned());
+        let c = sb.client();
+        let (code, out) = run(
+            c,
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /mnt && mount -t virtiofs rtvfs /mnt 2>&1 && echo from-guest > /mnt/out",
+            ],
+        )
+        .await;
+        assert_eq!(code, 0, "mount: {}", String::from_utf8_lossy(&out));
+        let (code, out) = run(c, &["cat", "/mnt/file"]).await;
+        assert_eq!(code, 0);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            format!("placed on the host for sandbox {i}\n")
+        );
+        assert_eq!(
+            std::fs::read_to_string(share.join("out")).unwrap(),
+            "from-guest\n"
+        );
+        stop(sb).await;
+    }
+    // The template's placeholder share was never written to.
+    let key = template_key.unwrap();
+    let placeholder = cache().root().join(&key).join(SHARE_DIR);
+    assert_eq!(
+        std::fs::read_dir(&placeholder)
+            .unwrap_or_else(|e| panic!("{}: {e}", placeholder.display()))
+            .count(),
+        0
+    );
+    for share in shares {
+        let _ = std::fs::remove_dir_all(share);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
