@@ -117,6 +117,57 @@ pub fn default_spec() -> Spec {
     parse("(default spec)", DEFAULT_SPEC.as_bytes()).unwrap_or_default()
 }
 
+/// Guest memory a sandbox needs beyond its containers' memory limits: the
+/// guest kernel, the agent, page tables and page cache for the share.
+/// Measured idle use of the guest is ~25 MiB (see README).
+pub const VM_MEMORY_OVERHEAD_MIB: u64 = 64;
+/// Guest memory when the spec sets no memory limit.
+pub const DEFAULT_VM_MEMORY_MIB: u64 = 128;
+/// vCPUs when the spec sets no CPU quota.
+pub const DEFAULT_VM_VCPUS: u8 = 1;
+
+/// A sandbox VM's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+}
+
+/// The VM for a container with `spec`: memory = the memory limit rounded
+/// up to 2 MiB plus [`VM_MEMORY_OVERHEAD_MIB`] (or
+/// [`DEFAULT_VM_MEMORY_MIB`] without a limit); vCPUs = the CPU quota over
+/// its period, rounded up, at most `host_cpus` (or [`DEFAULT_VM_VCPUS`]).
+pub fn vm_size(spec: &Spec, host_cpus: u8) -> VmSize {
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    let limit = resources
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .filter(|l| *l > 0);
+    let mem_mib = match limit {
+        Some(bytes) => {
+            let mib = (bytes as u64).div_ceil(1 << 20);
+            mib.div_ceil(2) * 2 + VM_MEMORY_OVERHEAD_MIB
+        }
+        None => DEFAULT_VM_MEMORY_MIB,
+    };
+    let cpu = resources.and_then(|r| r.cpu().as_ref());
+    let quota = cpu.and_then(|c| c.quota()).filter(|q| *q > 0);
+    let period = cpu
+        .and_then(|c| c.period())
+        .filter(|p| *p > 0)
+        .unwrap_or(100_000);
+    let vcpus = match quota {
+        Some(q) => {
+            let n = (q as u64).div_ceil(period).max(1);
+            u8::try_from(n).unwrap_or(u8::MAX).min(host_cpus.max(1))
+        }
+        None => DEFAULT_VM_VCPUS,
+    };
+    VmSize { mem_mib, vcpus }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +180,38 @@ mod tests {
             "sh"
         );
         assert_eq!(s.mounts().as_ref().unwrap().len(), 7);
+    }
+
+    #[test]
+    fn vms_are_sized_from_the_spec() {
+        let s = default_spec();
+        assert_eq!(
+            vm_size(&s, 2),
+            VmSize {
+                mem_mib: 128,
+                vcpus: 1
+            }
+        );
+        let s = parse(
+            "c",
+            br#"{"ociVersion":"1.0.2","linux":{"resources":{
+                "memory":{"limit":33554432},"cpu":{"quota":150000,"period":100000}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            vm_size(&s, 4),
+            VmSize {
+                mem_mib: 32 + 64,
+                vcpus: 2
+            }
+        );
+        assert_eq!(vm_size(&s, 1).vcpus, 1);
+        let s = parse(
+            "c",
+            br#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":1000001}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(vm_size(&s, 2).mem_mib, 2 + 64);
     }
 
     #[test]
