@@ -399,6 +399,326 @@ fn fuse_requests_are_served_and_dot_dot_is_refused() {
     assert_eq!((err, unique), (0, 7), "still serving");
 }
 
+impl Driver {
+    /// Sends `request` as it is (no header is made up) with a writable
+    /// part of `reply_len` bytes (none when 0); returns the used length and,
+    /// when a header was written, the reply's error.
+    fn raw(&mut self, request: &[u8], reply_len: u32) -> (u32, Option<i32>) {
+        let (req, reply) = (0x80000u64, 0x90000u64);
+        self.mem.write_slice(request, GuestAddress(req)).unwrap();
+        self.mem
+            .write_slice(&[0xaau8; 16], GuestAddress(reply))
+            .unwrap();
+        let mut descs = vec![(req, request.len().max(1) as u32, 0)];
+        if reply_len > 0 {
+            descs.push((reply, reply_len, F_WRITE));
+        }
+        let len = self.send(&descs);
+        let err = (len >= 16).then(|| self.mem.read_obj(GuestAddress(reply + 4)).unwrap());
+        (len, err)
+    }
+}
+
+/// A FUSE request: header (with `len` as given) and body.
+fn request(len: u32, opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&len.to_le_bytes());
+    m.extend_from_slice(&opcode.to_le_bytes());
+    m.extend_from_slice(&unique.to_le_bytes());
+    m.extend_from_slice(&nodeid.to_le_bytes());
+    m.extend_from_slice(&[0u8; 16]);
+    m.extend_from_slice(body);
+    m
+}
+
+/// A well-formed request: the header's length is the real one.
+fn well_formed(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
+    request(40 + body.len() as u32, opcode, unique, nodeid, body)
+}
+
+#[test]
+fn truncated_and_garbage_fuse_requests_get_errors_and_the_device_goes_on() {
+    let dir = TempDir::new("vmm-fs-garbage");
+    let share = dir.0.join("share");
+    std::fs::create_dir_all(share.join("sub")).unwrap();
+    std::fs::write(share.join("hello.txt"), "hi").unwrap();
+    let outside = dir.0.join("outside.txt");
+    std::fs::write(&outside, "host only").unwrap();
+    let mut d = Driver::new(&share);
+    // Before INIT nothing is imported: requests fail, nothing panics.
+    let (_, err) = d.raw(&well_formed(FUSE_LOOKUP, 1, 1, b"hello.txt\0"), 4096);
+    assert!(err.is_some_and(|e| e < 0), "{err:?}");
+    d.init(2);
+    let (_, err) = d.raw(&well_formed(FUSE_LOOKUP, 3, 1, b"hello.txt\0"), 4096);
+    assert_eq!(err, Some(0));
+
+    const GETATTR: u32 = 3;
+    const SETXATTR: u32 = 21;
+    const GETXATTR: u32 = 22;
+    const READ: u32 = 15;
+    const WRITE: u32 = 16;
+    const BATCH_FORGET: u32 = 42;
+    const IOCTL: u32 = 39;
+    const MKNOD: u32 = 8;
+    const LINK: u32 = 13;
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        (
+            "length beyond the chain",
+            request(4096, FUSE_LOOKUP, 10, 1, b"hello.txt\0"),
+            4096,
+        ),
+        (
+            "length shorter than the header",
+            request(8, GETATTR, 11, 1, &[0; 16]),
+            4096,
+        ),
+        (
+            "length of 16 MiB",
+            request(16 << 20, GETATTR, 12, 1, &[0; 16]),
+            4096,
+        ),
+        (
+            "GETATTR without its argument",
+            well_formed(GETATTR, 13, 1, &[]),
+            4096,
+        ),
+        (
+            "name without a NUL",
+            well_formed(FUSE_LOOKUP, 14, 1, b"hello.txt"),
+            4096,
+        ),
+        ("empty name", well_formed(FUSE_LOOKUP, 15, 1, b"\0"), 4096),
+        ("unknown opcode", well_formed(9999, 16, 1, &[0; 64]), 4096),
+        (
+            "unknown node",
+            well_formed(GETATTR, 17, 0xdead_beef, &[0; 16]),
+            4096,
+        ),
+        (
+            "READ of a handle never opened",
+            {
+                let mut b = Vec::new();
+                for v in [7u64, 0] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+                b.extend_from_slice(&(1u32 << 20).to_le_bytes());
+                b.extend_from_slice(&[0; 20]);
+                well_formed(READ, 18, 2, &b)
+            },
+            4096,
+        ),
+        (
+            "WRITE of 1 MiB with 10 bytes",
+            {
+                let mut b = Vec::new();
+                for v in [7u64, 0] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+                b.extend_from_slice(&(1u32 << 20).to_le_bytes());
+                b.extend_from_slice(&[0; 20]);
+                b.extend_from_slice(&[b'x'; 10]);
+                well_formed(WRITE, 19, 2, &b)
+            },
+            4096,
+        ),
+        (
+            "BATCH_FORGET of 4 billion nodes",
+            {
+                let mut b = u32::MAX.to_le_bytes().to_vec();
+                b.extend_from_slice(&[0; 4 + 32]);
+                well_formed(BATCH_FORGET, 20, 0, &b)
+            },
+            4096,
+        ),
+        (
+            "IOCTL with a 4 GiB input",
+            {
+                let mut b = vec![0u8; 8 + 4 + 4 + 8];
+                b.extend_from_slice(&u32::MAX.to_le_bytes());
+                b.extend_from_slice(&u32::MAX.to_le_bytes());
+                well_formed(IOCTL, 21, 1, &b)
+            },
+            4096,
+        ),
+        (
+            "SETXATTR (xattrs are off)",
+            {
+                let mut b = Vec::new();
+                b.extend_from_slice(&4u32.to_le_bytes());
+                b.extend_from_slice(&0u32.to_le_bytes());
+                b.extend_from_slice(b"security.capability\0abcd");
+                well_formed(SETXATTR, 22, 1, &b)
+            },
+            4096,
+        ),
+        (
+            "GETXATTR (xattrs are off)",
+            {
+                let mut b = 64u32.to_le_bytes().to_vec();
+                b.extend_from_slice(&[0; 4]);
+                b.extend_from_slice(b"trusted.x\0");
+                well_formed(GETXATTR, 23, 1, &b)
+            },
+            4096,
+        ),
+        (
+            "a reply buffer too small for the reply",
+            well_formed(FUSE_LOOKUP, 24, 1, b"hello.txt\0"),
+            20,
+        ),
+        (
+            "a reply buffer smaller than a header",
+            well_formed(GETATTR, 25, 1, &[0; 16]),
+            8,
+        ),
+        ("no reply buffer", well_formed(GETATTR, 26, 1, &[0; 16]), 0),
+        (
+            "LINK of a node that does not exist",
+            {
+                let mut b = 0x7777u64.to_le_bytes().to_vec();
+                b.extend_from_slice(b"stolen\0");
+                well_formed(LINK, 27, 1, &b)
+            },
+            4096,
+        ),
+    ];
+    for (what, req, reply_len) in &cases {
+        let (len, err) = d.raw(req, *reply_len);
+        eprintln!("{what}: used {len}, error {err:?}");
+        if let Some(e) = err {
+            assert!(e <= 0, "{what}: error field {e}");
+        }
+        // Still serving, correctly.
+        let (_, err, unique) = d.fuse(FUSE_LOOKUP, 1, 100, b"hello.txt\0");
+        assert_eq!((err, unique), (0, 100), "after {what}");
+    }
+    // Specific answers where there is one to give.
+    let (_, err) = d.raw(&well_formed(9999, 30, 1, &[]), 4096);
+    assert_eq!(err, Some(-libc::ENOSYS), "unknown opcode");
+    let (_, err) = d.raw(&cases[12].1, 4096);
+    assert_eq!(err, Some(-libc::ENOSYS), "setxattr with xattrs off");
+    assert!(
+        std::fs::read_dir(&share).unwrap().count() == 2,
+        "nothing created"
+    );
+
+    // Block and character devices cannot be made in the share (the VMM
+    // runs as root: a device node there would open the host's device for
+    // any host process that opens it). FIFOs and plain nodes can.
+    let mknod = |mode: u32, rdev: u32, name: &str| {
+        let mut b = Vec::new();
+        for v in [mode, rdev, 0o022, 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(name.as_bytes());
+        b.push(0);
+        well_formed(MKNOD, 40, 1, &b)
+    };
+    let sda = libc::makedev(8, 0) as u32;
+    let (_, err) = d.raw(&mknod(libc::S_IFBLK | 0o600, sda, "disk"), 4096);
+    assert_eq!(err, Some(-libc::EPERM), "block device");
+    let (_, err) = d.raw(
+        &mknod(libc::S_IFCHR | 0o666, libc::makedev(1, 1) as u32, "mem"),
+        4096,
+    );
+    assert_eq!(err, Some(-libc::EPERM), "character device");
+    assert!(!share.join("disk").exists() && !share.join("mem").exists());
+    let (_, err) = d.raw(&mknod(libc::S_IFIFO | 0o644, 0, "fifo"), 4096);
+    assert_eq!(err, Some(0), "fifo");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(share.join("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+
+    // Garbage: 3,000 requests of random opcodes, nodes and bodies (a fixed
+    // seed). Some succeed (all inside the share); none may stop the device.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..3000u64 {
+        let r = next();
+        let opcode = (r % 56) as u32;
+        if opcode == FUSE_INIT || opcode == 38 {
+            continue; // INIT and DESTROY would only reset the share.
+        }
+        let nodeid = match (r >> 8) % 5 {
+            0 => 0,
+            1 => 1,
+            2 => 2,
+            3 => 3,
+            _ => next(),
+        };
+        let body: Vec<u8> = (0..(r >> 16) % 160).map(|_| next() as u8).collect();
+        let len = match (r >> 24) % 4 {
+            0 => next() as u32,
+            _ => 40 + body.len() as u32,
+        };
+        let reply_len = [4096, 16, 0, 100][((r >> 32) % 4) as usize];
+        d.raw(&request(len, opcode, 1000 + i, nodeid, &body), reply_len);
+    }
+    let (_, err, unique) = d.fuse(FUSE_LOOKUP, 1, 99_999, b"hello.txt\0");
+    assert_eq!(
+        (err, unique),
+        (0, 99_999),
+        "still serving after the garbage"
+    );
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "host only");
+}
+
+/// What the guest's open_by_handle_at(2) on the virtio-fs mount can do: the
+/// kernel's FUSE export operations ask the server to resolve a handle (a
+/// node id) only when INIT offered FUSE_EXPORT_SUPPORT, and then with a
+/// LOOKUP of "." in that node (and ".." for its parent). The device offers
+/// no export support even when the guest asks for it, and refuses those
+/// lookups on every node, so handles resolve only to inodes the guest
+/// already holds, which are in the share. (busybox has no applet calling
+/// name_to_handle_at, so this is the device's side of it.)
+#[test]
+fn file_handles_cannot_reach_outside_the_share() {
+    const FUSE_EXPORT_SUPPORT: u32 = 1 << 4;
+    let dir = TempDir::new("vmm-fs-handles");
+    let share = dir.0.join("share");
+    std::fs::create_dir_all(share.join("sub/deeper")).unwrap();
+    let mut d = Driver::new(&share);
+    // INIT 7.31 asking for every flag, export support included (but
+    // FUSE_INIT_EXT, which would need the longer fuse_init_in).
+    let mut init = Vec::new();
+    for v in [7u32, 31, 0x20000, !(1 << 30)] {
+        init.extend_from_slice(&v.to_le_bytes());
+    }
+    let (len, err, _) = d.fuse(FUSE_INIT, 0, 1, &init);
+    assert_eq!(err, 0);
+    assert!(len >= 16 + 16);
+    let out = d.reply_body(16);
+    let flags = u32::from_le_bytes(out[12..16].try_into().unwrap());
+    assert_eq!(flags & FUSE_EXPORT_SUPPORT, 0, "INIT flags {flags:#x}");
+    // The node ids of sub and sub/deeper.
+    let (_, err, _) = d.fuse(FUSE_LOOKUP, 1, 2, b"sub\0");
+    assert_eq!(err, 0);
+    let sub = u64::from_le_bytes(d.reply_body(8)[..8].try_into().unwrap());
+    let (_, err, _) = d.fuse(FUSE_LOOKUP, sub, 3, b"deeper\0");
+    assert_eq!(err, 0);
+    let deeper = u64::from_le_bytes(d.reply_body(8)[..8].try_into().unwrap());
+    assert!(sub > 1 && deeper > sub);
+    // What fuse_get_dentry (".") and fuse_get_parent ("..") would send.
+    for (i, node) in [1, sub, deeper].into_iter().enumerate() {
+        for (j, name) in [&b".\0"[..], b"..\0"].into_iter().enumerate() {
+            let unique = 10 + 2 * i as u64 + j as u64;
+            assert_eq!(
+                d.fuse(FUSE_LOOKUP, node, unique, name),
+                (16, -libc::EACCES, unique),
+                "node {node} {:?}",
+                String::from_utf8_lossy(name)
+            );
+        }
+    }
+}
+
 // ---- end to end -----------------------------------------------------------
 
 /// A build artifact: `$var` (as scripts/test.sh exports it), or the path
@@ -416,6 +736,28 @@ fn artifact(var: &str, script: &str, args: &[&str]) -> Option<PathBuf> {
         .ok()?;
     let p = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
     (out.status.success() && p.is_file()).then_some(p)
+}
+
+/// A bind mount on the host, undone (lazily) when dropped.
+struct BindMount(PathBuf);
+
+impl BindMount {
+    fn new(source: &Path, target: &Path) -> Self {
+        let status = Command::new("mount")
+            .arg("--bind")
+            .arg(source)
+            .arg(target)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount --bind (run the tests as root)");
+        BindMount(target.to_path_buf())
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
 
 struct Vmm(Child);
@@ -599,33 +941,59 @@ fn guest_mounts_reads_and_writes_the_share_and_cannot_leave_it() {
         );
     }
 
-    // Escapes: `..` past the mount root and a symlink to /etc stay in the
-    // guest; the host's /etc/hostname is never what the guest reads.
-    let host_hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-    let (dotdot, _) = run(&uds, 7, "{ cat /mnt/../../etc/hostname; ls /mnt/..; }");
-    let (link, _) = run(
+    // Escapes. Paths are resolved by the guest in its own namespace; the
+    // device never follows a symlink on the host, refuses `..`, and link(2)
+    // and rename(2) cannot cross the mount. Symlinks made on the host
+    // (absolute to /etc and /proc, relative up past the share) and in the
+    // guest; a hard link each way; a move to `../x`.
+    std::os::unix::fs::symlink("/etc", share.join("host-etc")).unwrap();
+    std::os::unix::fs::symlink("/proc", share.join("host-proc")).unwrap();
+    std::os::unix::fs::symlink("../../..", share.join("up")).unwrap();
+    let (out, _) = run(
         &uds,
-        9,
-        "{ ln -s /etc /mnt/esc && cat /mnt/esc/hostname; ls /mnt/esc/; }",
+        7,
+        "echo '#dotdot'; cat /mnt/../../etc/hostname; ls /mnt/..; \
+         echo '#guest-link'; ln -s /etc /mnt/esc && cat /mnt/esc/hostname; ls /mnt/esc/; \
+         echo '#host-etc'; cat /mnt/host-etc/hostname; ls /mnt/host-etc/; \
+         echo '#host-proc'; cat /mnt/host-proc/version; \
+         echo '#up'; ls /mnt/up/; \
+         echo '#root'; ls /; \
+         echo '#hardlink'; ln /init /mnt/hard-in; echo in=$?; ln /mnt/hello.txt /hard-out; echo out=$?; \
+         echo '#rename'; echo victim > /mnt/victim && mv /mnt/victim /mnt/../x; echo mv=$?; cat /x; \
+         echo '#ls'; ls -a /mnt",
     );
+    let section = |name: &str| -> String {
+        let marker = format!("#{name}\n");
+        let start = out
+            .find(&marker)
+            .unwrap_or_else(|| panic!("no {marker:?} in {out}"))
+            + marker.len();
+        let rest = &out[start..];
+        rest[..rest.find("\n#").map_or(rest.len(), |i| i + 1)].to_string()
+    };
+    eprintln!("escape attempts, as the guest saw them:\n{out}");
     assert_eq!(
         std::fs::read_link(share.join("esc")).unwrap(),
         Path::new("/etc"),
         "the guest made the symlink in the share"
     );
-    let (ls, code) = run(&uds, 11, "ls -a /mnt");
-    assert_eq!(code, 0);
-    assert!(ls.contains("hello.txt") && ls.contains("out.txt") && ls.contains("esc"));
+    let ls = section("ls");
+    for name in ["hello.txt", "out.txt", "esc", "host-etc", "up"] {
+        assert!(ls.lines().any(|l| l == name), "{name} in {ls}");
+    }
+    // `..` and the links to /etc: never the host's /etc.
+    let host_hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let host_etc_names = std::fs::read_dir("/etc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.len() > 6)
         .collect::<Vec<_>>();
-    for out in [&dotdot, &link] {
+    for name in ["dotdot", "guest-link", "host-etc"] {
+        let out = section(name);
         if !host_hostname.trim().is_empty() {
             assert!(
                 !out.contains(host_hostname.trim()),
-                "the guest read the host's /etc/hostname: {out}"
+                "{name}: the guest read the host's /etc/hostname: {out}"
             );
         }
         // The host's /etc listing is not what the guest sees either (names
@@ -634,9 +1002,48 @@ fn guest_mounts_reads_and_writes_the_share_and_cannot_leave_it() {
             .iter()
             .filter(|n| out.lines().any(|l| l.trim() == n.as_str()))
             .count();
-        assert!(leaked < 3, "host /etc names in the guest's listing: {out}");
+        assert!(leaked < 3, "{name}: host /etc names in the guest: {out}");
     }
-    eprintln!("escape attempts: `..` -> {dotdot:?}; symlink -> {link:?}");
+    // The host's symlink to /proc gives the guest's own /proc: another
+    // kernel than the host's.
+    let host_version = std::fs::read_to_string("/proc/version").unwrap();
+    let guest_version = section("host-proc");
+    assert!(
+        guest_version.starts_with("Linux version"),
+        "{guest_version}"
+    );
+    assert_ne!(guest_version, host_version, "the host's /proc/version");
+    // `../../..` from the share is the guest's root, not the host's.
+    assert_eq!(section("up"), section("root"), "the guest's / listing");
+    assert!(section("root").lines().any(|l| l == "init"));
+    // link(2) across the mount fails both ways.
+    let hard = section("hardlink");
+    assert!(
+        hard.lines().any(|l| l.starts_with("in=") && l != "in=0")
+            && hard.lines().any(|l| l.starts_with("out=") && l != "out=0"),
+        "{hard}"
+    );
+    assert!(!share.join("hard-in").exists());
+    // rename(2) to `../x` cannot cross the mount: busybox mv then copies
+    // into the guest's own / and removes the file from the share; nothing
+    // lands next to the share on the host.
+    let moved = section("rename");
+    assert!(
+        moved.contains("mv=0") && moved.contains("victim"),
+        "{moved}"
+    );
+    assert!(!tmp.0.join("x").exists(), "the move reached the host");
+    assert!(!share.join("victim").exists());
+
+    // A bind mount the host adds under the share after the guest mounted
+    // it is visible to the guest (the host chose to put it there).
+    let bind_src = tmp.0.join("bind-src");
+    std::fs::create_dir(&bind_src).unwrap();
+    std::fs::write(bind_src.join("bound.txt"), "bound by the host\n").unwrap();
+    std::fs::create_dir(share.join("bound")).unwrap();
+    let _bind = BindMount::new(&bind_src, &share.join("bound"));
+    let (out, code) = run(&uds, 9, "cat /mnt/bound/bound.txt");
+    assert_eq!((out.as_str(), code), ("bound by the host\n", 0));
     drop(vmm);
 
     // The snapshot taken before the mount, restored with another share.

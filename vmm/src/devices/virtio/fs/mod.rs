@@ -6,11 +6,42 @@
 //! event loop thread: each descriptor chain becomes a fuse-backend-rs
 //! virtio-fs `Reader`/`Writer` pair handed to `Server::handle_message`.
 //!
-//! The guest is untrusted: the passthrough root is the shared directory,
-//! lookups of `.` and `..` are refused before they reach the passthrough
-//! file system (it lets them through for NFS export, and `..` of the root
-//! would be the host directory above the share), and malformed chains are
-//! dropped with a log.
+//! The guest is untrusted, and so is every FUSE request it sends:
+//!
+//! - The passthrough root is the shared directory. Lookups of `.` and `..`
+//!   are refused before they reach the passthrough file system (it lets them
+//!   through for NFS export, and `..` of the root would be the host directory
+//!   above the share; `..` of a directory the host moved out of the share
+//!   would be outside too). Every other name is one path component (the
+//!   passthrough refuses `/` in names), opened with
+//!   `openat(parent, name, O_PATH | O_NOFOLLOW)`: symlinks are never
+//!   followed on the host; the guest reads their target and resolves it in
+//!   its own namespace.
+//! - Data is reached by reopening an inode's `O_PATH` fd through
+//!   `/proc/self/fd`, and only for regular files and directories
+//!   (`is_safe_inode`): device nodes, FIFOs and sockets in the share are
+//!   never opened by the VMM. A MKNOD of a block or character device is
+//!   refused here (EPERM): the VMM runs as root, and a host device node in
+//!   the share would give any host process that opens it the device. FIFOs
+//!   and sockets may be made (the guest kernel serves them itself).
+//! - `inode_file_handles` is off: the host never uses name_to_handle_at /
+//!   open_by_handle_at (which would bypass path lookup and need
+//!   CAP_DAC_READ_SEARCH). INIT never offers FUSE_EXPORT_SUPPORT, so the
+//!   guest's open_by_handle_at only reaches inodes it already holds, all in
+//!   the share.
+//! - Extended attributes are off: the guest cannot set `security.*` or
+//!   `trusted.*` attributes (file capabilities, overlayfs metadata) on host
+//!   files, which would be set with the VMM's root privileges.
+//! - Malformed chains are dropped with a log; malformed requests get an
+//!   error reply (or none, when there is no room for one) and the device goes
+//!   on serving (tests/virtiofs.rs sends truncated and random requests).
+//!
+//! Known and not handled here: the guest's root acts as root in the shared
+//! directory (requests carry the guest's uid/gid), so it can create
+//! set-user-ID files owned by any host uid. Keep shares where untrusted host
+//! users cannot execute from them, or on a `nosuid` mount. A guest can also
+//! hold an `O_PATH` fd per inode it looks up, up to the VMM's descriptor
+//! limit (it only starves its own VM).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -43,6 +74,7 @@ pub const HIPRIO_QUEUE: usize = 0;
 pub const REQUEST_QUEUE: usize = 1;
 
 const FUSE_LOOKUP: u32 = 1;
+const FUSE_MKNOD: u32 = 8;
 const IN_HEADER_LEN: usize = 40;
 
 /// What the device shares.
@@ -210,10 +242,12 @@ impl VirtioFs {
     }
 }
 
-/// Reads the FUSE request's opcode and, for LOOKUP, refuses `.` and `..`
-/// (returns the reply's error when refused).
-fn refused(mem: &GuestMemoryMmap, chain: &DescriptorChain<&GuestMemoryMmap>) -> Option<u64> {
-    let mut head = [0u8; IN_HEADER_LEN + 3];
+/// Reads the FUSE request's opcode and refuses, before the passthrough
+/// file system sees them, a LOOKUP of `.` or `..` (EACCES) and a MKNOD of a
+/// block or character device (EPERM). Returns the request's `unique` and
+/// the (positive) errno when refused.
+fn refused(mem: &GuestMemoryMmap, chain: &DescriptorChain<&GuestMemoryMmap>) -> Option<(u64, i32)> {
+    let mut head = [0u8; IN_HEADER_LEN + 4];
     let mut filled = 0;
     for desc in chain.clone().readable() {
         if filled == head.len() {
@@ -232,14 +266,23 @@ fn refused(mem: &GuestMemoryMmap, chain: &DescriptorChain<&GuestMemoryMmap>) -> 
         return None;
     }
     let opcode = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    if opcode != FUSE_LOOKUP {
-        return None;
-    }
     let unique = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
-    let name = &head[IN_HEADER_LEN..filled];
-    let dot = name.first() == Some(&b'.')
-        && (name.get(1) == Some(&0) || (name.get(1) == Some(&b'.') && name.get(2) == Some(&0)));
-    dot.then_some(unique)
+    let body = &head[IN_HEADER_LEN..filled];
+    match opcode {
+        FUSE_LOOKUP => {
+            let dot = body.first() == Some(&b'.')
+                && (body.get(1) == Some(&0)
+                    || (body.get(1) == Some(&b'.') && body.get(2) == Some(&0)));
+            dot.then_some((unique, libc::EACCES))
+        }
+        FUSE_MKNOD => {
+            // fuse_mknod_in starts with the mode in every protocol version.
+            let mode = u32::from_le_bytes(body.get(..4)?.try_into().ok()?);
+            matches!(mode & libc::S_IFMT, libc::S_IFBLK | libc::S_IFCHR)
+                .then_some((unique, libc::EPERM))
+        }
+        _ => None,
+    }
 }
 
 /// Serves one chain; returns the number of bytes written for the used ring.
@@ -249,11 +292,15 @@ fn serve_chain(
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) -> u32 {
     let head = chain.head_index();
-    if let Some(unique) = refused(mem, &chain) {
-        tracing::warn!(head, "virtio-fs: refusing a lookup of . or ..");
+    if let Some((unique, errno)) = refused(mem, &chain) {
+        tracing::warn!(
+            head,
+            errno,
+            "virtio-fs: refusing a lookup of . or .., or the creation of a device node"
+        );
         let mut reply = [0u8; 16];
         reply[..4].copy_from_slice(&16u32.to_le_bytes());
-        reply[4..8].copy_from_slice(&(-libc::EACCES).to_le_bytes());
+        reply[4..8].copy_from_slice(&(-errno).to_le_bytes());
         reply[8..].copy_from_slice(&unique.to_le_bytes());
         return match VirtioFsWriter::new(mem, chain) {
             Ok(mut w) => match w.write_all(&reply) {
