@@ -382,6 +382,29 @@ fn fuse_requests_are_served_and_dot_dot_is_refused() {
     // A name with a slash.
     let (_, err, _) = d.fuse(1, 1, 6, b"../etc\0");
     assert_eq!(err, -libc::EINVAL);
+    // RENAME (fuse_rename_in: the new parent, then both names) out of the
+    // share, and LINK to a name out of it.
+    const FUSE_RENAME: u32 = 12;
+    const FUSE_LINK: u32 = 13;
+    for (unique, new_name) in [(60, &b"../x\0"[..]), (61, b"..\0"), (62, b"sub/../../x\0")] {
+        let mut body = 1u64.to_le_bytes().to_vec();
+        body.extend_from_slice(b"hello.txt\0");
+        body.extend_from_slice(new_name);
+        let (_, err, _) = d.fuse(FUSE_RENAME, 1, unique, &body);
+        assert!(
+            err == -libc::EINVAL || err == -libc::EACCES,
+            "rename: {err}"
+        );
+    }
+    let (_, err, _) = d.fuse(FUSE_LOOKUP, 1, 63, b"hello.txt\0");
+    assert_eq!(err, 0);
+    let file_node = u64::from_le_bytes(d.reply_body(8)[..8].try_into().unwrap());
+    let mut body = file_node.to_le_bytes().to_vec();
+    body.extend_from_slice(b"../linked\0");
+    let (_, err, _) = d.fuse(FUSE_LINK, 1, 64, &body);
+    assert_eq!(err, -libc::EINVAL, "link");
+    assert!(share.join("hello.txt").exists());
+    assert!(!dir.0.join("x").exists() && !dir.0.join("linked").exists());
 
     // Malformed chains are returned empty, the device carries on.
     assert_eq!(
