@@ -3,6 +3,7 @@
 //! watch its console; and the agent scenarios run both against an agent on
 //! the host and in a booted VM.
 
+pub mod conformance;
 pub mod containers;
 pub mod scenarios;
 
