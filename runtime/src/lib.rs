@@ -10,5 +10,5 @@ pub mod template;
 
 pub use agent_client::{AgentClient, ClientError, Endpoint};
 pub use sandbox::{Origin, Sandbox, SandboxConfig, SandboxError};
-pub use share::{Share, ShareError};
+pub use share::{remove_tree, Share, ShareError};
 pub use template::{TemplateCache, TemplateError, TemplateSpec};

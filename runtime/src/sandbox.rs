@@ -67,6 +67,11 @@ pub struct SandboxConfig {
     /// A host directory shared with the guest over virtio-fs (tag
     /// `rtvfs`), if any. Not removed when the sandbox stops.
     pub shared_dir: Option<PathBuf>,
+    /// Start the VMM in a session of its own, not tied to the starting
+    /// thread (no SIGTERM when it ends), so it can outlive this process;
+    /// see [`Sandbox::detach`]. For the `rtv` command line, whose VMs
+    /// live across invocations.
+    pub detached: bool,
     /// Restore from a template (made if needed) instead of cold booting.
     pub use_template: bool,
     /// The template cache; `None`: [`TemplateCache::default_root`].
@@ -98,6 +103,7 @@ impl SandboxConfig {
             hostname: hostname.into(),
             cid,
             shared_dir: None,
+            detached: false,
             use_template: true,
             template_dir: None,
             boot_timeout: Duration::from_secs(300),
@@ -303,6 +309,8 @@ struct Vmm {
     child: Child,
     state_dir: PathBuf,
     how: String,
+    /// Left running (and its files kept) when dropped.
+    detached: bool,
 }
 
 impl Vmm {
@@ -332,6 +340,9 @@ impl Vmm {
 
 impl Drop for Vmm {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         self.kill();
         self.cleanup();
     }
@@ -493,6 +504,13 @@ impl Sandbox {
         })
     }
 
+    /// Leaves the VMM running (with its socket, console and log) when the
+    /// sandbox is dropped; only for a sandbox started `detached`, whose
+    /// owner then ends the VMM by its pid.
+    pub fn detach(mut self) {
+        self.vmm.detached = true;
+    }
+
     /// The agent's control connection.
     pub fn client(&self) -> &AgentClient {
         &self.client
@@ -607,7 +625,17 @@ async fn launch(cfg: &SandboxConfig, boot: Boot<'_>) -> Result<(Vmm, AgentClient
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
-    die_with_parent(&mut cmd);
+    if cfg.detached {
+        // SAFETY: setsid is async-signal-safe and touches no parent memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+    } else {
+        die_with_parent(&mut cmd);
+    }
     let child = cmd.spawn().map_err(|source| SandboxError::Spawn {
         vmm: cfg.vmm.clone(),
         source,
@@ -616,6 +644,7 @@ async fn launch(cfg: &SandboxConfig, boot: Boot<'_>) -> Result<(Vmm, AgentClient
         child,
         state_dir: dir.clone(),
         how,
+        detached: false,
     };
     let connect = AgentClient::connect(Endpoint::vm(&uds), timeout);
     tokio::pin!(connect);

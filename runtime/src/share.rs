@@ -86,6 +86,43 @@ fn unmount(target: &Path) {
     }
 }
 
+/// The mount points at or below `dir` (from /proc/self/mountinfo),
+/// deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// Removes `dir` recursively, but only once nothing is mounted below it:
+/// a recursive removal through a leftover bind mount would delete the
+/// bundle's root file system. Mounts found are lazily unmounted first.
+pub fn remove_tree(dir: &Path) -> Result<(), ShareError> {
+    for m in mounts_under(dir) {
+        unmount(&m);
+    }
+    let left = mounts_under(dir);
+    if let Some(m) = left.first() {
+        return Err(ShareError::Io {
+            what: "refusing to remove a tree with a mount in it",
+            path: m.clone(),
+            source: std::io::Error::from_raw_os_error(libc::EBUSY),
+        });
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("removing", dir)(e)),
+    }
+}
+
 /// A sandbox's shared directory on the host.
 #[derive(Debug, Clone)]
 pub struct Share {

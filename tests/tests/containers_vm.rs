@@ -15,7 +15,9 @@ struct Cleanup(std::path::PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if let Err(e) = rtv_runtime::remove_tree(&self.0) {
+            eprintln!("cleanup: {e}");
+        }
     }
 }
 

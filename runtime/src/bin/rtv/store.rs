@@ -1,0 +1,254 @@
+//! rtv's state under `--root`: one directory per container
+//! (`<root>/<id>/state.json`, the spec as created, the exit status the
+//! waiter records) and one per sandbox VM (`<root>/.sandboxes/<key>/`: the
+//! VMM's vsock socket, console and logs, the share, `sandbox.json`).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rtv_agent::protocol::ExitStatus;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A container's record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    /// Its id.
+    pub id: String,
+    /// The bundle's absolute path.
+    pub bundle: PathBuf,
+    /// The root file system on the host.
+    pub rootfs: PathBuf,
+    /// When it was created (RFC 3339).
+    pub created: String,
+    /// The spec's annotations.
+    pub annotations: HashMap<String, String>,
+    /// The sandbox (VM) it runs in.
+    pub sandbox_id: String,
+    /// The init process's exec id in the agent.
+    pub exec_id: u64,
+    /// Its pid in the guest.
+    pub guest_pid: i32,
+    /// The host process that stands for the container's init (the pid in
+    /// `--pid-file`): it lives as long as the init and exits with its
+    /// status.
+    pub waiter_pid: i32,
+    /// Its start time (/proc/<pid>/stat), against pid reuse.
+    pub waiter_start: u64,
+    /// The user who created it.
+    pub owner: String,
+    /// Host cgroup directories the waiter and the VMM were put in.
+    #[serde(default)]
+    pub host_cgroups: Vec<PathBuf>,
+}
+
+/// A sandbox's record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    /// Its id (the first container's id, or the CRI sandbox id).
+    pub id: String,
+    /// The VMM's pid.
+    pub vmm_pid: i32,
+    /// Its start time, against pid reuse.
+    pub vmm_start: u64,
+    /// The containers in it.
+    pub members: Vec<String>,
+    /// Guest memory.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+}
+
+/// How a container ended, as its waiter recorded it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ExitRecord {
+    /// The status.
+    pub status: ExitStatus,
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Checks a container id as runc does: letters, digits, `_`, `+`, `-`,
+/// `.`, not `.` or `..`, at most 1024 bytes.
+pub fn check_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 1024
+        && id != "."
+        && id != ".."
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '-' | '.'));
+    if !ok {
+        bail!("invalid container id format: {id:?}");
+    }
+    Ok(())
+}
+
+/// The start time of process `pid` (field 22 of /proc/<pid>/stat), or
+/// None if it does not exist.
+pub fn start_time(pid: i32) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    // Fields after the command: state is field 3; starttime is field 22.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is still the process that started at `start` (and not
+/// a zombie).
+pub fn alive(pid: i32, start: u64) -> bool {
+    if start_time(pid) != Some(start) {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or("X");
+    state != "Z" && state != "X"
+}
+
+/// An exclusive lock on a file, released on drop.
+pub struct Lock(#[allow(dead_code)] File);
+
+impl Lock {
+    /// Takes the lock on `path` (created if missing).
+    pub fn take(path: &Path) -> Result<Lock> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening lock {}", path.display()))?;
+        // SAFETY: flock(2) on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", path.display()));
+        }
+        Ok(Lock(f))
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+impl Store {
+    /// The store at `root` (created if missing, mode 0711 like runc's).
+    pub fn open(root: &Path) -> Result<Store> {
+        std::fs::create_dir_all(root.join(".sandboxes"))
+            .with_context(|| format!("creating the state directory {}", root.display()))?;
+        Ok(Store {
+            root: root.to_owned(),
+        })
+    }
+
+    /// The global lock (membership changes, id allocation).
+    pub fn lock(&self) -> Result<Lock> {
+        Lock::take(&self.root.join(".lock"))
+    }
+
+    /// A container's directory.
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    /// A sandbox's directory (short, so the vsock socket path fits).
+    pub fn sandbox_dir(&self, sandbox_id: &str) -> PathBuf {
+        let hash = Sha256::digest(sandbox_id.as_bytes());
+        let key: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        self.root.join(".sandboxes").join(key)
+    }
+
+    /// Reserves `id`: creates its directory, failing if it exists.
+    pub fn reserve(&self, id: &str) -> Result<PathBuf> {
+        check_id(id)?;
+        let dir = self.dir(id);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                bail!("container with id exists: {id}")
+            }
+            Err(e) => Err(e).with_context(|| format!("creating {}", dir.display())),
+        }
+    }
+
+    /// A container's record.
+    pub fn load(&self, id: &str) -> Result<ContainerRecord> {
+        check_id(id)?;
+        let path = self.dir(id).join("state.json");
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("container does not exist: {id}")
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Saves a container's record.
+    pub fn save(&self, rec: &ContainerRecord) -> Result<()> {
+        write_atomic(
+            &self.dir(&rec.id).join("state.json"),
+            &serde_json::to_vec_pretty(rec)?,
+        )
+    }
+
+    /// The ids of every container.
+    pub fn ids(&self) -> Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for e in std::fs::read_dir(&self.root)
+            .with_context(|| format!("reading {}", self.root.display()))?
+        {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') && e.path().join("state.json").exists() {
+                ids.push(name);
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// How container `id` ended, if its waiter recorded it.
+    pub fn exit(&self, id: &str) -> Option<ExitRecord> {
+        let text = std::fs::read(self.dir(id).join("exit.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Records how container `id` ended.
+    pub fn save_exit(&self, id: &str, status: ExitStatus) -> Result<()> {
+        write_atomic(
+            &self.dir(id).join("exit.json"),
+            &serde_json::to_vec(&ExitRecord { status })?,
+        )
+    }
+
+    /// A sandbox's record.
+    pub fn load_sandbox(&self, sandbox_id: &str) -> Result<SandboxRecord> {
+        let path = self.sandbox_dir(sandbox_id).join("sandbox.json");
+        let text = std::fs::read(&path)
+            .with_context(|| format!("sandbox {sandbox_id}: reading {}", path.display()))?;
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Saves a sandbox's record.
+    pub fn save_sandbox(&self, rec: &SandboxRecord) -> Result<()> {
+        write_atomic(
+            &self.sandbox_dir(&rec.id).join("sandbox.json"),
+            &serde_json::to_vec_pretty(rec)?,
+        )
+    }
+}
