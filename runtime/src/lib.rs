@@ -3,6 +3,7 @@
 //! machine size) and sandboxes started from them.
 
 pub mod agent_client;
+pub mod host_cgroup;
 pub mod sandbox;
 pub mod share;
 pub mod spec;

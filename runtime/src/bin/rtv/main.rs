@@ -759,6 +759,21 @@ fn create_inner(
     )?;
     let waiter_pid = waiter.id() as i32;
     undo.waiter = Some(waiter);
+    // The host processes go in the cgroup the spec names (containerd and
+    // the kubelet account the container by it).
+    let mut host_cgroups = Vec::new();
+    if let Some(path) = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+    {
+        let path = path.to_string_lossy();
+        host_cgroups = rtv_runtime::host_cgroup::join(&path, waiter_pid)
+            .with_context(|| format!("{}", config.display()))?;
+        if let Some((_, vmm_pid)) = &undo.new_sandbox {
+            rtv_runtime::host_cgroup::join(&path, *vmm_pid)?;
+        }
+    }
     let rec = ContainerRecord {
         id: a.id.clone(),
         bundle: bundle.clone(),
@@ -771,7 +786,7 @@ fn create_inner(
         waiter_pid,
         waiter_start: store::start_time(waiter_pid).unwrap_or(0),
         owner: owner(),
-        host_cgroups: Vec::new(),
+        host_cgroups,
     };
     store.save(&rec)?;
     let state = serde_json::to_vec(&state_json(&rec, ContainerStatus::Created))?;
@@ -810,9 +825,10 @@ fn host_cpus() -> u8 {
 /// the terminal sent to the console socket) and waits until it has
 /// attached to the process's streams.
 fn spawn_waiter(cli: &Cli, w: &WaiterArgs, tty: Option<File>) -> Result<std::process::Child> {
-    let exe = std::env::current_exe().context("finding rtv's own executable")?;
+    // /proc/self/exe runs this very binary even if it was replaced since.
     let (mut sync_r, sync_w) = pipe()?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0("rtv");
     cmd.arg("--root").arg(&cli.root);
     if let Some(log) = &cli.log {
         cmd.arg("--log").arg(log);
@@ -1186,6 +1202,8 @@ fn cmd_delete(cli: &Cli, id: &str, force: bool, rt: &tokio::runtime::Runtime) ->
             }
         }
     }
+    // After the VMM (which may be in them) has gone.
+    rtv_runtime::host_cgroup::remove(&rec.host_cgroups);
     if let Some(spec) = spec {
         let state = serde_json::to_vec(&state_json(&rec, ContainerStatus::Stopped))?;
         if let Err(e) = hooks::run(
