@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds everything: the guest kernel (cached outside the repo), the
 # initramfs, and the workspace's release binaries. Prints `export` lines
-# for RTV_KERNEL, RTV_INITRAMFS, RTV_TEST_INITRAMFS and RTV_VMM on stdout.
+# for RTV_KERNEL, RTV_INITRAMFS, RTV_TEST_INITRAMFS and RTV_VMM on stdout,
+# and links the kernel and initramfs next to target/release/rtv.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -14,4 +15,7 @@ test_initramfs=$(bash rootfs-builder/build.sh --test)
 echo "[build] test initramfs (with busybox): $test_initramfs" >&2
 echo "[build] release binaries" >&2
 cargo build --release --workspace --quiet >&2
+# rtv finds the guest kernel, the initramfs and the VMM next to itself.
+ln -sf "$kernel" target/release/rtv-vmlinux
+ln -sf "$initramfs" target/release/rtv-initramfs.cpio
 echo "export RTV_KERNEL=$kernel RTV_INITRAMFS=$initramfs RTV_TEST_INITRAMFS=$test_initramfs RTV_VMM=$root/target/release/rtv-vmm"
