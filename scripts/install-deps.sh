@@ -7,6 +7,7 @@ packages=(
   linux-source-6.1                                                  # guest kernel source
   qemu-system-x86                                                   # reference VMM for benchmarks
   busybox-static                                                    # test guests' user space
+  containerd runc crun                                              # containerd 1.6 and the reference OCI runtimes for rtv's tests
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -4,6 +4,7 @@
 //! the host and in a booted VM.
 
 pub mod conformance;
+pub mod containerd;
 pub mod containers;
 pub mod scenarios;
 
