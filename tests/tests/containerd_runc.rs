@@ -7,47 +7,13 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
-use rtv_tests::containerd::{self, Containerd, ContainerdOptions, CriConfig, CriRuntime};
+use rtv_tests::containerd::{
+    self, with_containerd, with_containerd_opts, Containerd, ContainerdOptions, CriConfig,
+    CriRuntime,
+};
 
 fn runc() -> PathBuf {
     containerd::find_binary("runc").expect("runc (apt-get install runc)")
-}
-
-/// Starts a containerd, runs `f` on it, shuts it down, and asserts that
-/// `f` passed and that nothing of the instance is left.
-fn with_containerd(name: &str, f: impl FnOnce(&Containerd) -> Result<()>) {
-    with_containerd_opts(name, &ContainerdOptions::default(), f)
-}
-
-fn with_containerd_opts(
-    name: &str,
-    opts: &ContainerdOptions,
-    f: impl FnOnce(&Containerd) -> Result<()>,
-) {
-    let t0 = Instant::now();
-    let c = Containerd::start_with(name, opts).expect("starting containerd");
-    let started = t0.elapsed();
-    let t1 = Instant::now();
-    let result = f(&c);
-    let ran = t1.elapsed();
-    let footprint = c.footprint();
-    let log = c.log_tail(3000);
-    let t2 = Instant::now();
-    let shutdown = c.shutdown();
-    let stopped = t2.elapsed();
-    eprintln!(
-        "[{name}] containerd up in {:.0} ms, scenario {:.0} ms, cleanup {:.0} ms",
-        started.as_secs_f64() * 1e3,
-        ran.as_secs_f64() * 1e3,
-        stopped.as_secs_f64() * 1e3
-    );
-    if let Err(e) = &result {
-        panic!("{name}: {e:#}\ncontainerd's log:\n{log}");
-    }
-    shutdown.expect("shutting containerd down");
-    let left = footprint.leftovers();
-    assert!(left.is_empty(), "{name} left behind: {left:#?}");
 }
 
 #[test]

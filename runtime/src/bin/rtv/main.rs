@@ -1144,6 +1144,11 @@ fn cmd_delete(cli: &Cli, id: &str, force: bool, rt: &tokio::runtime::Runtime) ->
                 let _ = std::fs::remove_dir_all(dir);
                 return Ok(());
             }
+            // runc: deleting an unknown container with --force succeeds
+            // (containerd's shim deletes twice).
+            if force && !dir.exists() {
+                return Ok(());
+            }
             return Err(e);
         }
     };
