@@ -51,8 +51,10 @@ pub const SHIM_SOCKET_DIR: &str = "/run/containerd/s";
 pub const DEFAULT_FIFO_DIR: &str = "/run/containerd/fifo";
 /// runc's shim's default runtime root (`<root>/<namespace>/<id>`).
 pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc";
-/// How long one `ctr` call may take in the scenarios.
-pub const CTR_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one `ctr` call may take in the scenarios: generous, since under
+/// rtv each container is a micro-VM, started in 1-20 s on a loaded 2-core
+/// PVM host.
+pub const CTR_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// containerd's CRI plugin, for tests that talk CRI (left disabled when
 /// [`ContainerdOptions::cri`] is `None`).
@@ -90,6 +92,10 @@ pub struct ContainerdOptions {
     pub cri: Option<CriConfig>,
     /// containerd's `--log-level` (default `info`).
     pub log_level: Option<String>,
+    /// A directory put in front of containerd's `PATH` (where containerd
+    /// looks for shim binaries such as `containerd-shim-rtv-v2`; the shims
+    /// inherit it).
+    pub path_prepend: Option<PathBuf>,
 }
 
 /// Quotes `s` as a TOML basic string.
@@ -243,7 +249,16 @@ impl Containerd {
         std::fs::write(&config, config_toml(&dir, options.cri.as_ref()))
             .with_context(|| format!("writing {}", config.display()))?;
         let log = std::fs::File::create(dir.join("containerd.log"))?;
-        let child = Command::new("containerd")
+        let mut cmd = Command::new("containerd");
+        if let Some(first) = &options.path_prepend {
+            let rest = std::env::var_os("PATH").unwrap_or_default();
+            let path = std::env::join_paths(
+                std::iter::once(first.clone()).chain(std::env::split_paths(&rest)),
+            )
+            .context("containerd's PATH")?;
+            cmd.env("PATH", path);
+        }
+        let child = cmd
             .arg("--config")
             .arg(&config)
             .args([
@@ -350,7 +365,10 @@ impl Containerd {
         id
     }
 
-    fn remember(&self, ns: &str, id: &str) {
+    /// Remembers container (or pod sandbox) `id` of namespace `ns`, one not
+    /// made by [`Containerd::new_id`] (e.g. a CRI id), so that `Drop` cleans
+    /// what it left and [`Containerd::footprint`] checks it.
+    pub fn remember(&self, ns: &str, id: &str) {
         self.ids
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1268,6 +1286,12 @@ fn busybox_path() -> Result<&'static Path> {
 /// `io.containerd.image.name` annotation, for `ctr images import`. The same
 /// busybox gives the same bytes.
 pub fn busybox_image_tar(out: &Path) -> Result<()> {
+    busybox_image_tar_with(out, BUSYBOX_REF, &["sh"])
+}
+
+/// [`busybox_image_tar`] named `reference` (`<name>:<tag>`), with `cmd` as
+/// its Cmd (e.g. a pause image for CRI).
+pub fn busybox_image_tar_with(out: &Path, reference: &str, cmd: &[&str]) -> Result<()> {
     let busybox = busybox_path()?;
     let bin = std::fs::read(busybox).with_context(|| format!("reading {}", busybox.display()))?;
     let layer = busybox_layer(&bin, &busybox_applets(busybox)?)?;
@@ -1278,7 +1302,7 @@ pub fn busybox_image_tar(out: &Path) -> Result<()> {
         "os": "linux",
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["sh"],
+            "Cmd": cmd,
             "WorkingDir": "/",
         },
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
@@ -1300,7 +1324,7 @@ pub fn busybox_image_tar(out: &Path) -> Result<()> {
         }],
     }))?;
     let manifest_digest = format!("sha256:{}", sha256_hex(&manifest));
-    let tag = BUSYBOX_REF.rsplit(':').next().unwrap_or("latest");
+    let tag = reference.rsplit(':').next().unwrap_or("latest");
     let index = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
@@ -1310,7 +1334,7 @@ pub fn busybox_image_tar(out: &Path) -> Result<()> {
             "size": manifest.len(),
             "platform": {"architecture": oci_arch(), "os": "linux"},
             "annotations": {
-                "io.containerd.image.name": BUSYBOX_REF,
+                "io.containerd.image.name": reference,
                 "org.opencontainers.image.ref.name": tag,
             },
         }],
@@ -1742,7 +1766,7 @@ pub fn scenario_detached_lifecycle(c: &Containerd, runtime: &Path) -> Result<()>
 }
 
 /// `ctr run --rm -t` on a pty of 40 x 100: the container's stdin is a
-/// terminal, `tty` names it, the terminal gets the size of ctr's (ctr
+/// terminal, `tty` names it (a /dev/pts name, or /dev/console), the terminal gets the size of ctr's (ctr
 /// resizes it after start), and the exit code comes back.
 pub fn scenario_tty(c: &Containerd, runtime: &Path) -> Result<()> {
     let image = c.import_busybox()?;
@@ -1763,9 +1787,13 @@ pub fn scenario_tty(c: &Containerd, runtime: &Path) -> Result<()> {
     ensure!(
         status.code() == Some(5)
             && lines.contains(&"tty-ok")
-            && lines.iter().any(|l| l.starts_with("/dev/pts/"))
+            // runc's terminal is a pty of the container's devpts; rtv's
+            // is the guest's, bound on /dev/console (OCI requires that).
+            && lines
+                .iter()
+                .any(|l| l.starts_with("/dev/pts/") || *l == "/dev/console")
             && lines.contains(&"size=40 100"),
-        "ctr run -t: want tty-ok, a /dev/pts name, size=40 100 and exit 5; got {status}, {text:?}"
+        "ctr run -t: want tty-ok, a /dev/pts name or /dev/console, size=40 100 and exit 5; got {status}, {text:?}"
     );
     Ok(())
 }

@@ -12,6 +12,7 @@ mod hooks;
 mod logging;
 mod store;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -285,6 +286,9 @@ struct WaiterArgs {
     /// Record the exit status in the container's state.
     #[arg(long)]
     record_exit: bool,
+    /// Where to note which guest pid this waiter stands for (execs).
+    #[arg(long)]
+    stand_in_dir: Option<PathBuf>,
     /// The container.
     id: String,
 }
@@ -753,6 +757,7 @@ fn create_inner(
             exec_process: None,
             tty: terminal,
             record_exit: true,
+            stand_in_dir: None,
             id: a.id.clone(),
         },
         console,
@@ -853,6 +858,9 @@ fn spawn_waiter(cli: &Cli, w: &WaiterArgs, tty: Option<File>) -> Result<std::pro
     if w.record_exit {
         cmd.arg("--record-exit");
     }
+    if let Some(d) = &w.stand_in_dir {
+        cmd.arg("--stand-in-dir").arg(d);
+    }
     cmd.arg(&w.id);
     if let Some(t) = &tty {
         cmd.stdin(ProcStdio::from(t.try_clone()?))
@@ -939,6 +947,9 @@ fn waiter(cli: &Cli, w: &WaiterArgs) -> ExitCode {
     };
     let mut sync = Some(sync);
     let result = rt.block_on(waiter_run(w, &mut sync));
+    if let Some(dir) = &w.stand_in_dir {
+        let _ = std::fs::remove_file(dir.join(std::process::id().to_string()));
+    }
     match result {
         Ok(status) => {
             if w.record_exit {
@@ -975,7 +986,7 @@ async fn waiter_run(w: &WaiterArgs, sync: &mut Option<File>) -> Result<ExitStatu
                 stdout: true,
                 stderr: !w.tty,
             };
-            let (id, _) = client
+            let (id, guest_pid) = client
                 .exec_in_container(ExecInContainer {
                     container_id: w.id.clone(),
                     process,
@@ -986,6 +997,14 @@ async fn waiter_run(w: &WaiterArgs, sync: &mut Option<File>) -> Result<ExitStatu
                     ClientError::Agent { message, .. } => anyhow!("{message}"),
                     e => e.into(),
                 })?;
+            // For `ps`: this process stands for that guest process.
+            if let Some(dir) = &w.stand_in_dir {
+                let _ = std::fs::create_dir_all(dir);
+                let _ = std::fs::write(
+                    dir.join(std::process::id().to_string()),
+                    guest_pid.to_string(),
+                );
+            }
             id
         }
         (None, None) => bail!("the waiter needs --exec-id or --exec-process"),
@@ -1330,6 +1349,7 @@ fn cmd_exec(cli: &Cli, a: &ExecArgs, rt: &tokio::runtime::Runtime) -> Result<i32
             exec_process: Some(pfile.clone()),
             tty,
             record_exit: false,
+            stand_in_dir: Some(store.dir(&a.id).join("execs")),
             id: a.id.clone(),
         },
         console,
@@ -1392,22 +1412,47 @@ fn cmd_list(cli: &Cli, format: &str, quiet: bool, rt: &tokio::runtime::Runtime) 
     Ok(())
 }
 
+/// Host processes that stand for guest processes: the container's waiter
+/// for its init, exec waiters for their processes (guest pid → host pid).
+fn stand_ins(store: &Store, rec: &ContainerRecord) -> HashMap<i32, i32> {
+    let mut map = HashMap::from([(rec.guest_pid, rec.waiter_pid)]);
+    if let Ok(entries) = std::fs::read_dir(store.dir(&rec.id).join("execs")) {
+        for e in entries.flatten() {
+            let host: Option<i32> = e.file_name().to_str().and_then(|n| n.parse().ok());
+            let guest: Option<i32> = std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|t| t.trim().parse().ok());
+            if let (Some(h), Some(g)) = (host, guest) {
+                if store::start_time(h).is_some() {
+                    map.insert(g, h);
+                }
+            }
+        }
+    }
+    map
+}
+
+/// `ps`: the container's processes, each by the pid of its host stand-in
+/// (the waiter of the init or of an exec, which containerd knows), or by
+/// its guest pid when it has none.
 fn cmd_ps(cli: &Cli, id: &str, format: &str, rt: &tokio::runtime::Runtime) -> Result<()> {
     let store = Store::open(&cli.root)?;
     let rec = store.load(id)?;
-    let pids = rt.block_on(async {
+    let guest = rt.block_on(async {
         if status(&store, &rec).await == ContainerStatus::Stopped {
             return Ok(Vec::new());
         }
         let c = agent(&store, &rec.sandbox_id).await?;
         Ok::<_, anyhow::Error>(c.container_pids(id).await?)
     })?;
+    let map = stand_ins(&store, &rec);
+    let pids: Vec<i32> = guest.iter().map(|g| *map.get(g).unwrap_or(g)).collect();
     match format {
         "json" => println!("{}", serde_json::to_string(&pids)?),
         "table" => {
-            println!("PID (in the guest)");
-            for p in pids {
-                println!("{p}");
+            println!("{:<10} GUEST PID", "PID");
+            for (p, g) in pids.iter().zip(&guest) {
+                println!("{p:<10} {g}");
             }
         }
         other => bail!("invalid format option: {other:?} (table or json)"),
