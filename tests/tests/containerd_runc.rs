@@ -199,7 +199,7 @@ fn cri_configuration_loads() {
             cni_bin_dir: "/usr/lib/cni".into(),
             cni_conf_dir: None,
         }),
-        log_level: None,
+        ..Default::default()
     };
     with_containerd_opts("cri", &opts, |c| {
         let deadline = Instant::now() + Duration::from_secs(20);
