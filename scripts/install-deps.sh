@@ -8,6 +8,7 @@ packages=(
   qemu-system-x86                                                   # reference VMM for benchmarks
   busybox-static                                                    # test guests' user space
   containerd runc crun                                              # containerd 1.6 and the reference OCI runtimes for rtv's tests
+  python3-grpcio python3-protobuf protobuf-compiler                 # the CRI test client (tests/cri/cri.py, run by /usr/bin/python3)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1831,6 +1831,42 @@ pub fn logging_wrapper(c: &Containerd, runtime: &Path) -> Result<(PathBuf, PathB
     Ok((script, log))
 }
 
+/// Starts a containerd, runs `f` on it, shuts it down, and asserts that
+/// `f` passed and that nothing of the instance is left.
+pub fn with_containerd(name: &str, f: impl FnOnce(&Containerd) -> Result<()>) {
+    with_containerd_opts(name, &ContainerdOptions::default(), f)
+}
+
+pub fn with_containerd_opts(
+    name: &str,
+    opts: &ContainerdOptions,
+    f: impl FnOnce(&Containerd) -> Result<()>,
+) {
+    let t0 = Instant::now();
+    let c = Containerd::start_with(name, opts).expect("starting containerd");
+    let started = t0.elapsed();
+    let t1 = Instant::now();
+    let result = f(&c);
+    let ran = t1.elapsed();
+    let footprint = c.footprint();
+    let log = c.log_tail(3000);
+    let t2 = Instant::now();
+    let shutdown = c.shutdown();
+    let stopped = t2.elapsed();
+    eprintln!(
+        "[{name}] containerd up in {:.0} ms, scenario {:.0} ms, cleanup {:.0} ms",
+        started.as_secs_f64() * 1e3,
+        ran.as_secs_f64() * 1e3,
+        stopped.as_secs_f64() * 1e3
+    );
+    if let Err(e) = &result {
+        panic!("{name}: {e:#}\ncontainerd's log:\n{log}");
+    }
+    shutdown.expect("shutting containerd down");
+    let left = footprint.leftovers();
+    assert!(left.is_empty(), "{name} left behind: {left:#?}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1908,40 +1944,4 @@ mod tests {
         );
         assert_eq!(unescape_mount_path("/plain"), PathBuf::from("/plain"));
     }
-}
-
-/// Starts a containerd, runs `f` on it, shuts it down, and asserts that
-/// `f` passed and that nothing of the instance is left.
-pub fn with_containerd(name: &str, f: impl FnOnce(&Containerd) -> Result<()>) {
-    with_containerd_opts(name, &ContainerdOptions::default(), f)
-}
-
-pub fn with_containerd_opts(
-    name: &str,
-    opts: &ContainerdOptions,
-    f: impl FnOnce(&Containerd) -> Result<()>,
-) {
-    let t0 = Instant::now();
-    let c = Containerd::start_with(name, opts).expect("starting containerd");
-    let started = t0.elapsed();
-    let t1 = Instant::now();
-    let result = f(&c);
-    let ran = t1.elapsed();
-    let footprint = c.footprint();
-    let log = c.log_tail(3000);
-    let t2 = Instant::now();
-    let shutdown = c.shutdown();
-    let stopped = t2.elapsed();
-    eprintln!(
-        "[{name}] containerd up in {:.0} ms, scenario {:.0} ms, cleanup {:.0} ms",
-        started.as_secs_f64() * 1e3,
-        ran.as_secs_f64() * 1e3,
-        stopped.as_secs_f64() * 1e3
-    );
-    if let Err(e) = &result {
-        panic!("{name}: {e:#}\ncontainerd's log:\n{log}");
-    }
-    shutdown.expect("shutting containerd down");
-    let left = footprint.leftovers();
-    assert!(left.is_empty(), "{name} left behind: {left:#?}");
 }

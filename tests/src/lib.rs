@@ -6,6 +6,7 @@
 pub mod conformance;
 pub mod containerd;
 pub mod containers;
+pub mod cri;
 pub mod scenarios;
 
 use std::io::{BufRead, BufReader, Read};

@@ -1,0 +1,1112 @@
+//! Kubernetes CRI tests on a private containerd 1.6: a CRI client, the
+//! images a pod needs when there is no registry, and the pod scenarios
+//! rtv must pass the way runc does, generic over the runtime handler.
+//!
+//! The client is `tests/cri/cri.py` (Python, grpcio; the messages are
+//! generated from `tests/cri/api.proto`, the CRI `runtime.v1` API, at first
+//! use): [`CriClient`] runs it once per test in its `session` mode, one JSON
+//! request a line on its stdin, one answer a line on its stdout, so a call
+//! costs a round trip on the socket rather than a Python start.
+//!
+//! A CRI pod needs its sandbox ("pause") image locally: [`pause_image_tar`]
+//! builds one from busybox (its Cmd blocks until SIGTERM) with the busybox
+//! image's builder, and [`import_cri_images`] imports it and the busybox
+//! image into containerd's `k8s.io` namespace. Pods use the node's network
+//! namespace (rtv has no pod networking yet), so no CNI plugin is needed;
+//! their containers' cgroups are `/k8s.io/<id>` (the pod's
+//! `cgroup_parent`), where the harness looks for leftovers.
+//!
+//! [`run_pod_scenario`] is what a runtime's test calls: a private
+//! containerd with the CRI plugin and one handler (and, for a shim v2
+//! runtime such as `io.containerd.rtv.v2`, a directory put in front of
+//! containerd's `PATH` where it finds `containerd-shim-<name>-v2`), then
+//! [`scenario_pod_lifecycle`], then the check that nothing is left.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+
+use crate::containerd::{
+    self, with_containerd_opts, Containerd, ContainerdOptions, CriConfig, CriRuntime, BUSYBOX_REF,
+};
+
+/// The containerd namespace of the CRI plugin.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// The sandbox image [`cri_options`] configures and [`import_cri_images`]
+/// imports.
+pub const PAUSE_REF: &str = "rtv.local/pause:rtv-test";
+/// The pause image's Cmd: blocks, and exits 0 on SIGTERM (a shell that is
+/// PID 1 of its PID namespace ignores signals it has no trap for).
+pub const PAUSE_CMD: [&str; 3] = [
+    "sh",
+    "-c",
+    "trap 'exit 0' TERM; while :; do sleep 3600 & wait; done",
+];
+/// The pods' cgroup parent: containers get `/k8s.io/<id>`, the path the
+/// harness checks for a container of namespace `k8s.io`.
+pub const CGROUP_PARENT: &str = "/k8s.io";
+/// How long one CRI call may take in the scenarios.
+pub const CRI_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the Rust side waits beyond a call's own gRPC deadline before it
+/// gives up on the client process.
+const CLIENT_SLACK: Duration = Duration::from_secs(15);
+
+/// The CRI client script.
+pub fn client_script() -> PathBuf {
+    crate::repo_root().join("tests/cri/cri.py")
+}
+
+/// The Python that runs the client: `$RTV_PYTHON`, or Debian's
+/// `/usr/bin/python3` (where apt's python3-grpcio goes: a `python3` earlier
+/// on `PATH`, e.g. pyenv's, may lack it), or `python3`.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("RTV_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let debian = Path::new("/usr/bin/python3");
+    if debian.exists() {
+        debian.to_path_buf()
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// `python cri.py <args>` with the CRI socket of `c` in
+/// `CONTAINER_RUNTIME_ENDPOINT` (not on the command line: the harness takes
+/// processes naming the instance's directory for the instance's own).
+pub fn client_command(c: &Containerd, args: &[&str]) -> Command {
+    let mut cmd = Command::new(python());
+    cmd.arg(client_script())
+        .args(args)
+        .env("CONTAINER_RUNTIME_ENDPOINT", c.address());
+    cmd
+}
+
+/// A gRPC error from the CRI server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CriError {
+    /// The gRPC status code's name (`NOT_FOUND`, `UNKNOWN`...), or
+    /// `CLIENT` for a request the client could not encode.
+    pub code: String,
+    /// The server's message.
+    pub message: String,
+}
+
+impl std::fmt::Display for CriError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// What `ExecSync` returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecResult {
+    /// The command's stdout (as UTF-8, invalid bytes replaced).
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+    /// Its exit code.
+    pub exit_code: i32,
+}
+
+struct Session {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    broken: Option<String>,
+}
+
+impl Session {
+    fn stderr_text(&self) -> String {
+        let buf = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    fn kill(&mut self) {
+        self.stdin = None;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A CRI client session on a [`Containerd`] with the CRI plugin (one
+/// `cri.py session` process). The ids of the pods and containers it
+/// creates are remembered by the instance ([`Containerd::remember`]), so
+/// that what they leave is cleaned and checked.
+pub struct CriClient<'a> {
+    c: &'a Containerd,
+    session: Mutex<Session>,
+}
+
+impl<'a> CriClient<'a> {
+    /// Starts the client for `c`'s socket.
+    pub fn connect(c: &'a Containerd) -> Result<CriClient<'a>> {
+        let mut cmd = client_command(c, &["session"]);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let what = format!("{cmd:?}");
+        let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+        let stdin = child.stdin.take().context("the client's stdin")?;
+        let stdout = child.stdout.take().context("the client's stdout")?;
+        let mut stderr_pipe = child.stderr.take().context("the client's stderr")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&buf[..n]);
+            }
+        });
+        Ok(CriClient {
+            c,
+            session: Mutex::new(Session {
+                child,
+                stdin: Some(stdin),
+                lines: rx,
+                stderr,
+                broken: None,
+            }),
+        })
+    }
+
+    /// The client process's id.
+    pub fn pid(&self) -> u32 {
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .child
+            .id()
+    }
+
+    /// Calls `method` (`RuntimeService/Version`, `ImageService/ListImages`...)
+    /// with `request` (api.proto's field names); the answer is the response
+    /// (every field, see cri.py) or the server's gRPC error. Fails when the
+    /// client itself fails or does not answer within `timeout` (plus some
+    /// slack); the session is unusable after that.
+    pub fn try_call(
+        &self,
+        method: &str,
+        request: Value,
+        timeout: Duration,
+    ) -> Result<std::result::Result<Value, CriError>> {
+        let mut s = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = &s.broken {
+            bail!("the CRI client is unusable: {why}");
+        }
+        let line = json!({
+            "method": method,
+            "request": request,
+            "timeout": timeout.as_secs_f64(),
+        })
+        .to_string();
+        let sent = match s.stdin.as_mut() {
+            Some(w) => w
+                .write_all(line.as_bytes())
+                .and_then(|()| w.write_all(b"\n"))
+                .and_then(|()| w.flush()),
+            None => Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
+        };
+        if let Err(e) = sent {
+            let why = format!(
+                "writing to the client: {e}; its stderr:\n{}",
+                s.stderr_text()
+            );
+            s.broken = Some(why.clone());
+            s.kill();
+            bail!("{method}: {why}");
+        }
+        let answer = match s.lines.recv_timeout(timeout + CLIENT_SLACK) {
+            Ok(a) => a,
+            Err(e) => {
+                let why = match e {
+                    mpsc::RecvTimeoutError::Timeout => {
+                        format!("no answer within {:?}", timeout + CLIENT_SLACK)
+                    }
+                    mpsc::RecvTimeoutError::Disconnected => "the client exited".to_owned(),
+                };
+                s.kill();
+                let why = format!("{why}; its stderr:\n{}", s.stderr_text());
+                s.broken = Some(why.clone());
+                bail!("{method}: {why}");
+            }
+        };
+        let v: Value = serde_json::from_str(&answer)
+            .with_context(|| format!("{method}: the client's answer {answer:?}"))?;
+        if let Some(ok) = v.get("ok") {
+            return Ok(Ok(ok.clone()));
+        }
+        let err = v
+            .get("error")
+            .with_context(|| format!("{method}: neither ok nor error in {answer:?}"))?;
+        Ok(Err(CriError {
+            code: err["code"].as_str().unwrap_or("UNKNOWN").to_owned(),
+            message: err["message"].as_str().unwrap_or_default().to_owned(),
+        }))
+    }
+
+    /// [`CriClient::try_call`] with [`CRI_TIMEOUT`], failing on a gRPC
+    /// error.
+    pub fn call(&self, method: &str, request: Value) -> Result<Value> {
+        match self.try_call(method, request, CRI_TIMEOUT)? {
+            Ok(v) => Ok(v),
+            Err(e) => bail!("{method}: {e}"),
+        }
+    }
+
+    /// `Version`.
+    pub fn version(&self) -> Result<Value> {
+        self.call("RuntimeService/Version", json!({"version": "v1"}))
+    }
+
+    /// `RunPodSandbox` with `config` on `handler`; returns the pod's id.
+    pub fn run_pod(&self, config: &Value, handler: &str) -> Result<String> {
+        let r = self.call(
+            "RuntimeService/RunPodSandbox",
+            json!({"config": config, "runtime_handler": handler}),
+        )?;
+        let id = str_field(&r, "pod_sandbox_id")?;
+        self.c.remember(CRI_NAMESPACE, &id);
+        Ok(id)
+    }
+
+    /// `PodSandboxStatus` (verbose): the whole response (`status`, `info`).
+    pub fn pod_status(&self, id: &str) -> Result<Value> {
+        self.call(
+            "RuntimeService/PodSandboxStatus",
+            json!({"pod_sandbox_id": id, "verbose": true}),
+        )
+    }
+
+    /// `StopPodSandbox`.
+    pub fn stop_pod(&self, id: &str) -> Result<()> {
+        self.call(
+            "RuntimeService/StopPodSandbox",
+            json!({"pod_sandbox_id": id}),
+        )
+        .map(drop)
+    }
+
+    /// `RemovePodSandbox`.
+    pub fn remove_pod(&self, id: &str) -> Result<()> {
+        self.call(
+            "RuntimeService/RemovePodSandbox",
+            json!({"pod_sandbox_id": id}),
+        )
+        .map(drop)
+    }
+
+    /// `ListPodSandbox`: the pods.
+    pub fn list_pods(&self) -> Result<Vec<Value>> {
+        let r = self.call("RuntimeService/ListPodSandbox", json!({}))?;
+        Ok(r["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// `CreateContainer` in pod `pod` (whose config is `pod_config`);
+    /// returns the container's id.
+    pub fn create_container(
+        &self,
+        pod: &str,
+        config: &Value,
+        pod_config: &Value,
+    ) -> Result<String> {
+        let r = self.call(
+            "RuntimeService/CreateContainer",
+            json!({"pod_sandbox_id": pod, "config": config, "sandbox_config": pod_config}),
+        )?;
+        let id = str_field(&r, "container_id")?;
+        self.c.remember(CRI_NAMESPACE, &id);
+        Ok(id)
+    }
+
+    /// `StartContainer`.
+    pub fn start(&self, id: &str) -> Result<()> {
+        self.call("RuntimeService/StartContainer", json!({"container_id": id}))
+            .map(drop)
+    }
+
+    /// `StopContainer`: the stop signal, then SIGKILL after `timeout_s`
+    /// seconds.
+    pub fn stop(&self, id: &str, timeout_s: i64) -> Result<()> {
+        self.call(
+            "RuntimeService/StopContainer",
+            json!({"container_id": id, "timeout": timeout_s}),
+        )
+        .map(drop)
+    }
+
+    /// `RemoveContainer`.
+    pub fn remove(&self, id: &str) -> Result<()> {
+        self.call(
+            "RuntimeService/RemoveContainer",
+            json!({"container_id": id}),
+        )
+        .map(drop)
+    }
+
+    /// `ContainerStatus` (verbose): the whole response (`status`, `info`).
+    pub fn container_status(&self, id: &str) -> Result<Value> {
+        self.call(
+            "RuntimeService/ContainerStatus",
+            json!({"container_id": id, "verbose": true}),
+        )
+    }
+
+    /// `ListContainers`, of pod `pod` if given.
+    pub fn list_containers(&self, pod: Option<&str>) -> Result<Vec<Value>> {
+        let req = match pod {
+            Some(p) => json!({"filter": {"pod_sandbox_id": p}}),
+            None => json!({}),
+        };
+        let r = self.call("RuntimeService/ListContainers", req)?;
+        Ok(r["containers"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// `ExecSync` of `cmd` in container `id` (`timeout_s` 0: no limit).
+    pub fn exec_sync(&self, id: &str, cmd: &[&str], timeout_s: i64) -> Result<ExecResult> {
+        let r = self.call(
+            "RuntimeService/ExecSync",
+            json!({"container_id": id, "cmd": cmd, "timeout": timeout_s}),
+        )?;
+        Ok(ExecResult {
+            stdout: str_field(&r, "stdout")?,
+            stderr: str_field(&r, "stderr")?,
+            exit_code: r["exit_code"]
+                .as_i64()
+                .and_then(|c| i32::try_from(c).ok())
+                .with_context(|| format!("ExecSync: exit_code in {r}"))?,
+        })
+    }
+
+    /// `ImageStatus` of `reference`: the image, or `None` when the CRI
+    /// plugin does not know it.
+    pub fn image_status(&self, reference: &str) -> Result<Option<Value>> {
+        let r = self.call(
+            "ImageService/ImageStatus",
+            json!({"image": {"image": reference}}),
+        )?;
+        Ok(match &r["image"] {
+            Value::Null => None,
+            img => Some(img.clone()),
+        })
+    }
+
+    /// Polls `ContainerStatus` until the container's state is `state`
+    /// (`CONTAINER_EXITED`...); returns the status.
+    pub fn wait_container_state(&self, id: &str, state: &str, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.container_status(id)?;
+            if st["status"]["state"] == state {
+                return Ok(st["status"].clone());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "container {id} is not {state} after {timeout:?}: {}",
+                    st["status"]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for CriClient<'_> {
+    fn drop(&mut self) {
+        let s = self.session.get_mut().unwrap_or_else(|p| p.into_inner());
+        // EOF ends the session; kill it if it lingers.
+        s.stdin = None;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = s.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s.kill();
+    }
+}
+
+fn str_field(v: &Value, name: &str) -> Result<String> {
+    v.get(name)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .with_context(|| format!("no string {name:?} in {v}"))
+}
+
+// ---------------------------------------------------------------------------
+// Images and configuration.
+
+/// The pause image ([`PAUSE_REF`], Cmd [`PAUSE_CMD`]): the busybox image
+/// with another name and Cmd, cached under `target/rtv-containerd/` keyed
+/// by its content.
+pub fn pause_image_tar() -> Result<PathBuf> {
+    static CACHED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    CACHED
+        .get_or_init(|| {
+            let make = || -> Result<PathBuf> {
+                let busybox = std::fs::read("/bin/busybox")
+                    .context("reading /bin/busybox (apt-get install busybox-static)")?;
+                let mut key_input = busybox;
+                key_input.extend_from_slice(PAUSE_REF.as_bytes());
+                for a in PAUSE_CMD {
+                    key_input.push(0);
+                    key_input.extend_from_slice(a.as_bytes());
+                }
+                let key = &containerd::sha256_hex(&key_input)[..16];
+                let target = std::env::var_os("CARGO_TARGET_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| crate::repo_root().join("target"));
+                let dir = target.join("rtv-containerd");
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let path = dir.join(format!("pause-oci-{key}.tar"));
+                if !path.exists() {
+                    containerd::busybox_image_tar_with(&path, PAUSE_REF, &PAUSE_CMD)?;
+                }
+                Ok(path)
+            };
+            make().map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// containerd options with the CRI plugin: the handlers `runtimes` (the
+/// first is the default), [`PAUSE_REF`] as the sandbox image, and
+/// `path_prepend` in front of containerd's `PATH`.
+pub fn cri_options(runtimes: Vec<CriRuntime>, path_prepend: Option<PathBuf>) -> ContainerdOptions {
+    let default_runtime = runtimes.first().map(|r| r.name.clone()).unwrap_or_default();
+    ContainerdOptions {
+        cri: Some(CriConfig {
+            sandbox_image: PAUSE_REF.into(),
+            runtimes,
+            default_runtime,
+            cni_bin_dir: "/usr/lib/cni".into(),
+            cni_conf_dir: None,
+        }),
+        path_prepend,
+        ..Default::default()
+    }
+}
+
+/// Imports the pause and busybox images into the `k8s.io` namespace and
+/// waits until the CRI plugin lists both (it learns of images from
+/// containerd's events).
+pub fn import_cri_images(c: &Containerd, cri: &CriClient) -> Result<()> {
+    let pause = pause_image_tar()?;
+    let busybox = containerd::cached_busybox_image_tar()?;
+    for (tar, reference) in [(&pause, PAUSE_REF), (&busybox, BUSYBOX_REF)] {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(c.address())
+            .args(["--namespace", CRI_NAMESPACE, "images", "import"])
+            .arg(tar);
+        let out = containerd::run_with_timeout(cmd, None, containerd::CTR_TIMEOUT)?;
+        ensure!(
+            out.status.success(),
+            "ctr -n {CRI_NAMESPACE} images import {}: {}",
+            tar.display(),
+            containerd::describe(&out)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while cri.image_status(reference)?.is_none() {
+            ensure!(
+                Instant::now() < deadline,
+                "the CRI plugin does not list {reference} after its import"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the CRI plugin answers `Status` with `RuntimeReady` (it
+/// initializes after containerd's own API is up).
+pub fn wait_cri_ready(cri: &CriClient, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = cri.try_call("RuntimeService/Status", json!({}), Duration::from_secs(5))?;
+        let ready = r.as_ref().is_ok_and(|v| {
+            v["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "RuntimeReady" && c["status"] == true)
+            })
+        });
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("the CRI plugin is not ready after {timeout:?}: {r:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A pod's configuration: the node's network namespace (no hostname: CRI
+/// refuses one there), its own IPC namespace shared by its containers,
+/// a PID namespace per container (as the kubelet asks), cgroups under
+/// [`CGROUP_PARENT`], and container logs in `<instance>/pods/<name>/`.
+pub fn pod_config(c: &Containerd, name: &str) -> Result<Value> {
+    let logs = c.dir().join("pods").join(name);
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    Ok(json!({
+        "metadata": {"name": name, "uid": format!("{name}-uid"), "namespace": "rtv-test", "attempt": 0},
+        "log_directory": logs.to_string_lossy(),
+        "labels": {"rtv-test": name},
+        "linux": {
+            "cgroup_parent": CGROUP_PARENT,
+            "security_context": {"namespace_options": namespace_options()},
+        },
+    }))
+}
+
+fn namespace_options() -> Value {
+    json!({"network": "NODE", "pid": "CONTAINER", "ipc": "POD"})
+}
+
+/// A busybox container's configuration: `cmd` is its whole command line,
+/// its log is `<name>.log` in the pod's log directory, `envs` its
+/// environment.
+pub fn container_config(name: &str, cmd: &[&str], envs: &[(&str, &str)]) -> Value {
+    let envs: Vec<Value> = envs
+        .iter()
+        .map(|(k, v)| json!({"key": k, "value": v}))
+        .collect();
+    json!({
+        "metadata": {"name": name, "attempt": 0},
+        "image": {"image": BUSYBOX_REF},
+        "command": cmd,
+        "envs": envs,
+        "log_path": format!("{name}.log"),
+        "labels": {"rtv-test-container": name},
+        "linux": {"security_context": {"namespace_options": namespace_options()}},
+    })
+}
+
+/// The lines a container wrote to stdout, from its CRI log
+/// (`<time> stdout F <text>`).
+pub fn stdout_log_lines(log: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(4, ' ');
+            let (_time, stream, _tag, rest) = (f.next()?, f.next()?, f.next()?, f.next()?);
+            (stream == "stdout").then(|| rest.to_owned())
+        })
+        .collect())
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios.
+
+/// Starts a containerd with `opts` (see [`cri_options`]), waits for its CRI
+/// plugin, imports the images, runs `f` with a client, then shuts the
+/// instance down and asserts that `f` passed and nothing is left behind
+/// ([`with_containerd_opts`]).
+pub fn with_cri(
+    name: &str,
+    opts: &ContainerdOptions,
+    f: impl FnOnce(&Containerd, &CriClient) -> Result<()>,
+) {
+    with_containerd_opts(name, opts, |c| {
+        let t = Instant::now();
+        let cri = CriClient::connect(c)?;
+        wait_cri_ready(&cri, Duration::from_secs(30))?;
+        import_cri_images(c, &cri)?;
+        eprintln!(
+            "[{name}] CRI ready and images imported in {:.0} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        f(c, &cri)
+    });
+}
+
+/// The pod scenario on one handler in a private containerd: `runtime` is
+/// the handler (its `runtime_type`, and for runc's shim the runtime
+/// binary), `path_prepend` a directory in front of containerd's `PATH`
+/// (where a shim v2 binary is found), `shim_binary` the file name of the
+/// shim the pod must run under (`containerd-shim-runc-v2`,
+/// `containerd-shim-rtv-v2`). See [`scenario_pod_lifecycle`].
+pub fn run_pod_scenario(
+    test: &str,
+    runtime: CriRuntime,
+    path_prepend: Option<PathBuf>,
+    shim_binary: &str,
+) {
+    let handler = runtime.name.clone();
+    let opts = cri_options(vec![runtime], path_prepend);
+    with_cri(test, &opts, |c, cri| {
+        let t = scenario_pod_lifecycle(c, cri, &handler, shim_binary)?;
+        eprintln!("[{test}] {t}");
+        Ok(())
+    });
+}
+
+/// How long the steps of [`scenario_pod_lifecycle`] took.
+#[derive(Debug, Default, Clone)]
+pub struct PodTimings {
+    /// `RunPodSandbox`.
+    pub run_pod: Duration,
+    /// `CreateContainer` + `StartContainer`, for each container.
+    pub create_start: Vec<Duration>,
+    /// One `ExecSync` of `echo hi`.
+    pub exec_sync: Duration,
+    /// `StopContainer` of a container that exits on SIGTERM.
+    pub stop_container: Duration,
+    /// `StopPodSandbox`.
+    pub stop_pod: Duration,
+    /// `RemovePodSandbox`.
+    pub remove_pod: Duration,
+    /// The whole scenario.
+    pub total: Duration,
+}
+
+impl std::fmt::Display for PodTimings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: &Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
+        let cs: Vec<String> = self.create_start.iter().map(ms).collect();
+        write!(
+            f,
+            "RunPodSandbox {}, create+start [{}], ExecSync {}, StopContainer {}, \
+             StopPodSandbox {}, RemovePodSandbox {}, scenario {}",
+            ms(&self.run_pod),
+            cs.join(", "),
+            ms(&self.exec_sync),
+            ms(&self.stop_container),
+            ms(&self.stop_pod),
+            ms(&self.remove_pod),
+            ms(&self.total)
+        )
+    }
+}
+
+/// A pod's life through CRI on `handler`:
+/// - `RunPodSandbox`: the pod is `SANDBOX_READY` on `handler`, in the node's
+///   network namespace, served by a shim named `shim_binary`;
+/// - two busybox containers (`worker`: loops, exits 7 on SIGTERM; `exiter`:
+///   exits 5 once `/tmp/go` exists in it), created and started: both
+///   `CONTAINER_RUNNING`, listed in the pod, with the environment given,
+///   in the pod's IPC namespace, every shim of the pod serving its id;
+/// - `ExecSync` in `worker`: `echo hi` gives `hi` and 0; stdout and stderr
+///   apart and the exit code (3) of `sh -c '...; exit 3'`; `sleep 30` with
+///   a timeout of 1 s fails with `DEADLINE_EXCEEDED` and is killed;
+/// - `ExecSync touch /tmp/go` in `exiter`: it ends, `CONTAINER_EXITED` with
+///   exit code 5 and reason `Error`, and its log holds what it printed;
+/// - `StopContainer` of `worker` (timeout 30 s): it exits 7 (the SIGTERM
+///   trap), well before the timeout;
+/// - `StopPodSandbox` (`SANDBOX_NOTREADY`), `RemovePodSandbox`: the pod and
+///   its containers are gone from CRI and from containerd, and nothing of
+///   them is left (no shim, process, mount, cgroup, socket or runtime
+///   state: [`live_leftovers`]).
+pub fn scenario_pod_lifecycle(
+    c: &Containerd,
+    cri: &CriClient,
+    handler: &str,
+    shim_binary: &str,
+) -> Result<PodTimings> {
+    let t0 = Instant::now();
+    let mut t = PodTimings::default();
+    let v = cri.version()?;
+    ensure!(
+        v["runtime_api_version"] == "v1" && v["runtime_name"] == "containerd",
+        "Version: {v}"
+    );
+
+    let pod_cfg = pod_config(c, "lifecycle")?;
+    let s = Instant::now();
+    let pod = cri.run_pod(&pod_cfg, handler)?;
+    t.run_pod = s.elapsed();
+    let st = cri.pod_status(&pod)?;
+    ensure!(
+        st["status"]["state"] == "SANDBOX_READY"
+            && st["status"]["runtime_handler"] == handler
+            && st["status"]["metadata"]["name"] == "lifecycle"
+            && st["status"]["linux"]["namespaces"]["options"]["network"] == "NODE",
+        "PodSandboxStatus after RunPodSandbox: {}",
+        st["status"]
+    );
+    let pods = cri.list_pods()?;
+    ensure!(
+        pods.len() == 1 && pods[0]["id"] == pod.as_str() && pods[0]["state"] == "SANDBOX_READY",
+        "ListPodSandbox: {pods:?}"
+    );
+    check_shims(c, &pod, shim_binary)?;
+
+    let worker_cmd = [
+        "sh",
+        "-c",
+        "echo worker-started; trap 'echo worker-stopping; exit 7' TERM; \
+         while :; do sleep 3600 & wait; done",
+    ];
+    let exiter_cmd = [
+        "sh",
+        "-c",
+        "echo exiter-started; until [ -e /tmp/go ]; do sleep 0.05; done; \
+         echo exiter-done; exit 5",
+    ];
+    let mut ids = Vec::new();
+    for (name, cmd) in [("worker", &worker_cmd), ("exiter", &exiter_cmd)] {
+        let cfg = container_config(name, cmd, &[("RTV_CRI_ENV", "from-cri")]);
+        let s = Instant::now();
+        let id = cri.create_container(&pod, &cfg, &pod_cfg)?;
+        let st = cri.container_status(&id)?;
+        ensure!(
+            st["status"]["state"] == "CONTAINER_CREATED",
+            "{name} after CreateContainer: {}",
+            st["status"]
+        );
+        cri.start(&id)?;
+        t.create_start.push(s.elapsed());
+        ids.push(id);
+    }
+    let (worker, exiter) = (ids[0].clone(), ids[1].clone());
+    for (name, id) in [("worker", &worker), ("exiter", &exiter)] {
+        let st = cri.container_status(id)?;
+        let s = &st["status"];
+        ensure!(
+            s["state"] == "CONTAINER_RUNNING"
+                && s["metadata"]["name"] == name
+                && s["started_at"].as_i64().unwrap_or(0) > 0
+                && s["finished_at"] == 0,
+            "{name} after StartContainer: {s}"
+        );
+    }
+    let listed = cri.list_containers(Some(&pod))?;
+    let mut listed_ids: Vec<&str> = listed.iter().filter_map(|c| c["id"].as_str()).collect();
+    listed_ids.sort_unstable();
+    let mut want = vec![worker.as_str(), exiter.as_str()];
+    want.sort_unstable();
+    ensure!(listed_ids == want, "ListContainers of the pod: {listed:?}");
+    check_shims(c, &pod, shim_binary)?;
+
+    // ExecSync: output, exit codes, stderr apart, the container's env.
+    let s = Instant::now();
+    let r = cri.exec_sync(&worker, &["echo", "hi"], 30)?;
+    t.exec_sync = s.elapsed();
+    ensure!(
+        r == ExecResult {
+            stdout: "hi\n".into(),
+            stderr: String::new(),
+            exit_code: 0
+        },
+        "ExecSync echo hi: {r:?}"
+    );
+    let r = cri.exec_sync(
+        &worker,
+        &["sh", "-c", "echo $RTV_CRI_ENV; echo to-stderr >&2; exit 3"],
+        30,
+    )?;
+    ensure!(
+        r.stdout == "from-cri\n" && r.stderr == "to-stderr\n" && r.exit_code == 3,
+        "ExecSync sh -c '...; exit 3': {r:?}"
+    );
+    // An exec that outlives its timeout: DEADLINE_EXCEEDED, the process is
+    // killed, the container goes on.
+    let s = Instant::now();
+    let r = cri.try_call(
+        "RuntimeService/ExecSync",
+        json!({"container_id": worker, "cmd": ["sleep", "30"], "timeout": 1}),
+        CRI_TIMEOUT,
+    )?;
+    let waited = s.elapsed();
+    match r {
+        Err(e) if e.code == "DEADLINE_EXCEEDED" => {}
+        other => bail!("ExecSync sleep 30 with a 1 s timeout: {other:?}"),
+    }
+    ensure!(
+        waited < Duration::from_secs(20),
+        "ExecSync with a 1 s timeout took {waited:?}"
+    );
+    let r = cri.exec_sync(
+        &worker,
+        &["sh", "-c", "ps -o args | grep -c '^sleep 30' || true"],
+        30,
+    )?;
+    ensure!(
+        r.stdout.trim() == "0",
+        "the timed-out exec is still running in worker: {r:?}"
+    );
+    // The pod's containers share its IPC namespace.
+    let ipc: Vec<String> = [&worker, &exiter]
+        .iter()
+        .map(|id| {
+            let r = cri.exec_sync(id, &["readlink", "/proc/self/ns/ipc"], 30)?;
+            ensure!(r.exit_code == 0, "readlink /proc/self/ns/ipc: {r:?}");
+            Ok(r.stdout.trim().to_owned())
+        })
+        .collect::<Result<_>>()?;
+    ensure!(
+        ipc[0] == ipc[1] && ipc[0].starts_with("ipc:["),
+        "the pod's containers are in different IPC namespaces: {ipc:?}"
+    );
+
+    // A container that ends by itself, with an exit code.
+    let r = cri.exec_sync(&exiter, &["touch", "/tmp/go"], 30)?;
+    ensure!(r.exit_code == 0, "ExecSync touch /tmp/go: {r:?}");
+    let st = cri.wait_container_state(&exiter, "CONTAINER_EXITED", Duration::from_secs(30))?;
+    ensure!(
+        st["exit_code"] == 5
+            && st["reason"] == "Error"
+            && st["finished_at"].as_i64().unwrap_or(0)
+                >= st["started_at"].as_i64().unwrap_or(i64::MAX),
+        "exiter after it ended: {st}"
+    );
+    let log_dir = c.dir().join("pods/lifecycle");
+    let lines = stdout_log_lines(&log_dir.join("exiter.log"))?;
+    ensure!(
+        lines == ["exiter-started", "exiter-done"],
+        "exiter's log: {lines:?}"
+    );
+    let st = cri.container_status(&worker)?;
+    ensure!(
+        st["status"]["state"] == "CONTAINER_RUNNING",
+        "worker after exiter ended: {}",
+        st["status"]
+    );
+
+    // StopContainer: SIGTERM, which the worker traps (exit 7).
+    let s = Instant::now();
+    cri.stop(&worker, 30)?;
+    t.stop_container = s.elapsed();
+    let st = cri.container_status(&worker)?;
+    ensure!(
+        st["status"]["state"] == "CONTAINER_EXITED" && st["status"]["exit_code"] == 7,
+        "worker after StopContainer: {}",
+        st["status"]
+    );
+    ensure!(
+        t.stop_container < Duration::from_secs(20),
+        "StopContainer took {:?}: SIGTERM was not delivered (SIGKILL after the timeout?)",
+        t.stop_container
+    );
+    let lines = stdout_log_lines(&log_dir.join("worker.log"))?;
+    ensure!(
+        lines == ["worker-started", "worker-stopping"],
+        "worker's log: {lines:?}"
+    );
+
+    // Stop and remove the pod.
+    let s = Instant::now();
+    cri.stop_pod(&pod)?;
+    t.stop_pod = s.elapsed();
+    let st = cri.pod_status(&pod)?;
+    ensure!(
+        st["status"]["state"] == "SANDBOX_NOTREADY",
+        "PodSandboxStatus after StopPodSandbox: {}",
+        st["status"]
+    );
+    for c in cri.list_containers(Some(&pod))? {
+        ensure!(
+            c["state"] == "CONTAINER_EXITED",
+            "a container of the stopped pod: {c}"
+        );
+    }
+    let s = Instant::now();
+    cri.remove_pod(&pod)?;
+    t.remove_pod = s.elapsed();
+    check_pod_gone(c, cri, &pod)?;
+    t.total = t0.elapsed();
+    Ok(t)
+}
+
+/// `RemovePodSandbox` of a pod whose containers still run (no stop before):
+/// CRI stops the pod and removes everything, and nothing is left.
+pub fn scenario_remove_running_pod(c: &Containerd, cri: &CriClient, handler: &str) -> Result<()> {
+    let pod_cfg = pod_config(c, "remove-running")?;
+    let pod = cri.run_pod(&pod_cfg, handler)?;
+    let cfg = container_config("sleeper", &["sleep", "1000"], &[]);
+    let id = cri.create_container(&pod, &cfg, &pod_cfg)?;
+    cri.start(&id)?;
+    let st = cri.container_status(&id)?;
+    ensure!(
+        st["status"]["state"] == "CONTAINER_RUNNING",
+        "sleeper: {}",
+        st["status"]
+    );
+    cri.remove_pod(&pod)?;
+    check_pod_gone(c, cri, &pod)
+}
+
+/// `RunPodSandbox` on a handler containerd does not have fails, and
+/// leaves no pod.
+pub fn scenario_unknown_handler(c: &Containerd, cri: &CriClient) -> Result<()> {
+    let pod_cfg = pod_config(c, "no-handler")?;
+    let r = cri.try_call(
+        "RuntimeService/RunPodSandbox",
+        json!({"config": pod_cfg, "runtime_handler": "no-such-handler"}),
+        CRI_TIMEOUT,
+    )?;
+    match r {
+        Ok(v) => bail!("RunPodSandbox on an unknown handler succeeded: {v}"),
+        Err(e) => ensure!(
+            e.message.contains("no-such-handler"),
+            "RunPodSandbox on an unknown handler: {e}"
+        ),
+    }
+    let pods = cri.list_pods()?;
+    ensure!(
+        pods.is_empty(),
+        "pods after a failed RunPodSandbox: {pods:?}"
+    );
+    Ok(())
+}
+
+/// Every shim of the instance serves `pod` (containerd groups a pod's
+/// containers under the sandbox's shim) and is `shim_binary`.
+fn check_shims(c: &Containerd, pod: &str, shim_binary: &str) -> Result<()> {
+    let shims = c.shims();
+    ensure!(!shims.is_empty(), "no shim process for pod {pod}");
+    for (pid, id) in &shims {
+        ensure!(
+            id == pod,
+            "shim {pid} serves {id}, not the pod's sandbox {pod}: {shims:?}"
+        );
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .with_context(|| format!("the shim {pid}'s executable"))?;
+        ensure!(
+            exe.file_name().is_some_and(|n| n == shim_binary),
+            "the pod's shim {pid} is {}, not {shim_binary}",
+            exe.display()
+        );
+    }
+    Ok(())
+}
+
+/// After `RemovePodSandbox`: CRI answers NOT_FOUND for the pod and lists
+/// neither it nor its containers, containerd has no container left in
+/// `k8s.io`, and [`live_leftovers`] finds nothing (shims may take a moment
+/// to exit).
+fn check_pod_gone(c: &Containerd, cri: &CriClient, pod: &str) -> Result<()> {
+    match cri.try_call(
+        "RuntimeService/PodSandboxStatus",
+        json!({"pod_sandbox_id": pod}),
+        CRI_TIMEOUT,
+    )? {
+        Err(e) if e.code == "NOT_FOUND" => {}
+        other => bail!("PodSandboxStatus of a removed pod: {other:?}"),
+    }
+    let pods = cri.list_pods()?;
+    ensure!(pods.is_empty(), "pods after RemovePodSandbox: {pods:?}");
+    let ctrs = cri.list_containers(None)?;
+    ensure!(
+        ctrs.is_empty(),
+        "containers after RemovePodSandbox: {ctrs:?}"
+    );
+    let mut ctr = Command::new("ctr");
+    ctr.arg("--address").arg(c.address()).args([
+        "--namespace",
+        CRI_NAMESPACE,
+        "containers",
+        "ls",
+        "-q",
+    ]);
+    let out = containerd::run_with_timeout(ctr, None, containerd::CTR_TIMEOUT)?;
+    let listed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    ensure!(
+        out.status.success() && listed.is_empty(),
+        "containerd's {CRI_NAMESPACE} containers after RemovePodSandbox: {}",
+        containerd::describe(&out)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = live_leftovers(c, &[cri.pid()]);
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("left behind by pod {pod} after RemovePodSandbox: {left:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// [`containerd::Footprint::leftovers`] of a running instance, less the
+/// instance itself (containerd's process and its directory) and the
+/// processes `except` (e.g. the CRI client): the shims, processes, mounts,
+/// cgroups, sockets and runtime state of every container and pod the
+/// instance knew.
+pub fn live_leftovers(c: &Containerd, except: &[u32]) -> Vec<String> {
+    let own: Vec<String> = std::iter::once(c.pid())
+        .chain(except.iter().copied())
+        .map(|pid| format!("process {pid} "))
+        .collect();
+    let dir = format!("directory {}", c.dir().display());
+    c.footprint()
+        .leftovers()
+        .into_iter()
+        .filter(|l| *l != dir && !own.iter().any(|p| l.starts_with(p.as_str())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cri_log_lines_keep_stdout_text() {
+        let dir = std::env::temp_dir().join(format!("rtv-cri-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("c.log");
+        std::fs::write(
+            &log,
+            "2026-01-01T00:00:00.1Z stdout F hello world\n\
+             2026-01-01T00:00:00.2Z stderr F oops\n\
+             2026-01-01T00:00:00.3Z stdout F \n",
+        )
+        .unwrap();
+        let lines = stdout_log_lines(&log).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(lines, ["hello world", ""]);
+    }
+
+    #[test]
+    fn container_config_has_the_command_and_env() {
+        let c = container_config("x", &["sh", "-c", "exit 1"], &[("A", "b")]);
+        assert_eq!(c["command"], json!(["sh", "-c", "exit 1"]));
+        assert_eq!(c["envs"], json!([{"key": "A", "value": "b"}]));
+        assert_eq!(c["image"]["image"], BUSYBOX_REF);
+        assert_eq!(c["log_path"], "x.log");
+    }
+
+    #[test]
+    fn cri_options_make_the_first_handler_the_default() {
+        let o = cri_options(
+            vec![CriRuntime {
+                name: "rtv".into(),
+                runtime_type: "io.containerd.rtv.v2".into(),
+                binary_name: None,
+                root: None,
+            }],
+            Some("/opt/rtv/bin".into()),
+        );
+        let cri = o.cri.as_ref().unwrap();
+        assert_eq!(cri.default_runtime, "rtv");
+        assert_eq!(cri.sandbox_image, PAUSE_REF);
+        assert_eq!(o.path_prepend.as_deref(), Some(Path::new("/opt/rtv/bin")));
+        let toml = containerd::config_toml(Path::new("/tmp/x"), Some(cri));
+        assert!(toml.contains("runtime_type = \"io.containerd.rtv.v2\""));
+    }
+}
