@@ -1,6 +1,24 @@
 #!/usr/bin/env bash
 # rtv's benchmarks; e.g. `scripts/bench.sh boot -n 5`.
 set -euo pipefail
+usage() {
+    cat <<'USAGE'
+usage: scripts/bench.sh [SUBCOMMAND] [OPTIONS]   (default: boot)
+  boot      [-n N] [--mem MIB] [--no-qemu]  boot to agent readiness: rtv-vmm against QEMU microvm
+  agent     [-n N]                          the agent over vsock in a VM, and on the host
+  template  [-n N] [--cold N] [--idle N]    sandboxes from a VM template against cold boots
+  oci       [-n N] [--no-containerd]        `<runtime> run` and `ctr run --rm` of busybox `true`
+                                            with runc, crun and rtv, and one running container's
+                                            host memory (waits up to --max-wait 600 s for load < 1.5)
+`scripts/bench.sh SUBCOMMAND --help` lists a subcommand's options (after building).
+USAGE
+}
+case "${1:-}" in
+    -h | --help | help)
+        usage
+        exit 0
+        ;;
+esac
 root=$(cd "$(dirname "$0")/.." && pwd)
 eval "$(bash "$root/scripts/build.sh")"
 export RTV_KERNEL RTV_INITRAMFS RTV_TEST_INITRAMFS RTV_VMM

@@ -4,6 +4,8 @@
 //! VMM and with QEMU's microvm machine, and reports the time from process
 //! start to the agent's readiness line, and memory. `rtv-bench template`
 //! compares sandboxes restored from a VM template with cold-booted ones.
+//! `rtv-bench oci` runs busybox `true` with rtv, runc and crun, directly
+//! and through containerd, and compares the memory of a running container.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -64,6 +66,21 @@ enum What {
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 128)]
         mem: u64,
+    },
+    /// OCI runtimes side by side: `<runtime> run` and `ctr run --rm` of
+    /// busybox `true` with runc, crun and rtv, and the host memory of one
+    /// running container.
+    Oci {
+        /// Runs per figure (median and min are reported).
+        #[arg(long, short = 'n', default_value_t = 5)]
+        runs: usize,
+        /// Leave the `ctr run --rm` row out.
+        #[arg(long)]
+        no_containerd: bool,
+        /// Seconds to wait at most for the 1-minute load average to fall
+        /// below 1.5 before measuring.
+        #[arg(long, default_value_t = 600)]
+        max_wait: u64,
     },
 }
 
@@ -535,6 +552,707 @@ async fn template_bench(runs: usize, cold: usize, idle: usize, mem: u64) -> Resu
     result
 }
 
+/// The 1-minute load average the `oci` bench waits to fall below.
+const OCI_QUIET_LOAD: f64 = 1.5;
+/// How long one runtime or `ctr` command may take.
+const OCI_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The load averages (1, 5, 15 minutes) as /proc/loadavg has them, and the
+/// 1-minute one as a number.
+fn oci_loadavg() -> Result<(f64, String)> {
+    let text = std::fs::read_to_string("/proc/loadavg").context("reading /proc/loadavg")?;
+    let fields: Vec<&str> = text.split_whitespace().take(3).collect();
+    let one = fields
+        .first()
+        .and_then(|f| f.parse().ok())
+        .with_context(|| format!("parsing /proc/loadavg: {text:?}"))?;
+    Ok((one, fields.join(" ")))
+}
+
+/// Waits, up to `max`, for the 1-minute load to fall below
+/// [`OCI_QUIET_LOAD`]; says how that went.
+fn oci_wait_for_quiet_host(max: Duration) -> Result<String> {
+    let t = Instant::now();
+    loop {
+        let (one, all) = oci_loadavg()?;
+        let waited = t.elapsed().as_secs_f64();
+        if one <= OCI_QUIET_LOAD {
+            return Ok(if waited < 1.0 {
+                format!("load average {all} at the start")
+            } else {
+                format!("load average {all} at the start, after waiting {waited:.0} s for the 1-minute load to fall below {OCI_QUIET_LOAD}")
+            });
+        }
+        if t.elapsed() >= max {
+            return Ok(format!(
+                "load average {all} at the start: the 1-minute load stayed above {OCI_QUIET_LOAD} for {waited:.0} s (other work on the machine), measured anyway"
+            ));
+        }
+        eprintln!("load average {all}: waiting for the 1-minute load to fall below {OCI_QUIET_LOAD} ({waited:.0} s so far)");
+        std::thread::sleep(Duration::from_secs(20));
+    }
+}
+
+/// An OCI runtime with runc's command line, and its own `--root`.
+struct OciRuntime {
+    name: &'static str,
+    /// Its column's heading.
+    label: &'static str,
+    bin: std::path::PathBuf,
+    root: std::path::PathBuf,
+}
+
+impl OciRuntime {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--root").arg(&self.root).args(args);
+        cmd
+    }
+}
+
+/// What a command wrote to its log file, for error messages.
+fn oci_log_text(log: &std::path::Path) -> String {
+    let text = std::fs::read(log).unwrap_or_default();
+    let start = text.len().saturating_sub(2000);
+    String::from_utf8_lossy(&text[start..]).trim().to_owned()
+}
+
+/// Runs `cmd` (stdin /dev/null, stdout and stderr to `log`) and returns its
+/// wall time from spawn to exit, polled every millisecond; fails if it does
+/// not exit 0 within [`OCI_TIMEOUT`] (and kills it then).
+fn oci_timed(mut cmd: Command, log: &std::path::Path) -> Result<Duration> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    let what = format!("{cmd:?}");
+    let t = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if t.elapsed() >= OCI_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "{what} did not finish within {OCI_TIMEOUT:?}: {}",
+                oci_log_text(log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let took = t.elapsed();
+    anyhow::ensure!(status.success(), "{what}: {status}: {}", oci_log_text(log));
+    Ok(took)
+}
+
+/// A bundle at `dir`: a busybox root file system and rtv's default spec
+/// (runc's, without a network namespace) running `args`, no terminal.
+fn oci_bundle(dir: &std::path::Path, args: &[&str]) -> Result<()> {
+    rtv_tests::containers::busybox_rootfs(&dir.join("rootfs"))?;
+    let mut spec: serde_json::Value = serde_json::from_str(rtv_runtime::spec::DEFAULT_SPEC)
+        .context("parsing rtv_runtime::spec::DEFAULT_SPEC")?;
+    spec["process"]["terminal"] = false.into();
+    spec["process"]["args"] = serde_json::json!(args);
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
+    Ok(())
+}
+
+/// `delete --force` of `id`, whatever state it is in (errors ignored: the
+/// container is usually gone already).
+fn oci_delete(rt: &OciRuntime, id: &str, log: &std::path::Path) {
+    let _ = oci_timed(rt.command(&["delete", "--force", id]), log);
+}
+
+/// Runs `f` for every runtime still without an error, `runs` rounds (the
+/// runtimes alternate within a round); keeps each runtime's times, or its
+/// first error (it is then left out of the later rounds).
+fn oci_rounds(
+    names: &[&str],
+    runs: usize,
+    what: &str,
+    mut f: impl FnMut(usize, usize) -> Result<Duration>,
+) -> Vec<Result<Vec<Duration>, String>> {
+    let mut results: Vec<Result<Vec<Duration>, String>> =
+        names.iter().map(|_| Ok(vec![])).collect();
+    for run in 0..runs {
+        for (i, name) in names.iter().enumerate() {
+            let Ok(times) = &mut results[i] else {
+                continue;
+            };
+            match f(i, run) {
+                Ok(t) => {
+                    eprintln!(
+                        "  {what}, {name}, run {}: {:.3} s",
+                        run + 1,
+                        t.as_secs_f64()
+                    );
+                    times.push(t);
+                }
+                Err(e) => {
+                    eprintln!("  {what}, {name}, run {}: {e:#}", run + 1);
+                    results[i] = Err(format!("{e:#}"));
+                }
+            }
+        }
+    }
+    results
+}
+
+/// Host memory of one running container.
+struct OciMem {
+    /// (process, pid, RSS KiB, PSS KiB) of every process counted.
+    procs: Vec<(String, u32, u64, u64)>,
+    /// rtv: the VMM's resident memory outside guest RAM (KiB).
+    vmm_overhead_kib: Option<u64>,
+}
+
+/// Processes (other than `known`) whose command line mentions `root`.
+fn oci_processes_mentioning(root: &std::path::Path, known: &[u32]) -> Vec<(String, u32)> {
+    let root = root.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if known.contains(&pid) || pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a.contains(&root)) {
+            let name = args
+                .first()
+                .and_then(|a| a.rsplit('/').next())
+                .unwrap_or("?")
+                .to_owned();
+            found.push((name, pid));
+        }
+    }
+    found
+}
+
+/// The VMM pid and guest memory (MiB) of the sandbox holding `id`, from
+/// `<root>/.sandboxes/*/sandbox.json`.
+fn oci_rtv_sandbox(root: &std::path::Path, id: &str) -> Result<(u32, u64)> {
+    let dir = root.join(".sandboxes");
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path().join("sandbox.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let rec: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let member = rec["members"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|x| x.as_str() == Some(id)));
+        if member {
+            let pid = rec["vmm_pid"]
+                .as_u64()
+                .and_then(|p| u32::try_from(p).ok())
+                .with_context(|| format!("no vmm_pid in {}", path.display()))?;
+            return Ok((pid, rec["mem_mib"].as_u64().unwrap_or(0)));
+        }
+    }
+    anyhow::bail!("no sandbox under {} holds {id}", dir.display())
+}
+
+/// Starts one container running `sleep` (`run -d`), lets it idle for 5 s,
+/// and measures the host processes that stand for it; then kills and
+/// deletes it.
+fn oci_memory(rt: &OciRuntime, bundle: &std::path::Path, log: &std::path::Path) -> Result<OciMem> {
+    let id = format!("bench-mem-{}", rt.name);
+    let bundle_s = bundle.to_string_lossy().into_owned();
+    let result = (|| {
+        oci_timed(rt.command(&["run", "-d", "--bundle", &bundle_s, &id]), log)?;
+        let state = rt
+            .command(&["state", &id])
+            .output()
+            .with_context(|| format!("{} state {id}", rt.name))?;
+        let state: serde_json::Value =
+            serde_json::from_slice(&state.stdout).with_context(|| {
+                format!(
+                    "{} state {id}: {}",
+                    rt.name,
+                    String::from_utf8_lossy(&state.stderr)
+                )
+            })?;
+        anyhow::ensure!(
+            state["status"] == "running",
+            "{} state {id}: {state}",
+            rt.name
+        );
+        let pid = state["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .with_context(|| format!("{} state {id}: no pid in {state}", rt.name))?;
+        let mut pids = Vec::new();
+        let mut vmm = None;
+        if rt.name == "rtv" {
+            let (vmm_pid, mem_mib) = oci_rtv_sandbox(&rt.root, &id)?;
+            pids.push(("rtv-vmm".to_owned(), vmm_pid));
+            pids.push(("rtv waiter".to_owned(), pid));
+            vmm = Some((vmm_pid, mem_mib));
+        } else {
+            pids.push(("container init (`sleep`)".to_owned(), pid));
+        }
+        std::thread::sleep(Duration::from_secs(5));
+        let known: Vec<u32> = pids.iter().map(|p| p.1).collect();
+        for (name, pid) in oci_processes_mentioning(&rt.root, &known) {
+            eprintln!(
+                "  {}: also counting {name} ({pid}), which names the root",
+                rt.name
+            );
+            pids.push((name, pid));
+        }
+        let mut procs = Vec::new();
+        for (name, pid) in pids {
+            let (rss, pss) = rss_pss(pid).with_context(|| format!("{} {name}", rt.name))?;
+            procs.push((name, pid, rss, pss));
+        }
+        let vmm_overhead_kib = match vmm {
+            Some((pid, mem_mib)) => Some(mem_usage(pid, mem_mib * 1024)?.overhead_kib),
+            None => None,
+        };
+        Ok(OciMem {
+            procs,
+            vmm_overhead_kib,
+        })
+    })();
+    let _ = oci_timed(rt.command(&["kill", &id, "KILL"]), log);
+    oci_delete(rt, &id, log);
+    result
+}
+
+/// The release `rtv` (built if needed, with rtv-vmm), or `$RTV_BIN_RTV`.
+fn oci_rtv_binary() -> Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("RTV_BIN_RTV") {
+        return Ok(p.into());
+    }
+    let root = rtv_tests::repo_root();
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "rtv-runtime",
+            "-p",
+            "rtv-vmm",
+        ])
+        .current_dir(&root)
+        .status()
+        .context("running cargo")?;
+    anyhow::ensure!(status.success(), "building rtv and rtv-vmm: {status}");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release/rtv"))
+}
+
+/// "median s (min s)" of `t`, or why there is none.
+fn oci_cell(r: &Result<Vec<Duration>, String>) -> String {
+    match r {
+        Ok(t) if !t.is_empty() => {
+            let (median, min, _) = seconds(t);
+            format!("{median:.3} s ({min:.3} s)")
+        }
+        Ok(_) => "—".into(),
+        Err(_) => "failed (below)".into(),
+    }
+}
+
+/// crun 1.8 refuses hosts with cgroup v1 controllers and a cgroup2 mount
+/// that holds any controller ("cgroups in hybrid mode not supported"), as
+/// here (hugetlb at /sys/fs/cgroup/unified). This script runs it in a
+/// private mount namespace without that mount: crun then sees plain
+/// cgroup v1; the host's mounts are untouched.
+const OCI_CRUN_WRAPPER: &str = "#!/bin/sh\n\
+    exec unshare -m /bin/sh -c 'umount -l /sys/fs/cgroup/unified 2>/dev/null; exec /usr/bin/crun \"$@\"' crun \"$@\"\n";
+
+/// crun if it runs the bundle here: itself, else through
+/// [`OCI_CRUN_WRAPPER`] when it refuses the host's hybrid cgroups; `None`
+/// (and why) when neither works.
+fn oci_crun(
+    work: &std::path::Path,
+    bundle: &std::path::Path,
+) -> Result<(Option<OciRuntime>, String)> {
+    let crun = std::path::Path::new("/usr/bin/crun");
+    if !crun.exists() {
+        return Ok((None, "crun is not installed (apt-get install crun)".into()));
+    }
+    let log = work.join("crun-probe.log");
+    let bundle_s = bundle.to_string_lossy().into_owned();
+    let probe = |rt: &OciRuntime| -> Result<()> {
+        let id = "bench-probe-crun";
+        let ran = oci_timed(rt.command(&["run", "--bundle", &bundle_s, id]), &log);
+        oci_delete(rt, id, &log);
+        ran.map(|_| ())
+    };
+    let mut rt = OciRuntime {
+        name: "crun",
+        label: "crun",
+        bin: crun.into(),
+        root: work.join("root-crun"),
+    };
+    let plain = match probe(&rt) {
+        Ok(()) => return Ok((Some(rt), String::new())),
+        Err(e) => format!("{e:#}"),
+    };
+    if !plain.contains("hybrid mode") {
+        return Ok((None, format!("crun fails here: {plain}")));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let wrapper = work.join("crun-without-cgroup2");
+    std::fs::write(&wrapper, OCI_CRUN_WRAPPER)?;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    rt.bin = wrapper;
+    rt.label = "crun †";
+    match probe(&rt) {
+        Ok(()) => Ok((Some(rt), String::new())),
+        Err(e) => Ok((
+            None,
+            format!("crun refuses this host's hybrid cgroups, and fails without the cgroup2 mount too: {e:#}"),
+        )),
+    }
+}
+
+/// The median wall time of `runs` runs of `cmd()`.
+fn oci_median_time(runs: usize, log: &std::path::Path, cmd: impl Fn() -> Command) -> Result<f64> {
+    let mut t = Vec::new();
+    for _ in 0..runs {
+        t.push(oci_timed(cmd(), log)?);
+    }
+    Ok(seconds(&t).0)
+}
+
+fn oci_bench(runs: usize, no_containerd: bool, max_wait: Duration) -> Result<()> {
+    let rtv = oci_rtv_binary()?;
+    // rtv, and containerd's shim calling it, find the guest through these.
+    let vmm = match std::env::var_os("RTV_VMM") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => rtv
+            .parent()
+            .map(|d| d.join("rtv-vmm"))
+            .context("rtv's directory")?,
+    };
+    std::env::set_var("RTV_KERNEL", kernel()?);
+    std::env::set_var("RTV_INITRAMFS", initramfs()?);
+    std::env::set_var("RTV_VMM", &vmm);
+    let work = std::env::temp_dir().join(format!("rtv-bench-oci-{}", std::process::id()));
+    if work.exists() {
+        rtv_runtime::remove_tree(&work)?;
+    }
+    std::fs::create_dir_all(&work)?;
+    let bundle_true = work.join("bundle-true");
+    let bundle_sleep = work.join("bundle-sleep");
+    let result = oci_bundle(&bundle_true, &["true"])
+        .and_then(|()| oci_bundle(&bundle_sleep, &["sleep", "1000"]))
+        .and_then(|()| oci_crun(&work, &bundle_true));
+    let (crun, crun_note) = match result {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = rtv_runtime::remove_tree(&work);
+            return Err(e);
+        }
+    };
+    let mut runtimes = vec![OciRuntime {
+        name: "runc",
+        label: "runc",
+        bin: "/usr/sbin/runc".into(),
+        root: work.join("root-runc"),
+    }];
+    if !crun_note.is_empty() {
+        eprintln!("{crun_note}: leaving crun out");
+    }
+    runtimes.extend(crun);
+    runtimes.push(OciRuntime {
+        name: "rtv",
+        label: "rtv",
+        bin: rtv,
+        root: work.join("root-rtv"),
+    });
+    let bundles = (bundle_true.as_path(), bundle_sleep.as_path());
+    let result = oci_measure(
+        &runtimes,
+        &work,
+        bundles,
+        &crun_note,
+        runs,
+        no_containerd,
+        max_wait,
+    );
+    for rt in &runtimes {
+        if let Err(e) = rtv_runtime::remove_tree(&rt.root) {
+            eprintln!("removing {}: {e}", rt.root.display());
+        }
+    }
+    if let Err(e) = rtv_runtime::remove_tree(&work) {
+        eprintln!("removing {}: {e}", work.display());
+    }
+    result
+}
+
+fn oci_measure(
+    runtimes: &[OciRuntime],
+    work: &std::path::Path,
+    (bundle_true, bundle_sleep): (&std::path::Path, &std::path::Path),
+    crun_note: &str,
+    runs: usize,
+    no_containerd: bool,
+    max_wait: Duration,
+) -> Result<()> {
+    let names: Vec<&str> = runtimes.iter().map(|r| r.name).collect();
+    let log = work.join("command.log");
+    let true_s = bundle_true.to_string_lossy().into_owned();
+    let rtv = runtimes
+        .iter()
+        .find(|r| r.name == "rtv")
+        .context("no rtv runtime")?;
+
+    // rtv's warm-up: makes its VM template if there is none.
+    eprintln!("rtv: one untimed warm-up run");
+    let warm_id = "bench-warm-rtv";
+    let warm = oci_timed(rtv.command(&["run", "--bundle", &true_s, warm_id]), &log);
+    oci_delete(rtv, warm_id, &log);
+    let warm = warm.context("rtv's warm-up run")?;
+    eprintln!("  rtv warm-up: {:.2} s", warm.as_secs_f64());
+
+    let start = oci_wait_for_quiet_host(max_wait)?;
+    eprintln!("{start}");
+
+    // 1. `<runtime> run` of busybox `true`.
+    let direct = oci_rounds(&names, runs, "run", |i, run| {
+        let rt = &runtimes[i];
+        let id = format!("bench-{}-{run}", rt.name);
+        let took = oci_timed(rt.command(&["run", "--bundle", &true_s, &id]), &log);
+        if took.is_err() {
+            oci_delete(rt, &id, &log);
+        }
+        took
+    });
+
+    // 2. `ctr run --rm` through runc's shim.
+    let mut ctr_rows: Vec<Result<Vec<Duration>, String>> = Vec::new();
+    let mut ctr_note = String::new();
+    let mut ctr_cleanup = Ok(());
+    if !no_containerd {
+        use rtv_tests::containerd::{Containerd, CTR_TIMEOUT};
+        let c = Containerd::start("bench-oci")?;
+        let measured = (|| {
+            let image = c.import_busybox()?;
+            // The shim gives each runtime --root <runc-root>/<namespace>.
+            let flags: Vec<Vec<String>> = runtimes
+                .iter()
+                .map(|rt| {
+                    let mut f = c.run_flags(&rt.bin);
+                    if let Some(i) = f.iter().position(|a| a == "--runc-root") {
+                        if let Some(v) = f.get_mut(i + 1) {
+                            *v = c
+                                .runtime_root()
+                                .join(rt.name)
+                                .to_string_lossy()
+                                .into_owned();
+                        }
+                    }
+                    f
+                })
+                .collect();
+            let ctr_run = |i: usize, id: &str| -> Result<Duration> {
+                let mut args = vec!["run", "--rm"];
+                args.extend(flags[i].iter().map(String::as_str));
+                args.extend([image.as_str(), id, "true"]);
+                oci_timed(c.ctr_command(&args), &log)
+            };
+            // One untimed run each: unpacks the image's snapshot.
+            let mut warmups = Vec::new();
+            for (i, rt) in runtimes.iter().enumerate() {
+                let id = c.new_id(&format!("warm-{}", rt.name));
+                match ctr_run(i, &id) {
+                    Ok(t) => warmups.push(format!("{} {:.2} s", rt.name, t.as_secs_f64())),
+                    Err(e) => warmups.push(format!("{} failed ({e:#})", rt.name)),
+                }
+            }
+            let rows = oci_rounds(&names, runs, "ctr run --rm", |i, _| {
+                let id = c.new_id(&format!("b-{}", runtimes[i].name));
+                let took = ctr_run(i, &id);
+                if took.is_err() {
+                    let _ = c.ctr(&["tasks", "delete", "-f", &id], CTR_TIMEOUT);
+                    let _ = c.ctr(&["containers", "delete", &id], CTR_TIMEOUT);
+                }
+                took
+            });
+            anyhow::Ok((rows, warmups))
+        })();
+        ctr_cleanup = c.shutdown();
+        let (rows, warmups) = measured?;
+        ctr_rows = rows;
+        ctr_note = format!(
+            "one untimed warm-up `ctr run --rm` per runtime first ({})",
+            warmups.join(", ")
+        );
+    }
+
+    // 3. The memory of one running container.
+    let mut mem = Vec::new();
+    for rt in runtimes {
+        eprintln!("  memory: {}", rt.name);
+        mem.push(oci_memory(rt, bundle_sleep, &log).map_err(|e| format!("{e:#}")));
+    }
+    // What the crun wrapper itself costs per call.
+    let mut wrapper_ms = None;
+    if let Some(crun) = runtimes.iter().find(|r| r.label != r.name) {
+        let n = runs.max(5);
+        let wrapped = oci_median_time(n, &log, || {
+            let mut c = Command::new(&crun.bin);
+            c.arg("--version");
+            c
+        });
+        let plain = oci_median_time(n, &log, || {
+            let mut c = Command::new("/usr/bin/crun");
+            c.arg("--version");
+            c
+        });
+        if let (Ok(w), Ok(p)) = (wrapped, plain) {
+            wrapper_ms = Some(((w - p) * 1e3, n));
+        }
+    }
+    let end = oci_loadavg()?.1;
+
+    println!(
+        "OCI runtimes: rtv against runc and crun, busybox `true` ({runs} runs each, median (min), wall time on the host), host: {}; {start}, {end} at the end",
+        host_type()
+    );
+    println!();
+    let mut header = String::from("| measure |");
+    let mut rule = String::from("|---|");
+    for rt in runtimes {
+        header.push_str(&format!(" {} |", rt.label));
+        rule.push_str("---|");
+    }
+    header.push_str(" rtv / runc |");
+    rule.push_str("---|");
+    println!("{header}");
+    println!("{rule}");
+    let ratio = |rows: &[Result<Vec<Duration>, String>]| -> String {
+        let m = |i: usize| match rows.get(i) {
+            Some(Ok(t)) if !t.is_empty() => Some(seconds(t).0),
+            _ => None,
+        };
+        match (m(names.len() - 1), m(0)) {
+            (Some(rtv), Some(runc)) if runc > 0.0 => format!("{:.0}x", rtv / runc),
+            _ => "—".into(),
+        }
+    };
+    let row = |label: &str, rows: &[Result<Vec<Duration>, String>]| {
+        let mut line = format!("| {label} |");
+        for r in rows {
+            line.push_str(&format!(" {} |", oci_cell(r)));
+        }
+        line.push_str(&format!(" {} |", ratio(rows)));
+        println!("{line}");
+    };
+    row("`<runtime> run` of the bundle", &direct);
+    if !no_containerd {
+        row(
+            "`ctr run --rm` (containerd 1.6, runc shim, `--runc-binary <runtime>`)",
+            &ctr_rows,
+        );
+    }
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let pss_sum = |m: &OciMem| m.procs.iter().map(|p| p.3).sum::<u64>();
+    let rss_sum = |m: &OciMem| m.procs.iter().map(|p| p.2).sum::<u64>();
+    let mut line = String::from("| host memory of one running container (`sleep`), PSS (RSS) |");
+    for m in &mem {
+        line.push_str(&match m {
+            Ok(m) => format!(" {:.1} MiB ({:.1} MiB) |", mib(pss_sum(m)), mib(rss_sum(m))),
+            Err(_) => " failed (below) |".into(),
+        });
+    }
+    line.push_str(&match (mem.last(), mem.first()) {
+        (Some(Ok(r)), Some(Ok(c))) if pss_sum(c) > 0 => {
+            format!(" {:.0}x |", pss_sum(r) as f64 / pss_sum(c) as f64)
+        }
+        _ => " — |".into(),
+    });
+    println!("{line}");
+    println!();
+    println!(
+        "Each runtime has its own `--root`; within each round the runtimes alternate. rtv: one untimed warm-up `rtv run` first ({:.2} s), so its VM template exists and every timed run restores its VM from it; each rtv container gets its own VM.",
+        warm.as_secs_f64()
+    );
+    if !crun_note.is_empty() {
+        println!("crun is left out: {crun_note}.");
+    }
+    if let Some((ms, n)) = wrapper_ms {
+        println!(
+            "† crun 1.8 refuses this host's cgroups (\"cgroups in hybrid mode not supported\": v1 controllers, and hugetlb in the cgroup2 mount at /sys/fs/cgroup/unified), so it runs through a script that execs it under `unshare -m` with that mount unmounted (the host's mounts are untouched). The script costs {ms:.1} ms per crun call (`--version` through it against crun's own, median of {n}), included in crun's figures; containerd's shim calls the runtime several times per container."
+        );
+    }
+    if !no_containerd {
+        println!(
+            "`ctr run --rm`: a private containerd with the busybox image imported; {ctr_note}; timed from ctr's start to its exit."
+        );
+    }
+    println!(
+        "Memory: one container running `sleep 1000` (`run -d`), measured after 5 s idle from /proc/<pid>/smaps_rollup; PSS counts a page shared by n processes as 1/n."
+    );
+    for (rt, m) in runtimes.iter().zip(&mem) {
+        if let Ok(m) = m {
+            let procs: Vec<String> = m
+                .procs
+                .iter()
+                .map(|(name, _, rss, pss)| {
+                    format!(
+                        "{name} (PSS {:.1} MiB, RSS {:.1} MiB)",
+                        mib(*pss),
+                        mib(*rss)
+                    )
+                })
+                .collect();
+            let extra = match m.vmm_overhead_kib {
+                Some(k) => format!(
+                    "; the VMM's resident memory outside guest RAM: {:.1} MiB. Guest pages restored from the template are private copy-on-write mappings of its memory.bin, so they are shared (and PSS split) with any other VM restored from the same template on the host",
+                    mib(k)
+                ),
+                None => String::new(),
+            };
+            let daemon = if rt.name == "rtv" {
+                ""
+            } else {
+                " (the runtime leaves no process of its own)"
+            };
+            println!("- {}: {}{daemon}{extra}.", rt.name, procs.join(" + "));
+        }
+    }
+    for (what, rows) in [("run", &direct), ("ctr run --rm", &ctr_rows)] {
+        for (n, r) in names.iter().zip(rows.iter()) {
+            if let Err(e) = r {
+                println!("- {what} with {n} failed: {e}");
+            }
+        }
+    }
+    for (n, m) in names.iter().zip(&mem) {
+        if let Err(e) = m {
+            println!("- memory of {n} failed: {e}");
+        }
+    }
+    ctr_cleanup.context("shutting containerd down")
+}
+
 fn main() -> Result<()> {
     match Args::parse().what {
         What::Boot { runs, mem, no_qemu } => boot(runs.max(1), mem, no_qemu),
@@ -545,5 +1263,10 @@ fn main() -> Result<()> {
             idle,
             mem,
         } => tokio::runtime::Runtime::new()?.block_on(template_bench(runs, cold, idle, mem)),
+        What::Oci {
+            runs,
+            no_containerd,
+            max_wait,
+        } => oci_bench(runs.max(1), no_containerd, Duration::from_secs(max_wait)),
     }
 }
