@@ -621,6 +621,7 @@ fn create_inner(
     dir: &Path,
     undo: &mut Undo,
 ) -> Result<Created> {
+    let t0 = Instant::now();
     let bundle = std::fs::canonicalize(&a.bundle)
         .with_context(|| format!("bundle {}", a.bundle.display()))?;
     let config = bundle.join("config.json");
@@ -700,6 +701,13 @@ fn create_inner(
             .block_on(Sandbox::start(cfg))
             .context("starting the sandbox VM")?;
         let vmm_pid = sandbox.pid() as i32;
+        tracing::debug!(
+            id = %a.id,
+            origin = ?sandbox.origin(),
+            "sandbox ready after {:?} ({:?} into create)",
+            sandbox.ready_after(),
+            t0.elapsed()
+        );
         sandbox.detach();
         undo.new_sandbox = Some((sandbox_id.clone(), vmm_pid));
         store.save_sandbox(&SandboxRecord {
@@ -749,6 +757,7 @@ fn create_inner(
         })
     })?;
     undo.agent_container = Some((sandbox_id.clone(), a.id.clone()));
+    tracing::debug!(id = %a.id, "container created in the guest {:?} into create", t0.elapsed());
     let waiter = spawn_waiter(
         cli,
         &WaiterArgs {
@@ -815,7 +824,7 @@ fn create_inner(
         write_pid_file(p, waiter_pid)?;
     }
     let waiter = undo.waiter.take().ok_or_else(|| anyhow!("waiter lost"))?;
-    tracing::info!(id = %a.id, pid = waiter_pid, "created");
+    tracing::info!(id = %a.id, pid = waiter_pid, "created in {:?}", t0.elapsed());
     *undo = Undo::default();
     Ok(Created { waiter })
 }
