@@ -837,10 +837,16 @@ fn oci_memory(rt: &OciRuntime, bundle: &std::path::Path, log: &std::path::Path) 
     result
 }
 
-/// The release `rtv` (built if needed, with rtv-vmm), or `$RTV_BIN_RTV`.
+/// `$RTV_BIN_RTV`; under scripts/bench.sh (which built the workspace in
+/// release and set `$RTV_VMM`), the `rtv` next to this binary; else the
+/// release `rtv`, built if needed (with rtv-vmm).
 fn oci_rtv_binary() -> Result<std::path::PathBuf> {
     if let Some(p) = std::env::var_os("RTV_BIN_RTV") {
         return Ok(p.into());
+    }
+    let sibling = std::env::current_exe()?.with_file_name("rtv");
+    if std::env::var_os("RTV_VMM").is_some() && !cfg!(debug_assertions) && sibling.exists() {
+        return Ok(sibling);
     }
     let root = rtv_tests::repo_root();
     let status = Command::new(env!("CARGO"))
