@@ -1049,20 +1049,20 @@ async fn waiter_run(w: &WaiterArgs, sync: &mut Option<File>) -> Result<ExitStatu
     let mut input = dup(0)?;
     std::thread::spawn(move || {
         let mut stdin = stdin;
-        let _ = std::io::copy(&mut input, &mut stdin);
+        relay(&mut input, &mut stdin);
         let _ = stdin.shutdown(std::net::Shutdown::Write);
     });
     let mut out_file = dup(1)?;
     let out = std::thread::spawn(move || {
         let mut stdout = stdout;
-        let _ = std::io::copy(&mut stdout, &mut out_file);
+        relay(&mut stdout, &mut out_file);
     });
     let err = match stderr {
         Some(s) => {
             let mut err_file = dup(2)?;
             Some(std::thread::spawn(move || {
                 let mut s = s;
-                let _ = std::io::copy(&mut s, &mut err_file);
+                relay(&mut s, &mut err_file);
             }))
         }
         None => None,
@@ -1098,6 +1098,25 @@ async fn waiter_run(w: &WaiterArgs, sync: &mut Option<File>) -> Result<ExitStatu
     })
     .await;
     Ok(status)
+}
+
+/// Copies `from` to `to` until end of file, each read passed on at once
+/// (plain reads and writes: std's copy splices pipes into sockets, and a
+/// splice into the agent's stream held interactive input back until more
+/// arrived).
+fn relay(from: &mut impl Read, to: &mut impl Write) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
 }
 
 fn cmd_start(cli: &Cli, id: &str, rt: &tokio::runtime::Runtime) -> Result<()> {
