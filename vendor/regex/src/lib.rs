@@ -1,10 +1,19 @@
 //! rtv's stand-in for the [`regex`](https://crates.io/crates/regex) crate.
 //!
-//! The workspace's only user of `regex` is `oci-spec` (0.10, `runtime`
-//! feature), which validates `process.execCPUAffinity` with one pattern:
+//! The workspace's users of `regex` are `oci-spec` (0.10, and 0.9 through
+//! `containerd-shim`; `runtime` feature), which validates
+//! `process.execCPUAffinity` with one pattern:
 //!
 //! ```text
 //! ^(\d+(-\d+)?)(,\d+(-\d+)?)*$
+//! ```
+//!
+//! and `protobuf-codegen` 3.7.2, which `containerd-shim-protos`'s build
+//! script runs on the host (it never reaches a binary), and which takes the
+//! file name out of a well-known type's path with
+//!
+//! ```text
+//! ^google/protobuf/([^/]+\.proto)$
 //! ```
 //!
 //! The real crate compiles it at run time with its general engines and
@@ -12,8 +21,9 @@
 //! (measured with oci-spec 0.10.0 and regex 1.13.2), which the guest kernel
 //! unpacks on every boot, in emulated kernel code on PVM hosts.
 //!
-//! This crate offers the part of `regex`'s API that `oci-spec` calls
-//! (`Regex::new`, `Regex::is_match`) and matches the patterns it knows by
+//! This crate offers the part of `regex`'s API that they call
+//! (`Regex::new`, `Regex::is_match`, `Regex::captures`, `Captures::get`,
+//! `Match::as_str`) and matches the patterns it knows by
 //! hand, with the real crate's semantics, Unicode included: `\d` is any
 //! character of general category `Nd` (Unicode 16.0, as regex-syntax 0.8),
 //! and `$` is the end of the text only.
@@ -22,7 +32,8 @@
 //! its patterns, so that would be a panic). The tests keep that from
 //! reaching a build: they run oci-spec's own validation through this crate,
 //! and fail when the crates that use `regex` are no longer exactly
-//! oci-spec 0.10.0, whose every pattern is known here. Upgrading oci-spec,
+//! oci-spec 0.10.0 and 0.9.0 and protobuf-codegen 3.7.2, whose every
+//! pattern is known here. Upgrading oci-spec,
 //! or adding a dependency on `regex`, means checking their patterns (or
 //! dropping this patch).
 
@@ -33,21 +44,38 @@ use std::fmt;
 pub struct Regex {
     pattern: &'static str,
     matcher: Matcher,
+    captor: Captor,
 }
 
 /// Whether a pattern matches a haystack.
 type Matcher = fn(&str) -> bool;
 
-/// The patterns this crate knows, each with its matcher.
-const PATTERNS: &[(&str, Matcher)] = &[(r"^(\d+(-\d+)?)(,\d+(-\d+)?)*$", cpu_list)];
+/// Where a pattern's groups matched in a haystack (group 0 is the whole
+/// match; `None` for a group that did not participate), or `None` if it
+/// does not match.
+type Captor = fn(&str) -> Option<Vec<Option<(usize, usize)>>>;
+
+/// The patterns this crate knows, each with its matcher and captor.
+const PATTERNS: &[(&str, Matcher, Captor)] = &[
+    (r"^(\d+(-\d+)?)(,\d+(-\d+)?)*$", cpu_list, cpu_list_groups),
+    (
+        r"^google/protobuf/([^/]+\.proto)$",
+        |s| protobuf_well_known(s).is_some(),
+        protobuf_well_known,
+    ),
+];
 
 impl Regex {
     /// Compiles `re`, which must be one of the patterns this crate knows.
     pub fn new(re: &str) -> Result<Regex, Error> {
         PATTERNS
             .iter()
-            .find(|(p, _)| *p == re)
-            .map(|&(pattern, matcher)| Regex { pattern, matcher })
+            .find(|(p, _, _)| *p == re)
+            .map(|&(pattern, matcher, captor)| Regex {
+                pattern,
+                matcher,
+                captor,
+            })
             .ok_or_else(|| Error {
                 pattern: re.to_owned(),
             })
@@ -57,6 +85,13 @@ impl Regex {
     /// pattern is anchored at both ends).
     pub fn is_match(&self, haystack: &str) -> bool {
         (self.matcher)(haystack)
+    }
+
+    /// The groups of the match in `haystack`, if the pattern matches, as
+    /// the real crate reports them (a group inside a repetition keeps what
+    /// it matched in the last iteration it took part in).
+    pub fn captures<'h>(&self, haystack: &'h str) -> Option<Captures<'h>> {
+        (self.captor)(haystack).map(|groups| Captures { haystack, groups })
     }
 
     /// The pattern this was compiled from.
@@ -74,6 +109,56 @@ impl fmt::Debug for Regex {
 impl fmt::Display for Regex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.pattern)
+    }
+}
+
+/// The groups of one match.
+#[derive(Clone, Debug)]
+pub struct Captures<'h> {
+    haystack: &'h str,
+    groups: Vec<Option<(usize, usize)>>,
+}
+
+impl<'h> Captures<'h> {
+    /// Group `i` (0: the whole match), if it took part in the match.
+    pub fn get(&self, i: usize) -> Option<Match<'h>> {
+        let (start, end) = (*self.groups.get(i)?)?;
+        Some(Match {
+            haystack: self.haystack,
+            start,
+            end,
+        })
+    }
+
+    /// The number of groups, group 0 included.
+    #[allow(clippy::len_without_is_empty)] // never empty: group 0 is the match
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+}
+
+/// Where a group matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Match<'h> {
+    haystack: &'h str,
+    start: usize,
+    end: usize,
+}
+
+impl<'h> Match<'h> {
+    /// The matched text.
+    pub fn as_str(&self) -> &'h str {
+        &self.haystack[self.start..self.end]
+    }
+
+    /// Its byte offset in the haystack.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// The byte offset just past it.
+    pub fn end(&self) -> usize {
+        self.end
     }
 }
 
@@ -106,6 +191,45 @@ fn cpu_list(s: &str) -> bool {
         };
         digits(first) && last.is_none_or(digits)
     })
+}
+
+/// [`cpu_list`]'s groups: 1 the first item, 2 its `-\d+`; 3 the last
+/// `,item`, 4 the `-\d+` of the last later item that had one (the real
+/// crate keeps a group's match from an earlier iteration of its
+/// repetition when the last iteration skipped it).
+fn cpu_list_groups(s: &str) -> Option<Vec<Option<(usize, usize)>>> {
+    if !cpu_list(s) {
+        return None;
+    }
+    let mut groups = vec![Some((0, s.len())), None, None, None, None];
+    let mut at = 0;
+    for (n, item) in s.split(',').enumerate() {
+        let end = at + item.len();
+        let dash = item.find('-').map(|d| (at + d, end));
+        if n == 0 {
+            groups[1] = Some((at, end));
+            groups[2] = dash;
+        } else {
+            groups[3] = Some((at - 1, end));
+            if dash.is_some() {
+                groups[4] = dash;
+            }
+        }
+        at = end + 1;
+    }
+    Some(groups)
+}
+
+/// `^google/protobuf/([^/]+\.proto)$`: group 1 is the file name (one or
+/// more characters other than `/`, newlines included, ending in `.proto`).
+fn protobuf_well_known(s: &str) -> Option<Vec<Option<(usize, usize)>>> {
+    const PREFIX: &str = "google/protobuf/";
+    let name = s.strip_prefix(PREFIX)?;
+    if name.len() > ".proto".len() && name.ends_with(".proto") && !name.contains('/') {
+        Some(vec![Some((0, s.len())), Some((PREFIX.len(), s.len()))])
+    } else {
+        None
+    }
 }
 
 /// `\d+`, the whole of `s`.
@@ -247,6 +371,69 @@ mod tests {
         }
     }
 
+    fn groups(re: &Regex, s: &str) -> Option<Vec<Option<&'static str>>> {
+        let c = re.captures(s)?;
+        Some(
+            (0..c.len())
+                .map(|i| c.get(i).map(|m| &*m.as_str().to_owned().leak()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn cpu_list_captures_as_the_regex_crate() {
+        let re = Regex::new(CPU_LIST).unwrap();
+        // What regex 1.13.2 reports.
+        let cases: &[(&str, [Option<&str>; 5])] = &[
+            ("1", [Some("1"), Some("1"), None, None, None]),
+            ("1-2", [Some("1-2"), Some("1-2"), Some("-2"), None, None]),
+            ("1,2", [Some("1,2"), Some("1"), None, Some(",2"), None]),
+            (
+                "1,2-3,4",
+                [Some("1,2-3,4"), Some("1"), None, Some(",4"), Some("-3")],
+            ),
+            (
+                "1-2,3",
+                [Some("1-2,3"), Some("1-2"), Some("-2"), Some(",3"), None],
+            ),
+            (
+                "1,2-3",
+                [Some("1,2-3"), Some("1"), None, Some(",2-3"), Some("-3")],
+            ),
+        ];
+        for (s, want) in cases {
+            assert_eq!(groups(&re, s).as_deref(), Some(&want[..]), "{s:?}");
+        }
+        let c = re.captures("1,2-3,4").unwrap();
+        let m = c.get(4).unwrap();
+        assert_eq!((m.start(), m.end()), (3, 5));
+        assert!(re.captures("1,").is_none());
+    }
+
+    #[test]
+    fn protobuf_well_known_captures_as_the_regex_crate() {
+        let re = Regex::new(r"^google/protobuf/([^/]+\.proto)$").unwrap();
+        // What regex 1.13.2 reports.
+        for (s, name) in [
+            ("google/protobuf/any.proto", "any.proto"),
+            ("google/protobuf/x\n.proto", "x\n.proto"),
+            ("google/protobuf/.proto.proto", ".proto.proto"),
+        ] {
+            assert_eq!(groups(&re, s), Some(vec![Some(s), Some(name)]), "{s:?}");
+            assert!(re.is_match(s));
+        }
+        for s in [
+            "google/protobuf/.proto",
+            "google/protobuf/a/b.proto",
+            "google/protobuf/a.proto\n",
+            "xgoogle/protobuf/a.proto",
+            "google/protobuf/a.prot",
+        ] {
+            assert!(re.captures(s).is_none(), "{s:?}");
+            assert!(!re.is_match(s), "{s:?}");
+        }
+    }
+
     #[test]
     fn decimal_table_is_sorted_and_disjoint() {
         for w in DECIMAL_NUMBER.windows(2) {
@@ -268,9 +455,15 @@ mod tests {
     /// The crates that use `regex` in the workspace's resolved graph: if this
     /// changes, check their patterns against `PATTERNS`, then update it.
     #[test]
-    fn the_only_user_is_oci_spec_0_10_0() {
+    fn the_only_users_are_oci_spec_and_protobuf_codegen() {
         let out = std::process::Command::new(env!("CARGO"))
             .args(["metadata", "--format-version", "1", "--offline"])
+            // Only this host's packages: the others (Windows and wasm
+            // dependencies of containerd-shim's) are never downloaded.
+            .args([
+                "--filter-platform",
+                &format!("{}-unknown-linux-gnu", std::env::consts::ARCH),
+            ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
             .unwrap();
@@ -308,7 +501,14 @@ mod tests {
             })
             .collect();
         users.sort();
-        assert_eq!(users, ["oci-spec 0.10.0"]);
+        assert_eq!(
+            users,
+            [
+                "oci-spec 0.10.0",
+                "oci-spec 0.9.0",
+                "protobuf-codegen 3.7.2"
+            ]
+        );
     }
 
     /// oci-spec's own validation runs through this crate.

@@ -1,0 +1,217 @@
+//! `containerd-shim-rtv-v2`: containerd's runtime v2 shim for rtv
+//! (`--runtime io.containerd.rtv.v2`), one micro-VM per pod.
+//!
+//! containerd runs the binary three ways (containerd-shim 0.11 parses the
+//! flags):
+//! - `start`: starts the shim server for the container's pod — or finds
+//!   the one already serving it: containers of a CRI pod (annotation
+//!   `io.kubernetes.cri.sandbox-id`) share the socket of their sandbox's
+//!   shim, as containerd-shim-runc-v2 groups them — and prints its address;
+//! - the server itself, serving the task API on that socket; it owns the
+//!   pod's VM (see [`service`]) and logs to the `log` FIFO that containerd
+//!   reads in the sandbox's bundle;
+//! - `delete`: cleanup after a shim that died (its VM died with it).
+
+mod events;
+mod guest;
+mod mount;
+mod service;
+mod stdio;
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{
+    spawn, util::write_address, Config, DeleteResponse, ExitSignal, Flags, Shim, StartOpts,
+};
+use tracing_subscriber::EnvFilter;
+
+use crate::guest::Role;
+
+/// The runtime's name in containerd.
+const RUNTIME_ID: &str = "io.containerd.rtv.v2";
+
+/// The shim.
+struct RtvShim {
+    namespace: String,
+    id: String,
+    bundle: String,
+    address: String,
+    socket: String,
+    exit: Arc<ExitSignal>,
+}
+
+/// containerd's `log` FIFO. Once containerd's reader is gone, writes
+/// fail (EPIPE, and a SIGPIPE that containerd-shim's signal thread logs,
+/// at debug level, to this very log): the log then goes nowhere.
+struct LogFifo(std::sync::Mutex<Option<std::fs::File>>);
+
+impl std::io::Write for &LogFifo {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(file) = f.as_mut() else {
+            return Ok(buf.len());
+        };
+        match file.write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                *f = None;
+                Ok(buf.len())
+            }
+            r => r,
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogFifo {
+    type Writer = &'a LogFifo;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self
+    }
+}
+
+/// Logs with `tracing` to `writer`, at `info` (`debug` with containerd's
+/// `-debug`), or as `$RTV_SHIM_LOG` says (an `EnvFilter`).
+fn init_logging<W>(writer: W, debug: bool)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
+    let filter = std::env::var("RTV_SHIM_LOG")
+        .ok()
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::new(if debug { "debug" } else { "info" }));
+    // The containerd-shim crate logs through `log`; tracing-subscriber's
+    // default `tracing-log` feature forwards it.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(false)
+        .try_init();
+}
+
+impl Shim for RtvShim {
+    type T = service::Service;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        if args.action.is_empty() {
+            // The server: containerd reads the `log` FIFO in the bundle
+            // (our working directory). Never block on it.
+            match OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open("log")
+            {
+                Ok(f) => init_logging(LogFifo(std::sync::Mutex::new(Some(f))), args.debug),
+                Err(_) => init_logging(std::io::stderr, args.debug),
+            }
+        } else if args.action == "delete" {
+            // containerd logs what `delete` writes to stderr.
+            init_logging(std::io::stderr, args.debug);
+        }
+        // `start` logs nothing: containerd reads its combined stdout and
+        // stderr as the shim's address.
+        RtvShim {
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            bundle: args.bundle.clone(),
+            address: args.address.clone(),
+            socket: args.socket.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        let bundle = std::env::current_dir().unwrap_or_default();
+        let role = Role::of(&guest::bundle_annotations(&bundle));
+        let group = role.group(&opts.id).to_owned();
+        let id = opts.id.clone();
+        let (_pid, address) = spawn(opts, &group, Vec::new())?;
+        write_address(&address)?;
+        tracing::debug!(id = %id, pod = %group, address = %address, "shim started");
+        Ok(address)
+    }
+
+    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let bundle = if self.bundle.is_empty() {
+            std::env::current_dir().unwrap_or_default()
+        } else {
+            PathBuf::from(&self.bundle)
+        };
+        cleanup_dead(&self.address, &self.namespace, &self.id, &bundle);
+        Ok(DeleteResponse {
+            pid: 0,
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: MessageField::some(events::timestamp(std::time::SystemTime::now())),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+        // Let the reply to Shutdown go out, then leave at once: containerd
+        // removes the bundle (our working directory) as soon as it has it.
+        std::thread::sleep(Duration::from_millis(100));
+        std::process::exit(0);
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> service::Service {
+        match service::Service::new(
+            self.namespace.clone(),
+            publisher,
+            self.exit.clone(),
+            self.socket.clone(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("starting the shim's runtime: {e}");
+                eprintln!("{RUNTIME_ID}: starting the shim's runtime: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// `delete`: containerd calls it whenever its connection to a shim closes,
+/// after a normal end as well as after a crash. Only when the pod's shim
+/// is gone (its socket answers no more) is there anything to clean: the
+/// container's root file system mount, and the pod's state directory or
+/// this container's part of the share.
+fn cleanup_dead(address: &str, namespace: &str, id: &str, bundle: &Path) {
+    let role = Role::of(&guest::bundle_annotations(bundle));
+    let group = role.group(id);
+    let socket = containerd_shim::socket_address(address, namespace, group);
+    let path = socket.strip_prefix("unix://").unwrap_or(&socket);
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        tracing::debug!(id = %id, pod = %group, "the pod's shim is alive: nothing to clean");
+        return;
+    }
+    mount::unmount_all(&bundle.join("rootfs"));
+    let dir = guest::state_dir(Path::new(guest::STATE_ROOT), namespace, group);
+    if let Err(e) = rtv_runtime::remove_tree(&dir) {
+        tracing::warn!(id = %id, "{e}");
+    }
+}
+
+fn main() {
+    containerd_shim::run::<RtvShim>(
+        RUNTIME_ID,
+        Some(Config {
+            // Logging is ours (tracing, to the same `log` FIFO).
+            no_setup_logger: true,
+            default_log_level: "info".into(),
+            // The shim's children are its VMMs, which std waits for; a
+            // reaper of every child would take their statuses first.
+            no_reaper: true,
+            no_sub_reaper: true,
+        }),
+    );
+}

@@ -1,0 +1,392 @@
+//! `containerd-shim-rtv-v2` driven by the real containerd 1.6 through `ctr`
+//! (`--runtime io.containerd.rtv.v2`, found on containerd's PATH), each
+//! scenario in a private containerd, each followed by the check that
+//! nothing is left behind: containerd's own footprint, and the shim's VMs
+//! and state directories. Every pod (a lone container is a pod of one) is
+//! a micro-VM.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use rtv_tests::containerd::{
+    container_ids, describe, run_on_pty, task_state, wait_task_status, with_containerd, Containerd,
+    CTR_TIMEOUT,
+};
+use rtv_tests::{initramfs, kernel, one_vm_at_a_time, vmm_binary};
+
+const RUNTIME: &str = "io.containerd.rtv.v2";
+/// Where the shim keeps its pods' state (shim/src/guest.rs).
+const STATE_ROOT: &str = "/run/rtv-shim";
+
+/// Puts the shim first on the PATH that containerd (and so the shim)
+/// inherits, with the guest kernel, initramfs and VMM in the environment.
+fn setup() {
+    std::env::set_var("RTV_KERNEL", kernel().expect("guest kernel"));
+    std::env::set_var("RTV_INITRAMFS", initramfs().expect("initramfs"));
+    std::env::set_var("RTV_VMM", vmm_binary().expect("rtv-vmm"));
+    let shim = Path::new(env!("CARGO_BIN_EXE_containerd-shim-rtv-v2"));
+    let dir = shim.parent().expect("the shim's directory");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    if dirs.first().map(PathBuf::as_path) != Some(dir) {
+        dirs.insert(0, dir.to_path_buf());
+        std::env::set_var(
+            "PATH",
+            std::env::join_paths(dirs).expect("a PATH with the shim"),
+        );
+    }
+}
+
+/// `ctr run` flags for the shim, with ctr's FIFOs in the instance.
+fn flags(c: &Containerd) -> Vec<String> {
+    vec![
+        "--runtime".into(),
+        RUNTIME.into(),
+        "--fifo-dir".into(),
+        c.fifo_dir().to_string_lossy().into_owned(),
+    ]
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The shim's VMMs of pod `id`, and its state directory, if still there.
+fn vm_leftovers(namespace: &str, ids: &[String]) -> Vec<String> {
+    let mut left = Vec::new();
+    let dirs: Vec<String> = ids
+        .iter()
+        .map(|id| format!("{STATE_ROOT}/{namespace}/{id}"))
+        .collect();
+    for d in &dirs {
+        if Path::new(d).exists() {
+            left.push(format!("directory {d}"));
+        }
+    }
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if dirs.iter().any(|d| cmdline.contains(&format!("{d}/"))) {
+            left.push(format!("process {:?} {cmdline}", e.file_name()));
+        }
+    }
+    left
+}
+
+/// Runs `f` in a private containerd (see `with_containerd`), then checks
+/// that no VM or state of pods `ids` is left.
+fn scenario(
+    name: &str,
+    ids: &mut Vec<String>,
+    f: impl FnOnce(&Containerd, &mut Vec<String>) -> Result<()>,
+) {
+    setup();
+    let _one = one_vm_at_a_time();
+    let mut namespace = String::new();
+    with_containerd(name, |c| {
+        namespace = c.namespace().to_owned();
+        f(c, ids)
+    });
+    // The VMs stop when their last container is deleted; give a killed
+    // shim's VMM its SIGTERM's worth of time.
+    let mut left = vm_leftovers(&namespace, ids);
+    for _ in 0..50 {
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        left = vm_leftovers(&namespace, ids);
+    }
+    assert!(left.is_empty(), "{name} left behind: {left:#?}");
+}
+
+#[test]
+fn ctr_run_rm_prints_and_returns_the_exit_code() {
+    scenario("shim-run-rm", &mut Vec::new(), |c, ids| {
+        let image = c.import_busybox()?;
+        let id = c.new_id("run-rm");
+        ids.push(id.clone());
+        let flags = flags(c);
+        let mut args = vec!["run", "--rm"];
+        args.extend(strs(&flags));
+        args.extend([
+            image.as_str(),
+            &id,
+            "sh",
+            "-c",
+            "echo hi; echo oops >&2; exit 3",
+        ]);
+        let out = c.ctr(&args, CTR_TIMEOUT)?;
+        ensure!(
+            out.status.code() == Some(3)
+                && String::from_utf8_lossy(&out.stdout) == "hi\n"
+                && String::from_utf8_lossy(&out.stderr).contains("oops"),
+            "ctr run --rm: want `hi`, `oops` on stderr and exit 3, got {}",
+            describe(&out)
+        );
+        ensure!(
+            !container_ids(c)?.contains(&id),
+            "container {id} still exists after ctr run --rm"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn ctr_run_with_stdin() {
+    scenario("shim-stdin", &mut Vec::new(), |c, ids| {
+        let image = c.import_busybox()?;
+        let id = c.new_id("stdin");
+        ids.push(id.clone());
+        let flags = flags(c);
+        let mut args = vec!["run", "--rm"];
+        args.extend(strs(&flags));
+        args.extend([image.as_str(), &id, "cat"]);
+        let out = c.ctr_with_stdin(&args, b"line one\nline two\n", "line two\n", CTR_TIMEOUT)?;
+        ensure!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout) == "line one\nline two\n",
+            "ctr run cat: want the input back and exit 0, got {}",
+            describe(&out)
+        );
+        Ok(())
+    });
+}
+
+/// `ctr run -d`, `task exec` (output, exit code, a terminal), `pause` and
+/// `resume`, `task ps` (guest pids, the init's among them), `task metrics`,
+/// `task kill`, `task delete`, `container delete`.
+#[test]
+fn ctr_detached_exec_ps_kill_delete() {
+    scenario("shim-detached", &mut Vec::new(), |c, ids| {
+        let image = c.import_busybox()?;
+        let id = c.new_id("detached");
+        ids.push(id.clone());
+        let flags = flags(c);
+        let mut args = vec!["run", "-d"];
+        args.extend(strs(&flags));
+        args.extend([image.as_str(), &id, "sleep", "1000"]);
+        let out = c.ctr(&args, CTR_TIMEOUT)?;
+        ensure!(out.status.success(), "ctr run -d: {}", describe(&out));
+        let (pid, status) =
+            task_state(c, &id)?.with_context(|| format!("task {id} not in ctr task ls"))?;
+        ensure!(
+            status == "RUNNING" && pid > 0,
+            "task {id}: {status}, pid {pid}"
+        );
+
+        let fifo = c.fifo_dir().to_string_lossy().into_owned();
+        let exec = |exec_id: &str, cmd: &[&str]| {
+            let mut a = vec![
+                "tasks",
+                "exec",
+                "--fifo-dir",
+                &fifo,
+                "--exec-id",
+                exec_id,
+                &id,
+            ];
+            a.extend(cmd);
+            c.ctr(&a, CTR_TIMEOUT)
+        };
+        let out = exec("e1", &["echo", "exec-ok"])?;
+        ensure!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout) == "exec-ok\n",
+            "ctr task exec echo: {}",
+            describe(&out)
+        );
+        let out = exec("e2", &["sh", "-c", "exit 7"])?;
+        ensure!(
+            out.status.code() == Some(7),
+            "ctr task exec 'exit 7': {}",
+            describe(&out)
+        );
+        // A terminal: ctr sizes it after the start, hence the wait.
+        let script = "test -t 0 && echo exec-tty-ok; i=0; \
+                      until stty size | grep -q '^30 90' || [ $i -ge 100 ]; do sleep 0.05; i=$((i+1)); done; \
+                      printf size=; stty size; sleep 0.3; exit 4";
+        let t = [
+            "tasks",
+            "exec",
+            "-t",
+            "--fifo-dir",
+            &fifo,
+            "--exec-id",
+            "e3",
+            &id,
+            "sh",
+            "-c",
+            script,
+        ];
+        let (status, text) = run_on_pty(c.ctr_command(&t), 30, 90, CTR_TIMEOUT)?;
+        let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
+        ensure!(
+            status.code() == Some(4)
+                && lines.contains(&"exec-tty-ok")
+                && lines.contains(&"size=30 90"),
+            "ctr task exec -t: want exec-tty-ok, size=30 90 and exit 4; got {status}, {text:?}"
+        );
+
+        c.ctr_ok(&["tasks", "pause", &id])?;
+        wait_task_status(c, &id, "PAUSED", Duration::from_secs(20))?;
+        c.ctr_ok(&["tasks", "resume", &id])?;
+        wait_task_status(c, &id, "RUNNING", Duration::from_secs(20))?;
+
+        let ps = c.ctr_ok(&["tasks", "ps", &id])?;
+        let pids: Vec<u32> = ps
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        ensure!(
+            pids.contains(&pid),
+            "ctr task ps {id} does not list the init pid {pid}:\n{ps}"
+        );
+        let metrics = c.ctr_ok(&["tasks", "metrics", &id])?;
+        ensure!(
+            metrics.contains("memory") && metrics.contains(&id),
+            "ctr task metrics {id}:\n{metrics}"
+        );
+
+        c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id])?;
+        wait_task_status(c, &id, "STOPPED", Duration::from_secs(20))?;
+        let out = c.ctr(&["tasks", "delete", &id], CTR_TIMEOUT)?;
+        ensure!(out.status.success(), "ctr task delete: {}", describe(&out));
+        ensure!(
+            task_state(c, &id)?.is_none(),
+            "task {id} still listed after ctr task delete"
+        );
+        c.ctr_ok(&["containers", "delete", &id])?;
+        Ok(())
+    });
+}
+
+/// A pod without CRI: containers annotated as CRI annotates them share one
+/// shim and one VM; the member joins the sandbox's IPC and UTS namespaces
+/// by the paths CRI would give (`/proc/<sandbox task pid>/ns/...`); the VM
+/// outlives the member and ends with the sandbox.
+#[test]
+fn ctr_pod_shares_one_shim_and_vm() {
+    scenario("shim-pod", &mut Vec::new(), |c, ids| {
+        let image = c.import_busybox()?;
+        let pod = c.new_id("pod");
+        let member = c.new_id("member");
+        ids.push(pod.clone());
+        ids.push(member.clone());
+        let flags = flags(c);
+        let kind = |k: &str| format!("io.kubernetes.cri.container-type={k}");
+        let sandbox = format!("io.kubernetes.cri.sandbox-id={pod}");
+        let sb_kind = kind("sandbox");
+        let mut args = vec![
+            "run",
+            "-d",
+            "--annotation",
+            &sb_kind,
+            "--annotation",
+            &sandbox,
+        ];
+        args.extend(strs(&flags));
+        args.extend([image.as_str(), &pod, "sleep", "1000"]);
+        let out = c.ctr(&args, CTR_TIMEOUT)?;
+        ensure!(
+            out.status.success(),
+            "ctr run the sandbox: {}",
+            describe(&out)
+        );
+        let (pid, _) = task_state(c, &pod)?.context("the sandbox's task")?;
+
+        let ipc = format!("ipc:/proc/{pid}/ns/ipc");
+        let uts = format!("uts:/proc/{pid}/ns/uts");
+        let m_kind = kind("container");
+        let mut args = vec![
+            "run",
+            "-d",
+            "--annotation",
+            &m_kind,
+            "--annotation",
+            &sandbox,
+            "--with-ns",
+            &ipc,
+            "--with-ns",
+            &uts,
+        ];
+        args.extend(strs(&flags));
+        args.extend([image.as_str(), &member, "sleep", "1000"]);
+        let out = c.ctr(&args, CTR_TIMEOUT)?;
+        ensure!(
+            out.status.success(),
+            "ctr run the member: {}",
+            describe(&out)
+        );
+        wait_task_status(c, &member, "RUNNING", Duration::from_secs(20))?;
+
+        let shims = c.shims();
+        ensure!(shims.len() == 1, "want one shim for the pod, got {shims:?}");
+        let vms = vm_leftovers(c.namespace(), std::slice::from_ref(&pod));
+        ensure!(
+            vms.iter().filter(|l| l.starts_with("process")).count() == 1,
+            "want one VM for the pod, got {vms:#?}"
+        );
+        // The member is in the sandbox's IPC and UTS namespaces (the same
+        // inodes), not its PID one.
+        let fifo = c.fifo_dir().to_string_lossy().into_owned();
+        let ns = |task: &str, exec_id: &str| -> Result<String> {
+            c.ctr_ok(&[
+                "tasks",
+                "exec",
+                "--fifo-dir",
+                &fifo,
+                "--exec-id",
+                exec_id,
+                task,
+                "stat",
+                "-L",
+                "-c",
+                "%i",
+                "/proc/self/ns/ipc",
+                "/proc/self/ns/uts",
+                "/proc/self/ns/pid",
+            ])
+        };
+        let (a, b) = (ns(&pod, "n1")?, ns(&member, "n2")?);
+        let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+        ensure!(
+            a.len() == 3 && b.len() == 3 && a[0] == b[0] && a[1] == b[1] && a[2] != b[2],
+            "namespaces: sandbox {a:?}, member {b:?}"
+        );
+
+        // The member goes; the VM stays for the sandbox.
+        c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &member])?;
+        wait_task_status(c, &member, "STOPPED", Duration::from_secs(20))?;
+        c.ctr_ok(&["tasks", "delete", &member])?;
+        c.ctr_ok(&["containers", "delete", &member])?;
+        let out = c.ctr_ok(&[
+            "tasks",
+            "exec",
+            "--fifo-dir",
+            &fifo,
+            "--exec-id",
+            "n3",
+            &pod,
+            "echo",
+            "still-here",
+        ])?;
+        ensure!(
+            out == "still-here\n",
+            "the sandbox after the member left: {out:?}"
+        );
+
+        c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &pod])?;
+        wait_task_status(c, &pod, "STOPPED", Duration::from_secs(20))?;
+        c.ctr_ok(&["tasks", "delete", &pod])?;
+        c.ctr_ok(&["containers", "delete", &pod])?;
+        let left = vm_leftovers(c.namespace(), std::slice::from_ref(&pod));
+        ensure!(
+            left.is_empty(),
+            "the pod's VM after its last container: {left:#?}"
+        );
+        Ok(())
+    });
+}
