@@ -199,6 +199,29 @@ fn cleanup_dead(address: &str, namespace: &str, id: &str, bundle: &Path) {
     if let Err(e) = rtv_runtime::remove_tree(&dir) {
         tracing::warn!(id = %id, "{e}");
     }
+    // The VMM's host cgroup (the pod's first container's cgroupsPath),
+    // once the VMM, which got SIGTERM with the shim, has left it.
+    let cgroups_path = rtv_runtime::spec::load(&bundle.join("config.json"))
+        .ok()
+        .and_then(|s| s.linux().as_ref()?.cgroups_path().clone());
+    if let (Some(path), false) = (cgroups_path, matches!(role, Role::Member(_))) {
+        let Ok(rel) = rtv_runtime::host_cgroup::relative_path(&path.to_string_lossy()) else {
+            return;
+        };
+        let dirs: Vec<PathBuf> = rtv_runtime::host_cgroup::hierarchies()
+            .into_iter()
+            .map(|h| h.join(&rel))
+            .filter(|d| d.exists())
+            .collect();
+        for _ in 0..50 {
+            rtv_runtime::host_cgroup::remove(&dirs);
+            if dirs.iter().all(|d| !d.exists()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        tracing::warn!(id = %id, "host cgroup {} still busy", rel.display());
+    }
 }
 
 fn main() {
