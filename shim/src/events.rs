@@ -12,8 +12,13 @@ use containerd_shim::protos::events::task::{
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc;
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::Context;
+
+/// How long one publish may take.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an event is retried while containerd is away.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
 
 /// A protobuf timestamp of `t`.
 pub fn timestamp(t: SystemTime) -> Timestamp {
@@ -70,19 +75,46 @@ pub struct Events {
 }
 
 impl Events {
-    /// Starts the publishing thread for `namespace`.
-    pub fn start(publisher: RemotePublisher, namespace: String) -> Events {
+    /// Starts the publishing thread for `namespace`. With containerd's
+    /// `ttrpc_address`, a publisher whose connection broke (containerd
+    /// restarted) is replaced, for up to [`RECONNECT_FOR`] per event.
+    pub fn start(
+        publisher: RemotePublisher,
+        namespace: String,
+        ttrpc_address: Option<String>,
+    ) -> Events {
         let (tx, rx) = mpsc::channel::<Event>();
         let (done_tx, done_rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("events".into())
             .spawn(move || {
+                let mut publisher = publisher;
                 for event in rx {
                     let (topic, msg) = event.into_parts();
-                    if let Err(e) = publisher.publish(Context::default(), topic, &namespace, msg) {
-                        tracing::warn!("publishing {topic}: {e}");
-                    } else {
-                        tracing::debug!("published {topic}");
+                    let started = Instant::now();
+                    loop {
+                        let Err(e) = publisher.publish(
+                            ttrpc::context::with_duration(PUBLISH_TIMEOUT),
+                            topic,
+                            &namespace,
+                            msg.clone_box(),
+                        ) else {
+                            tracing::debug!("published {topic}");
+                            break;
+                        };
+                        let again = ttrpc_address
+                            .as_deref()
+                            .filter(|_| started.elapsed() < RECONNECT_FOR);
+                        let Some(address) = again else {
+                            tracing::warn!("publishing {topic}: {e}; event dropped");
+                            break;
+                        };
+                        tracing::debug!("publishing {topic}: {e}; reconnecting");
+                        std::thread::sleep(Duration::from_millis(500));
+                        match RemotePublisher::new(address) {
+                            Ok(p) => publisher = p,
+                            Err(e) => tracing::debug!("reconnecting to {address}: {e}"),
+                        }
                     }
                 }
                 let _ = done_tx.send(());

@@ -46,20 +46,38 @@ struct RtvShim {
     exit: Arc<ExitSignal>,
 }
 
-/// containerd's `log` FIFO. Once containerd's reader is gone, writes
-/// fail (EPIPE, and a SIGPIPE that containerd-shim's signal thread logs,
-/// at debug level, to this very log): the log then goes nowhere.
-struct LogFifo(std::sync::Mutex<Option<std::fs::File>>);
+/// containerd's `log` FIFO, written without blocking. Once containerd's
+/// reader is gone, writes fail (EPIPE, and a SIGPIPE that containerd-shim's
+/// signal thread logs, at debug level, to this very log): the log then
+/// goes nowhere until a reader is back (a restarted containerd reopens the
+/// FIFO), which is checked at most once a second.
+struct LogFifo {
+    path: PathBuf,
+    state: std::sync::Mutex<(Option<std::fs::File>, std::time::Instant)>,
+}
+
+impl LogFifo {
+    fn open(path: &Path) -> std::io::Result<std::fs::File> {
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+    }
+}
 
 impl std::io::Write for &LogFifo {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(file) = f.as_mut() else {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.0.is_none() && st.1.elapsed() >= Duration::from_secs(1) {
+            st.1 = std::time::Instant::now();
+            st.0 = LogFifo::open(&self.path).ok();
+        }
+        let Some(file) = st.0.as_mut() else {
             return Ok(buf.len());
         };
         match file.write(buf) {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                *f = None;
+                *st = (None, std::time::Instant::now());
                 Ok(buf.len())
             }
             r => r,
@@ -105,12 +123,15 @@ impl Shim for RtvShim {
         if args.action.is_empty() {
             // The server: containerd reads the `log` FIFO in the bundle
             // (our working directory). Never block on it.
-            match OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open("log")
-            {
-                Ok(f) => init_logging(LogFifo(std::sync::Mutex::new(Some(f))), args.debug),
+            let path = std::env::current_dir().unwrap_or_default().join("log");
+            match LogFifo::open(&path) {
+                Ok(f) => init_logging(
+                    LogFifo {
+                        path,
+                        state: std::sync::Mutex::new((Some(f), std::time::Instant::now())),
+                    },
+                    args.debug,
+                ),
                 Err(_) => init_logging(std::io::stderr, args.debug),
             }
         } else if args.action == "delete" {

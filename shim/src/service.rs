@@ -287,7 +287,11 @@ impl Service {
         Ok(Service {
             rt,
             inner: Arc::new(Inner {
-                events: Events::start(publisher, namespace.clone()),
+                events: Events::start(
+                    publisher,
+                    namespace.clone(),
+                    std::env::var("TTRPC_ADDRESS").ok(),
+                ),
                 namespace,
                 exit,
                 socket,
