@@ -4,6 +4,8 @@
 //! VMM and with QEMU's microvm machine, and reports the time from process
 //! start to the agent's readiness line, and memory. `rtv-bench template`
 //! compares sandboxes restored from a VM template with cold-booted ones.
+//! `rtv-bench fs` compares reads and metadata walks through virtio-fs in a
+//! VM with the same on the host.
 //! `rtv-bench oci` runs busybox `true` with rtv, runc and crun, directly
 //! and through containerd, and compares the memory of a running container.
 
@@ -63,6 +65,18 @@ enum What {
         /// Sandboxes restored from the template at once, measured idle together.
         #[arg(long, default_value_t = 10)]
         idle: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        mem: u64,
+    },
+    /// virtio-fs in a VM against the host's own file system: sequential
+    /// read of a 256 MiB file (`dd bs=1M`) and `find` + `stat` over 5,000
+    /// files, with caches dropped (cold) and with the host's page cache
+    /// warm; the guest's fixed exec cost is measured and subtracted.
+    Fs {
+        /// Runs per figure (the median is reported).
+        #[arg(long, short = 'n', default_value_t = 3)]
+        runs: usize,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 128)]
         mem: u64,
@@ -550,6 +564,309 @@ async fn template_bench(runs: usize, cold: usize, idle: usize, mem: u64) -> Resu
     .await;
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+/// Size of the file read sequentially.
+const FS_BIG_MIB: usize = 256;
+/// Directories and files per directory of the tree walked.
+const FS_TREE: (usize, usize) = (50, 100);
+
+/// The share: `big` (256 MiB of pseudo-random bytes, not sparse) and
+/// `tree/dNN/fNN` (5,000 small files).
+fn make_share(share: &std::path::Path) -> Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(share)?;
+    let mut big = std::io::BufWriter::new(std::fs::File::create(share.join("big"))?);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..FS_BIG_MIB {
+        for word in chunk.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        big.write_all(&chunk)?;
+    }
+    big.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    for d in 0..FS_TREE.0 {
+        let dir = share.join("tree").join(format!("d{d}"));
+        std::fs::create_dir_all(&dir)?;
+        for f in 0..FS_TREE.1 {
+            std::fs::write(dir.join(format!("f{f}")), format!("{d} {f}\n"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the host's page cache, dentries and inodes; false when not allowed.
+fn drop_host_caches() -> bool {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+/// Runs `argv` on the host (stdout to /dev/null); its wall time.
+fn host_time(argv: &[&str]) -> Result<Duration> {
+    let t = Instant::now();
+    let status = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("running {argv:?} on the host"))?;
+    let took = t.elapsed();
+    anyhow::ensure!(status.success(), "{argv:?} on the host: {status}");
+    Ok(took)
+}
+
+/// Runs `argv` in the guest (stdout to /dev/null there) and waits for it;
+/// the host's wall time from the exec request to the exit.
+async fn guest_time(client: &AgentClient, argv: &[&str]) -> Result<Duration> {
+    let t = Instant::now();
+    let (id, _) = client
+        .exec(ExecRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec!["PATH=/bin:/usr/bin".into()],
+            ..Default::default()
+        })
+        .await?;
+    let status = client.wait(id).await?;
+    let took = t.elapsed();
+    anyhow::ensure!(status.code() == 0, "{argv:?} in the guest: {status:?}");
+    Ok(took)
+}
+
+/// Runs `script` with `sh -c` in the guest; its stdout (and stderr, in the
+/// error).
+async fn guest_sh(client: &AgentClient, script: &str) -> Result<String> {
+    let (out, err, status) = rtv_tests::scenarios::run(client, &["sh", "-c", script]).await?;
+    anyhow::ensure!(
+        status.code() == 0,
+        "{script:?} in the guest: {status:?}: {err}"
+    );
+    Ok(out)
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// One row of the fs table.
+struct FsRow {
+    workload: String,
+    caches: &'static str,
+    vm: f64,
+    net: f64,
+    host: f64,
+}
+
+async fn fs_figures(
+    client: &AgentClient,
+    share: &std::path::Path,
+    runs: usize,
+    cold: bool,
+) -> Result<(f64, usize, Vec<FsRow>)> {
+    guest_sh(client, "mkdir -p /mnt && mount -t virtiofs rtvfs /mnt").await?;
+    let count = guest_sh(client, "busybox find /mnt/tree -type f | wc -l").await?;
+    let files = FS_TREE.0 * FS_TREE.1;
+    anyhow::ensure!(
+        count.trim() == files.to_string(),
+        "the guest sees {count:?} files"
+    );
+    // The fixed cost of one exec in the guest, through the agent.
+    let mut exec_true = Vec::new();
+    for _ in 0..runs {
+        exec_true.push(secs(guest_time(client, &["true"]).await?));
+    }
+    let exec_s = median(exec_true);
+    eprintln!("  exec `true` in the guest: {exec_s:.2} s");
+    // How many times find runs stat (one exec each), counted on the host,
+    // whose paths are longer than the guest's.
+    let tree = share.join("tree");
+    let tree_s = tree.to_string_lossy().into_owned();
+    let batches = Command::new("/bin/busybox")
+        .args([
+            "find",
+            &tree_s,
+            "-type",
+            "f",
+            "-exec",
+            "/bin/busybox",
+            "echo",
+            "{}",
+            "+",
+        ])
+        .output()
+        .context("busybox find on the host")?
+        .stdout
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count();
+    let big = share.join("big").to_string_lossy().into_owned();
+    let big_if = format!("if={big}");
+    let workloads: Vec<(String, Vec<String>, Vec<String>, usize)> = vec![
+        (
+            format!("sequential read of {FS_BIG_MIB} MiB (`dd bs=1M`)"),
+            ["dd", "if=/mnt/big", "of=/dev/null", "bs=1M"]
+                .map(String::from)
+                .to_vec(),
+            ["/bin/busybox", "dd", &big_if, "of=/dev/null", "bs=1M"]
+                .map(String::from)
+                .to_vec(),
+            1,
+        ),
+        (
+            format!("`find -type f -exec stat -t {{}} +` over {files} files"),
+            [
+                "busybox",
+                "find",
+                "/mnt/tree",
+                "-type",
+                "f",
+                "-exec",
+                "busybox",
+                "stat",
+                "-t",
+                "{}",
+                "+",
+            ]
+            .map(String::from)
+            .to_vec(),
+            [
+                "/bin/busybox",
+                "find",
+                &tree_s,
+                "-type",
+                "f",
+                "-exec",
+                "/bin/busybox",
+                "stat",
+                "-t",
+                "{}",
+                "+",
+            ]
+            .map(String::from)
+            .to_vec(),
+            1 + batches,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, guest_argv, host_argv, execs) in &workloads {
+        let guest_argv: Vec<&str> = guest_argv.iter().map(String::as_str).collect();
+        let host_argv: Vec<&str> = host_argv.iter().map(String::as_str).collect();
+        let modes: &[(&'static str, bool)] = if cold {
+            &[("cold", true), ("host warm", false)]
+        } else {
+            &[("host warm", false)]
+        };
+        for &(caches, drop_host) in modes {
+            let (mut vm, mut host) = (Vec::new(), Vec::new());
+            for run in 0..runs {
+                // The guest's caches are dropped before every VM run: each
+                // byte and attribute then crosses virtio-fs.
+                guest_sh(client, "echo 3 > /proc/sys/vm/drop_caches").await?;
+                if drop_host {
+                    drop_host_caches();
+                }
+                let v = secs(guest_time(client, &guest_argv).await?);
+                if drop_host {
+                    drop_host_caches();
+                }
+                let h = secs(host_time(&host_argv)?);
+                eprintln!(
+                    "  {name}, {caches}, run {}: VM {v:.2} s, host {h:.3} s",
+                    run + 1
+                );
+                vm.push(v);
+                host.push(h);
+            }
+            let vm = median(vm);
+            rows.push(FsRow {
+                workload: name.clone(),
+                caches,
+                vm,
+                net: (vm - *execs as f64 * exec_s).max(0.0),
+                host: median(host),
+            });
+        }
+    }
+    Ok((exec_s, 1 + batches, rows))
+}
+
+fn fs_bench(runs: usize, mem: u64) -> Result<()> {
+    let work = std::env::temp_dir().join(format!("rtv-bench-fs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let share = work.join("share");
+    eprintln!("writing the share: {FS_BIG_MIB} MiB file and a 5,000-file tree");
+    make_share(&share)?;
+    let cold = drop_host_caches();
+    if !cold {
+        eprintln!("cannot drop the host's page cache (needs root): warm figures only");
+    }
+    let uds = std::env::temp_dir().join(format!("rtv-bench-fs-{}.vsock", std::process::id()));
+    let mut cmd = rtv_tests::rtv_vmm_command_with_initrd(
+        &BootSpec {
+            mem_mib: mem,
+            append: String::new(),
+            ..Default::default()
+        },
+        &rtv_tests::test_initramfs()?,
+    )?;
+    cmd.args(["--vsock-cid", "3", "--vsock-uds"])
+        .arg(&uds)
+        .arg("--shared-dir")
+        .arg(&share);
+    let result = (|| {
+        let mut vm = VmProcess::spawn(cmd)?;
+        vm.wait_for_line(READY_LINE, BOOT_TIMEOUT)?;
+        let rt = tokio::runtime::Runtime::new()?;
+        let figures = rt.block_on(async {
+            let client = AgentClient::connect(Endpoint::vm(&uds), BOOT_TIMEOUT).await?;
+            fs_figures(&client, &share, runs, cold).await
+        });
+        vm.kill();
+        figures
+    })();
+    let _ = std::fs::remove_file(&uds);
+    let _ = std::fs::remove_dir_all(&work);
+    let (exec_s, find_execs, rows) = result?;
+    println!(
+        "virtio-fs against the host's file system (median of {runs}; {mem} MiB guest, 1 vCPU, busybox on both sides), host: {}",
+        host_type()
+    );
+    println!();
+    println!(
+        "Caches: \"cold\" drops the host's page cache (`echo 3 > /proc/sys/vm/drop_caches`) before each run; \
+         \"host warm\" leaves the files in the host's page cache. The guest's caches are dropped before every VM run, \
+         so every byte and attribute crosses virtio-fs. \"net\" subtracts the guest's fixed exec cost: \
+         {exec_s:.2} s per exec (an exec of `true` through the agent, median), 1 exec for dd, {find_execs} for find + stat."
+    );
+    println!();
+    println!("| workload | caches | VM raw | VM net | host | VM/host raw | VM/host net |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.2} s | {:.2} s | {:.3} s | {:.0}x | {:.0}x |",
+            r.workload,
+            r.caches,
+            r.vm,
+            r.net,
+            r.host,
+            r.vm / r.host,
+            r.net / r.host
+        );
+    }
+    for r in rows.iter().filter(|r| r.workload.starts_with("sequential")) {
+        println!();
+        println!(
+            "Read throughput ({}): VM {:.0} MiB/s raw, {:.0} MiB/s net; host {:.0} MiB/s.",
+            r.caches,
+            FS_BIG_MIB as f64 / r.vm,
+            FS_BIG_MIB as f64 / r.net.max(1e-3),
+            FS_BIG_MIB as f64 / r.host
+        );
+    }
+    Ok(())
 }
 
 /// The 1-minute load average the `oci` bench waits to fall below.
@@ -1269,6 +1586,7 @@ fn main() -> Result<()> {
             idle,
             mem,
         } => tokio::runtime::Runtime::new()?.block_on(template_bench(runs, cold, idle, mem)),
+        What::Fs { runs, mem } => fs_bench(runs.max(1), mem),
         What::Oci {
             runs,
             no_containerd,
