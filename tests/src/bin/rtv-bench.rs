@@ -74,8 +74,9 @@ enum What {
     /// files, with caches dropped (cold) and with the host's page cache
     /// warm; the guest's fixed exec cost is measured and subtracted.
     Fs {
-        /// Runs per figure (the median is reported).
-        #[arg(long, short = 'n', default_value_t = 3)]
+        /// Runs per figure (the median is reported). One VM run takes
+        /// minutes under PVM's emulation, hence one by default.
+        #[arg(long, short = 'n', default_value_t = 1)]
         runs: usize,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 128)]
