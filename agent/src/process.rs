@@ -438,7 +438,8 @@ pub struct PreparedStdio {
     stderr: Option<File>,
 }
 
-fn pipe() -> Result<(File, File), Failure> {
+/// A pipe, both ends close-on-exec: (read end, write end).
+pub fn pipe() -> Result<(File, File), Failure> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the two-element array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {

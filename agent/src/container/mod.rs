@@ -13,7 +13,7 @@ pub mod user;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -24,7 +24,7 @@ use rtv_agent::protocol::{
 };
 
 use crate::alog;
-use crate::process::{prepare_stdio, Failure, Processes};
+use crate::process::{pipe, prepare_stdio, Failure, Processes};
 use cgroup::{Cgroup, CgroupError};
 use child::{ChildFds, Report, Step, REPORT_FAILED, REPORT_READY};
 use plan::{CreatePlan, PidNs, ProcessPlan};
@@ -300,19 +300,6 @@ fn read_report(f: &mut File) -> Result<Option<Report>, Failure> {
         ));
     }
     Ok(Some(Report::from_bytes(&buf)))
-}
-
-fn pipe() -> Result<(File, File), Failure> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the two-element array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(Failure::io(
-            "making a pipe",
-            &std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: pipe2 returned two new descriptors that we now own.
-    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
 }
 
 fn pointers(strings: &[std::ffi::CString]) -> Vec<*const libc::c_char> {

@@ -1745,9 +1745,6 @@ fn run(cli: &Cli) -> Result<i32> {
             detach,
             keep,
         } => {
-            if a.console_socket.is_none() && !*detach {
-                // A terminal in the foreground uses rtv's own stdio.
-            }
             let created = create(cli, a, &rt)?;
             if let Err(e) = cmd_start(cli, &a.id, &rt) {
                 let _ = cmd_delete(cli, &a.id, true, &rt);
