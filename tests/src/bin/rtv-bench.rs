@@ -860,7 +860,7 @@ fn fs_bench(runs: usize, mem: u64) -> Result<()> {
     for r in rows.iter().filter(|r| r.workload.starts_with("sequential")) {
         println!();
         println!(
-            "Read throughput ({}): VM {:.0} MiB/s raw, {:.0} MiB/s net; host {:.0} MiB/s.",
+            "Read throughput ({}): VM {:.2} MiB/s raw, {:.2} MiB/s net; host {:.0} MiB/s.",
             r.caches,
             FS_BIG_MIB as f64 / r.vm,
             FS_BIG_MIB as f64 / r.net.max(1e-3),
