@@ -117,6 +117,83 @@ pub fn default_spec() -> Spec {
     parse("(default spec)", DEFAULT_SPEC.as_bytes()).unwrap_or_default()
 }
 
+/// A spec field that cannot be mapped into the guest.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct GuestSpecError {
+    /// The field's JSON path.
+    pub field: String,
+    /// Why.
+    pub message: String,
+}
+
+/// Turns a container's spec (already rewritten by the share with guest
+/// paths) into the spec the agent takes: no hooks (they run on the host),
+/// the guest cgroup `rtv/<id>` (the spec's path names the host's), no
+/// network namespace path (the VM is the pod's network namespace), and
+/// each other namespace path `/proc/<pid>/ns/<type>` mapped by `guest_pid`
+/// (the pid a runtime reported for a container of the same pod) to the
+/// guest's `/proc/<guest pid>/ns/<type>`. A path `guest_pid` does not know
+/// is refused with the field named.
+pub fn guest_spec(
+    mut spec: Spec,
+    id: &str,
+    guest_pid: impl Fn(i32) -> Option<i32>,
+) -> Result<Spec, GuestSpecError> {
+    spec.set_hooks(None);
+    let Some(linux) = spec.linux_mut() else {
+        return Ok(spec);
+    };
+    linux.set_cgroups_path(Some(std::path::PathBuf::from(format!("rtv/{id}"))));
+    let Some(nss) = linux.namespaces_mut() else {
+        return Ok(spec);
+    };
+    for (i, ns) in nss.iter_mut().enumerate() {
+        let Some(path) = ns.path().clone() else {
+            continue;
+        };
+        if ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network {
+            ns.set_path(None);
+            continue;
+        }
+        let pid: Option<i32> = path
+            .strip_prefix("/proc")
+            .ok()
+            .and_then(|p| p.iter().next())
+            .and_then(|p| p.to_str())
+            .and_then(|p| p.parse().ok());
+        let kind = path.file_name().and_then(|n| n.to_str()).filter(|_| {
+            path.parent()
+                .and_then(Path::file_name)
+                .is_some_and(|n| n == "ns")
+        });
+        match (pid.and_then(&guest_pid), kind) {
+            (Some(g), Some(kind)) => {
+                ns.set_path(Some(std::path::PathBuf::from(format!(
+                    "/proc/{g}/ns/{kind}"
+                ))));
+            }
+            _ => {
+                return Err(GuestSpecError {
+                    field: format!("linux.namespaces[{i}].path"),
+                    message: format!(
+                        "{} is not a namespace of a container in this pod",
+                        path.display()
+                    ),
+                })
+            }
+        }
+    }
+    Ok(spec)
+}
+
+/// The host's CPUs, for sizing VMs.
+pub fn host_cpus() -> u8 {
+    std::thread::available_parallelism()
+        .map(|n| u8::try_from(n.get()).unwrap_or(u8::MAX))
+        .unwrap_or(1)
+}
+
 /// Guest memory a sandbox needs beyond its containers' memory limits: the
 /// guest kernel, the agent, page tables and page cache for the share.
 /// Measured idle use of the guest is ~25 MiB (see README).

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::Spec;
 use sha2::{Digest, Sha256};
 
 /// The CRI annotation naming a container's kind (`sandbox` or `container`).
@@ -167,62 +167,16 @@ pub fn state_dir(root: &Path, namespace: &str, pod: &str) -> PathBuf {
         .join(&rtv_runtime::template::hex(&digest)[..32])
 }
 
-/// Host CPUs, for sizing VMs.
-pub fn host_cpus() -> u8 {
-    std::thread::available_parallelism()
-        .map(|n| u8::try_from(n.get()).unwrap_or(u8::MAX))
-        .unwrap_or(1)
-}
-
-/// Turns a container's spec (already rewritten by the share with guest
-/// paths) into the spec the agent takes: no hooks (they are the host's),
-/// the guest cgroup `rtv/<id>`, no network namespace path (the VM is the
-/// pod's network namespace), and namespace paths of the pod's other
-/// containers (`/proc/<pid>/ns/<type>`, where `<pid>` is a guest pid the
-/// shim reported as a task's pid) kept as the guest paths they are. A path
-/// naming any other process is refused with the field named.
-pub fn guest_spec(mut spec: Spec, id: &str, pod_pids: &[i32]) -> Result<Spec, GuestError> {
-    spec.set_hooks(None);
-    let Some(linux) = spec.linux_mut() else {
-        return Ok(spec);
-    };
-    // The guest's cgroups are rtv's own; the spec's path names the host's.
-    linux.set_cgroups_path(Some(PathBuf::from(format!("rtv/{id}"))));
-    let Some(nss) = linux.namespaces_mut() else {
-        return Ok(spec);
-    };
-    for (i, ns) in nss.iter_mut().enumerate() {
-        let Some(path) = ns.path().clone() else {
-            continue;
-        };
-        if ns.typ() == LinuxNamespaceType::Network {
-            ns.set_path(None);
-            continue;
-        }
-        let pid: Option<i32> = path
-            .strip_prefix("/proc")
-            .ok()
-            .and_then(|p| p.iter().next())
-            .and_then(|p| p.to_str())
-            .and_then(|p| p.parse().ok());
-        let under_ns = path
-            .parent()
-            .and_then(Path::file_name)
-            .is_some_and(|n| n == "ns");
-        match pid {
-            Some(pid) if under_ns && pod_pids.contains(&pid) => {}
-            _ => {
-                return Err(GuestError::Spec {
-                    field: format!("linux.namespaces[{i}].path"),
-                    message: format!(
-                        "{} is not a namespace of a container in this pod",
-                        path.display()
-                    ),
-                })
-            }
-        }
-    }
-    Ok(spec)
+/// The spec the agent takes ([`rtv_runtime::spec::guest_spec`]): the
+/// shim reports guest pids as tasks' pids, so a pod's namespace paths
+/// already name guest processes; only those of `pod_pids` are accepted.
+pub fn guest_spec(spec: Spec, id: &str, pod_pids: &[i32]) -> Result<Spec, GuestError> {
+    rtv_runtime::spec::guest_spec(spec, id, |pid| pod_pids.contains(&pid).then_some(pid)).map_err(
+        |e| GuestError::Spec {
+            field: e.field,
+            message: e.message,
+        },
+    )
 }
 
 #[cfg(test)]

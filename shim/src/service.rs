@@ -488,7 +488,7 @@ impl Inner {
     /// or a lone container's).
     async fn start_pod(&self, id: &str, spec: &Spec) -> Result<Pod> {
         let arts = guest::artifacts().map_err(precondition)?;
-        let size = rtv_runtime::spec::vm_size(spec, guest::host_cpus());
+        let size = rtv_runtime::spec::vm_size(spec, rtv_runtime::spec::host_cpus());
         let dir = guest::state_dir(Path::new(guest::STATE_ROOT), &self.namespace, id);
         // What a dead shim of the same pod left.
         rtv_runtime::remove_tree(&dir).map_err(internal)?;

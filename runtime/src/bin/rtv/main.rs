@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
+use oci_spec::runtime::{LinuxResources, Process, Spec};
 use rtv_agent::protocol::{
     ContainerStatus, CreateContainer, ErrorKind, ExecInContainer, ExitStatus, Stdio, StreamKind,
     WindowSize,
@@ -532,64 +532,18 @@ fn remove_sandbox_dir(store: &Store, sandbox: &str) {
     }
 }
 
-/// The namespaces of a container in a pod: paths of the sandbox
-/// container's namespaces (CRI gives /proc/<pid>/ns/<type> of the pod's
-/// sandbox task, our waiter) become the guest paths of its init's.
-fn guest_namespaces(store: &Store, spec: &mut Spec, sandbox_id: &str) -> Result<()> {
-    let Some(linux) = spec.linux_mut() else {
-        return Ok(());
-    };
-    let Some(nss) = linux.namespaces_mut() else {
-        return Ok(());
-    };
-    let mut out = Vec::new();
-    for (i, ns) in nss.iter().enumerate() {
-        let Some(path) = ns.path().clone() else {
-            out.push(ns.clone());
-            continue;
-        };
-        if ns.typ() == LinuxNamespaceType::Network {
-            // The VM is the pod's network namespace.
-            let mut ns = ns.clone();
-            ns.set_path(None);
-            out.push(ns);
-            continue;
-        }
-        let pid: Option<i32> = path
-            .strip_prefix("/proc")
-            .ok()
-            .and_then(|p| p.iter().next())
-            .and_then(|p| p.to_str())
-            .and_then(|p| p.parse().ok());
-        let owner = pid.and_then(|pid| {
-            store
-                .load_sandbox(sandbox_id)
-                .ok()?
-                .members
-                .into_iter()
-                .filter_map(|m| store.load(&m).ok())
-                .find(|r| r.waiter_pid == pid)
-        });
-        let Some(owner) = owner else {
-            bail!(
-                "linux.namespaces[{i}].path: {} is not a namespace of a container in sandbox {sandbox_id}",
-                path.display()
-            );
-        };
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_owned();
-        let mut ns = ns.clone();
-        ns.set_path(Some(PathBuf::from(format!(
-            "/proc/{}/ns/{name}",
-            owner.guest_pid
-        ))));
-        out.push(ns);
-    }
-    *nss = out;
-    Ok(())
+/// The guest pid standing behind host pid `pid` in sandbox `sandbox_id`:
+/// CRI names a pod's namespaces by `/proc/<pid>` of its sandbox task, our
+/// waiter, whose container's init has a guest pid.
+fn pod_guest_pid(store: &Store, sandbox_id: &str, pid: i32) -> Option<i32> {
+    store
+        .load_sandbox(sandbox_id)
+        .ok()?
+        .members
+        .into_iter()
+        .filter_map(|m| store.load(&m).ok())
+        .find(|r| r.waiter_pid == pid)
+        .map(|r| r.guest_pid)
 }
 
 /// What `create` leaves: the waiter (a child of this process).
@@ -675,7 +629,7 @@ fn create_inner(
         store.save_sandbox(&rec)?;
         undo.joined_sandbox = Some((sandbox_id.clone(), a.id.clone()));
     } else {
-        let size = vm_size(&spec, host_cpus());
+        let size = vm_size(&spec, rtv_runtime::spec::host_cpus());
         let arts = artifacts()?;
         let hostname = spec
             .hostname()
@@ -720,14 +674,11 @@ fn create_inner(
         })?;
     }
     let share = Share::new(sandbox_dir.join("share"))?;
-    let mut guest_spec = share.add_container(&a.id, &rootfs, &spec)?;
+    let guest_spec = share.add_container(&a.id, &rootfs, &spec)?;
     undo.share = Some((share, a.id.clone()));
-    guest_spec.set_hooks(None);
-    if let Some(linux) = guest_spec.linux_mut() {
-        // The guest's cgroups are rtv's own; the spec's path names the host's.
-        linux.set_cgroups_path(Some(PathBuf::from(format!("rtv/{}", a.id))));
-    }
-    guest_namespaces(store, &mut guest_spec, &sandbox_id)?;
+    let guest_spec = rtv_runtime::spec::guest_spec(guest_spec, &a.id, |pid| {
+        pod_guest_pid(store, &sandbox_id, pid)
+    })?;
     let stdio = if terminal {
         Stdio {
             tty: Some(WindowSize { rows: 24, cols: 80 }),
@@ -827,12 +778,6 @@ fn create_inner(
     tracing::info!(id = %a.id, pid = waiter_pid, "created in {:?}", t0.elapsed());
     *undo = Undo::default();
     Ok(Created { waiter })
-}
-
-fn host_cpus() -> u8 {
-    std::thread::available_parallelism()
-        .map(|n| u8::try_from(n.get()).unwrap_or(u8::MAX))
-        .unwrap_or(1)
 }
 
 /// Starts `rtv waiter` with this process's stdio (or `tty`, the slave of
@@ -1690,7 +1635,10 @@ fn cmd_check() -> Result<bool> {
             line("guest kernel", true, a.kernel.display().to_string());
             line("initramfs", true, a.initramfs.display().to_string());
             line("rtv-vmm", true, a.vmm.display().to_string());
-            let size = vm_size(&rtv_runtime::spec::default_spec(), host_cpus());
+            let size = vm_size(
+                &rtv_runtime::spec::default_spec(),
+                rtv_runtime::spec::host_cpus(),
+            );
             let mut cfg =
                 SandboxConfig::new(&a.kernel, &a.initramfs, &a.vmm, "/nonexistent", "check", 3);
             cfg.mem_mib = size.mem_mib;
