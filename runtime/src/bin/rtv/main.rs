@@ -8,7 +8,6 @@
 //! container's status (128+N for a signal) when the container's init ends.
 
 mod console;
-mod hooks;
 mod logging;
 mod store;
 
@@ -28,6 +27,7 @@ use rtv_agent::protocol::{
     ContainerStatus, CreateContainer, ErrorKind, ExecInContainer, ExitStatus, Stdio, StreamKind,
     WindowSize,
 };
+use rtv_runtime::hooks::{self, Stage, OCI_VERSION};
 use rtv_runtime::sandbox::{Sandbox, SandboxConfig, VSOCK_FILE};
 use rtv_runtime::spec::vm_size;
 use rtv_runtime::{AgentClient, ClientError, Endpoint, Share};
@@ -36,8 +36,6 @@ use serde_json::json;
 use logging::LogFormat;
 use store::{alive, ContainerRecord, SandboxRecord, Store};
 
-/// The OCI runtime spec version rtv implements.
-const OCI_VERSION: &str = "1.0.2";
 /// How long to wait for an agent connection.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// CRI annotations naming a container's kind and its pod sandbox.
@@ -379,17 +377,11 @@ fn state_json(rec: &ContainerRecord, st: ContainerStatus) -> serde_json::Value {
     } else {
         rec.waiter_pid
     };
-    json!({
-        "ociVersion": OCI_VERSION,
-        "id": rec.id,
-        "pid": pid,
-        "status": status_name(st),
-        "bundle": rec.bundle,
-        "rootfs": rec.rootfs,
-        "created": rec.created,
-        "owner": rec.owner,
-        "annotations": rec.annotations,
-    })
+    let mut state = hooks::state(&rec.id, status_name(st), pid, &rec.bundle, &rec.annotations);
+    state["rootfs"] = json!(rec.rootfs);
+    state["created"] = json!(rec.created);
+    state["owner"] = json!(rec.owner);
+    state
 }
 
 /// The spec as created (edits to the bundle's config.json after create
@@ -755,22 +747,9 @@ fn create_inner(
     };
     store.save(&rec)?;
     let state = serde_json::to_vec(&state_json(&rec, ContainerStatus::Created))?;
-    let hooks = spec.hooks().as_ref();
-    hooks::run(
-        "prestart",
-        hooks.and_then(|h| h.prestart().as_ref()),
-        &state,
-    )?;
-    hooks::run(
-        "createRuntime",
-        hooks.and_then(|h| h.create_runtime().as_ref()),
-        &state,
-    )?;
-    hooks::run(
-        "createContainer",
-        hooks.and_then(|h| h.create_container().as_ref()),
-        &state,
-    )?;
+    for stage in Stage::CREATE {
+        hooks::run(stage, spec.hooks().as_ref(), &state)?;
+    }
     if let Some(p) = &a.pid_file {
         write_pid_file(p, waiter_pid)?;
     }
@@ -1077,22 +1056,14 @@ fn cmd_start(cli: &Cli, id: &str, rt: &tokio::runtime::Runtime) -> Result<()> {
         }
         let state = serde_json::to_vec(&state_json(&rec, ContainerStatus::Created))?;
         let hooks = spec.hooks().as_ref();
-        hooks::run(
-            "startContainer",
-            hooks.and_then(|h| h.start_container().as_ref()),
-            &state,
-        )?;
+        hooks::run(Stage::StartContainer, hooks, &state)?;
         let c = agent(&store, &rec.sandbox_id).await?;
         c.start_container(id).await.map_err(|e| match e {
             ClientError::Agent { message, .. } => anyhow!("{message}"),
             e => e.into(),
         })?;
         let state = serde_json::to_vec(&state_json(&rec, ContainerStatus::Running))?;
-        if let Err(e) = hooks::run(
-            "poststart",
-            hooks.and_then(|h| h.poststart().as_ref()),
-            &state,
-        ) {
+        if let Err(e) = hooks::run(Stage::Poststart, hooks, &state) {
             tracing::warn!("{e:#}");
         }
         Ok(())
@@ -1203,11 +1174,7 @@ fn cmd_delete(cli: &Cli, id: &str, force: bool, rt: &tokio::runtime::Runtime) ->
     rtv_runtime::host_cgroup::remove(&rec.host_cgroups);
     if let Some(spec) = spec {
         let state = serde_json::to_vec(&state_json(&rec, ContainerStatus::Stopped))?;
-        if let Err(e) = hooks::run(
-            "poststop",
-            spec.hooks().as_ref().and_then(|h| h.poststop().as_ref()),
-            &state,
-        ) {
+        if let Err(e) = hooks::run(Stage::Poststop, spec.hooks().as_ref(), &state) {
             tracing::warn!("{e:#}");
         }
     }
