@@ -13,6 +13,13 @@
 //! pid, `ctr task ps` lists the container's processes in the guest), so a
 //! CRI container's namespace paths `/proc/<sandbox pid>/ns/<type>` are the
 //! guest paths of the pod sandbox's namespaces.
+//!
+//! The spec's OCI hooks run on the host, as `rtv` runs them (the
+//! container's namespaces are the guest's): prestart, createRuntime and
+//! createContainer at the init's Create, once the container exists in the
+//! guest (a failure undoes the create); startContainer before the init
+//! starts (a failure fails Start), poststart after it started, poststop
+//! once its Delete removed it (failures of these two are only logged).
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -41,8 +48,9 @@ use containerd_shim::protos::types::empty::Empty;
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
-use oci_spec::runtime::{LinuxResources, Process, Spec};
+use oci_spec::runtime::{Hooks, LinuxResources, Process, Spec};
 use rtv_agent::protocol::{CreateContainer, ErrorKind, ExecInContainer, WindowSize};
+use rtv_runtime::hooks::{self, Stage};
 use rtv_runtime::sandbox::{Sandbox, SandboxConfig, VSOCK_FILE};
 use rtv_runtime::{AgentClient, ClientError, Endpoint, Share};
 use tokio::runtime::Runtime;
@@ -185,6 +193,9 @@ impl Proc {
 
 struct Container {
     bundle: String,
+    /// The spec's hooks and annotations, for the hooks of Start and Delete.
+    hooks: Option<Hooks>,
+    annotations: HashMap<String, String>,
     /// The root file system, if the shim mounted it.
     mounted_rootfs: Option<PathBuf>,
     init_pid: i32,
@@ -198,6 +209,59 @@ impl Container {
         self.procs
             .get("")
             .ok_or_else(|| internal("the container has no init process"))
+    }
+
+    /// What its hooks of `stage` need: the hooks and the state JSON with
+    /// `status` and `pid`.
+    fn hook_call(&self, id: &str, stage: Stage, status: &str, pid: u32) -> HookCall {
+        HookCall {
+            stage,
+            hooks: self.hooks.clone(),
+            state: hooks::state(
+                id,
+                status,
+                i32::try_from(pid).unwrap_or(0),
+                Path::new(&self.bundle),
+                &self.annotations,
+            ),
+        }
+    }
+}
+
+/// One hook list to run, with the state it gets.
+struct HookCall {
+    stage: Stage,
+    hooks: Option<Hooks>,
+    state: serde_json::Value,
+}
+
+impl HookCall {
+    /// Runs the hooks on the host, on a blocking thread (a hook may run
+    /// until its timeout).
+    async fn run(self) -> Result<()> {
+        let HookCall {
+            stage,
+            hooks,
+            state,
+        } = self;
+        let Some(hooks) = hooks.filter(|h| stage.of(h).is_some_and(|l| !l.is_empty())) else {
+            return Ok(());
+        };
+        let state = state.to_string().into_bytes();
+        let ran =
+            tokio::task::spawn_blocking(move || hooks::run(stage, Some(&hooks), &state)).await;
+        match ran {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::new(Code::UNKNOWN, e)),
+            Err(e) => Err(internal(format!("hooks.{stage}: {e}"))),
+        }
+    }
+
+    /// Runs the hooks; a failure is only logged.
+    async fn run_logged(self, id: &str) {
+        if let Err(e) = self.run().await {
+            tracing::warn!(id = %id, "{}", e.message);
+        }
     }
 }
 
@@ -417,9 +481,6 @@ impl Inner {
             .add_container(id, &rootfs, &spec)
             .map_err(|e| invalid(format!("{}: {e}", config.display())))?;
         undo.share = Some(share);
-        if spec.hooks().is_some() {
-            tracing::warn!(id = %id, "the spec's hooks are not run by this shim");
-        }
         let guest_spec = guest::guest_spec(shared, id, &pod_pids)
             .map_err(|e| invalid(format!("{}: {e}", config.display())))?;
         let paths = StdioPaths {
@@ -443,6 +504,24 @@ impl Inner {
         undo.agent_container = true;
         let relays = stdio::attach(&client, agent_id, &paths).await?;
         let Relays { stdin, outputs } = relays;
+        let annotations = spec.annotations().clone().unwrap_or_default();
+        let state = hooks::state(id, "created", pid, &bundle, &annotations);
+        for stage in Stage::CREATE {
+            let call = HookCall {
+                stage,
+                hooks: spec.hooks().clone(),
+                state: state.clone(),
+            };
+            if let Err(e) = call.run().await {
+                // The undo deletes the container in the guest, which ends
+                // its streams; the relays go now.
+                drop(stdin);
+                for o in &outputs {
+                    o.abort();
+                }
+                return Err(e);
+            }
+        }
         let mut init = Proc::new(paths.clone());
         init.pid = u32::try_from(pid).unwrap_or(0);
         init.agent_id = Some(agent_id);
@@ -454,6 +533,8 @@ impl Inner {
                 id.clone(),
                 Container {
                     bundle: req.bundle.clone(),
+                    hooks: spec.hooks().clone(),
+                    annotations,
                     mounted_rootfs: undo.mounted_rootfs.take(),
                     init_pid: pid,
                     paused: false,
@@ -591,6 +672,16 @@ impl Inner {
         };
         if exec_id.is_empty() {
             let agent_id = agent_id.ok_or_else(|| internal("the init has no agent handle"))?;
+            let (start_hooks, poststart) = {
+                let st = self.state();
+                let c = st.container(&id)?;
+                let pid = c.init()?.pid;
+                (
+                    c.hook_call(&id, Stage::StartContainer, "created", pid),
+                    c.hook_call(&id, Stage::Poststart, "running", pid),
+                )
+            };
+            start_hooks.run().await?;
             client.start_container(&id).await?;
             let (pid, outputs) = {
                 let mut st = self.state();
@@ -612,6 +703,7 @@ impl Inner {
                 agent_id,
                 outputs,
             ));
+            poststart.run_logged(&id).await;
             tracing::info!(id = %id, pid, "started");
             return Ok(StartResponse {
                 pid,
@@ -741,6 +833,9 @@ impl Inner {
             let last = st.containers.is_empty();
             (c, last)
         };
+        let poststop = container
+            .as_ref()
+            .map(|c| c.hook_call(&id, Stage::Poststop, "stopped", 0));
         if let Some(c) = container {
             if let Some(rootfs) = &c.mounted_rootfs {
                 mount::unmount_all(rootfs);
@@ -765,6 +860,9 @@ impl Inner {
                 tracing::info!(pod = %pod.id, "last container deleted: stopping the VM");
                 stop_pod(pod).await;
             }
+        }
+        if let Some(poststop) = poststop {
+            poststop.run_logged(&id).await;
         }
         tracing::info!(id = %id, "deleted");
         Ok(delete_response(pid, Some(exit)))
@@ -1243,5 +1341,43 @@ impl Task for Service {
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
         self.run("shutdown", |i| i.shutdown())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(stage: Stage, hooks: serde_json::Value) -> HookCall {
+        HookCall {
+            stage,
+            hooks: Some(serde_json::from_value(hooks).expect("a hooks object")),
+            state: serde_json::json!({"id": "c1"}),
+        }
+    }
+
+    #[test]
+    fn a_failing_hook_is_an_error_naming_it() {
+        let rt = tokio::runtime::Runtime::new().expect("a runtime");
+        let hooks = serde_json::json!({"startContainer": [
+            {"path": "/bin/sh", "args": ["sh", "-c", "cat >/dev/null; echo nope >&2; exit 3"]}
+        ]});
+        let e = rt
+            .block_on(call(Stage::StartContainer, hooks.clone()).run())
+            .expect_err("the hook fails");
+        assert_eq!(e.code, Code::UNKNOWN);
+        assert_eq!(
+            e.message,
+            "hooks.startContainer[0] (/bin/sh) failed: exit status: 3: nope"
+        );
+        // Other lists, and no hooks at all, run nothing.
+        rt.block_on(call(Stage::Poststart, hooks).run())
+            .expect("no poststart hooks");
+        let none = HookCall {
+            stage: Stage::Prestart,
+            hooks: None,
+            state: serde_json::Value::Null,
+        };
+        rt.block_on(none.run()).expect("no hooks");
     }
 }

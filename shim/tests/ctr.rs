@@ -8,12 +8,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rtv_tests::containerd::{
     container_ids, describe, run_on_pty, task_state, wait_task_status, with_containerd, Containerd,
     CTR_TIMEOUT,
 };
+use rtv_tests::containers::busybox_rootfs;
 use rtv_tests::{initramfs, kernel, one_vm_at_a_time, vmm_binary};
+use serde_json::{json, Value};
 
 const RUNTIME: &str = "io.containerd.rtv.v2";
 /// Where the shim keeps its pods' state (shim/src/guest.rs).
@@ -52,7 +54,8 @@ fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-/// The shim's VMMs of pod `id`, and its state directory, if still there.
+/// The shim's VMMs of pods `ids`, and their state directories and the
+/// mounts under them (the share's), if still there.
 fn vm_leftovers(namespace: &str, ids: &[String]) -> Vec<String> {
     let mut left = Vec::new();
     let dirs: Vec<String> = ids
@@ -60,6 +63,9 @@ fn vm_leftovers(namespace: &str, ids: &[String]) -> Vec<String> {
         .map(|id| format!("{STATE_ROOT}/{namespace}/{id}"))
         .collect();
     for d in &dirs {
+        for m in rtv_runtime::share::mounts_under(Path::new(d)) {
+            left.push(format!("mount {}", m.display()));
+        }
         if Path::new(d).exists() {
             left.push(format!("directory {d}"));
         }
@@ -387,6 +393,337 @@ fn ctr_pod_shares_one_shim_and_vm() {
             left.is_empty(),
             "the pod's VM after its last container: {left:#?}"
         );
+        Ok(())
+    });
+}
+
+/// The hook lists, in the order the shim runs them for `ctr run --rm`.
+const HOOKS: [&str; 6] = [
+    "prestart",
+    "createRuntime",
+    "createContainer",
+    "startContainer",
+    "poststart",
+    "poststop",
+];
+
+/// A scratch directory for one test (root file systems, specs, what the
+/// hooks write), removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("rtv-shim-{name}-{}", std::process::id()));
+        let _ = rtv_runtime::remove_tree(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the scratch directory");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Unmounts anything mounted in it first, never deletes through a mount.
+        if let Err(e) = rtv_runtime::remove_tree(&self.0) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+/// A hook that writes its stdin (the state JSON) to `<dir>/<name>.json` and
+/// appends its name to `<dir>/order`, on the host.
+fn capture_hook(dir: &Path, name: &str) -> Value {
+    let d = dir.display();
+    json!({
+        "path": "/bin/sh",
+        "args": ["sh", "-c", format!("cat > {d}/{name}.json; echo {name} >> {d}/order")],
+        "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+        "timeout": 30
+    })
+}
+
+/// Writes `<dir>/config.json` for `ctr run --config`: `ctr oci spec`'s
+/// default spec with `args`, a busybox root file system in `<dir>/rootfs`
+/// (no image, so no snapshot: the shim uses the directory as it is), the
+/// instance's cgroup for `id`, the annotation `org.rtv.hook=yes` and
+/// `annotations`, and `hooks`.
+fn write_spec(
+    c: &Containerd,
+    dir: &Path,
+    id: &str,
+    args: &[&str],
+    hooks: Value,
+    annotations: &[(&str, &str)],
+) -> Result<String> {
+    let rootfs = dir.join("rootfs");
+    busybox_rootfs(&rootfs)?;
+    let text = c.ctr_ok(&["oci", "spec"])?;
+    let mut spec: Value = serde_json::from_str(&text).context("parsing ctr oci spec")?;
+    spec["process"]["args"] = json!(args);
+    spec["process"]["env"] = json!(["PATH=/bin", "HOME=/"]);
+    spec["root"] = json!({"path": rootfs});
+    spec["linux"]["cgroupsPath"] = json!(format!("/{}/{id}", c.namespace()));
+    let mut a = serde_json::Map::new();
+    a.insert("org.rtv.hook".into(), "yes".into());
+    for (k, v) in annotations {
+        a.insert((*k).into(), (*v).into());
+    }
+    spec["annotations"] = a.into();
+    spec["hooks"] = hooks;
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&spec)?)?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+/// `ctr run --config <config> [extra] <id>` with the shim.
+fn ctr_run_config(
+    c: &Containerd,
+    config: &str,
+    extra: &[&str],
+    id: &str,
+) -> Result<std::process::Output> {
+    let flags = flags(c);
+    let mut args = vec!["run", "--config", config];
+    args.extend(extra);
+    args.extend(strs(&flags));
+    args.push(id);
+    c.ctr(&args, CTR_TIMEOUT)
+}
+
+/// `ctr run --rm --config` of a spec with every hook list: each hook runs
+/// on the host, in the order of the lifecycle, with the container's state
+/// on stdin (its id, bundle, annotations; status created at create and
+/// startContainer, running at poststart with the task's pid, stopped at
+/// poststop); the run's output and exit code are the container's.
+#[test]
+fn ctr_run_runs_the_specs_hooks_on_the_host() {
+    let scratch = Scratch::new("hooks");
+    let out_dir = scratch.0.join("out");
+    scenario("shim-hooks", &mut Vec::new(), |c, ids| {
+        std::fs::create_dir_all(&out_dir)?;
+        let id = c.new_id("hooks");
+        ids.push(id.clone());
+        let hooks: serde_json::Map<String, Value> = HOOKS
+            .iter()
+            .map(|n| (n.to_string(), json!([capture_hook(&out_dir, n)])))
+            .collect();
+        let config = write_spec(
+            c,
+            &scratch.0.join(&id),
+            &id,
+            &["sh", "-c", "echo hooked; exit 5"],
+            hooks.into(),
+            &[],
+        )?;
+        let out = ctr_run_config(c, &config, &["--rm"], &id)?;
+        ensure!(
+            out.status.code() == Some(5) && String::from_utf8_lossy(&out.stdout) == "hooked\n",
+            "ctr run --config: want `hooked` and exit 5, got {}",
+            describe(&out)
+        );
+        let order = std::fs::read_to_string(out_dir.join("order")).unwrap_or_default();
+        ensure!(
+            order.lines().eq(HOOKS),
+            "the hooks ran in the order {order:?}, want {HOOKS:?}"
+        );
+        let bundle = c
+            .dir()
+            .join("state/io.containerd.runtime.v2.task")
+            .join(c.namespace())
+            .join(&id);
+        let mut pids = Vec::new();
+        for name in HOOKS {
+            let path = out_dir.join(format!("{name}.json"));
+            let text = std::fs::read(&path)
+                .with_context(|| format!("the {name} hook wrote no {}", path.display()))?;
+            let v: Value = serde_json::from_slice(&text)
+                .with_context(|| format!("{name}: {}", String::from_utf8_lossy(&text)))?;
+            let want = match name {
+                "poststart" => "running",
+                "poststop" => "stopped",
+                _ => "created",
+            };
+            ensure!(
+                v["id"] == id.as_str()
+                    && v["status"] == want
+                    && v["bundle"] == bundle.to_string_lossy().as_ref()
+                    && v["annotations"]["org.rtv.hook"] == "yes"
+                    && v["ociVersion"].is_string(),
+                "{name}: want id {id}, status {want}, bundle {}: got {v}",
+                bundle.display()
+            );
+            if name != "poststop" {
+                let Some(pid) = v["pid"].as_i64().filter(|p| *p > 0) else {
+                    bail!("{name}: no pid: {v}");
+                };
+                pids.push(pid);
+            }
+        }
+        ensure!(
+            pids.windows(2).all(|w| w[0] == w[1]),
+            "the hooks got different pids: {pids:?}"
+        );
+        ensure!(
+            !container_ids(c)?.contains(&id),
+            "container {id} still exists after ctr run --rm"
+        );
+        Ok(())
+    });
+}
+
+/// A prestart hook that fails makes `ctr run` fail with an error naming
+/// the hook; the hooks after it do not run, and the create is undone. A
+/// lone container: its VM, share mounts and state directory are gone and
+/// its shim ended. A member of a pod: its share mounts and its container
+/// in the guest are gone (the same id runs in the pod afterwards), the
+/// pod's VM is untouched; the pod's sandbox ran its own hooks.
+#[test]
+fn ctr_run_fails_on_a_failing_prestart_hook_and_leaves_nothing() {
+    let scratch = Scratch::new("hook-fails");
+    let out_dir = scratch.0.join("out");
+    scenario("shim-hook-fails", &mut Vec::new(), |c, ids| {
+        std::fs::create_dir_all(&out_dir)?;
+        let failing = |name: &str| {
+            json!({
+                "prestart": [{
+                    "path": "/bin/sh",
+                    "args": ["sh", "-c", "echo nope >&2; exit 3"],
+                }],
+                "createRuntime": [capture_hook(&out_dir, name)],
+            })
+        };
+        let check_failed = |out: &std::process::Output, what: &str| {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            ensure!(
+                !out.status.success()
+                    && stderr.contains("hooks.prestart[0] (/bin/sh) failed")
+                    && stderr.contains("nope")
+                    && !String::from_utf8_lossy(&out.stdout).contains("never"),
+                "ctr run of {what} with a failing prestart hook: want a failure naming \
+                 the hook, got {}",
+                describe(out)
+            );
+            ensure!(
+                !out_dir.join(format!("{what}.json")).exists(),
+                "{what}: the createRuntime hook ran after prestart failed"
+            );
+            Ok(())
+        };
+
+        // A lone container (a pod of its own).
+        let id = c.new_id("hook-fails");
+        ids.push(id.clone());
+        let config = write_spec(
+            c,
+            &scratch.0.join(&id),
+            &id,
+            &["echo", "never"],
+            failing("lone"),
+            &[],
+        )?;
+        let out = ctr_run_config(c, &config, &["--rm"], &id)?;
+        check_failed(&out, "lone")?;
+        ensure!(
+            !container_ids(c)?.contains(&id),
+            "container {id} still exists after the failed ctr run --rm"
+        );
+        // Before the instance's teardown, which would kill what is left: the
+        // failed create stopped the VM it started and removed its state, and
+        // the shim, serving nothing, ended.
+        let mut left = Vec::new();
+        for _ in 0..100 {
+            left = vm_leftovers(c.namespace(), std::slice::from_ref(&id));
+            left.extend(
+                c.shims()
+                    .into_iter()
+                    .map(|(pid, cmd)| format!("shim {pid} {cmd}")),
+            );
+            if left.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ensure!(left.is_empty(), "the failed create left: {left:#?}");
+
+        // A pod: its sandbox runs, with a hook of its own.
+        let pod = c.new_id("hook-pod");
+        let member = c.new_id("hook-member");
+        ids.push(pod.clone());
+        ids.push(member.clone());
+        let sandbox_ann = ("io.kubernetes.cri.sandbox-id", pod.as_str());
+        let config = write_spec(
+            c,
+            &scratch.0.join(&pod),
+            &pod,
+            &["sleep", "1000"],
+            json!({"createContainer": [capture_hook(&out_dir, "sandbox")]}),
+            &[("io.kubernetes.cri.container-type", "sandbox"), sandbox_ann],
+        )?;
+        let out = ctr_run_config(c, &config, &["-d"], &pod)?;
+        ensure!(
+            out.status.success(),
+            "ctr run the sandbox: {}",
+            describe(&out)
+        );
+        let (pid, _) = task_state(c, &pod)?.context("the sandbox's task")?;
+        let v: Value = serde_json::from_slice(
+            &std::fs::read(out_dir.join("sandbox.json")).context("the sandbox's hook")?,
+        )?;
+        ensure!(
+            v["id"] == pod.as_str() && v["status"] == "created" && v["pid"] == pid,
+            "the sandbox's createContainer hook got {v}, want its id, created, pid {pid}"
+        );
+
+        // Its member fails to create.
+        let member_ann = [
+            ("io.kubernetes.cri.container-type", "container"),
+            sandbox_ann,
+        ];
+        let config = write_spec(
+            c,
+            &scratch.0.join(&member),
+            &member,
+            &["echo", "never"],
+            failing("member"),
+            &member_ann,
+        )?;
+        let out = ctr_run_config(c, &config, &["--rm"], &member)?;
+        check_failed(&out, "member")?;
+        let share = Path::new(STATE_ROOT)
+            .join(c.namespace())
+            .join(&pod)
+            .join("share")
+            .join(&member);
+        let mounts = rtv_runtime::share::mounts_under(&share);
+        ensure!(
+            mounts.is_empty() && !share.exists(),
+            "the failed member left its share {}: mounts {mounts:?}",
+            share.display()
+        );
+        let vms = vm_leftovers(c.namespace(), std::slice::from_ref(&pod));
+        ensure!(
+            vms.iter().filter(|l| l.starts_with("process")).count() == 1,
+            "want the pod's VM still running, got {vms:#?}"
+        );
+        // The same id runs in the pod: nothing of it was left in the guest.
+        let config = write_spec(
+            c,
+            &scratch.0.join(format!("{member}-again")),
+            &member,
+            &["echo", "member-ok"],
+            json!({}),
+            &member_ann,
+        )?;
+        let out = ctr_run_config(c, &config, &["--rm"], &member)?;
+        ensure!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout) == "member-ok\n",
+            "ctr run of the member after its failed create: {}",
+            describe(&out)
+        );
+
+        c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &pod])?;
+        wait_task_status(c, &pod, "STOPPED", Duration::from_secs(20))?;
+        c.ctr_ok(&["tasks", "delete", &pod])?;
+        c.ctr_ok(&["containers", "delete", &pod])?;
         Ok(())
     });
 }
