@@ -322,6 +322,18 @@ pub enum RequestBody {
         /// The new limits (fields left out are unchanged).
         resources: Box<LinuxResources>,
     },
+    /// Waits until the OOM killer has killed more than `seen` processes of
+    /// a container, or its processes are all gone; answered with
+    /// `ContainerState` then. This replaces polling `ContainerState`:
+    /// the agent sleeps until the kernel reports a change in the
+    /// container's cgroup. A container without a cgroup is refused
+    /// (`InvalidRequest`).
+    WaitOom {
+        /// The container.
+        container_id: String,
+        /// The OOM kills the caller has already seen.
+        seen: u64,
+    },
     /// A container's resource usage; answered with `Stats`.
     ContainerStats {
         /// The container.

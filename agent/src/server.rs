@@ -206,6 +206,7 @@ fn control(mut stream: UnixStream, agent: Arc<Agent>, shutdown: ShutdownFn) {
         let blocking = matches!(
             req.body,
             RequestBody::Wait { .. }
+                | RequestBody::WaitOom { .. }
                 | RequestBody::Exec(_)
                 | RequestBody::Shutdown
                 | RequestBody::CreateContainer(_)
@@ -305,6 +306,9 @@ fn handle_request(agent: &Agent, body: RequestBody) -> ResponseBody {
             .map(|()| ResponseBody::Ok),
         RequestBody::ContainerState { container_id } => containers
             .state(&container_id)
+            .map(ResponseBody::ContainerState),
+        RequestBody::WaitOom { container_id, seen } => containers
+            .wait_oom(&container_id, seen)
             .map(ResponseBody::ContainerState),
         RequestBody::ContainerPids { container_id } => {
             containers.pids(&container_id).map(ResponseBody::Pids)

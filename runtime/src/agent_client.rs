@@ -461,6 +461,27 @@ impl AgentClient {
         }
     }
 
+    /// Waits until the OOM killer has killed more than `seen` processes of
+    /// a container, or the container has no process left; its state then
+    /// (`oom_kills` tells which). Other calls on this client go on
+    /// meanwhile.
+    pub async fn wait_oom(
+        &self,
+        container_id: &str,
+        seen: u64,
+    ) -> Result<ContainerState, ClientError> {
+        match self
+            .call(RequestBody::WaitOom {
+                container_id: container_id.into(),
+                seen,
+            })
+            .await?
+        {
+            ResponseBody::ContainerState(s) => Ok(s),
+            other => Self::unexpected(other),
+        }
+    }
+
     /// The guest pids of a container's processes.
     pub async fn container_pids(&self, container_id: &str) -> Result<Vec<i32>, ClientError> {
         match self

@@ -4,7 +4,7 @@
 //! bundle (every scenario, plus the cgroup limits).
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use oci_spec::runtime::{Process, Spec};
@@ -571,6 +571,54 @@ pub async fn terminal(c: &AgentClient, place: &Place) -> Result<()> {
     Ok(())
 }
 
+/// VM only: `WaitOom` answers when the OOM killer kills a process of a
+/// container that goes on running (the shell survives its `dd`), and again
+/// when the container's processes are gone, with no new kill.
+async fn oom_reported(c: &AgentClient, place: &Place) -> Result<()> {
+    let id = "oom-watch";
+    let spec = patched(
+        &base_spec(&[
+            "sh",
+            "-c",
+            "exec 2>/dev/null; dd if=/dev/zero of=/dev/null bs=64M count=1; sleep 60",
+        ]),
+        serde_json::json!({"linux": {"resources": {"memory": {"limit": 33554432}}}}),
+    )?;
+    let exec_id = create(c, place, id, &spec).await?;
+    let result = async {
+        let (oom, started) = tokio::join!(c.wait_oom(id, 0), async {
+            // The wait is in flight before the container runs.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            c.start_container(id).await
+        });
+        started?;
+        let oom = oom?;
+        ensure!(
+            oom.oom_kills >= 1 && oom.status == ContainerStatus::Running,
+            "WaitOom after the OOM kill: {oom:?}"
+        );
+        let (gone, killed) = tokio::join!(c.wait_oom(id, oom.oom_kills), async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            c.signal_container(id, 9, true).await
+        });
+        killed?;
+        let gone = gone?;
+        ensure!(
+            gone.oom_kills == oom.oom_kills,
+            "WaitOom when the container's processes were killed: {gone:?} (before: {oom:?})"
+        );
+        let status = c.wait(exec_id).await?;
+        ensure!(status.code() == 137, "the killed container: {status:?}");
+        Ok(())
+    }
+    .await;
+    let deleted = c.delete_container(id, true).await;
+    place.remove(id);
+    result?;
+    deleted?;
+    Ok(())
+}
+
 /// VM only: cgroup v2 limits in the guest.
 pub async fn cgroup_limits(c: &AgentClient, place: &Place) -> Result<()> {
     // Memory: a process over the limit is OOM-killed (137), the VM goes on.
@@ -580,6 +628,7 @@ pub async fn cgroup_limits(c: &AgentClient, place: &Place) -> Result<()> {
     )?;
     let r = run(c, place, "oom", &spec).await?;
     ensure!(r.status.code() == 137, "over the memory limit: {r:?}");
+    oom_reported(c, place).await?;
     // pids.max, cpu.max and memory.max as the container sees them.
     let spec = patched(
         &base_spec(&[

@@ -337,6 +337,14 @@ impl Cgroup {
             .unwrap_or(0)
     }
 
+    /// A watch on the cgroup's OOM kills and on its emptying, for
+    /// [`CgroupWatch::wait`].
+    pub fn watch(&self) -> CgroupWatch {
+        CgroupWatch {
+            dir: self.path.clone(),
+        }
+    }
+
     /// Removes the cgroup: kills its processes (and those of its
     /// descendants) with SIGKILL if it has any, waits until cgroup.events
     /// reports it empty, then removes its directory, descendants first.
@@ -506,6 +514,85 @@ impl Cgroup {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(50));
         }
+    }
+}
+
+/// What [`CgroupWatch::wait`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupEvents {
+    /// memory.events `oom_kill`.
+    pub oom_kills: u64,
+    /// cgroup.events `populated`: the cgroup (or a descendant) has a
+    /// process.
+    pub populated: bool,
+}
+
+/// A cgroup's memory.events and cgroup.events, waited on without polling
+/// their contents: the kernel wakes `poll(2)` with `POLLPRI` when either
+/// file changes.
+#[derive(Debug, Clone)]
+pub struct CgroupWatch {
+    dir: PathBuf,
+}
+
+impl CgroupWatch {
+    /// Reads both files, then returns at once if `done` says so of what
+    /// they hold; else waits until one of them changes (or `timeout`
+    /// passes) and returns what they held before. The read arms the
+    /// notification, so a change after it is never missed.
+    pub fn wait(
+        &self,
+        timeout: Duration,
+        done: impl FnOnce(CgroupEvents) -> bool,
+    ) -> Result<CgroupEvents, CgroupError> {
+        use std::io::Read as _;
+        use std::os::fd::AsRawFd as _;
+        let open = |name: &str| -> Result<(fs::File, String), CgroupError> {
+            let path = self.dir.join(name);
+            let mut f = fs::File::open(&path).map_err(io_at(&path))?;
+            let mut text = String::new();
+            f.read_to_string(&mut text).map_err(io_at(&path))?;
+            Ok((f, text))
+        };
+        let (memory, memory_text) = open("memory.events")?;
+        let (events, events_text) = open("cgroup.events")?;
+        let keyed = |text: &str, key: &str| -> Option<u64> {
+            text.lines()
+                .filter_map(|l| l.split_once(' '))
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, v)| v.trim().parse().ok())
+        };
+        let seen = CgroupEvents {
+            oom_kills: keyed(&memory_text, "oom_kill").unwrap_or(0),
+            populated: keyed(&events_text, "populated").is_none_or(|p| p != 0),
+        };
+        if done(seen) {
+            return Ok(seen);
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: memory.as_raw_fd(),
+                events: libc::POLLPRI,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: events.as_raw_fd(),
+                events: libc::POLLPRI,
+                revents: 0,
+            },
+        ];
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fds` is an array of two initialised pollfd structures
+        // whose descriptors stay open (owned by `memory` and `events`) for
+        // the whole call; its length is passed with it.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(io_at(&self.dir)(e));
+            }
+        }
+        Ok(seen)
     }
 }
 

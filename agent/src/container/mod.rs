@@ -87,6 +87,10 @@ impl From<CgroupError> for Failure {
 /// Longest container id.
 const MAX_ID: usize = 1024;
 
+/// How often [`Containers::wait_oom`] looks again without a change in the
+/// cgroup (a safety net: the kernel's notifications wake it otherwise).
+const WAIT_OOM_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Checks a container id: what runc accepts (letters, digits, `_`, `-`,
 /// `.`, `+`, not `.` or `..`), so it is safe in paths.
 pub fn check_id(id: &str) -> Result<(), Failure> {
@@ -767,6 +771,39 @@ impl Containers {
                 oom_kills: c.cgroup.as_ref().map(Cgroup::oom_kills).unwrap_or(0),
             })
         })
+    }
+
+    /// Blocks until the OOM killer has killed more than `seen` processes
+    /// in container `id`, or the container has stopped or has no process
+    /// left; then its state (see [`RequestBody::WaitOom`]).
+    ///
+    /// [`RequestBody::WaitOom`]: rtv_agent::protocol::RequestBody::WaitOom
+    pub fn wait_oom(&self, id: &str, seen: u64) -> Result<ContainerState, Failure> {
+        let watch = self.with(id, |c| Ok(Self::cgroup_of(id, c)?.watch()))?;
+        loop {
+            let mut stopped = false;
+            let events = watch.wait(WAIT_OOM_RECHECK, |e| {
+                // Checked after the files are read (which arms the wait),
+                // so a stop in between is seen on the next round at worst.
+                stopped = self
+                    .with(id, |c| Ok(self.status(c) == ContainerStatus::Stopped))
+                    .unwrap_or(true);
+                e.oom_kills > seen || !e.populated || stopped
+            });
+            match events {
+                Ok(e) if e.oom_kills > seen || !e.populated || stopped => {
+                    let mut st = self.state(id)?;
+                    st.oom_kills = st.oom_kills.max(e.oom_kills);
+                    return Ok(st);
+                }
+                Ok(_) => {}
+                // The cgroup went (the container is being deleted).
+                Err(e) => {
+                    self.state(id)?;
+                    return Err(e.into());
+                }
+            }
+        }
     }
 
     /// The pids of a container's processes.
