@@ -68,8 +68,6 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 /// How long the VM may take to power off before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often running containers are checked for OOM kills.
-const OOM_POLL: Duration = Duration::from_secs(2);
 /// The exit status reported for processes whose VM went away.
 const LOST_STATUS: u32 = 128 + 9;
 
@@ -464,8 +462,6 @@ impl Inner {
             let pod = self.start_pod(id, &spec).await?;
             self.state().pod = Some(pod);
             undo.new_pod = true;
-            let weak = Arc::downgrade(self);
-            tokio::spawn(poll_oom(weak));
         }
 
         let (client, share, pod_pids) = {
@@ -695,6 +691,7 @@ impl Inner {
                 }));
                 r
             };
+            tokio::spawn(watch_oom(Arc::downgrade(&self), client.clone(), id.clone()));
             tokio::spawn(watch_process(
                 self.clone(),
                 client,
@@ -769,14 +766,19 @@ impl Inner {
 
     /// Reports a new OOM kill in container `id`, if there was one.
     async fn check_oom(&self, client: &AgentClient, id: &str) {
-        let Ok(state) = client.container_state(id).await else {
-            return;
-        };
+        if let Ok(state) = client.container_state(id).await {
+            self.note_oom_kills(id, state.oom_kills);
+        }
+    }
+
+    /// Publishes `TaskOOM` for container `id` if `kills` is more OOM kills
+    /// than it has reported so far.
+    fn note_oom_kills(&self, id: &str, kills: u64) {
         let mut st = self.state();
         if let Ok(c) = st.container_mut(id) {
-            if state.oom_kills > c.oom_kills {
-                c.oom_kills = state.oom_kills;
-                tracing::info!(id = %id, kills = state.oom_kills, "OOM kill");
+            if kills > c.oom_kills {
+                c.oom_kills = kills;
+                tracing::info!(id = %id, kills, "OOM kill");
                 self.events.send(Event::Oom(TaskOOM {
                     container_id: id.to_owned(),
                     ..Default::default()
@@ -1243,28 +1245,28 @@ async fn watch_process(
     tracing::info!(id = %id, exec_id = %exec_id, status, "exited");
 }
 
-/// Checks the running containers for OOM kills while the pod's VM runs.
-async fn poll_oom(inner: Weak<Inner>) {
+/// Reports OOM kills in container `id` as they happen: the agent answers
+/// `WaitOom` when the kernel reports a kill in the container's cgroup (it
+/// sleeps in the guest meanwhile, nothing is polled), or when the
+/// container's processes are gone, which ends the watch.
+async fn watch_oom(inner: Weak<Inner>, client: Arc<AgentClient>, id: String) {
+    let mut seen = 0;
     loop {
-        tokio::time::sleep(OOM_POLL).await;
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
-        let (client, ids) = {
-            let st = inner.state();
-            let Ok(client) = st.client() else {
+        match client.wait_oom(&id, seen).await {
+            Ok(state) => {
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                inner.note_oom_kills(&id, state.oom_kills);
+                if state.oom_kills <= seen {
+                    return;
+                }
+                seen = state.oom_kills;
+            }
+            Err(e) => {
+                tracing::debug!(id = %id, "no more OOM reports: {e}");
                 return;
-            };
-            let ids: Vec<String> = st
-                .containers
-                .iter()
-                .filter(|(_, c)| !c.paused && c.init().is_ok_and(|p| p.state == ProcState::Running))
-                .map(|(id, _)| id.clone())
-                .collect();
-            (client, ids)
-        };
-        for id in ids {
-            inner.check_oom(&client, &id).await;
+            }
         }
     }
 }

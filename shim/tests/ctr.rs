@@ -727,3 +727,76 @@ fn ctr_run_fails_on_a_failing_prestart_hook_and_leaves_nothing() {
         Ok(())
     });
 }
+
+/// A kill by the OOM killer is published (`/tasks/oom`) while the task
+/// goes on running: the shell survives its `dd`, which the 32 MiB limit
+/// kills. The shim hears of it from the agent (`WaitOom`), not at exit.
+#[test]
+fn ctr_oom_kill_is_published_while_the_task_runs() {
+    scenario("shim-oom", &mut Vec::new(), |c, ids| {
+        let image = c.import_busybox()?;
+        let id = c.new_id("oom");
+        ids.push(id.clone());
+        let mut events = c.ctr_command(&["events"]);
+        events
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let mut events = events.spawn().context("starting ctr events")?;
+        let stdout = events.stdout.take().context("ctr events' stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let result = (|| {
+            let flags = flags(c);
+            let mut args = vec!["run", "-d", "--memory-limit", "33554432"];
+            args.extend(strs(&flags));
+            args.extend([
+                image.as_str(),
+                &id,
+                "sh",
+                "-c",
+                "exec 2>/dev/null; dd if=/dev/zero of=/dev/null bs=64M count=1; sleep 1000",
+            ]);
+            let out = c.ctr(&args, CTR_TIMEOUT)?;
+            ensure!(out.status.success(), "ctr run -d: {}", describe(&out));
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            let mut seen = Vec::new();
+            let oom = loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(line) if line.contains("/tasks/oom") && line.contains(&id) => break line,
+                    Ok(line) => seen.push(line),
+                    Err(_) => bail!("no /tasks/oom for {id} within 120 s; events: {seen:#?}"),
+                }
+            };
+            ensure!(
+                !seen
+                    .iter()
+                    .any(|l| l.contains("/tasks/exit") && l.contains(&id)),
+                "the task exited before its OOM event: {seen:#?}, then {oom}"
+            );
+            let (_, status) =
+                task_state(c, &id)?.with_context(|| format!("task {id} not in ctr task ls"))?;
+            ensure!(
+                status == "RUNNING",
+                "task {id} is {status} after the OOM kill of its dd"
+            );
+            c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id])?;
+            wait_task_status(c, &id, "STOPPED", CTR_TIMEOUT)?;
+            c.ctr_ok(&["tasks", "delete", &id])?;
+            c.ctr_ok(&["containers", "delete", &id])?;
+            Ok(())
+        })();
+        let _ = events.kill();
+        let _ = events.wait();
+        result
+    });
+}
