@@ -10,6 +10,9 @@ usage: scripts/bench.sh [SUBCOMMAND] [OPTIONS]   (default: boot)
   oci       [-n N] [--no-containerd]        `<runtime> run` and `ctr run --rm` of busybox `true`
                                             with runc, crun and rtv, and one running container's
                                             host memory (waits up to --max-wait 600 s for load < 1.5)
+  cri       [-n N] [--idle S]               pods through containerd's CRI plugin on the runc, crun and
+                                            rtv handlers: RunPodSandbox to the first container running,
+                                            and a pod's host memory and idle CPU beside its container
   fs        [-n N] [--mem MIB]              virtio-fs against the host: a 256 MiB sequential read
                                             and find + stat over 5,000 files, cold and host-warm
                                             (one boot; each VM run takes minutes under PVM)

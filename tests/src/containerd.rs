@@ -750,12 +750,38 @@ impl Footprint {
             for p in run_containerd_paths(&self.address, ns, id) {
                 left.push(format!("{}", p.display()));
             }
+            left.extend(rtv_shim_leftovers(ns, id));
             for cg in cgroup_dirs(ns, id) {
                 left.push(format!("cgroup {}", cg.display()));
             }
         }
         left
     }
+}
+
+/// Where rtv's shim keeps a pod's VM state (`containerd-shim-rtv-v2`'s
+/// `STATE_ROOT`): `<root>/<namespace>/<pod>`.
+pub const RTV_SHIM_STATE_ROOT: &str = "/run/rtv-shim";
+
+/// What rtv's shim left of pod (or standalone container) `id` of namespace
+/// `ns`: mounts under its state directory (the virtio-fs share's binds),
+/// the directory, and processes naming it (the pod's VMM).
+fn rtv_shim_leftovers(ns: &str, id: &str) -> Vec<String> {
+    let dir = Path::new(RTV_SHIM_STATE_ROOT).join(ns).join(id);
+    let mut left: Vec<String> = mounts_under(&dir)
+        .into_iter()
+        .map(|m| format!("mount {}", m.display()))
+        .collect();
+    if std::fs::symlink_metadata(&dir).is_ok() {
+        left.push(format!("directory {}", dir.display()));
+    }
+    let named = format!("{}/", dir.display());
+    for p in processes() {
+        if p.state != 'Z' && p.cmdline.iter().any(|a| a.contains(&named)) {
+            left.push(format!("process {} {:?}", p.pid, p.cmdline.join(" ")));
+        }
+    }
+    left
 }
 
 /// The shim socket containerd 1.6 gives container `id` of namespace `ns`:

@@ -1029,14 +1029,21 @@ fn check_pod_gone(c: &Containerd, cri: &CriClient, pod: &str) -> Result<()> {
         "containerd's {CRI_NAMESPACE} containers after RemovePodSandbox: {}",
         containerd::describe(&out)
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
+    wait_nothing_left(c, cri, Duration::from_secs(10))
+        .with_context(|| format!("after RemovePodSandbox of pod {pod}"))
+}
+
+/// Waits up to `timeout` until [`live_leftovers`] (less the client) finds
+/// nothing: shims exit a moment after containerd shuts them down.
+pub fn wait_nothing_left(c: &Containerd, cri: &CriClient, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
     loop {
         let left = live_leftovers(c, &[cri.pid()]);
         if left.is_empty() {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            bail!("left behind by pod {pod} after RemovePodSandbox: {left:#?}");
+            bail!("left behind: {left:#?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -8,6 +8,11 @@
 //! VM with the same on the host.
 //! `rtv-bench oci` runs busybox `true` with rtv, runc and crun, directly
 //! and through containerd, and compares the memory of a running container.
+//! `rtv-bench cri` starts pods through containerd's CRI plugin on the
+//! runc, crun and rtv handlers, and compares their start time and what a
+//! pod costs on the host beside its containers.
+
+mod cri;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -92,6 +97,22 @@ enum What {
         /// Leave the `ctr run --rm` row out.
         #[arg(long)]
         no_containerd: bool,
+        /// Seconds to wait at most for the 1-minute load average to fall
+        /// below 1.5 before measuring.
+        #[arg(long, default_value_t = 600)]
+        max_wait: u64,
+    },
+    /// Pods through containerd 1.6's CRI plugin on the runc, crun and rtv
+    /// handlers: `RunPodSandbox` to the first container running, stop and
+    /// remove, and the host memory and idle CPU of a pod beside its
+    /// container (the shim, and rtv's VMM or the pause container).
+    Cri {
+        /// Pods per handler (median and min are reported).
+        #[arg(long, short = 'n', default_value_t = 5)]
+        runs: usize,
+        /// Seconds over which the idle pods' CPU is measured.
+        #[arg(long, default_value_t = 30)]
+        idle: u64,
         /// Seconds to wait at most for the 1-minute load average to fall
         /// below 1.5 before measuring.
         #[arg(long, default_value_t = 600)]
@@ -1157,7 +1178,8 @@ fn oci_memory(rt: &OciRuntime, bundle: &std::path::Path, log: &std::path::Path) 
 
 /// `$RTV_BIN_RTV`; under scripts/bench.sh (which built the workspace in
 /// release and set `$RTV_VMM`), the `rtv` next to this binary; else the
-/// release `rtv`, built if needed (with rtv-vmm).
+/// release `rtv`, built if needed (with rtv-vmm and the containerd shim,
+/// which sit beside it).
 fn oci_rtv_binary() -> Result<std::path::PathBuf> {
     if let Some(p) = std::env::var_os("RTV_BIN_RTV") {
         return Ok(p.into());
@@ -1176,6 +1198,8 @@ fn oci_rtv_binary() -> Result<std::path::PathBuf> {
             "rtv-runtime",
             "-p",
             "rtv-vmm",
+            "-p",
+            "containerd-shim-rtv-v2",
         ])
         .current_dir(&root)
         .status()
@@ -1593,5 +1617,14 @@ fn main() -> Result<()> {
             no_containerd,
             max_wait,
         } => oci_bench(runs.max(1), no_containerd, Duration::from_secs(max_wait)),
+        What::Cri {
+            runs,
+            idle,
+            max_wait,
+        } => cri::cri_bench(
+            runs.max(1),
+            Duration::from_secs(idle.max(1)),
+            Duration::from_secs(max_wait),
+        ),
     }
 }
