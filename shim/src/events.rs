@@ -19,6 +19,8 @@ use containerd_shim::publisher::RemotePublisher;
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an event is retried while containerd is away.
 const RECONNECT_FOR: Duration = Duration::from_secs(30);
+/// How long the connection to containerd is kept without events.
+const IDLE_CLOSE: Duration = Duration::from_secs(2);
 
 /// A protobuf timestamp of `t`.
 pub fn timestamp(t: SystemTime) -> Timestamp {
@@ -77,7 +79,10 @@ pub struct Events {
 impl Events {
     /// Starts the publishing thread for `namespace`. With containerd's
     /// `ttrpc_address`, a publisher whose connection broke (containerd
-    /// restarted) is replaced, for up to [`RECONNECT_FOR`] per event.
+    /// restarted) is replaced, for up to [`RECONNECT_FOR`] per event, and
+    /// the connection is closed after [`IDLE_CLOSE`] without events and
+    /// made again for the next: ttrpc's client polls its socket every
+    /// 10 ms while it is open, which an idle pod should not pay for.
     pub fn start(
         publisher: RemotePublisher,
         namespace: String,
@@ -88,33 +93,58 @@ impl Events {
         std::thread::Builder::new()
             .name("events".into())
             .spawn(move || {
-                let mut publisher = publisher;
-                for event in rx {
+                let mut publisher = Some(publisher);
+                loop {
+                    let event = match rx.recv_timeout(IDLE_CLOSE) {
+                        Ok(e) => e,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            // Nothing to send: let the connection go (its
+                            // ttrpc client wakes every 10 ms while it
+                            // exists) and make a new one for the next event.
+                            if ttrpc_address.is_some() {
+                                publisher = None;
+                            }
+                            match rx.recv() {
+                                Ok(e) => e,
+                                Err(_) => break,
+                            }
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    };
                     let (topic, msg) = event.into_parts();
                     let started = Instant::now();
                     loop {
-                        let Err(e) = publisher.publish(
-                            ttrpc::context::with_duration(PUBLISH_TIMEOUT),
-                            topic,
-                            &namespace,
-                            msg.clone_box(),
-                        ) else {
+                        if publisher.is_none() {
+                            if let Some(address) = ttrpc_address.as_deref() {
+                                match RemotePublisher::new(address) {
+                                    Ok(p) => publisher = Some(p),
+                                    Err(e) => tracing::debug!("connecting to {address}: {e}"),
+                                }
+                            }
+                        }
+                        let sent = match &publisher {
+                            Some(p) => p
+                                .publish(
+                                    ttrpc::context::with_duration(PUBLISH_TIMEOUT),
+                                    topic,
+                                    &namespace,
+                                    msg.clone_box(),
+                                )
+                                .map_err(|e| e.to_string()),
+                            None => Err("no connection to containerd".to_owned()),
+                        };
+                        let Err(e) = sent else {
                             tracing::debug!("published {topic}");
                             break;
                         };
-                        let again = ttrpc_address
-                            .as_deref()
-                            .filter(|_| started.elapsed() < RECONNECT_FOR);
-                        let Some(address) = again else {
+                        if ttrpc_address.is_none() || started.elapsed() >= RECONNECT_FOR {
                             tracing::warn!("publishing {topic}: {e}; event dropped");
                             break;
-                        };
-                        tracing::debug!("publishing {topic}: {e}; reconnecting");
-                        std::thread::sleep(Duration::from_millis(500));
-                        match RemotePublisher::new(address) {
-                            Ok(p) => publisher = p,
-                            Err(e) => tracing::debug!("reconnecting to {address}: {e}"),
                         }
+                        // containerd may be restarting: try a new connection.
+                        tracing::debug!("publishing {topic}: {e}; reconnecting");
+                        publisher = None;
+                        std::thread::sleep(Duration::from_millis(500));
                     }
                 }
                 let _ = done_tx.send(());
