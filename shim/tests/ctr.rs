@@ -800,3 +800,90 @@ fn ctr_oom_kill_is_published_while_the_task_runs() {
         result
     });
 }
+
+/// containerd restarts (SIGTERM, then started again) under a running task:
+/// the same shim and VM go on serving it, the new containerd reaches them
+/// (`task ls`, `task exec`), and the task's exit reaches the new containerd
+/// as an event (the shim's publisher connects anew).
+#[test]
+fn ctr_task_survives_a_containerd_restart() {
+    scenario("shim-restart", &mut Vec::new(), |c, ids| {
+        let image = c.import_busybox()?;
+        let id = c.new_id("restart");
+        ids.push(id.clone());
+        let flags = flags(c);
+        let mut args = vec!["run", "-d"];
+        args.extend(strs(&flags));
+        args.extend([image.as_str(), &id, "sleep", "1000"]);
+        let out = c.ctr(&args, CTR_TIMEOUT)?;
+        ensure!(out.status.success(), "ctr run -d: {}", describe(&out));
+        let shims = c.shims();
+        ensure!(shims.len() == 1, "shims before the restart: {shims:?}");
+        c.restart()?;
+        ensure!(
+            c.shims() == shims,
+            "the shim changed over the restart: {shims:?}, then {:?}",
+            c.shims()
+        );
+        let (_, status) = task_state(c, &id)?
+            .with_context(|| format!("task {id} not in ctr task ls after the restart"))?;
+        ensure!(status == "RUNNING", "task {id} after the restart: {status}");
+        let fifo = c.fifo_dir().to_string_lossy().into_owned();
+        let exec = [
+            "tasks",
+            "exec",
+            "--fifo-dir",
+            &fifo,
+            "--exec-id",
+            "e1",
+            &id,
+            "echo",
+            "after-restart",
+        ];
+        let out = c.ctr(&exec, CTR_TIMEOUT)?;
+        ensure!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout) == "after-restart\n",
+            "ctr task exec after the restart: {}",
+            describe(&out)
+        );
+        let mut events = c.ctr_command(&["events"]);
+        events
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let mut events = events.spawn().context("starting ctr events")?;
+        let stdout = events.stdout.take().context("ctr events' stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let result = (|| {
+            // `ctr events` subscribes once it runs; give it a moment.
+            std::thread::sleep(Duration::from_millis(500));
+            c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id])?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let mut seen = Vec::new();
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(line) if line.contains("/tasks/exit") && line.contains(&id) => break,
+                    Ok(line) => seen.push(line),
+                    Err(_) => bail!("no /tasks/exit for {id} after the restart; events: {seen:#?}"),
+                }
+            }
+            wait_task_status(c, &id, "STOPPED", CTR_TIMEOUT)?;
+            c.ctr_ok(&["tasks", "delete", &id])?;
+            c.ctr_ok(&["containers", "delete", &id])?;
+            Ok(())
+        })();
+        let _ = events.kill();
+        let _ = events.wait();
+        result
+    });
+}

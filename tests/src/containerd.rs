@@ -190,6 +190,38 @@ pub fn config_toml(dir: &Path, cri: Option<&CriConfig>) -> String {
     t
 }
 
+/// How a [`Containerd`] is started.
+struct Launch {
+    config: PathBuf,
+    /// containerd's output, appended to.
+    log: PathBuf,
+    log_level: String,
+    /// containerd's `PATH`, if not ours.
+    path: Option<std::ffi::OsString>,
+}
+
+impl Launch {
+    fn spawn(&self) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        let mut cmd = Command::new("containerd");
+        if let Some(path) = &self.path {
+            cmd.env("PATH", path);
+        }
+        cmd.arg("--config")
+            .arg(&self.config)
+            .args(["--log-level", &self.log_level])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting containerd (apt-get install containerd)")
+    }
+}
+
 /// A private containerd and the `ctr` that talks to it.
 ///
 /// Dropping it deletes every task and container through containerd, stops
@@ -198,8 +230,10 @@ pub fn config_toml(dir: &Path, cri: Option<&CriConfig>) -> String {
 /// sockets, runc state and FIFOs under `/run/containerd`, and removes its
 /// directory. [`Containerd::shutdown`] does the same and reports problems.
 pub struct Containerd {
-    child: Option<Child>,
-    pid: u32,
+    child: Mutex<Option<Child>>,
+    pid: AtomicU32,
+    /// How containerd is started, for [`Containerd::restart`].
+    launch: Launch,
     dir: PathBuf,
     address: PathBuf,
     namespace: String,
@@ -248,31 +282,29 @@ impl Containerd {
         let config = dir.join("config.toml");
         std::fs::write(&config, config_toml(&dir, options.cri.as_ref()))
             .with_context(|| format!("writing {}", config.display()))?;
-        let log = std::fs::File::create(dir.join("containerd.log"))?;
-        let mut cmd = Command::new("containerd");
-        if let Some(first) = &options.path_prepend {
-            let rest = std::env::var_os("PATH").unwrap_or_default();
-            let path = std::env::join_paths(
-                std::iter::once(first.clone()).chain(std::env::split_paths(&rest)),
-            )
-            .context("containerd's PATH")?;
-            cmd.env("PATH", path);
-        }
-        let child = cmd
-            .arg("--config")
-            .arg(&config)
-            .args([
-                "--log-level",
-                options.log_level.as_deref().unwrap_or("info"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting containerd (apt-get install containerd)")?;
-        let mut c = Containerd {
-            pid: child.id(),
-            child: Some(child),
+        let path = match &options.path_prepend {
+            Some(first) => {
+                let rest = std::env::var_os("PATH").unwrap_or_default();
+                Some(
+                    std::env::join_paths(
+                        std::iter::once(first.clone()).chain(std::env::split_paths(&rest)),
+                    )
+                    .context("containerd's PATH")?,
+                )
+            }
+            None => None,
+        };
+        let launch = Launch {
+            config,
+            log: dir.join("containerd.log"),
+            log_level: options.log_level.clone().unwrap_or_else(|| "info".into()),
+            path,
+        };
+        let child = launch.spawn()?;
+        let c = Containerd {
+            pid: AtomicU32::new(child.id()),
+            child: Mutex::new(Some(child)),
+            launch,
             dir,
             address,
             namespace: NAMESPACE.to_owned(),
@@ -286,17 +318,48 @@ impl Containerd {
         Ok(c)
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+    /// Stops containerd with SIGTERM (as a service manager does on a
+    /// restart) and starts it again with the same configuration; the
+    /// shims, and their tasks, go on running.
+    pub fn restart(&self) -> Result<()> {
+        if let Some(mut child) = self.child().take() {
+            let pid = libc::pid_t::try_from(child.id()).context("containerd's pid")?;
+            // SAFETY: kill(2) on our own child, which has not been reaped
+            // (we hold its `Child`), so the pid is still containerd's.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait()?.is_none() {
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let child = self.launch.spawn()?;
+        self.pid.store(child.id(), Ordering::Relaxed);
+        *self.child() = Some(child);
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    fn child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.child.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    self.child = None;
-                    bail!(
-                        "containerd exited ({status}) before answering; its log:\n{}",
-                        self.log_tail(4000)
-                    );
-                }
+            let exited = match self.child().as_mut() {
+                Some(child) => child.try_wait()?,
+                None => None,
+            };
+            if let Some(status) = exited {
+                *self.child() = None;
+                bail!(
+                    "containerd exited ({status}) before answering; its log:\n{}",
+                    self.log_tail(4000)
+                );
             }
             if self.address.exists() {
                 let out = self.ctr(&["version"], Duration::from_secs(5));
@@ -333,7 +396,7 @@ impl Containerd {
 
     /// containerd's process id.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.pid.load(Ordering::Relaxed)
     }
 
     /// The runtime root the scenarios give runc's shim (`--runc-root`):
@@ -487,7 +550,7 @@ impl Containerd {
         Footprint {
             dir: self.dir.clone(),
             address: self.address.clone(),
-            containerd_pid: self.pid,
+            containerd_pid: self.pid(),
             ids: ids.into_iter().collect(),
         }
     }
@@ -543,7 +606,8 @@ impl Containerd {
         }
         self.torn_down = true;
         let mut problems = Vec::new();
-        if let Some(mut child) = self.child.take() {
+        let child = self.child().take();
+        if let Some(mut child) = child {
             let t = Duration::from_secs(20);
             // Through containerd: kill and delete every task, delete every
             // container (the shim unmounts the rootfs, removes its socket and
