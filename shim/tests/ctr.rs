@@ -728,23 +728,22 @@ fn ctr_run_fails_on_a_failing_prestart_hook_and_leaves_nothing() {
     });
 }
 
-/// A kill by the OOM killer is published (`/tasks/oom`) while the task
-/// goes on running: the shell survives its `dd`, which the 32 MiB limit
-/// kills. The shim hears of it from the agent (`WaitOom`), not at exit.
-#[test]
-fn ctr_oom_kill_is_published_while_the_task_runs() {
-    scenario("shim-oom", &mut Vec::new(), |c, ids| {
-        let image = c.import_busybox()?;
-        let id = c.new_id("oom");
-        ids.push(id.clone());
-        let mut events = c.ctr_command(&["events"]);
-        events
-            .stdin(std::process::Stdio::null())
+/// `ctr events` of an instance, read line by line on a thread; killed
+/// when dropped.
+struct EventStream {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl EventStream {
+    fn start(c: &Containerd) -> Result<EventStream> {
+        let mut cmd = c.ctr_command(&["events"]);
+        cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null());
-        let mut events = events.spawn().context("starting ctr events")?;
-        let stdout = events.stdout.take().context("ctr events' stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
+        let mut child = cmd.spawn().context("starting ctr events")?;
+        let stdout = child.stdout.take().context("ctr events' stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stdout).lines() {
@@ -754,6 +753,42 @@ fn ctr_oom_kill_is_published_while_the_task_runs() {
                 }
             }
         });
+        Ok(EventStream { child, lines })
+    }
+
+    /// Waits up to `timeout` for an event of `topic` naming `id`; returns
+    /// its line and the events before it.
+    fn wait_for(&self, topic: &str, id: &str, timeout: Duration) -> Result<(String, Vec<String>)> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(topic) && line.contains(id) => return Ok((line, seen)),
+                Ok(line) => seen.push(line),
+                Err(_) => bail!("no {topic} for {id} within {timeout:?}; events: {seen:#?}"),
+            }
+        }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A kill by the OOM killer is published (`/tasks/oom`) while the task
+/// goes on running: the shell survives its `dd`, which the 32 MiB limit
+/// kills. The shim hears of it from the agent (`WaitOom`), not at exit.
+#[test]
+fn ctr_oom_kill_is_published_while_the_task_runs() {
+    scenario("shim-oom", &mut Vec::new(), |c, ids| {
+        let image = c.import_busybox()?;
+        let id = c.new_id("oom");
+        ids.push(id.clone());
+        let events = EventStream::start(c)?;
         let result = (|| {
             let flags = flags(c);
             let mut args = vec!["run", "-d", "--memory-limit", "33554432"];
@@ -767,16 +802,7 @@ fn ctr_oom_kill_is_published_while_the_task_runs() {
             ]);
             let out = c.ctr(&args, CTR_TIMEOUT)?;
             ensure!(out.status.success(), "ctr run -d: {}", describe(&out));
-            let deadline = std::time::Instant::now() + Duration::from_secs(120);
-            let mut seen = Vec::new();
-            let oom = loop {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                match rx.recv_timeout(left) {
-                    Ok(line) if line.contains("/tasks/oom") && line.contains(&id) => break line,
-                    Ok(line) => seen.push(line),
-                    Err(_) => bail!("no /tasks/oom for {id} within 120 s; events: {seen:#?}"),
-                }
-            };
+            let (oom, seen) = events.wait_for("/tasks/oom", &id, Duration::from_secs(120))?;
             ensure!(
                 !seen
                     .iter()
@@ -795,8 +821,7 @@ fn ctr_oom_kill_is_published_while_the_task_runs() {
             c.ctr_ok(&["containers", "delete", &id])?;
             Ok(())
         })();
-        let _ = events.kill();
-        let _ = events.wait();
+        drop(events);
         result
     });
 }
@@ -846,44 +871,20 @@ fn ctr_task_survives_a_containerd_restart() {
             "ctr task exec after the restart: {}",
             describe(&out)
         );
-        let mut events = c.ctr_command(&["events"]);
-        events
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null());
-        let mut events = events.spawn().context("starting ctr events")?;
-        let stdout = events.stdout.take().context("ctr events' stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let events = EventStream::start(c)?;
         let result = (|| {
             // `ctr events` subscribes once it runs; give it a moment.
             std::thread::sleep(Duration::from_millis(500));
             c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id])?;
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            let mut seen = Vec::new();
-            loop {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                match rx.recv_timeout(left) {
-                    Ok(line) if line.contains("/tasks/exit") && line.contains(&id) => break,
-                    Ok(line) => seen.push(line),
-                    Err(_) => bail!("no /tasks/exit for {id} after the restart; events: {seen:#?}"),
-                }
-            }
+            events
+                .wait_for("/tasks/exit", &id, Duration::from_secs(60))
+                .context("after the restart")?;
             wait_task_status(c, &id, "STOPPED", CTR_TIMEOUT)?;
             c.ctr_ok(&["tasks", "delete", &id])?;
             c.ctr_ok(&["containers", "delete", &id])?;
             Ok(())
         })();
-        let _ = events.kill();
-        let _ = events.wait();
+        drop(events);
         result
     });
 }
