@@ -10,16 +10,14 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use rtv_tests::containerd::{
-    container_ids, describe, run_on_pty, task_state, wait_task_status, with_containerd, Containerd,
-    CTR_TIMEOUT,
+    container_ids, describe, rtv_shim_leftovers, run_on_pty, task_state, wait_task_status,
+    with_containerd, Containerd, CTR_TIMEOUT, RTV_SHIM_STATE_ROOT,
 };
 use rtv_tests::containers::busybox_rootfs;
 use rtv_tests::{initramfs, kernel, one_vm_at_a_time, vmm_binary};
 use serde_json::{json, Value};
 
 const RUNTIME: &str = "io.containerd.rtv.v2";
-/// Where the shim keeps its pods' state (shim/src/guest.rs).
-const STATE_ROOT: &str = "/run/rtv-shim";
 
 /// Puts the shim first on the PATH that containerd (and so the shim)
 /// inherits, with the guest kernel, initramfs and VMM in the environment.
@@ -57,29 +55,9 @@ fn strs(v: &[String]) -> Vec<&str> {
 /// The shim's VMMs of pods `ids`, and their state directories and the
 /// mounts under them (the share's), if still there.
 fn vm_leftovers(namespace: &str, ids: &[String]) -> Vec<String> {
-    let mut left = Vec::new();
-    let dirs: Vec<String> = ids
-        .iter()
-        .map(|id| format!("{STATE_ROOT}/{namespace}/{id}"))
-        .collect();
-    for d in &dirs {
-        for m in rtv_runtime::share::mounts_under(Path::new(d)) {
-            left.push(format!("mount {}", m.display()));
-        }
-        if Path::new(d).exists() {
-            left.push(format!("directory {d}"));
-        }
-    }
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if dirs.iter().any(|d| cmdline.contains(&format!("{d}/"))) {
-            left.push(format!("process {:?} {cmdline}", e.file_name()));
-        }
-    }
-    left
+    ids.iter()
+        .flat_map(|id| rtv_shim_leftovers(namespace, id))
+        .collect()
 }
 
 /// Runs `f` in a private containerd (see `with_containerd`), then checks
@@ -688,7 +666,7 @@ fn ctr_run_fails_on_a_failing_prestart_hook_and_leaves_nothing() {
         )?;
         let out = ctr_run_config(c, &config, &["--rm"], &member)?;
         check_failed(&out, "member")?;
-        let share = Path::new(STATE_ROOT)
+        let share = Path::new(RTV_SHIM_STATE_ROOT)
             .join(c.namespace())
             .join(&pod)
             .join("share")

@@ -830,7 +830,7 @@ pub const RTV_SHIM_STATE_ROOT: &str = "/run/rtv-shim";
 /// What rtv's shim left of pod (or standalone container) `id` of namespace
 /// `ns`: mounts under its state directory (the virtio-fs share's binds),
 /// the directory, and processes naming it (the pod's VMM).
-fn rtv_shim_leftovers(ns: &str, id: &str) -> Vec<String> {
+pub fn rtv_shim_leftovers(ns: &str, id: &str) -> Vec<String> {
     let dir = Path::new(RTV_SHIM_STATE_ROOT).join(ns).join(id);
     let mut left: Vec<String> = mounts_under(&dir)
         .into_iter()
@@ -909,17 +909,23 @@ fn cgroup_dirs(ns: &str, id: &str) -> Vec<PathBuf> {
 
 /// A process as seen in /proc.
 #[derive(Debug, Clone)]
-struct Proc {
-    pid: i32,
-    ppid: i32,
-    state: char,
-    cmdline: Vec<String>,
-    cgroup: String,
+/// A host process, as [`processes`] reads it.
+pub struct Proc {
+    /// Its pid.
+    pub pid: i32,
+    /// Its parent's pid.
+    pub ppid: i32,
+    /// Its state letter (`R`, `S`, `Z`...).
+    pub state: char,
+    /// Its command line.
+    pub cmdline: Vec<String>,
+    /// /proc/PID/cgroup.
+    pub cgroup: String,
 }
 
 /// Every process on the host (those that vanish while being read are
 /// skipped).
-fn processes() -> Vec<Proc> {
+pub fn processes() -> Vec<Proc> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return out;
@@ -958,7 +964,8 @@ fn processes() -> Vec<Proc> {
     out
 }
 
-fn descendants(procs: &[Proc], root: i32) -> Vec<i32> {
+/// The pids of `root`'s descendants among `procs`.
+pub fn descendants(procs: &[Proc], root: i32) -> Vec<i32> {
     let mut out = Vec::new();
     let mut frontier = vec![root];
     while let Some(p) = frontier.pop() {

@@ -6,7 +6,6 @@
 //! of what the pod costs beside its containers (the shim, and rtv's VMM or
 //! the pause container), and the time to stop and remove it.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use rtv_tests::cri::{self, CriClient};
 
 use super::{
     host_type, initramfs, kernel, mem_usage, oci_bundle, oci_crun, oci_loadavg, oci_rtv_binary,
-    oci_wait_for_quiet_host, rss_pss, seconds,
+    oci_wait_for_quiet_host, print_runtime_header, rss_pss, seconds,
 };
 
 /// One pod's start and stop, timed.
@@ -80,40 +79,21 @@ fn clock_ticks() -> f64 {
     }
 }
 
-/// A process's parent pid, and its CPU time (user + system, with that of
-/// its reaped children when `children`) in clock ticks.
-fn proc_stat(pid: u32, children: bool) -> Option<(u32, u64)> {
+/// A process's CPU time (user + system, with that of its reaped children
+/// when `children`) in clock ticks.
+fn cpu_ticks(pid: u32, children: bool) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name, which is in parentheses and may
-    // hold spaces: state (3), ppid (4), ... utime (14), stime (15),
-    // cutime (16), cstime (17).
+    // hold spaces: state (3), ... utime (14), stime (15), cutime (16),
+    // cstime (17).
     let rest = &text[text.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok());
-    let ppid = u32::try_from(num(4)?).ok()?;
     let mut ticks = num(14)? + num(15)?;
     if children {
         ticks += num(16)? + num(17)?;
     }
-    Some((ppid, ticks))
-}
-
-fn cmdline(pid: u32) -> Vec<String> {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .unwrap_or_default()
-        .split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect()
-}
-
-fn all_pids() -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect()
+    Some(ticks)
 }
 
 /// The host processes of pod `pod` other than those of container `app`,
@@ -134,40 +114,20 @@ fn pod_processes(c: &Containerd, pod: &str, app: &str) -> Result<Vec<(String, u3
             .join(pod)
             .display()
     );
-    let parents: HashMap<u32, u32> = all_pids()
-        .into_iter()
-        .filter_map(|p| Some((p, proc_stat(p, false)?.0)))
-        .collect();
-    let descends = |mut p: u32| {
-        for _ in 0..64 {
-            if p == shim {
-                return true;
-            }
-            match parents.get(&p) {
-                Some(&pp) if pp > 1 => p = pp,
-                _ => return false,
-            }
-        }
-        false
-    };
+    let procs = containerd::processes();
+    let children = containerd::descendants(&procs, shim as i32);
     let app_cgroup = format!("/{app}");
     let mut out = vec![("shim".to_owned(), shim)];
-    for &pid in parents.keys() {
-        if pid == shim {
+    for p in &procs {
+        let named = p.cmdline.iter().any(|a| a.contains(&state_dir));
+        if p.pid as u32 == shim || p.state == 'Z' || !(children.contains(&p.pid) || named) {
             continue;
         }
-        let args = cmdline(pid);
-        if !(descends(pid) || args.iter().any(|a| a.contains(&state_dir))) {
+        if p.cgroup.lines().any(|l| l.ends_with(&app_cgroup)) {
             continue;
         }
-        let in_app = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.ends_with(&app_cgroup));
-        if in_app {
-            continue;
-        }
-        let name = args
+        let name = p
+            .cmdline
             .first()
             .and_then(|a| a.rsplit('/').next())
             .unwrap_or("?")
@@ -177,7 +137,7 @@ fn pod_processes(c: &Containerd, pod: &str, app: &str) -> Result<Vec<(String, u3
         } else {
             format!("pause container ({name})")
         };
-        out.push((role, pid));
+        out.push((role, p.pid as u32));
     }
     Ok(out)
 }
@@ -185,7 +145,7 @@ fn pod_processes(c: &Containerd, pod: &str, app: &str) -> Result<Vec<(String, u3
 /// CPU ticks of `pids` (with reaped children's when `children`).
 fn ticks_of(pids: &[(String, u32)], children: bool) -> u64 {
     pids.iter()
-        .filter_map(|(_, p)| proc_stat(*p, children).map(|s| s.1))
+        .filter_map(|(_, p)| cpu_ticks(*p, children))
         .sum()
 }
 
@@ -289,7 +249,7 @@ fn pod_costs(
     let per_proc = |procs: &[(String, u32)]| -> Vec<u64> {
         procs
             .iter()
-            .map(|(_, p)| proc_stat(*p, false).map_or(0, |s| s.1))
+            .map(|(_, p)| cpu_ticks(*p, false).unwrap_or(0))
             .collect()
     };
     let before: Vec<Vec<u64>> = costs
@@ -329,9 +289,10 @@ type Measured = (PodCost, Vec<(String, u32)>);
 
 /// The guest memory (`--mem`, MiB) on a VMM's command line.
 fn vmm_mem_mib(pid: u32) -> Option<u64> {
-    let args = cmdline(pid);
-    let i = args.iter().position(|a| a == "--mem")?;
-    args.get(i + 1)?.parse().ok()
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmdline.split(|&b| b == 0);
+    args.find(|a| *a == b"--mem")?;
+    std::str::from_utf8(args.next()?).ok()?.parse().ok()
 }
 
 /// `rtv-bench cri`.
@@ -482,16 +443,7 @@ fn print_tables(
         host_type()
     );
     println!();
-    let mut header = String::from("| measure |");
-    let mut rule = String::from("|---|");
-    for h in handlers {
-        header.push_str(&format!(" {} |", h.label));
-        rule.push_str("---|");
-    }
-    header.push_str(" rtv / runc |");
-    rule.push_str("---|");
-    println!("{header}");
-    println!("{rule}");
+    print_runtime_header(handlers.iter().map(|h| h.label.as_str()));
     let last = handlers.len() - 1;
     let time_row = |label: &str, pick: &dyn Fn(&PodRun) -> Duration| {
         let mut line = format!("| {label} |");

@@ -1278,6 +1278,19 @@ fn oci_crun(
     }
 }
 
+/// A Markdown table's heading: `measure`, a column per runtime
+/// (`labels`), and `rtv / runc`.
+fn print_runtime_header<'a>(labels: impl Iterator<Item = &'a str>) {
+    let mut header = String::from("| measure |");
+    let mut rule = String::from("|---|");
+    for label in labels {
+        header.push_str(&format!(" {label} |"));
+        rule.push_str("---|");
+    }
+    println!("{header} rtv / runc |");
+    println!("{rule}---|");
+}
+
 /// The median wall time of `runs` runs of `cmd()`.
 fn oci_median_time(runs: usize, log: &std::path::Path, cmd: impl Fn() -> Command) -> Result<f64> {
     let mut t = Vec::new();
@@ -1485,16 +1498,7 @@ fn oci_measure(
         host_type()
     );
     println!();
-    let mut header = String::from("| measure |");
-    let mut rule = String::from("|---|");
-    for rt in runtimes {
-        header.push_str(&format!(" {} |", rt.label));
-        rule.push_str("---|");
-    }
-    header.push_str(" rtv / runc |");
-    rule.push_str("---|");
-    println!("{header}");
-    println!("{rule}");
+    print_runtime_header(runtimes.iter().map(|rt| rt.label));
     let ratio = |rows: &[Result<Vec<Duration>, String>]| -> String {
         let m = |i: usize| match rows.get(i) {
             Some(Ok(t)) if !t.is_empty() => Some(seconds(t).0),
