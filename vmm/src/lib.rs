@@ -1,7 +1,9 @@
 //! rtv's micro-VM monitor: a KVM VMM on the rust-vmm crates.
 //!
-//! [`vm::Vm`] assembles a machine (memory, vCPUs, in-kernel irqchip and PIT,
-//! serial console, reset port); [`linux::load`] puts a Linux kernel,
+//! [`vm::Vm`] is a machine (memory, vCPUs, in-kernel irqchip and PIT,
+//! serial console, reset port), put together by `builder.rs`, with its
+//! virtio devices in a [`device_manager::DeviceManager`] (the place a new
+//! device kind is registered); [`linux::load`] puts a Linux kernel,
 //! initramfs and command line into it; [`vm::Vm::run`] runs it until the
 //! guest stops. [`platform`] holds the switches for PVM hosts.
 //!
@@ -10,6 +12,8 @@
 //! guest memory mapped copy-on-write from the snapshot's memory file.
 
 pub mod arch;
+mod builder;
+pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod linux;
@@ -19,6 +23,7 @@ pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
+pub use device_manager::DeviceConfig;
 pub use devices::virtio::fs::FsConfig;
 pub use devices::virtio::vsock::VsockConfig;
 pub use exit::VmExit;

@@ -209,7 +209,7 @@ pub fn load(vm: &Vm, config: &KernelConfig) -> Result<BootEntry, Error> {
         }
         None => None,
     };
-    let cmdline = build_cmdline(&[&with_device_entries(&config.cmdline, vm.cmdline_entries())])?;
+    let cmdline = build_cmdline(&[&with_device_entries(&config.cmdline, &vm.cmdline_entries())])?;
 
     let loaded =
         Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(|source| {

@@ -7,11 +7,12 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
+use rtv_vmm::device_manager::DeviceError;
 use rtv_vmm::devices::virtio::vsock::{ConfigError, MIN_GUEST_CID};
 use rtv_vmm::platform::{self, PvmMode};
 use rtv_vmm::{
-    AfterSnapshot, BootProtocol, KernelConfig, MachineConfig, RestoreConfig, Vm, VmExit,
-    VsockConfig,
+    AfterSnapshot, BootProtocol, DeviceConfig, FsConfig, KernelConfig, MachineConfig,
+    RestoreConfig, Vm, VmExit, VsockConfig,
 };
 
 /// Boot a Linux kernel and initramfs in an rtv micro-VM, or restore one from
@@ -176,15 +177,16 @@ fn run(args: Args) -> anyhow::Result<u8> {
         anyhow::bail!("--vsock-uds needs --vsock-cid (except with --restore)");
     }
     let pvm = args.pvm.enabled();
-    let vsock = vsock_config(args.vsock_cid, args.vsock_uds)?;
+    // Slot order: the vsock device, then virtio-fs.
+    let vsock = vsock_config(args.vsock_cid, args.vsock_uds)?.map(DeviceConfig::Vsock);
+    let fs = args
+        .shared_dir
+        .map(|dir| DeviceConfig::Fs(FsConfig::new(dir)));
     let machine = MachineConfig {
         mem_size_mib: args.mem.unwrap_or(128),
         vcpus: args.vcpus.unwrap_or(1),
         kvm_device: args.kvm_device,
-        vsock,
-        fs: args
-            .shared_dir
-            .map(rtv_vmm::devices::virtio::fs::FsConfig::new),
+        devices: vsock.into_iter().chain(fs).collect(),
         stop_on_signals: true,
         pvm,
     };
@@ -225,7 +227,12 @@ fn run(args: Args) -> anyhow::Result<u8> {
             if let Some(path) = console_file {
                 let _ = std::fs::remove_file(path);
             }
-            if matches!(e, rtv_vmm::Error::Vm(rtv_vmm::vm::Error::VsockListen(_))) {
+            if matches!(
+                e,
+                rtv_vmm::Error::Vm(rtv_vmm::vm::Error::Devices(
+                    rtv_vmm::device_manager::Error::Device(DeviceError::VsockListen(_))
+                ))
+            ) {
                 return Err(anyhow::Error::new(e).context("--vsock-uds"));
             }
             Err(e.into())

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use rtv_vmm::arch::layout::{HIMEM_START, PVH_INFO_START};
 use rtv_vmm::arch::regs::BootEntry;
-use rtv_vmm::{AfterSnapshot, MachineConfig, RestoreConfig, Vm, VmController, VmExit};
+use rtv_vmm::{
+    AfterSnapshot, DeviceConfig, MachineConfig, RestoreConfig, Vm, VmController, VmExit,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 mod common;
@@ -59,7 +61,7 @@ fn counter_vm(vcpus: u8, vsock: Option<rtv_vmm::VsockConfig>) -> Running {
     let config = MachineConfig {
         mem_size_mib: 16,
         vcpus,
-        vsock,
+        devices: vsock.map(DeviceConfig::Vsock).into_iter().collect(),
         ..Default::default()
     };
     let vm = Vm::new(&config, Box::new(console.clone())).expect("create VM");
@@ -240,7 +242,11 @@ fn damaged_snapshots_are_refused_with_the_file_and_problem_named() {
     edit_manifest(&d, |m| m["format_version"] = 99.into());
     assert_names(
         &restore_error(&d, &ok),
-        &["state.json", "format_version 99", "version 1"],
+        &[
+            "state.json",
+            "format_version 99",
+            &format!("version {}", rtv_vmm::snapshot::FORMAT_VERSION),
+        ],
     );
 
     let d = case("build");
@@ -321,10 +327,10 @@ fn restored_vsock_device_gets_its_own_socket_and_cid() {
     let console = Console::default();
     let config = MachineConfig {
         mem_size_mib: 16,
-        vsock: Some(rtv_vmm::VsockConfig {
+        devices: vec![DeviceConfig::Vsock(rtv_vmm::VsockConfig {
             guest_cid: 3,
             uds_path: dir.0.join("orig.sock"),
-        }),
+        })],
         ..Default::default()
     };
     let vm = Vm::new(&config, Box::new(console.clone())).unwrap();

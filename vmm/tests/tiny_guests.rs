@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rtv_vmm::arch::layout::{HIMEM_START, PVH_INFO_START};
 use rtv_vmm::arch::regs::BootEntry;
-use rtv_vmm::{MachineConfig, Vm, VmExit};
+use rtv_vmm::{DeviceConfig, MachineConfig, Vm, VmExit};
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;
@@ -196,7 +196,7 @@ fn virtio_mmio_registers_answer_through_kvm() {
     let console = Console::default();
     let config = MachineConfig {
         mem_size_mib: 16,
-        vsock: Some(vsock),
+        devices: vec![DeviceConfig::Vsock(vsock)],
         ..Default::default()
     };
     let vm = Vm::new(&config, Box::new(console.clone())).expect("create VM");
@@ -226,7 +226,7 @@ fn sigterm_stops_the_vm_and_removes_the_vsock_socket() {
     let path = vsock.uds_path.clone();
     let config = MachineConfig {
         mem_size_mib: 16,
-        vsock: Some(vsock),
+        devices: vec![DeviceConfig::Vsock(vsock)],
         stop_on_signals: true,
         ..Default::default()
     };

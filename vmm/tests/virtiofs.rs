@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use rtv_vmm::arch::regs::BootEntry;
+use rtv_vmm::device_manager::MmioSlot;
 use rtv_vmm::devices::bus::{Bus, BusDevice};
 use rtv_vmm::devices::virtio::fs::{FsConfig, VirtioFs, CONFIG_LEN, REQUEST_QUEUE, TAG_LEN};
 use rtv_vmm::devices::virtio::mmio::{reg, MmioTransport};
@@ -20,7 +21,7 @@ use rtv_vmm::devices::virtio::{
     Interrupt, VirtioDevice, DEVICE_ID_FS, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
     STATUS_FEATURES_OK, VIRTIO_F_VERSION_1,
 };
-use rtv_vmm::{AfterSnapshot, MachineConfig, RestoreConfig, Vm, VmExit};
+use rtv_vmm::{AfterSnapshot, DeviceConfig, MachineConfig, RestoreConfig, Vm, VmExit};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -1120,7 +1121,7 @@ fn guest_mounts_reads_and_writes_the_share_and_cannot_leave_it() {
 fn tiny_fs_vm(share: &Path) -> (Driver, rtv_vmm::VmController, JoinHandle<VmExit>) {
     let config = MachineConfig {
         mem_size_mib: 16,
-        fs: Some(FsConfig::new(share)),
+        devices: vec![DeviceConfig::Fs(FsConfig::new(share))],
         ..Default::default()
     };
     assert_eq!(
@@ -1140,7 +1141,7 @@ fn tiny_fs_vm(share: &Path) -> (Driver, rtv_vmm::VmController, JoinHandle<VmExit
     let bus = vm.mmio_bus_mut().clone();
     let controller = vm.controller();
     let thread = std::thread::spawn(move || vm.run().expect("run VM"));
-    let (base, _) = rtv_vmm::vm::virtio_slot(0);
+    let base = MmioSlot::nth(0).unwrap().base;
     (Driver::in_vm(mem, bus, base), controller, thread)
 }
 
@@ -1158,7 +1159,7 @@ fn restore_fs_vm(
     let bus = vm.mmio_bus_mut().clone();
     let controller = vm.controller();
     let thread = std::thread::spawn(move || vm.run().expect("run VM"));
-    let (base, _) = rtv_vmm::vm::virtio_slot(0);
+    let base = MmioSlot::nth(0).unwrap().base;
     (Driver::resumed(mem, bus, base), controller, thread)
 }
 

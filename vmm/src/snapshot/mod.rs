@@ -8,7 +8,7 @@
 //! | `memory.bin` | guest RAM, the regions one after the other, sparse (zero pages are holes) |
 //! | `vm.json` | [`VmState`]: PIC master and slave, IOAPIC, PIT, kvmclock |
 //! | `vcpu-N.json` | [`cpu::VcpuState`] of vCPU N |
-//! | `devices.json` | [`DevicesState`]: the UART, each virtio-mmio transport and its queues (vsock; virtio-fs while unmounted) |
+//! | `devices.json` | [`DevicesState`]: the UART; each virtio device's slot, configuration (without host-side resources) and virtio-mmio transport with its queues ([`VirtioSnapshot`]: vsock; virtio-fs while unmounted) |
 //!
 //! [`load`] checks everything before anything is built from it: a missing,
 //! truncated or corrupted file, another format version or VMM build, a
@@ -29,12 +29,15 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
+pub use crate::device_manager::{DeviceConfig, VirtioSnapshot};
 use crate::devices::serial::SerialSnapshot;
-use crate::devices::virtio::mmio::MmioState;
 use cpu::VcpuState;
 
-/// The snapshot format this VMM writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The snapshot format this VMM writes and reads. Version 2: the devices
+/// are the device manager's ([`VirtioSnapshot`]: slot, configuration and
+/// transport of each). Version 1 snapshots (fixed vsock and virtio-fs
+/// entries) are refused; a template cache makes its templates again.
+pub const FORMAT_VERSION: u32 = 2;
 /// The manifest's file name.
 pub const MANIFEST_FILE: &str = "state.json";
 /// Guest memory's file name.
@@ -139,25 +142,6 @@ pub struct RamRegion {
     pub size: u64,
 }
 
-/// A device on the machine, in slot order.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum DeviceEntry {
-    /// virtio-vsock; live connections are not saved.
-    Vsock {
-        /// The CID the guest had.
-        guest_cid: u64,
-    },
-    /// virtio-fs. Saved only while the guest has sent it no FUSE request
-    /// (nothing is mounted, so neither side holds inodes or open files):
-    /// its transport and queues are all there is, and a restore serves
-    /// whatever directory the new VM is given.
-    Fs {
-        /// The mount tag the guest read from the configuration space.
-        tag: String,
-    },
-}
-
 /// Size and sha256 of a snapshot file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FileEntry {
@@ -182,8 +166,9 @@ pub struct Manifest {
     pub vcpus: u8,
     /// RAM layout (and the memory file's layout).
     pub ram_regions: Vec<RamRegion>,
-    /// The virtio devices, in slot order.
-    pub devices: Vec<DeviceEntry>,
+    /// The virtio devices, in slot order, without their host-side
+    /// resources (`{"kind": "vsock", "guest_cid": 3}`).
+    pub devices: Vec<DeviceConfig>,
     /// Every other file of the snapshot.
     pub files: BTreeMap<String, FileEntry>,
 }
@@ -241,21 +226,12 @@ impl VmState {
     }
 }
 
-/// A virtio device slot: what the device is, and its transport.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VirtioSnapshot {
-    /// The device.
-    pub device: DeviceEntry,
-    /// The virtio-mmio registers and queues.
-    pub transport: MmioState,
-}
-
 /// Every device's state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DevicesState {
     /// COM1.
     pub serial: SerialSnapshot,
-    /// The virtio devices in slot order.
+    /// The virtio devices in slot order (the device manager's).
     pub virtio: Vec<VirtioSnapshot>,
 }
 
@@ -483,10 +459,15 @@ pub fn load(dir: &Path) -> Result<Loaded, Error> {
     let version: VersionOnly = serde_json::from_slice(&text)
         .map_err(|e| Error::file(&manifest_path, format!("not a snapshot manifest: {e}")))?;
     if version.format_version != FORMAT_VERSION {
+        let by = if version.format_version < FORMAT_VERSION {
+            "an older"
+        } else {
+            "a newer"
+        };
         return Err(Error::file(
             &manifest_path,
             format!(
-                "format_version {}, this rtv-vmm reads version {FORMAT_VERSION}",
+                "format_version {}, this rtv-vmm reads version {FORMAT_VERSION}: the snapshot was written by {by} rtv-vmm; make it again",
                 version.format_version
             ),
         ));
@@ -553,7 +534,7 @@ pub fn load(dir: &Path) -> Result<Loaded, Error> {
         }
         vcpus.push(state);
     }
-    let listed: Vec<DeviceEntry> = devices.virtio.iter().map(|v| v.device.clone()).collect();
+    let listed: Vec<DeviceConfig> = devices.virtio.iter().map(|v| v.device.clone()).collect();
     if listed != manifest.devices {
         return Err(Error::file(
             &dir.join(DEVICES_FILE),

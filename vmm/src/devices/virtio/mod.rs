@@ -2,7 +2,10 @@
 //!
 //! [`mmio::MmioTransport`] is the register window a vCPU reaches through the
 //! MMIO bus; the device behind it implements [`VirtioDevice`] and does its
-//! work on the VMM's event loop once the driver has activated it.
+//! work on the VMM's event loop once the driver has activated it. The
+//! [`crate::device_manager`] gives each device its slot, interrupt and
+//! command-line entry, and saves and restores it; a new device is a module
+//! here plus one registration there.
 
 pub mod activation;
 pub mod fs;
@@ -142,4 +145,12 @@ pub trait VirtioDevice: Send {
     /// Called once the device has been re-activated from a snapshot, before
     /// the guest runs again.
     fn restored(&mut self) {}
+    /// Whether the device can be saved in a snapshot now: `Err(why not)`
+    /// when it holds state a snapshot cannot keep (by default it can: its
+    /// transport, queues and configuration are all there is). Asked on the
+    /// event loop thread, which serves the device's queues, before the
+    /// vCPUs are paused; a refusal fails the snapshot and the VM goes on.
+    fn can_snapshot(&self) -> Result<(), String> {
+        Ok(())
+    }
 }

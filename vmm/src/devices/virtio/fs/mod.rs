@@ -51,6 +51,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use serde::{Deserialize, Serialize};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -77,10 +78,12 @@ const FUSE_LOOKUP: u32 = 1;
 const FUSE_MKNOD: u32 = 8;
 const IN_HEADER_LEN: usize = 40;
 
-/// What the device shares.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the device shares. A snapshot saves the tag only: a restored VM
+/// is given its own directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsConfig {
     /// The host directory the guest sees as the root of the mount.
+    #[serde(skip)]
     pub shared_dir: PathBuf,
     /// The mount tag (at most 36 bytes).
     pub tag: String,
@@ -407,6 +410,20 @@ impl VirtioDevice for VirtioFs {
 
     fn active_queue_states(&self) -> Vec<QueueState> {
         self.act.queue_states()
+    }
+
+    /// Only while the guest has sent no FUSE request: it has not mounted
+    /// the share, so neither side holds inodes or open files. Requests the
+    /// guest queued but the device has not taken yet stay in the saved
+    /// rings and are served by the restored device.
+    fn can_snapshot(&self) -> Result<(), String> {
+        match self.requests {
+            0 => Ok(()),
+            served => Err(format!(
+                "virtio-fs (--shared-dir): the guest has used the share ({served} FUSE requests served); \
+                 its inodes and open files live in this VMM and cannot be saved: snapshot before the guest mounts it"
+            )),
+        }
     }
 }
 

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -85,13 +86,15 @@ pub(crate) const OP_CREDIT_REQUEST: u16 = 7;
 pub(crate) const SHUTDOWN_RCV: u32 = 1;
 pub(crate) const SHUTDOWN_SEND: u32 = 2;
 
-/// How the device is set up.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How the device is set up. A snapshot saves the CID only: a restored VM
+/// is given its own socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
     /// The guest's context ID (3 or more).
     pub guest_cid: u64,
     /// The Unix socket the VMM listens on for host clients; guest
     /// connections to host port P go to `<uds_path>_<P>`.
+    #[serde(skip)]
     pub uds_path: PathBuf,
 }
 
