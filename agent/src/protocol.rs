@@ -228,13 +228,31 @@ pub struct ContainerStats {
 }
 
 /// A request on a control connection.
+///
+/// Requests on one container are ordered, not refused for timing. A change
+/// (create, start, pause, resume, update, delete) has the container to
+/// itself; any other request on the container that arrives meanwhile waits
+/// for it (at most `wait_ms`) and then acts on the state it left, so a
+/// request that waited for a delete fails with `NoSuchContainer`. Execs run
+/// side by side, and a change waits for those in progress. `WaitOom` waits
+/// for no change and delays none; it is armed before the agent reads the
+/// next request on the same connection, so a request sent after it (a
+/// start, a signal) cannot cause a kill that it misses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     /// Chosen by the client; echoed in the response.
     pub id: u64,
     /// What is asked.
     pub body: RequestBody,
+    /// How long the request may wait for other requests on its container
+    /// before it fails with `TimedOut` (default [`DEFAULT_WAIT_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
 }
+
+/// How long a request waits for others on its container when it does not
+/// say (see [`Request::wait_ms`]).
+pub const DEFAULT_WAIT_MS: u64 = 120_000;
 
 /// What a request asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -425,6 +443,9 @@ pub enum ErrorKind {
     AlreadyExists,
     /// The container is not in a state that allows the request.
     InvalidState,
+    /// The request waited longer than its `wait_ms` for another request on
+    /// its container to finish.
+    TimedOut,
     /// Anything else.
     Other,
 }
@@ -549,6 +570,7 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let req = Request {
+            wait_ms: Some(5),
             id: 7,
             body: RequestBody::Exec(ExecRequest {
                 argv: vec!["echo".into(), "hi".into()],
@@ -596,6 +618,7 @@ mod tests {
     #[test]
     fn set_identity_round_trips_and_old_guest_info_parses() {
         let req = Request {
+            wait_ms: None,
             id: 9,
             body: RequestBody::SetIdentity(Identity {
                 hostname: "sb-1".into(),

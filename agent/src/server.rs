@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use rtv_agent::protocol::{
     read_frame, write_frame, ErrorKind, FrameError, GuestInfo, Hello, HelloReply, Request,
-    RequestBody, Response, ResponseBody, StreamKind, AGENT_PORT, PROTOCOL_VERSION,
+    RequestBody, Response, ResponseBody, StreamKind, AGENT_PORT, DEFAULT_WAIT_MS, PROTOCOL_VERSION,
 };
 
 use crate::alog;
-use crate::container::Containers;
+use crate::container::{Containers, Deadline, OomWatch};
 use crate::identity;
 use crate::process::{Failure, Processes, StreamEnd};
 
@@ -200,49 +200,99 @@ fn control(mut stream: UnixStream, agent: Arc<Agent>, shutdown: ShutdownFn) {
                 return;
             }
         };
+        let deadline = Deadline::after(Duration::from_millis(
+            req.wait_ms.unwrap_or(DEFAULT_WAIT_MS),
+        ));
+        // A WaitOom is armed here, before the next request on this
+        // connection is read: a kill caused by a later request is seen.
+        let job = match req.body {
+            RequestBody::WaitOom { container_id, seen } => {
+                match agent.containers.arm_oom(&container_id) {
+                    Ok(watch) => Job::WaitOom { watch, seen },
+                    Err(f) => {
+                        reply(&writer, req.id, failure(f));
+                        continue;
+                    }
+                }
+            }
+            body => Job::Request(body),
+        };
         // Requests that can block (a wait, a fork and exec that takes a
-        // second in an emulated guest kernel) get a thread; the rest are
-        // answered at once, sparing the guest a thread's creation.
-        let blocking = matches!(
-            req.body,
-            RequestBody::Wait { .. }
-                | RequestBody::WaitOom { .. }
-                | RequestBody::Exec(_)
-                | RequestBody::Shutdown
-                | RequestBody::CreateContainer(_)
-                | RequestBody::StartContainer { .. }
-                | RequestBody::ExecInContainer(_)
-                | RequestBody::PauseContainer { .. }
-                | RequestBody::ResumeContainer { .. }
-                | RequestBody::DeleteContainer { .. }
-        );
+        // second in an emulated guest kernel, a request that waits for
+        // another on its container) get a thread; the rest are answered
+        // at once, sparing the guest a thread's creation.
+        let blocking = match &job {
+            Job::WaitOom { .. } => true,
+            Job::Request(body) => !matches!(
+                body,
+                RequestBody::Version
+                    | RequestBody::Signal { .. }
+                    | RequestBody::ResizeTty { .. }
+                    | RequestBody::CloseStdin { .. }
+                    | RequestBody::GuestInfo
+                    | RequestBody::SetIdentity(_)
+            ),
+        };
+        let id = req.id;
         if !blocking {
-            answer(&agent, &writer, req, shutdown);
+            answer(&agent, &writer, id, job, deadline, shutdown);
             continue;
         }
         let agent = agent.clone();
         let writer = writer.clone();
         let spawned = std::thread::Builder::new()
             .name("request".into())
-            .spawn(move || answer(&agent, &writer, req, shutdown));
+            .spawn(move || answer(&agent, &writer, id, job, deadline, shutdown));
         if let Err(e) = spawned {
             alog!(Error, "cannot start a request thread: {e}");
         }
     }
 }
 
-/// Handles one request and writes its response.
-fn answer(agent: &Agent, writer: &Mutex<UnixStream>, req: Request, shutdown: ShutdownFn) {
-    let is_shutdown = req.body == RequestBody::Shutdown;
-    let body = handle_request(agent, req.body);
-    let resp = Response { id: req.id, body };
+/// A request to answer.
+enum Job {
+    Request(RequestBody),
+    /// A `WaitOom`, armed when it was read.
+    WaitOom {
+        watch: OomWatch,
+        seen: u64,
+    },
+}
+
+fn reply(writer: &Mutex<UnixStream>, id: u64, body: ResponseBody) {
+    let resp = Response { id, body };
     let sent = write_frame(
         &mut *writer.lock().unwrap_or_else(|p| p.into_inner()),
         &resp,
     );
     if let Err(e) = sent {
-        alog!(Info, "reply to request {}: {e}", req.id);
+        alog!(Info, "reply to request {id}: {e}");
     }
+}
+
+/// Handles one request and writes its response.
+fn answer(
+    agent: &Agent,
+    writer: &Mutex<UnixStream>,
+    id: u64,
+    job: Job,
+    deadline: Deadline,
+    shutdown: ShutdownFn,
+) {
+    let (body, is_shutdown) = match job {
+        Job::WaitOom { watch, seen } => (
+            agent
+                .containers
+                .wait_oom(watch, seen, deadline)
+                .map_or_else(failure, ResponseBody::ContainerState),
+            false,
+        ),
+        Job::Request(body) => {
+            let is_shutdown = body == RequestBody::Shutdown;
+            (handle_request(agent, body, deadline), is_shutdown)
+        }
+    };
+    reply(writer, id, body);
     if is_shutdown {
         shutdown();
     }
@@ -255,7 +305,7 @@ fn failure(f: Failure) -> ResponseBody {
     }
 }
 
-fn handle_request(agent: &Agent, body: RequestBody) -> ResponseBody {
+fn handle_request(agent: &Agent, body: RequestBody, deadline: Deadline) -> ResponseBody {
     let procs = &agent.procs;
     let containers = &agent.containers;
     let result = match body {
@@ -291,48 +341,49 @@ fn handle_request(agent: &Agent, body: RequestBody) -> ResponseBody {
             alog!(Info, "created container {} (pid {pid})", req.container_id);
             ResponseBody::Started { exec_id, pid }
         }),
-        RequestBody::StartContainer { container_id } => {
-            containers.start(&container_id).map(|()| ResponseBody::Ok)
-        }
+        RequestBody::StartContainer { container_id } => containers
+            .start(&container_id, deadline)
+            .map(|()| ResponseBody::Ok),
         RequestBody::ExecInContainer(req) => containers
-            .exec(&req)
+            .exec(&req, deadline)
             .map(|(exec_id, pid)| ResponseBody::Started { exec_id, pid }),
         RequestBody::SignalContainer {
             container_id,
             signal,
             all,
         } => containers
-            .signal(&container_id, signal, all)
+            .signal(&container_id, signal, all, deadline)
             .map(|()| ResponseBody::Ok),
         RequestBody::ContainerState { container_id } => containers
-            .state(&container_id)
+            .state(&container_id, deadline)
             .map(ResponseBody::ContainerState),
         RequestBody::WaitOom { container_id, seen } => containers
-            .wait_oom(&container_id, seen)
+            .arm_oom(&container_id)
+            .and_then(|watch| containers.wait_oom(watch, seen, deadline))
             .map(ResponseBody::ContainerState),
-        RequestBody::ContainerPids { container_id } => {
-            containers.pids(&container_id).map(ResponseBody::Pids)
-        }
+        RequestBody::ContainerPids { container_id } => containers
+            .pids(&container_id, deadline)
+            .map(ResponseBody::Pids),
         RequestBody::PauseContainer { container_id } => containers
-            .set_paused(&container_id, true)
+            .set_paused(&container_id, true, deadline)
             .map(|()| ResponseBody::Ok),
         RequestBody::ResumeContainer { container_id } => containers
-            .set_paused(&container_id, false)
+            .set_paused(&container_id, false, deadline)
             .map(|()| ResponseBody::Ok),
         RequestBody::UpdateContainer {
             container_id,
             resources,
         } => containers
-            .update(&container_id, &resources)
+            .update(&container_id, &resources, deadline)
             .map(|()| ResponseBody::Ok),
-        RequestBody::ContainerStats { container_id } => {
-            containers.stats(&container_id).map(ResponseBody::Stats)
-        }
+        RequestBody::ContainerStats { container_id } => containers
+            .stats(&container_id, deadline)
+            .map(ResponseBody::Stats),
         RequestBody::DeleteContainer {
             container_id,
             force,
         } => containers
-            .delete(&container_id, force)
+            .delete(&container_id, force, deadline)
             .map(|()| ResponseBody::Ok),
     };
     result.unwrap_or_else(failure)

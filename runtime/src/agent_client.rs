@@ -209,6 +209,32 @@ async fn dial(
 
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<ResponseBody>>>>>;
 
+/// The answer to a request sent with [`AgentClient::send`], to come.
+pub struct Reply(oneshot::Receiver<ResponseBody>);
+
+impl Reply {
+    /// Waits for the answer; an agent error is `ClientError::Agent`.
+    pub async fn get(self) -> Result<ResponseBody, ClientError> {
+        match self.0.await.map_err(|_| ClientError::Disconnected)? {
+            ResponseBody::Error { kind, message } => Err(ClientError::Agent { kind, message }),
+            other => Ok(other),
+        }
+    }
+}
+
+/// A `WaitOom` in flight ([`AgentClient::send_wait_oom`]).
+pub struct OomWait(Reply);
+
+impl OomWait {
+    /// Waits for its answer: the container's state.
+    pub async fn result(self) -> Result<ContainerState, ClientError> {
+        match self.0.get().await? {
+            ResponseBody::ContainerState(s) => Ok(s),
+            other => AgentClient::unexpected(other),
+        }
+    }
+}
+
 /// A control connection to the agent.
 pub struct AgentClient {
     endpoint: Endpoint,
@@ -308,6 +334,18 @@ impl AgentClient {
 
     /// Sends a request and waits for its response.
     pub async fn call(&self, body: RequestBody) -> Result<ResponseBody, ClientError> {
+        self.send(body, None).await?.get().await
+    }
+
+    /// Sends a request and returns once it is written, before the answer
+    /// comes: requests sent later on this client reach the agent after it.
+    /// `wait` bounds how long the agent lets it wait for other requests on
+    /// its container (the agent's default without).
+    pub async fn send(
+        &self,
+        body: RequestBody,
+        wait: Option<Duration>,
+    ) -> Result<Reply, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         match self
@@ -319,7 +357,11 @@ impl AgentClient {
             Some(m) => m.insert(id, tx),
             None => return Err(ClientError::Disconnected),
         };
-        let frame = encode(&Request { id, body })?;
+        let frame = encode(&Request {
+            id,
+            body,
+            wait_ms: wait.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
+        })?;
         let sent = self.writer.lock().await.write_all(&frame).await;
         if let Err(e) = sent {
             if let Some(m) = self
@@ -332,10 +374,7 @@ impl AgentClient {
             }
             return Err(e.into());
         }
-        match rx.await.map_err(|_| ClientError::Disconnected)? {
-            ResponseBody::Error { kind, message } => Err(ClientError::Agent { kind, message }),
-            other => Ok(other),
-        }
+        Ok(Reply(rx))
     }
 
     fn unexpected<T>(body: ResponseBody) -> Result<T, ClientError> {
@@ -470,16 +509,22 @@ impl AgentClient {
         container_id: &str,
         seen: u64,
     ) -> Result<ContainerState, ClientError> {
-        match self
-            .call(RequestBody::WaitOom {
-                container_id: container_id.into(),
-                seen,
-            })
-            .await?
-        {
-            ResponseBody::ContainerState(s) => Ok(s),
-            other => Self::unexpected(other),
-        }
+        self.send_wait_oom(container_id, seen).await?.result().await
+    }
+
+    /// Sends a [`AgentClient::wait_oom`] and returns once it is sent. The
+    /// agent arms the wait before it reads the next request on this
+    /// client's connection, so a kill that a later call causes is reported.
+    pub async fn send_wait_oom(
+        &self,
+        container_id: &str,
+        seen: u64,
+    ) -> Result<OomWait, ClientError> {
+        let body = RequestBody::WaitOom {
+            container_id: container_id.into(),
+            seen,
+        };
+        Ok(OomWait(self.send(body, None).await?))
     }
 
     /// The guest pids of a container's processes.

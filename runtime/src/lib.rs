@@ -10,7 +10,7 @@ pub mod share;
 pub mod spec;
 pub mod template;
 
-pub use agent_client::{AgentClient, ClientError, Endpoint};
+pub use agent_client::{AgentClient, ClientError, Endpoint, OomWait, Reply};
 pub use hooks::HookError;
 pub use sandbox::{Origin, Sandbox, SandboxConfig, SandboxError};
 pub use share::{remove_tree, Share, ShareError};

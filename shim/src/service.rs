@@ -107,6 +107,7 @@ impl From<ClientError> for Error {
                 ErrorKind::NoSuchContainer | ErrorKind::NoSuchProcess => Code::NOT_FOUND,
                 ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,
                 ErrorKind::InvalidState => Code::FAILED_PRECONDITION,
+                ErrorKind::TimedOut => Code::DEADLINE_EXCEEDED,
                 ErrorKind::InvalidRequest | ErrorKind::NotFound | ErrorKind::PermissionDenied => {
                     Code::INVALID_ARGUMENT
                 }

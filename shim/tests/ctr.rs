@@ -714,7 +714,30 @@ struct EventStream {
 }
 
 impl EventStream {
+    /// Starts `ctr events` and returns once it is subscribed: it has seen a
+    /// probe event (a label set on the test's namespace).
     fn start(c: &Containerd) -> Result<EventStream> {
+        let stream = Self::spawn(c)?;
+        let ns = c.namespace();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        for i in 0.. {
+            c.ctr_ok(&["namespaces", "label", ns, &format!("rtv-events-probe={i}")])?;
+            if stream
+                .wait_for("/namespaces/update", ns, Duration::from_millis(500))
+                .is_ok()
+            {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "ctr events saw none of {i} namespace updates"
+            );
+        }
+        c.ctr_ok(&["namespaces", "label", ns, "rtv-events-probe="])?;
+        Ok(stream)
+    }
+
+    fn spawn(c: &Containerd) -> Result<EventStream> {
         let mut cmd = c.ctr_command(&["events"]);
         cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
@@ -851,8 +874,6 @@ fn ctr_task_survives_a_containerd_restart() {
         );
         let events = EventStream::start(c)?;
         let result = (|| {
-            // `ctr events` subscribes once it runs; give it a moment.
-            std::thread::sleep(Duration::from_millis(500));
             c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id])?;
             events
                 .wait_for("/tasks/exit", &id, Duration::from_secs(60))

@@ -4,7 +4,7 @@
 //! bundle (every scenario, plus the cgroup limits).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use oci_spec::runtime::{Process, Spec};
@@ -586,23 +586,17 @@ async fn oom_reported(c: &AgentClient, place: &Place) -> Result<()> {
     )?;
     let exec_id = create(c, place, id, &spec).await?;
     let result = async {
-        let (oom, started) = tokio::join!(c.wait_oom(id, 0), async {
-            // The wait is in flight before the container runs.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            c.start_container(id).await
-        });
-        started?;
-        let oom = oom?;
+        // The wait is armed before the agent reads the start.
+        let oom = c.send_wait_oom(id, 0).await?;
+        c.start_container(id).await?;
+        let oom = oom.result().await?;
         ensure!(
             oom.oom_kills >= 1 && oom.status == ContainerStatus::Running,
             "WaitOom after the OOM kill: {oom:?}"
         );
-        let (gone, killed) = tokio::join!(c.wait_oom(id, oom.oom_kills), async {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            c.signal_container(id, 9, true).await
-        });
-        killed?;
-        let gone = gone?;
+        let gone = c.send_wait_oom(id, oom.oom_kills).await?;
+        c.signal_container(id, 9, true).await?;
+        let gone = gone.result().await?;
         ensure!(
             gone.oom_kills == oom.oom_kills,
             "WaitOom when the container's processes were killed: {gone:?} (before: {oom:?})"

@@ -8,6 +8,7 @@ pub mod containerd;
 pub mod containers;
 pub mod cri;
 pub mod scenarios;
+pub mod stress;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

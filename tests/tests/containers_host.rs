@@ -1,19 +1,48 @@
 //! Containers through the agent on the host (`rtv-agent --listen unix:`),
 //! as root: namespaces, mounts, pivot_root, identity, capabilities,
-//! seccomp and bad specs on a busybox bundle, in a few seconds. The host's
+//! seccomp and bad specs on a busybox bundle, in a few seconds; and every
+//! kind of request at once on containers, beside a CPU hog. The host's
 //! cgroup v2 has no controllers, so limits are tested in a VM
 //! (containers_vm.rs), which runs these scenarios too.
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
+use oci_spec::runtime::LinuxResources;
 use rtv_runtime::{AgentClient, Endpoint};
 use rtv_tests::containers::{self, Place};
+use rtv_tests::stress::{self, CpuHog, StressConfig};
 use rtv_tests::workspace_binary;
 
+/// An agent on the host with a busybox rootfs, in a directory of its own.
 struct Agent {
     child: Child,
-    dir: std::path::PathBuf,
+    dir: PathBuf,
+}
+
+impl Agent {
+    async fn start(name: &str) -> (Agent, AgentClient) {
+        let dir = std::env::temp_dir().join(format!("rtv-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("scratch")).unwrap();
+        containers::busybox_rootfs(&dir.join("rootfs")).unwrap();
+        let sock = dir.join("agent.sock");
+        let child = Command::new(workspace_binary("rtv-agent", "rtv-agent").unwrap())
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .spawn()
+            .unwrap();
+        let agent = Agent { child, dir };
+        let client = AgentClient::connect(Endpoint::Unix(sock), Duration::from_secs(30))
+            .await
+            .unwrap();
+        (agent, client)
+    }
+
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 impl Drop for Agent {
@@ -26,24 +55,25 @@ impl Drop for Agent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_container_scenario_on_the_host() {
-    let dir = std::env::temp_dir().join(format!("rtv-containers-host-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("scratch")).unwrap();
-    let rootfs = dir.join("rootfs");
-    containers::busybox_rootfs(&rootfs).unwrap();
-    let sock = dir.join("agent.sock");
-    let child = Command::new(workspace_binary("rtv-agent", "rtv-agent").unwrap())
-        .arg("--listen")
-        .arg(format!("unix:{}", sock.display()))
-        .spawn()
-        .unwrap();
-    let _agent = Agent {
-        child,
-        dir: dir.clone(),
-    };
-    let client = AgentClient::connect(Endpoint::Unix(sock), Duration::from_secs(30))
-        .await
-        .unwrap();
-    let failures = containers::run_all(&client, &Place::Host(rootfs), &dir.join("scratch")).await;
+    let (agent, client) = Agent::start("containers-host").await;
+    let place = Place::Host(agent.dir().join("rootfs"));
+    let failures = containers::run_all(&client, &place, &agent.dir().join("scratch")).await;
     assert!(failures.is_empty(), "failed:\n{}", failures.join("\n"));
+}
+
+/// Every kind of request at once on four containers, beside two busy
+/// threads: each succeeds or fails as its container's lifecycle says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_on_the_host_are_ordered() {
+    let (agent, client) = Agent::start("stress-host").await;
+    let place = Place::Host(agent.dir().join("rootfs"));
+    let _hog = CpuHog::start(2);
+    let cfg = StressConfig {
+        containers: 4,
+        execs: 6,
+        hang: Duration::from_secs(60),
+        // The host's cgroup2 has no controllers to limit.
+        update: LinuxResources::default(),
+    };
+    stress::stress(&client, &place, &cfg).await.unwrap();
 }

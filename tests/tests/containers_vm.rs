@@ -2,7 +2,9 @@
 //! sandbox started from a template, with a virtio-fs share into which each
 //! container's busybox root file system is bind-mounted. Every scenario of
 //! tests/src/containers.rs, plus cgroup v2 limits (OOM kill, pids.max,
-//! cpu.max) inside the guest. The VM is sized from the OOM scenario's spec.
+//! cpu.max) inside the guest, and every kind of request at once on two
+//! containers beside a CPU hog. The VM is sized from the OOM scenario's
+//! spec.
 
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use rtv_runtime::sandbox::{Sandbox, SandboxConfig};
 use rtv_runtime::spec::{self, vm_size};
 use rtv_tests::containers::{self, Place};
 use rtv_tests::one_vm_at_a_time;
+use rtv_tests::stress::{self, CpuHog, StressConfig};
 
 struct Cleanup(std::path::PathBuf);
 
@@ -63,7 +66,23 @@ fn every_container_scenario_in_a_vm() {
             sandbox.origin()
         );
         let client = sandbox.client();
-        let failures = containers::run_all(client, &place, &dir.join("scratch")).await;
+        let mut failures = containers::run_all(client, &place, &dir.join("scratch")).await;
+        let cfg = StressConfig {
+            containers: 2,
+            execs: 3,
+            hang: Duration::from_secs(300),
+            update: serde_json::from_value(serde_json::json!({"pids": {"limit": 100}})).unwrap(),
+        };
+        let started = std::time::Instant::now();
+        let hog = CpuHog::start(1);
+        match stress::stress(client, &place, &cfg).await {
+            Ok(()) => eprintln!("ok   stress ({:.2} s)", started.elapsed().as_secs_f64()),
+            Err(e) => {
+                eprintln!("FAIL stress: {e:#}");
+                failures.push(format!("stress: {e:#}"));
+            }
+        }
+        drop(hog);
         // The guest survived everything, OOM kills included.
         let info = tokio::time::timeout(Duration::from_secs(60), client.guest_info())
             .await

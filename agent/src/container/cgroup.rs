@@ -338,7 +338,7 @@ impl Cgroup {
     }
 
     /// A watch on the cgroup's OOM kills and on its emptying, for
-    /// [`CgroupWatch::wait`].
+    /// [`CgroupWatch::arm`].
     pub fn watch(&self) -> CgroupWatch {
         CgroupWatch {
             dir: self.path.clone(),
@@ -350,7 +350,7 @@ impl Cgroup {
     /// reports it empty, then removes its directory, descendants first.
     /// Waits at most about 5 s for the processes to die. Reaping them is
     /// the caller's business.
-    pub fn remove(self) -> Result<(), CgroupError> {
+    pub fn remove(&self) -> Result<(), CgroupError> {
         if !self.has_event("populated 0")? {
             self.kill_all(libc::SIGKILL)?;
             self.wait_for_event("populated 0")?;
@@ -517,10 +517,10 @@ impl Cgroup {
     }
 }
 
-/// What [`CgroupWatch::wait`] saw.
+/// What an [`ArmedWatch`] saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CgroupEvents {
-    /// memory.events `oom_kill`.
+    /// memory.events `oom_kill` (0 without the memory controller).
     pub oom_kills: u64,
     /// cgroup.events `populated`: the cgroup (or a descendant) has a
     /// process.
@@ -536,55 +536,94 @@ pub struct CgroupWatch {
 }
 
 impl CgroupWatch {
-    /// Reads both files, then returns at once if `done` says so of what
-    /// they hold; else waits until one of them changes (or `timeout`
-    /// passes) and returns what they held before. The read arms the
-    /// notification, so a change after it is never missed.
-    pub fn wait(
-        &self,
-        timeout: Duration,
-        done: impl FnOnce(CgroupEvents) -> bool,
-    ) -> Result<CgroupEvents, CgroupError> {
-        use std::io::Read as _;
-        use std::os::fd::AsRawFd as _;
-        let open = |name: &str| -> Result<(fs::File, String), CgroupError> {
+    /// Opens and reads both files: a change after this call wakes
+    /// [`ArmedWatch::wait`]. A cgroup without the memory controller is
+    /// watched for its emptying only.
+    pub fn arm(&self) -> Result<ArmedWatch, CgroupError> {
+        let open = |name: &str| -> Result<Option<fs::File>, CgroupError> {
             let path = self.dir.join(name);
-            let mut f = fs::File::open(&path).map_err(io_at(&path))?;
-            let mut text = String::new();
-            f.read_to_string(&mut text).map_err(io_at(&path))?;
-            Ok((f, text))
+            match fs::File::open(&path) {
+                Ok(f) => Ok(Some(f)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound && name == "memory.events" => {
+                    Ok(None)
+                }
+                Err(e) => Err(io_at(&path)(e)),
+            }
         };
-        let (memory, memory_text) = open("memory.events")?;
-        let (events, events_text) = open("cgroup.events")?;
+        let mut armed = ArmedWatch {
+            dir: self.dir.clone(),
+            memory: open("memory.events")?,
+            events: open("cgroup.events")?
+                .ok_or_else(|| bad_data(&self.dir, "no cgroup.events"))?,
+            seen: CgroupEvents {
+                oom_kills: 0,
+                populated: true,
+            },
+        };
+        armed.read()?;
+        Ok(armed)
+    }
+}
+
+/// A [`CgroupWatch`] whose files are open and read.
+#[derive(Debug)]
+pub struct ArmedWatch {
+    dir: PathBuf,
+    memory: Option<fs::File>,
+    events: fs::File,
+    seen: CgroupEvents,
+}
+
+impl ArmedWatch {
+    /// What the files held when last read.
+    pub fn events(&self) -> CgroupEvents {
+        self.seen
+    }
+
+    /// Reads both files from the start (which arms the next wake-up).
+    fn read(&mut self) -> Result<(), CgroupError> {
+        use std::os::unix::fs::FileExt as _;
+        let dir = &self.dir;
+        let read = |f: &fs::File, name: &str| -> Result<String, CgroupError> {
+            let mut buf = [0u8; 512];
+            let n = f.read_at(&mut buf, 0).map_err(io_at(&dir.join(name)))?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        };
         let keyed = |text: &str, key: &str| -> Option<u64> {
             text.lines()
                 .filter_map(|l| l.split_once(' '))
                 .find(|(k, _)| *k == key)
                 .and_then(|(_, v)| v.trim().parse().ok())
         };
-        let seen = CgroupEvents {
-            oom_kills: keyed(&memory_text, "oom_kill").unwrap_or(0),
-            populated: keyed(&events_text, "populated").is_none_or(|p| p != 0),
+        let oom_kills = match &self.memory {
+            Some(f) => keyed(&read(f, "memory.events")?, "oom_kill").unwrap_or(0),
+            None => 0,
         };
-        if done(seen) {
-            return Ok(seen);
-        }
-        let mut fds = [
-            libc::pollfd {
-                fd: memory.as_raw_fd(),
+        let events = read(&self.events, "cgroup.events")?;
+        self.seen = CgroupEvents {
+            oom_kills,
+            populated: keyed(&events, "populated").is_none_or(|p| p != 0),
+        };
+        Ok(())
+    }
+
+    /// Waits until one of the files changes after the last read (or
+    /// `timeout` passes), then reads them again. A cgroup removed
+    /// meanwhile reads as not populated.
+    pub fn wait(&mut self, timeout: Duration) -> Result<(), CgroupError> {
+        use std::os::fd::AsRawFd as _;
+        let mut fds: Vec<libc::pollfd> = std::iter::once(&self.events)
+            .chain(self.memory.as_ref())
+            .map(|f| libc::pollfd {
+                fd: f.as_raw_fd(),
                 events: libc::POLLPRI,
                 revents: 0,
-            },
-            libc::pollfd {
-                fd: events.as_raw_fd(),
-                events: libc::POLLPRI,
-                revents: 0,
-            },
-        ];
+            })
+            .collect();
         let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: `fds` is an array of two initialised pollfd structures
-        // whose descriptors stay open (owned by `memory` and `events`) for
-        // the whole call; its length is passed with it.
+        // SAFETY: `fds` holds initialised pollfd structures whose
+        // descriptors stay open (owned by `self`) for the whole call; its
+        // length is passed with it.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if rc < 0 {
             let e = io::Error::last_os_error();
@@ -592,7 +631,14 @@ impl CgroupWatch {
                 return Err(io_at(&self.dir)(e));
             }
         }
-        Ok(seen)
+        match self.read() {
+            // A removed cgroup's files read ENODEV: it has no process left.
+            Err(CgroupError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENODEV) => {
+                self.seen.populated = false;
+                Ok(())
+            }
+            other => other,
+        }
     }
 }
 

@@ -8,14 +8,14 @@ mod child;
 mod plan;
 pub mod rlimit;
 pub mod seccomp;
+mod table;
 pub mod user;
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use oci_spec::runtime::{LinuxResources, Spec};
 use rtv_agent::protocol::{
@@ -25,9 +25,10 @@ use rtv_agent::protocol::{
 
 use crate::alog;
 use crate::process::{pipe, prepare_stdio, Failure, Processes};
-use cgroup::{Cgroup, CgroupError};
+use cgroup::{ArmedWatch, Cgroup, CgroupError};
 use child::{ChildFds, Report, Step, REPORT_FAILED, REPORT_READY};
 use plan::{CreatePlan, PidNs, ProcessPlan};
+pub use table::Deadline;
 
 /// A spec field the agent cannot honour, named by its JSON path
 /// (`process.capabilities.bounding`, `mounts[3].source`, ...).
@@ -360,51 +361,47 @@ fn on_own_thread<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T, Failure> {
     })
 }
 
-struct Container {
+/// What never changes once a container exists.
+struct Fixed {
     exec_id: u64,
     pid: i32,
+    cgroup: Option<Cgroup>,
+    spec: Spec,
+    rootfs: PathBuf,
+}
+
+/// A container's changing state (see table.rs for who may touch it when).
+struct Life {
     started: bool,
     paused: bool,
     /// Write end of the start pipe, until started.
     start: Option<File>,
     /// Read end of the report pipe, until started.
     report: Option<File>,
-    cgroup: Option<Cgroup>,
-    spec: Spec,
-    rootfs: PathBuf,
 }
 
-enum Entry {
-    /// Being created (the id is taken).
-    Creating,
-    /// Being started, deleted or otherwise changed by a request that
-    /// blocks; other requests see it as busy.
-    Busy,
-    Ready(Box<Container>),
+type Container = table::Entry<Fixed, Life>;
+
+/// A `WaitOom` armed on its container, or to be armed once the container's
+/// create ends ([`Containers::arm_oom`]).
+pub struct OomWatch {
+    id: String,
+    container: Option<Arc<Container>>,
+    armed: Option<ArmedWatch>,
 }
 
 /// Every container of the sandbox.
 pub struct Containers {
     procs: Arc<Processes>,
-    table: Mutex<HashMap<String, Entry>>,
+    table: table::Table<Fixed, Life>,
     cgroup_root: Option<PathBuf>,
     /// In a guest: mount the share on first use.
     guest: bool,
     share: Mutex<bool>,
 }
 
-fn no_such(id: &str) -> Failure {
-    Failure::new(
-        ErrorKind::NoSuchContainer,
-        format!("container {id:?} does not exist"),
-    )
-}
-
-fn busy(id: &str) -> Failure {
-    Failure::new(
-        ErrorKind::InvalidState,
-        format!("container {id:?} is busy with another request"),
-    )
+fn invalid_state(message: String) -> Failure {
+    Failure::new(ErrorKind::InvalidState, message)
 }
 
 impl Containers {
@@ -414,56 +411,61 @@ impl Containers {
     pub fn new(procs: Arc<Processes>, cgroup_root: Option<PathBuf>, guest: bool) -> Self {
         Self {
             procs,
-            table: Mutex::new(HashMap::new()),
+            table: table::Table::default(),
             cgroup_root,
             guest,
             share: Mutex::new(false),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Takes a ready container out of the table for a blocking change.
-    fn take(&self, id: &str) -> Result<Container, Failure> {
-        let mut table = self.lock();
-        match table.get_mut(id) {
-            None => Err(no_such(id)),
-            Some(Entry::Ready(_)) => match table.insert(id.to_owned(), Entry::Busy) {
-                Some(Entry::Ready(c)) => Ok(*c),
-                _ => Err(busy(id)),
-            },
-            Some(_) => Err(busy(id)),
-        }
-    }
-
-    fn put(&self, id: &str, c: Container) {
-        self.lock().insert(id.to_owned(), Entry::Ready(Box::new(c)));
-    }
-
-    fn with<T>(
-        &self,
-        id: &str,
-        f: impl FnOnce(&mut Container) -> Result<T, Failure>,
-    ) -> Result<T, Failure> {
-        match self.lock().get_mut(id) {
-            None => Err(no_such(id)),
-            Some(Entry::Ready(c)) => f(c),
-            Some(_) => Err(busy(id)),
-        }
-    }
-
-    fn status(&self, c: &Container) -> ContainerStatus {
-        if self.procs.status(c.exec_id).is_some() {
+    fn status(&self, fixed: &Fixed, life: &Life) -> ContainerStatus {
+        if self.procs.status(fixed.exec_id).is_some() {
             ContainerStatus::Stopped
-        } else if !c.started {
+        } else if !life.started {
             ContainerStatus::Created
-        } else if c.paused {
+        } else if life.paused {
             ContainerStatus::Paused
         } else {
             ContainerStatus::Running
         }
+    }
+
+    fn state_of(&self, id: &str, fixed: &Fixed, life: &Life) -> ContainerState {
+        let exit = self.procs.status(fixed.exec_id);
+        ContainerState {
+            container_id: id.to_owned(),
+            status: self.status(fixed, life),
+            pid: if exit.is_some() { 0 } else { fixed.pid },
+            exec_id: fixed.exec_id,
+            exit,
+            oom_kills: fixed.cgroup.as_ref().map(Cgroup::oom_kills).unwrap_or(0),
+        }
+    }
+
+    /// Runs `f` on container `id`'s state once no change is under way.
+    fn shared<T>(
+        &self,
+        id: &str,
+        deadline: Deadline,
+        f: impl FnOnce(&Fixed, &mut Life) -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
+        let c = self.table.get(id, deadline)?;
+        let mut life = c.shared(deadline)?;
+        f(&c.fixed, &mut life)
+    }
+
+    /// Runs `f` with container `id` to itself (a change described by
+    /// `doing`).
+    fn change<T>(
+        &self,
+        id: &str,
+        doing: &'static str,
+        deadline: Deadline,
+        f: impl FnOnce(&Container, &mut table::Change<'_, Fixed, Life>) -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
+        let c = self.table.get(id, deadline)?;
+        let mut change = c.change(doing, deadline)?;
+        f(&c, &mut change)
     }
 
     /// Mounts the sandbox's share (once) when a guest's rootfs is on it.
@@ -502,35 +504,26 @@ impl Containers {
     }
 
     /// Creates a container: its init process is set up and waits for start.
+    /// Requests on the id meanwhile wait for the create to end.
     pub fn create(&self, req: &CreateContainer) -> Result<(u64, i32), Failure> {
         let id = req.container_id.as_str();
         check_id(id)?;
-        {
-            let mut table = self.lock();
-            if table.contains_key(id) {
-                return Err(Failure::new(
-                    ErrorKind::AlreadyExists,
-                    format!("container {id:?} already exists"),
-                ));
-            }
-            table.insert(id.to_owned(), Entry::Creating);
-        }
-        let result = self.create_inner(req);
-        let mut table = self.lock();
-        match result {
-            Ok(c) => {
-                let r = (c.exec_id, c.pid);
-                table.insert(id.to_owned(), Entry::Ready(Box::new(c)));
+        self.table.reserve(id)?;
+        match self.create_inner(req) {
+            Ok((fixed, life)) => {
+                let r = (fixed.exec_id, fixed.pid);
+                self.table
+                    .created(id, Some(Arc::new(table::Entry::new(id, fixed, life))));
                 Ok(r)
             }
             Err(e) => {
-                table.remove(id);
+                self.table.created(id, None);
                 Err(e)
             }
         }
     }
 
-    fn create_inner(&self, req: &CreateContainer) -> Result<Container, Failure> {
+    fn create_inner(&self, req: &CreateContainer) -> Result<(Fixed, Life), Failure> {
         let spec = &req.spec;
         let rootfs = spec
             .root()
@@ -563,17 +556,21 @@ impl Containers {
         let ctx = Context::of_create(&plan, spec);
         let launched = self.launch_init(&plan, cgroup.as_ref(), &req.stdio, &ctx);
         match launched {
-            Ok((exec_id, pid, start, report)) => Ok(Container {
-                exec_id,
-                pid,
-                started: false,
-                paused: false,
-                start: Some(start),
-                report: Some(report),
-                cgroup,
-                spec: spec.clone(),
-                rootfs,
-            }),
+            Ok((exec_id, pid, start, report)) => Ok((
+                Fixed {
+                    exec_id,
+                    pid,
+                    cgroup,
+                    spec: spec.clone(),
+                    rootfs,
+                },
+                Life {
+                    started: false,
+                    paused: false,
+                    start: Some(start),
+                    report: Some(report),
+                },
+            )),
             Err(e) => {
                 if let Some(cg) = cgroup {
                     if let Err(ce) = cg.remove() {
@@ -636,22 +633,21 @@ impl Containers {
     }
 
     /// Lets a created container's init run its program.
-    pub fn start(&self, id: &str) -> Result<(), Failure> {
-        let mut c = self.take(id)?;
-        let result = (|| {
-            if c.started || self.procs.status(c.exec_id).is_some() {
-                return Err(Failure::new(
-                    ErrorKind::InvalidState,
-                    format!("container {id:?} is not in the created state"),
-                ));
-            }
-            let (Some(mut start), Some(mut report)) = (c.start.take(), c.report.take()) else {
-                return Err(Failure::new(
-                    ErrorKind::InvalidState,
-                    "container has no start pipe",
-                ));
+    pub fn start(&self, id: &str, deadline: Deadline) -> Result<(), Failure> {
+        self.change(id, "being started", deadline, |c, change| {
+            let (mut start, mut report) = {
+                let mut life = change.state();
+                if life.started || self.procs.status(c.fixed.exec_id).is_some() {
+                    return Err(invalid_state(format!(
+                        "container {id:?} is not in the created state"
+                    )));
+                }
+                let (Some(start), Some(report)) = (life.start.take(), life.report.take()) else {
+                    return Err(invalid_state(format!("container {id:?} has no start pipe")));
+                };
+                life.started = true;
+                (start, report)
             };
-            c.started = true;
             start
                 .write_all(&[1])
                 .map_err(|e| Failure::io("starting the container", &e))?;
@@ -659,44 +655,33 @@ impl Containers {
             match read_report(&mut report)? {
                 None => Ok(()),
                 Some(r) => {
-                    let ctx = Context::of_process(
-                        &plan::process(
-                            "process",
-                            c.spec
-                                .process()
-                                .as_ref()
-                                .ok_or_else(|| SpecError::new("process", "is missing"))?,
-                            &c.rootfs,
-                            &c.spec,
-                        )?,
-                        "process",
-                    );
-                    Err(ctx.failure(&r))
+                    let spec = &c.fixed.spec;
+                    let process = spec
+                        .process()
+                        .as_ref()
+                        .ok_or_else(|| SpecError::new("process", "is missing"))?;
+                    let plan = plan::process("process", process, &c.fixed.rootfs, spec)?;
+                    Err(Context::of_process(&plan, "process").failure(&r))
                 }
             }
-        })();
-        self.put(id, c);
-        result
+        })
     }
 
-    /// Runs another process in a running container.
-    pub fn exec(&self, req: &ExecInContainer) -> Result<(u64, i32), Failure> {
+    /// Runs another process in a running container. Changes to the
+    /// container wait until the process has been set up (or has failed).
+    pub fn exec(&self, req: &ExecInContainer, deadline: Deadline) -> Result<(u64, i32), Failure> {
         let id = req.container_id.as_str();
-        let (pid, rootfs, spec, procs_file) = self.with(id, |c| {
-            if self.status(c) != ContainerStatus::Running {
-                return Err(Failure::new(
-                    ErrorKind::InvalidState,
-                    format!("container {id:?} is not running"),
-                ));
+        let c = self.table.get(id, deadline)?;
+        let fixed = &c.fixed;
+        let (_turn, ()) = c.share(deadline, |life| {
+            if self.status(fixed, life) != ContainerStatus::Running {
+                return Err(invalid_state(format!("container {id:?} is not running")));
             }
-            Ok((
-                c.pid,
-                c.rootfs.clone(),
-                c.spec.clone(),
-                c.cgroup.as_ref().map(Cgroup::procs_file),
-            ))
+            Ok(())
         })?;
-        let plan = plan::process("process", &req.process, &rootfs, &spec)?;
+        let pid = fixed.pid;
+        let procs_file = fixed.cgroup.as_ref().map(Cgroup::procs_file);
+        let plan = plan::process("process", &req.process, &fixed.rootfs, &fixed.spec)?;
         let ctx = Context::of_process(&plan, "process");
         let open = |name: &str| {
             File::open(format!("/proc/{pid}/ns/{name}"))
@@ -743,80 +728,104 @@ impl Containers {
     }
 
     /// Sends `signal` to a container's init, or to all its processes.
-    pub fn signal(&self, id: &str, signal: i32, all: bool) -> Result<(), Failure> {
-        self.with(id, |c| {
-            if self.status(c) == ContainerStatus::Stopped {
-                return Err(Failure::new(
-                    ErrorKind::InvalidState,
-                    format!("container {id:?} is stopped"),
-                ));
+    pub fn signal(
+        &self,
+        id: &str,
+        signal: i32,
+        all: bool,
+        deadline: Deadline,
+    ) -> Result<(), Failure> {
+        self.shared(id, deadline, |fixed, life| {
+            if self.status(fixed, life) == ContainerStatus::Stopped {
+                return Err(invalid_state(format!("container {id:?} is stopped")));
             }
-            match (&c.cgroup, all) {
+            match (&fixed.cgroup, all) {
                 (Some(cg), true) => cg.kill_all(signal).map_err(Failure::from),
-                _ => self.procs.signal(c.exec_id, signal),
+                _ => self.procs.signal(fixed.exec_id, signal),
             }
         })
     }
 
     /// A container's state.
-    pub fn state(&self, id: &str) -> Result<ContainerState, Failure> {
-        self.with(id, |c| {
-            let exit = self.procs.status(c.exec_id);
-            Ok(ContainerState {
-                container_id: id.to_owned(),
-                status: self.status(c),
-                pid: if exit.is_some() { 0 } else { c.pid },
-                exec_id: c.exec_id,
-                exit,
-                oom_kills: c.cgroup.as_ref().map(Cgroup::oom_kills).unwrap_or(0),
-            })
+    pub fn state(&self, id: &str, deadline: Deadline) -> Result<ContainerState, Failure> {
+        self.shared(id, deadline, |fixed, life| {
+            Ok(self.state_of(id, fixed, life))
+        })
+    }
+
+    /// Arms a `WaitOom` on container `id` without waiting for any other
+    /// request: its cgroup's event files are read, so a kill after this
+    /// call is never missed. A container being created (or whose cgroup
+    /// cannot be watched) is armed by [`Containers::wait_oom`].
+    pub fn arm_oom(&self, id: &str) -> Result<OomWatch, Failure> {
+        let container = self.table.try_get(id)?;
+        let armed = match &container {
+            Some(c) => Self::cgroup_of(id, &c.fixed)?.watch().arm().ok(),
+            None => None,
+        };
+        Ok(OomWatch {
+            id: id.to_owned(),
+            container,
+            armed,
         })
     }
 
     /// Blocks until the OOM killer has killed more than `seen` processes
-    /// in container `id`, or the container has stopped or has no process
-    /// left; then its state (see [`RequestBody::WaitOom`]).
+    /// in the container of `watch`, or it has stopped or has no process
+    /// left; then its state (see [`RequestBody::WaitOom`]). Waits for no
+    /// other request, except a create in progress, or a delete that is
+    /// removing the cgroup as the watch is armed.
     ///
     /// [`RequestBody::WaitOom`]: rtv_agent::protocol::RequestBody::WaitOom
-    pub fn wait_oom(&self, id: &str, seen: u64) -> Result<ContainerState, Failure> {
-        let watch = self.with(id, |c| Ok(Self::cgroup_of(id, c)?.watch()))?;
-        loop {
-            let mut stopped = false;
-            let events = watch.wait(WAIT_OOM_RECHECK, |e| {
-                // Checked after the files are read (which arms the wait),
-                // so a stop in between is seen on the next round at worst.
-                stopped = self
-                    .with(id, |c| Ok(self.status(c) == ContainerStatus::Stopped))
-                    .unwrap_or(true);
-                e.oom_kills > seen || !e.populated || stopped
-            });
-            match events {
-                Ok(e) if e.oom_kills > seen || !e.populated || stopped => {
-                    let mut st = self.state(id)?;
-                    st.oom_kills = st.oom_kills.max(e.oom_kills);
-                    return Ok(st);
-                }
-                Ok(_) => {}
-                // The cgroup went (the container is being deleted).
+    pub fn wait_oom(
+        &self,
+        watch: OomWatch,
+        seen: u64,
+        deadline: Deadline,
+    ) -> Result<ContainerState, Failure> {
+        let id = watch.id.as_str();
+        let c = match watch.container {
+            Some(c) => c,
+            None => self.table.get(id, deadline)?,
+        };
+        let mut armed = match watch.armed {
+            Some(a) => a,
+            None => match Self::cgroup_of(id, &c.fixed)?.watch().arm() {
+                Ok(a) => a,
                 Err(e) => {
-                    self.state(id)?;
+                    // Its cgroup is going: the delete in progress decides.
+                    drop(c.shared(deadline)?);
                     return Err(e.into());
                 }
+            },
+        };
+        loop {
+            let e = armed.events();
+            let state = {
+                let life = c.peek()?;
+                self.state_of(id, &c.fixed, &life)
+            };
+            if e.oom_kills > seen || !e.populated || state.status == ContainerStatus::Stopped {
+                return Ok(ContainerState {
+                    oom_kills: state.oom_kills.max(e.oom_kills),
+                    ..state
+                });
             }
+            armed.wait(WAIT_OOM_RECHECK)?;
         }
     }
 
     /// The pids of a container's processes.
-    pub fn pids(&self, id: &str) -> Result<Vec<i32>, Failure> {
-        self.with(id, |c| match &c.cgroup {
+    pub fn pids(&self, id: &str, deadline: Deadline) -> Result<Vec<i32>, Failure> {
+        self.shared(id, deadline, |fixed, _| match &fixed.cgroup {
             Some(cg) => cg.pids().map_err(Failure::from),
-            None if self.procs.status(c.exec_id).is_none() => Ok(vec![c.pid]),
+            None if self.procs.status(fixed.exec_id).is_none() => Ok(vec![fixed.pid]),
             None => Ok(Vec::new()),
         })
     }
 
-    fn cgroup_of<'a>(id: &str, c: &'a Container) -> Result<&'a Cgroup, Failure> {
-        c.cgroup.as_ref().ok_or_else(|| {
+    fn cgroup_of<'a>(id: &str, fixed: &'a Fixed) -> Result<&'a Cgroup, Failure> {
+        fixed.cgroup.as_ref().ok_or_else(|| {
             Failure::new(
                 ErrorKind::InvalidRequest,
                 format!("container {id:?} has no cgroup (no cgroup v2 hierarchy)"),
@@ -825,80 +834,87 @@ impl Containers {
     }
 
     /// Freezes or thaws a container.
-    pub fn set_paused(&self, id: &str, paused: bool) -> Result<(), Failure> {
-        let mut c = self.take(id)?;
-        let result = (|| {
-            let want = if paused {
-                ContainerStatus::Running
+    pub fn set_paused(&self, id: &str, paused: bool, deadline: Deadline) -> Result<(), Failure> {
+        let doing = if paused {
+            "being paused"
+        } else {
+            "being resumed"
+        };
+        self.change(id, doing, deadline, |c, change| {
+            let (want, what) = if paused {
+                (ContainerStatus::Running, "running")
             } else {
-                ContainerStatus::Paused
+                (ContainerStatus::Paused, "paused")
             };
-            if self.status(&c) != want {
-                return Err(Failure::new(
-                    ErrorKind::InvalidState,
-                    format!(
-                        "container {id:?} is not {}",
-                        if paused { "running" } else { "paused" }
-                    ),
-                ));
+            if self.status(&c.fixed, &change.state()) != want {
+                return Err(invalid_state(format!("container {id:?} is not {what}")));
             }
-            Self::cgroup_of(id, &c)?.freeze(paused)?;
-            c.paused = paused;
+            Self::cgroup_of(id, &c.fixed)?.freeze(paused)?;
+            change.state().paused = paused;
             Ok(())
-        })();
-        self.put(id, c);
-        result
+        })
     }
 
     /// Changes a container's limits.
-    pub fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), Failure> {
-        self.with(id, |c| {
-            if self.status(c) == ContainerStatus::Stopped {
-                return Err(Failure::new(
-                    ErrorKind::InvalidState,
-                    format!("container {id:?} is stopped"),
-                ));
+    pub fn update(
+        &self,
+        id: &str,
+        resources: &LinuxResources,
+        deadline: Deadline,
+    ) -> Result<(), Failure> {
+        self.change(id, "being updated", deadline, |c, change| {
+            if self.status(&c.fixed, &change.state()) == ContainerStatus::Stopped {
+                return Err(invalid_state(format!("container {id:?} is stopped")));
             }
-            Ok(Self::cgroup_of(id, c)?.update(resources)?)
+            Ok(Self::cgroup_of(id, &c.fixed)?.update(resources)?)
         })
     }
 
     /// A container's resource usage.
-    pub fn stats(&self, id: &str) -> Result<ContainerStats, Failure> {
-        self.with(id, |c| Ok(Self::cgroup_of(id, c)?.stats()?))
+    pub fn stats(&self, id: &str, deadline: Deadline) -> Result<ContainerStats, Failure> {
+        self.shared(id, deadline, |fixed, _| {
+            Ok(Self::cgroup_of(id, fixed)?.stats()?)
+        })
     }
 
-    /// Removes a container (killing it first with `force`).
-    pub fn delete(&self, id: &str, force: bool) -> Result<(), Failure> {
-        let c = self.take(id)?;
-        let status = self.status(&c);
-        if matches!(status, ContainerStatus::Running | ContainerStatus::Paused) && !force {
-            self.put(id, c);
-            return Err(Failure::new(
-                ErrorKind::InvalidState,
-                format!("container {id:?} is running: stop it first or delete with force"),
-            ));
-        }
-        if status != ContainerStatus::Stopped {
-            if let Some(cg) = &c.cgroup {
-                // A frozen cgroup holds SIGKILL until thawed.
-                let _ = cg.freeze(false);
+    /// Removes a container (killing it first with `force`). Requests that
+    /// waited for the delete then find no container.
+    pub fn delete(&self, id: &str, force: bool, deadline: Deadline) -> Result<(), Failure> {
+        let c = self.table.get(id, deadline)?;
+        let mut change = c.change("being deleted", deadline)?;
+        let fixed = &c.fixed;
+        let start = {
+            let mut life = change.state();
+            let status = self.status(fixed, &life);
+            if matches!(status, ContainerStatus::Running | ContainerStatus::Paused) && !force {
+                return Err(invalid_state(format!(
+                    "container {id:?} is running: stop it first or delete with force"
+                )));
             }
-            // SAFETY: kill(2) of our child, not yet reaped (its status is
-            // unknown, and the reaper only records statuses of registered
-            // processes, which keeps the pid ours).
-            unsafe { libc::kill(c.pid, libc::SIGKILL) };
-        }
+            if status != ContainerStatus::Stopped {
+                if let Some(cg) = &fixed.cgroup {
+                    // A frozen cgroup holds SIGKILL until thawed.
+                    let _ = cg.freeze(false);
+                }
+                // SAFETY: kill(2) of our child, not yet reaped (its status is
+                // unknown, and the reaper only records statuses of registered
+                // processes, which keeps the pid ours).
+                unsafe { libc::kill(fixed.pid, libc::SIGKILL) };
+            }
+            life.report = None;
+            life.start.take()
+        };
         // Closing the start pipe of a created container ends its init too.
-        drop(c.start);
-        let _ = self.procs.wait(c.exec_id);
-        if let Some(cg) = c.cgroup {
+        drop(start);
+        let _ = self.procs.wait(fixed.exec_id);
+        if let Some(cg) = &fixed.cgroup {
             if let Err(e) = cg.remove() {
                 alog!(Warn, "container {id}: removing its cgroup: {e}");
             }
         }
-        self.procs.forget(c.exec_id);
-        self.lock().remove(id);
+        self.procs.forget(fixed.exec_id);
+        change.delete();
+        self.table.remove(&c);
         Ok(())
     }
 }
