@@ -7,7 +7,7 @@ use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 
-use rtv_agent::protocol::{ErrorKind, Identity, MAX_ENTROPY, MAX_HOSTNAME, MIN_ENTROPY};
+use rtv_protocol::{ErrorKind, Identity, MAX_ENTROPY, MAX_HOSTNAME, MIN_ENTROPY};
 
 use crate::process::Failure;
 

@@ -11,7 +11,7 @@ use crate::server::{self, Listener};
 use crate::{alog, log};
 
 /// The line the host waits for: the guest is up and the agent runs.
-pub const READY_LINE: &str = "rtv-agent: ready";
+pub use rtv_protocol::READY_LINE;
 
 /// Kernel command-line flag: power the VM off right after readiness.
 const POWEROFF_FLAG: &str = "rtv.poweroff";

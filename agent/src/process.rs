@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use std::os::fd::RawFd;
 
-use rtv_agent::protocol::{
+use rtv_protocol::{
     ErrorKind, ExecRequest, ExitStatus, Stdio as StdioRequest, StreamKind, WindowSize,
 };
 

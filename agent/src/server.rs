@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rtv_agent::protocol::{
+use rtv_protocol::{
     read_frame, write_frame, ErrorKind, FrameError, GuestInfo, Hello, HelloReply, Request,
     RequestBody, Response, ResponseBody, StreamKind, AGENT_PORT, DEFAULT_WAIT_MS, PROTOCOL_VERSION,
 };

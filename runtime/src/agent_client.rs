@@ -1,4 +1,4 @@
-//! The host side of the agent protocol (`rtv_agent::protocol`), on tokio.
+//! The host side of the agent protocol (`rtv_protocol`), on tokio.
 //!
 //! The agent is reached through the VMM's hybrid vsock socket (write
 //! `CONNECT <port>\n`, read `OK <hostport>\n`, then the byte stream), or
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use oci_spec::runtime::LinuxResources;
-use rtv_agent::protocol::{
+use rtv_protocol::{
     decode, encode, frame_len, ContainerState, ContainerStats, CreateContainer, ErrorKind,
     ExecInContainer, ExecRequest, ExitStatus, FrameError, GuestInfo, Hello, HelloReply, Request,
     RequestBody, Response, ResponseBody, StreamKind, WindowSize, AGENT_PORT, PROTOCOL_VERSION,

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use rtv_agent::protocol::{Identity, RequestBody, ResponseBody, MAX_HOSTNAME};
+use rtv_protocol::{Identity, RequestBody, ResponseBody, MAX_HOSTNAME};
 
 use crate::agent_client::{AgentClient, ClientError, Endpoint};
 use crate::template::{file_tail, TemplateCache, TemplateError, TemplateSpec};

@@ -8,7 +8,7 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::Spec;
-use rtv_agent::protocol::SHARE_MOUNTPOINT;
+use rtv_protocol::SHARE_MOUNTPOINT;
 
 /// Why the share could not be changed.
 #[derive(Debug, thiserror::Error)]

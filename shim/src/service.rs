@@ -49,7 +49,7 @@ use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 use oci_spec::runtime::{Hooks, LinuxResources, Process, Spec};
-use rtv_agent::protocol::{CreateContainer, ErrorKind, ExecInContainer, WindowSize};
+use rtv_protocol::{CreateContainer, ErrorKind, ExecInContainer, WindowSize};
 use rtv_runtime::hooks::{self, Stage};
 use rtv_runtime::sandbox::{Sandbox, SandboxConfig, VSOCK_FILE};
 use rtv_runtime::{AgentClient, ClientError, Endpoint, Share};

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rtv_agent::protocol::{Stdio, StreamKind, WindowSize};
+use rtv_protocol::{Stdio, StreamKind, WindowSize};
 use rtv_runtime::{AgentClient, ClientError};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use oci_spec::runtime::{Process, Spec};
-use rtv_agent::protocol::{
+use rtv_protocol::{
     ContainerStatus, CreateContainer, ErrorKind, ExecInContainer, ExitStatus, Stdio, StreamKind,
 };
 use rtv_runtime::{AgentClient, ClientError, Share};
@@ -553,7 +553,7 @@ pub async fn terminal(c: &AgentClient, place: &Place) -> Result<()> {
             container_id: "tty".into(),
             spec,
             stdio: Stdio {
-                tty: Some(rtv_agent::protocol::WindowSize { rows: 24, cols: 80 }),
+                tty: Some(rtv_protocol::WindowSize { rows: 24, cols: 80 }),
                 stdin: true,
                 stdout: true,
                 stderr: false,

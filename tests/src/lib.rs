@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 /// What the agent prints when the guest is up.
-pub const READY_LINE: &str = "rtv-agent: ready";
+pub use rtv_protocol::READY_LINE;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {

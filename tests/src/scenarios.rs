@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use rtv_agent::protocol::{
+use rtv_protocol::{
     encode, ErrorKind, ExecRequest, ExitStatus, Hello, HelloReply, StreamKind, WindowSize,
     PROTOCOL_VERSION,
 };

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use oci_spec::runtime::{LinuxResources, Process};
-use rtv_agent::protocol::{
+use rtv_protocol::{
     ContainerStatus, CreateContainer, ErrorKind, ExecInContainer, ExitStatus, Stdio,
 };
 use rtv_runtime::{AgentClient, ClientError};

@@ -126,7 +126,7 @@ fn a_vm_of_its_own_handshakes_and_powers_off() {
             .await
             .unwrap_or_else(|e| panic!("{e}\nconsole:\n{}", vm.transcript()));
         let (protocol, _) = client.version().await.unwrap();
-        assert_eq!(protocol, rtv_agent::protocol::PROTOCOL_VERSION);
+        assert_eq!(protocol, rtv_protocol::PROTOCOL_VERSION);
         let info = client.guest_info().await.unwrap();
         assert!(info.kernel.contains("rtv"), "{info:?}");
         assert!(

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use rtv_agent::protocol::{ErrorKind, ExecRequest, Identity, RequestBody, StreamKind};
+use rtv_protocol::{ErrorKind, ExecRequest, Identity, RequestBody, StreamKind};
 use rtv_runtime::template::{Template, MANIFEST_FILE, SHARE_DIR, SNAPSHOT_DIR, SNAPSHOT_MANIFEST};
 use rtv_runtime::{
     AgentClient, ClientError, Endpoint, Origin, Sandbox, SandboxConfig, TemplateCache,

@@ -70,7 +70,7 @@ pub fn validate(machine: &MachineConfig, kernel: &KernelConfig) -> Result<(), Er
 
 /// The line the guest agent prints when it is ready for requests: the
 /// moment a template VM is snapshotted.
-pub const READY_MARKER: &str = "rtv-agent: ready";
+pub const READY_MARKER: &str = rtv_protocol::READY_LINE;
 
 /// Builds a VM and loads `kernel` into it, ready to [`Vm::run`].
 pub fn prepare(

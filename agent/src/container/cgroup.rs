@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use oci_spec::runtime::{LinuxBlockIo, LinuxCpu, LinuxMemory, LinuxResources};
-use rtv_agent::protocol::ContainerStats;
+use rtv_protocol::ContainerStats;
 
 use super::SpecError;
 

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use oci_spec::runtime::{LinuxResources, Spec};
-use rtv_agent::protocol::{
+use rtv_protocol::{
     ContainerState, ContainerStats, ContainerStatus, CreateContainer, ErrorKind, ExecInContainer,
     Stdio, SHARE_MOUNTPOINT, SHARE_TAG,
 };
@@ -85,24 +85,13 @@ impl From<CgroupError> for Failure {
     }
 }
 
-/// Longest container id.
-const MAX_ID: usize = 1024;
-
 /// How often [`Containers::wait_oom`] looks again without a change in the
 /// cgroup (a safety net: the kernel's notifications wake it otherwise).
 const WAIT_OOM_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Checks a container id: what runc accepts (letters, digits, `_`, `-`,
-/// `.`, `+`, not `.` or `..`), so it is safe in paths.
+/// Checks a container id ([`rtv_protocol::valid_container_id`]).
 pub fn check_id(id: &str) -> Result<(), Failure> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_ID
-        && id != "."
-        && id != ".."
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '+'));
-    if ok {
+    if rtv_protocol::valid_container_id(id) {
         Ok(())
     } else {
         Err(Failure::new(
@@ -776,7 +765,7 @@ impl Containers {
     /// other request, except a create in progress, or a delete that is
     /// removing the cgroup as the watch is armed.
     ///
-    /// [`RequestBody::WaitOom`]: rtv_agent::protocol::RequestBody::WaitOom
+    /// [`RequestBody::WaitOom`]: rtv_protocol::RequestBody::WaitOom
     pub fn wait_oom(
         &self,
         watch: OomWatch,

@@ -20,7 +20,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rtv_agent::protocol::ErrorKind;
+use rtv_protocol::ErrorKind;
 
 use crate::process::Failure;
 

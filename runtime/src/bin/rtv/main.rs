@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use oci_spec::runtime::{LinuxResources, Process, Spec};
-use rtv_agent::protocol::{
+use rtv_protocol::{
     ContainerStatus, CreateContainer, ErrorKind, ExecInContainer, ExitStatus, Stdio, StreamKind,
     WindowSize,
 };

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use rtv_agent::protocol::ExitStatus;
+use rtv_protocol::ExitStatus;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -78,14 +78,7 @@ pub struct Store {
 /// Checks a container id as runc does: letters, digits, `_`, `+`, `-`,
 /// `.`, not `.` or `..`, at most 1024 bytes.
 pub fn check_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 1024
-        && id != "."
-        && id != ".."
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '-' | '.'));
-    if !ok {
+    if !rtv_protocol::valid_container_id(id) {
         bail!("invalid container id format: {id:?}");
     }
     Ok(())

@@ -17,7 +17,7 @@ mod cri;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rtv_agent::protocol::{ExecRequest, StreamKind};
+use rtv_protocol::{ExecRequest, StreamKind};
 use rtv_runtime::{AgentClient, Endpoint};
 use rtv_tests::workspace_binary;
 use tokio::io::AsyncReadExt;

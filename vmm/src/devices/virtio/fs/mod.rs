@@ -60,7 +60,7 @@ use super::activation::Activation;
 use super::{ActivateError, Interrupt, VirtioDevice, DEVICE_ID_FS, VIRTIO_F_VERSION_1};
 
 /// The tag the guest mounts (`mount -t virtiofs rtvfs /mnt`).
-pub const DEFAULT_TAG: &str = "rtvfs";
+pub const DEFAULT_TAG: &str = rtv_protocol::SHARE_TAG;
 /// Size of the tag field of the configuration space.
 pub const TAG_LEN: usize = 36;
 /// Size of the configuration space: tag + num_request_queues.

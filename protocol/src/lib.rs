@@ -1,4 +1,5 @@
-//! The wire protocol between the host runtime and the guest agent.
+//! The wire protocol between the host runtime and the guest agent, and
+//! the names both sides (and the VMM, and the tests) share.
 //!
 //! Every connection goes to the agent's port ([`AGENT_PORT`] on vsock, or a
 //! Unix socket when the agent runs on the host for tests) and starts with a
@@ -23,6 +24,25 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const AGENT_PORT: u32 = 1024;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
+/// The line the agent prints when it accepts connections: on the guest's
+/// console (followed by ` uptime=<seconds>s`), where the VMM watches for it
+/// to snapshot a template, or on stderr when it runs on the host.
+pub const READY_LINE: &str = "rtv-agent: ready";
+/// Longest container id.
+pub const MAX_CONTAINER_ID: usize = 1024;
+
+/// Whether `id` is a container id as runc accepts them (letters, digits,
+/// `_`, `-`, `.`, `+`; not `.` or `..`; 1 to [`MAX_CONTAINER_ID`] bytes),
+/// which makes it safe in paths on both sides.
+pub fn valid_container_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_CONTAINER_ID
+        && id != "."
+        && id != ".."
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '+'))
+}
 
 /// Errors reading or writing frames.
 #[derive(Debug, thiserror::Error)]
