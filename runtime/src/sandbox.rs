@@ -23,15 +23,16 @@
 //! serves the sandbox's own directory.
 
 use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 use rtv_protocol::{Identity, RequestBody, ResponseBody, MAX_HOSTNAME};
 
 use crate::agent_client::{AgentClient, ClientError, Endpoint};
-use crate::template::{file_tail, TemplateCache, TemplateError, TemplateSpec};
+use crate::random::host_random;
+use crate::template::{TemplateCache, TemplateError, TemplateSpec};
+use crate::vmm_process::{file_tail, Lifetime, VmmCommand};
 
 /// Bytes of host entropy each sandbox gets.
 pub const ENTROPY_BYTES: usize = 64;
@@ -127,7 +128,7 @@ impl SandboxConfig {
     pub fn template_cache(&self) -> Result<TemplateCache, TemplateError> {
         let root = match &self.template_dir {
             Some(dir) => dir.clone(),
-            None => TemplateCache::default_root()?,
+            None => crate::artifacts::template_dir(),
         };
         Ok(TemplateCache::new(root).with_make_timeout(self.boot_timeout))
     }
@@ -270,38 +271,6 @@ pub enum Origin {
         /// Why not from a template (`None`: templates were off).
         fallback_reason: Option<String>,
     },
-}
-
-/// Fills `buf` from the host's RNG (getrandom(2)).
-pub fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        let rest = &mut buf[got..];
-        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        got += n as usize;
-    }
-    Ok(())
-}
-
-/// Has `cmd`'s process get SIGTERM when the thread that spawns it ends.
-pub fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe and touches no parent memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// A running VMM and the files it uses; killed and cleaned up when dropped.
@@ -592,51 +561,31 @@ async fn launch(cfg: &SandboxConfig, boot: Boot<'_>) -> Result<(Vmm, AgentClient
         path: stderr_path.clone(),
         source,
     })?;
-    let mut cmd = Command::new(&cfg.vmm);
-    let (how, timeout) = match boot {
-        Boot::Cold => {
-            cmd.arg("--kernel")
-                .arg(&cfg.kernel)
-                .arg("--initrd")
-                .arg(&cfg.initramfs)
-                .args(["--mem", &cfg.mem_mib.to_string()])
-                .args(["--vcpus", &cfg.vcpus.to_string()]);
-            ("cold boot".to_string(), cfg.boot_timeout)
-        }
-        Boot::Restore(snapshot) => {
-            cmd.arg("--restore")
-                .arg(snapshot)
-                .args(["--mem", &cfg.mem_mib.to_string()])
-                .args(["--vcpus", &cfg.vcpus.to_string()]);
-            (
-                format!("--restore {}", snapshot.display()),
-                cfg.restore_timeout,
-            )
-        }
+    let (cmd, how, timeout) = match boot {
+        Boot::Cold => (
+            VmmCommand::cold_boot(&cfg.vmm, &cfg.kernel, &cfg.initramfs),
+            "cold boot".to_string(),
+            cfg.boot_timeout,
+        ),
+        Boot::Restore(snapshot) => (
+            VmmCommand::restore(&cfg.vmm, snapshot),
+            format!("--restore {}", snapshot.display()),
+            cfg.restore_timeout,
+        ),
     };
+    let mut cmd = cmd
+        .machine(cfg.mem_mib, cfg.vcpus)
+        .vsock(cfg.cid, &uds)
+        .console(&dir.join(CONSOLE_FILE))
+        .lifetime(if cfg.detached {
+            Lifetime::Detached
+        } else {
+            Lifetime::DiesWithParent
+        });
     if let Some(share) = &cfg.shared_dir {
-        cmd.arg("--shared-dir").arg(share);
+        cmd = cmd.shared_dir(share);
     }
-    cmd.args(["--vsock-cid", &cfg.cid.to_string()])
-        .arg("--vsock-uds")
-        .arg(&uds)
-        .arg("--console")
-        .arg(dir.join(CONSOLE_FILE))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr);
-    if cfg.detached {
-        // SAFETY: setsid is async-signal-safe and touches no parent memory.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-    } else {
-        die_with_parent(&mut cmd);
-    }
-    let child = cmd.spawn().map_err(|source| SandboxError::Spawn {
+    let child = cmd.spawn(stderr).map_err(|source| SandboxError::Spawn {
         vmm: cfg.vmm.clone(),
         source,
     })?;

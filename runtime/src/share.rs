@@ -127,14 +127,29 @@ pub fn remove_tree(dir: &Path) -> Result<(), ShareError> {
 #[derive(Debug, Clone)]
 pub struct Share {
     dir: PathBuf,
+    /// Where the agent sees `dir`.
+    agent_view: PathBuf,
 }
 
 impl Share {
-    /// The share at `dir` (created if missing).
+    /// The share at `dir` (created if missing), which the guest's agent
+    /// sees at [`SHARE_MOUNTPOINT`].
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, ShareError> {
+        Self::seen_at(dir, SHARE_MOUNTPOINT)
+    }
+
+    /// The share at `dir`, which the agent sees at `agent_view` (its own
+    /// path, for an agent running on the host in tests).
+    pub fn seen_at(
+        dir: impl Into<PathBuf>,
+        agent_view: impl Into<PathBuf>,
+    ) -> Result<Self, ShareError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            agent_view: agent_view.into(),
+        })
     }
 
     /// The host directory.
@@ -146,9 +161,9 @@ impl Share {
         self.dir.join(id)
     }
 
-    /// The guest path of a container's root file system.
-    pub fn guest_rootfs(id: &str) -> String {
-        format!("{SHARE_MOUNTPOINT}/{id}/rootfs")
+    /// Where the agent sees `rel` under container `id`'s directory.
+    fn agent_path(&self, id: &str, rel: &str) -> PathBuf {
+        self.agent_view.join(id).join(rel)
     }
 
     /// Places container `id`'s root file system and bind-mount sources in
@@ -169,7 +184,7 @@ impl Share {
         bind(rootfs, &target)?;
         let mut spec = spec.clone();
         if let Some(root) = spec.root_mut() {
-            root.set_path(PathBuf::from(Self::guest_rootfs(id)));
+            root.set_path(self.agent_path(id, "rootfs"));
         }
         if let Some(mounts) = spec.mounts_mut() {
             for (i, m) in mounts.iter_mut().enumerate() {
@@ -200,9 +215,7 @@ impl Share {
                     std::fs::File::create(&dest).map_err(io("creating", &dest))?;
                 }
                 bind(&source, &dest)?;
-                m.set_source(Some(PathBuf::from(format!(
-                    "{SHARE_MOUNTPOINT}/{id}/mounts/{i}"
-                ))));
+                m.set_source(Some(self.agent_path(id, &format!("mounts/{i}"))));
             }
         }
         Ok(spec)

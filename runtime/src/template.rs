@@ -31,7 +31,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -43,6 +43,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::vmm_process::{file_tail, VmmCommand};
+
 /// Our manifest's file name, in the template's directory.
 pub const MANIFEST_FILE: &str = "template.json";
 /// The VMM snapshot's directory name, in the template's directory.
@@ -52,7 +54,7 @@ pub const SNAPSHOT_MANIFEST: &str = "state.json";
 /// The version of [`TemplateManifest`] this code writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 /// The vsock CID of the guest a template is made from (restores get their own).
-pub const TEMPLATE_CID: u64 = 3;
+pub const TEMPLATE_CID: u32 = 3;
 /// The placeholder share's directory name, in the template's directory.
 pub const SHARE_DIR: &str = "share";
 /// How long making a template (a cold boot) may take by default.
@@ -79,9 +81,6 @@ pub enum TemplateError {
         /// What went wrong.
         problem: String,
     },
-    /// No cache directory: neither configured, nor `$RTV_CACHE_DIR`, nor `$HOME`.
-    #[error("no template cache directory: set RTV_CACHE_DIR or HOME, or configure one")]
-    NoCacheDir,
     /// A file or directory of the cache could not be used.
     #[error("template cache {path}: {source}")]
     Io {
@@ -414,20 +413,8 @@ fn unique(tag: &str) -> String {
 /// 16 random bytes from the host, hex.
 fn random_id() -> String {
     let mut b = [0u8; 16];
-    let _ = crate::sandbox::host_random(&mut b);
+    let _ = crate::random::host_random(&mut b);
     hex(&b)
-}
-
-/// The end of a text file, for error messages.
-pub fn file_tail(path: &Path, max: usize) -> String {
-    let Ok(mut f) = File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max as u64)));
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).trim_end().to_owned()
 }
 
 /// An exclusive flock on a file, released when dropped.
@@ -477,16 +464,9 @@ impl TemplateCache {
         }
     }
 
-    /// The cache in the default place: `$RTV_CACHE_DIR/templates`, or
-    /// `$HOME/.cache/rtv/templates`.
-    pub fn default_root() -> Result<PathBuf, TemplateError> {
-        if let Some(dir) = std::env::var_os("RTV_CACHE_DIR").filter(|d| !d.is_empty()) {
-            return Ok(PathBuf::from(dir).join("templates"));
-        }
-        match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-            Some(home) => Ok(PathBuf::from(home).join(".cache/rtv/templates")),
-            None => Err(TemplateError::NoCacheDir),
-        }
+    /// The cache in the default place ([`crate::artifacts::template_dir`]).
+    pub fn default_root() -> PathBuf {
+        crate::artifacts::template_dir()
     }
 
     /// How long making a template may take before the VMM is killed.
@@ -730,35 +710,22 @@ impl TemplateCache {
         let stderr_path = tmp.join("make-stderr.log");
         let stderr = File::create(&stderr_path).map_err(|e| TemplateError::io(&stderr_path, e))?;
         let snapshot = tmp.join(SNAPSHOT_DIR);
-        let mut cmd = Command::new(&spec.vmm);
-        cmd.arg("--kernel")
-            .arg(&spec.kernel)
-            .arg("--initrd")
-            .arg(&spec.initramfs)
-            .args(["--mem", &spec.mem_mib.to_string()])
-            .args(["--vcpus", &spec.vcpus.to_string()])
-            .args(["--vsock-cid", &TEMPLATE_CID.to_string()])
-            .arg("--vsock-uds")
-            .arg(&uds)
-            .arg("--snapshot-on-ready")
-            .arg(&snapshot)
-            .arg("--console")
-            .arg(tmp.join("make-console.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
+        let mut cmd = VmmCommand::cold_boot(&spec.vmm, &spec.kernel, &spec.initramfs)
+            .machine(spec.mem_mib, spec.vcpus)
+            .vsock(TEMPLATE_CID, &uds)
+            .snapshot_on_ready(&snapshot)
+            .console(&tmp.join("make-console.log"));
         if spec.virtio_fs {
             // The guest is snapshotted at readiness, before anything could
             // mount it: the snapshot holds no file system state, and each
             // restore shares the sandbox's own directory.
             let share = tmp.join(SHARE_DIR);
             std::fs::create_dir(&share).map_err(|e| TemplateError::io(&share, e))?;
-            cmd.arg("--shared-dir").arg(&share);
+            cmd = cmd.shared_dir(&share);
         }
-        crate::sandbox::die_with_parent(&mut cmd);
         tracing::info!(key, "making a VM template (cold boot)");
         let mut child = cmd
-            .spawn()
+            .spawn(stderr)
             .map_err(|e| failed(format!("could not start: {e}"), &stderr_path))?;
         let deadline = started + self.make_timeout;
         let status = loop {

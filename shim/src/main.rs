@@ -31,7 +31,7 @@ use containerd_shim::{
 };
 use tracing_subscriber::EnvFilter;
 
-use crate::guest::Role;
+use rtv_runtime::pod::{Pod, Role};
 
 /// The runtime's name in containerd.
 const RUNTIME_ID: &str = "io.containerd.rtv.v2";
@@ -153,7 +153,7 @@ impl Shim for RtvShim {
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         let bundle = std::env::current_dir().unwrap_or_default();
         let role = Role::of(&guest::bundle_annotations(&bundle));
-        let group = role.group(&opts.id).to_owned();
+        let group = role.pod_id(&opts.id).to_owned();
         let id = opts.id.clone();
         let (_pid, address) = spawn(opts, &group, Vec::new())?;
         write_address(&address)?;
@@ -204,45 +204,24 @@ impl Shim for RtvShim {
 /// `delete`: containerd calls it whenever its connection to a shim closes,
 /// after a normal end as well as after a crash. Only when the pod's shim
 /// is gone (its socket answers no more) is there anything to clean: the
-/// container's root file system mount, and the pod's state directory or
-/// this container's part of the share.
+/// container's root file system mount, and what the pod left
+/// ([`Pod::clean_up`]: its VMM if it still runs, its state directory, its
+/// host cgroups).
 fn cleanup_dead(address: &str, namespace: &str, id: &str, bundle: &Path) {
     let role = Role::of(&guest::bundle_annotations(bundle));
-    let group = role.group(id);
-    let socket = containerd_shim::socket_address(address, namespace, group);
+    let pod = role.pod_id(id);
+    let socket = containerd_shim::socket_address(address, namespace, pod);
     let path = socket.strip_prefix("unix://").unwrap_or(&socket);
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        tracing::debug!(id = %id, pod = %group, "the pod's shim is alive: nothing to clean");
+        tracing::debug!(id = %id, pod = %pod, "the pod's shim is alive: nothing to clean");
         return;
     }
     mount::unmount_all(&bundle.join("rootfs"));
-    let dir = guest::state_dir(Path::new(guest::STATE_ROOT), namespace, group);
-    if let Err(e) = rtv_runtime::remove_tree(&dir) {
-        tracing::warn!(id = %id, "{e}");
-    }
-    // The VMM's host cgroup (the pod's first container's cgroupsPath),
-    // once the VMM, which got SIGTERM with the shim, has left it.
-    let cgroups_path = rtv_runtime::spec::load(&bundle.join("config.json"))
-        .ok()
-        .and_then(|s| s.linux().as_ref()?.cgroups_path().clone());
-    if let (Some(path), false) = (cgroups_path, matches!(role, Role::Member(_))) {
-        let Ok(rel) = rtv_runtime::host_cgroup::relative_path(&path.to_string_lossy()) else {
-            return;
-        };
-        let dirs: Vec<PathBuf> = rtv_runtime::host_cgroup::hierarchies()
-            .into_iter()
-            .map(|h| h.join(&rel))
-            .filter(|d| d.exists())
-            .collect();
-        for _ in 0..50 {
-            rtv_runtime::host_cgroup::remove(&dirs);
-            if dirs.iter().all(|d| !d.exists()) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        tracing::warn!(id = %id, "host cgroup {} still busy", rel.display());
-    }
+    Pod::clean_up(&guest::state_dir(
+        Path::new(guest::STATE_ROOT),
+        namespace,
+        pod,
+    ));
 }
 
 fn main() {

@@ -1,25 +1,20 @@
-//! containerd's task service (`containerd.task.v2.Task`) over one pod's VM.
+//! containerd's task service (`containerd.task.v2.Task`) over one pod.
 //!
-//! The first container a shim creates makes the VM (a [`Sandbox`] from a
-//! template, sized from that container's spec), with the virtio-fs share
-//! in the pod's state directory; the pod's other containers join it. Every
-//! call runs on the shim's tokio runtime (the VMM is started from one of
-//! its worker threads, which live as long as the shim: the VMM gets
-//! SIGTERM when the thread that started it ends). The shim process owns
-//! the VM: deleting the last container stops it, and a shim that dies
-//! takes it along.
+//! The pod lifecycle is the runtime library's ([`rtv_runtime::pod`]): the
+//! first container a shim creates starts the pod's VM (sized from its
+//! spec) in the pod's state directory, the pod's other containers join it,
+//! and deleting the last one stops it. What stays here is containerd's
+//! side: the task API over ttrpc, its events, the stdio FIFOs, the root
+//! file system mounts containerd hands over, and the bookkeeping of
+//! processes by exec id that containerd expects. Every call runs on the
+//! shim's tokio runtime (the VMM is started from one of its worker
+//! threads, which live as long as the shim: the VMM gets SIGTERM when the
+//! thread that started it ends, so a shim that dies takes its VM along).
 //!
 //! Pids reported to containerd are guest pids (the init's is the task's
 //! pid, `ctr task ps` lists the container's processes in the guest), so a
 //! CRI container's namespace paths `/proc/<sandbox pid>/ns/<type>` are the
 //! guest paths of the pod sandbox's namespaces.
-//!
-//! The spec's OCI hooks run on the host, as `rtv` runs them (the
-//! container's namespaces are the guest's): prestart, createRuntime and
-//! createContainer at the init's Create, once the container exists in the
-//! guest (a failure undoes the create); startContainer before the init
-//! starts (a failure fails Start), poststart after it started, poststop
-//! once its Delete removed it (failures of these two are only logged).
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -48,26 +43,21 @@ use containerd_shim::protos::types::empty::Empty;
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
-use oci_spec::runtime::{Hooks, LinuxResources, Process, Spec};
-use rtv_protocol::{CreateContainer, ErrorKind, ExecInContainer, WindowSize};
-use rtv_runtime::hooks::{self, Stage};
-use rtv_runtime::sandbox::{Sandbox, SandboxConfig, VSOCK_FILE};
-use rtv_runtime::{AgentClient, ClientError, Endpoint, Share};
+use oci_spec::runtime::{LinuxResources, Process};
+use rtv_protocol::{ErrorKind, WindowSize};
+use rtv_runtime::pod::{ContainerHooks, ErrorClass, NewContainer, Pod, PodConfig, PodError, Role};
+use rtv_runtime::ClientError;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::events::{timestamp, Event, Events};
-use crate::guest::{self, Role};
+use crate::guest;
 use crate::mount;
 use crate::stdio::{self, Relays, StdinRelay, StdioPaths};
 
-/// How long the agent may take to answer a new connection.
-const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a process's output may stay open after it ended.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
-/// How long the VM may take to power off before it is killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The exit status reported for processes whose VM went away.
 const LOST_STATUS: u32 = 128 + 9;
 
@@ -100,27 +90,25 @@ fn internal(m: impl Display) -> Error {
     Error::new(Code::INTERNAL, m)
 }
 
+impl From<PodError> for Error {
+    fn from(e: PodError) -> Self {
+        let code = match e.class() {
+            ErrorClass::NotFound => Code::NOT_FOUND,
+            ErrorClass::AlreadyExists => Code::ALREADY_EXISTS,
+            ErrorClass::InvalidState => Code::FAILED_PRECONDITION,
+            ErrorClass::InvalidArgument => Code::INVALID_ARGUMENT,
+            ErrorClass::TimedOut => Code::DEADLINE_EXCEEDED,
+            ErrorClass::Unavailable => Code::UNAVAILABLE,
+            ErrorClass::Internal if matches!(e, PodError::Hook(_)) => Code::UNKNOWN,
+            ErrorClass::Internal => Code::INTERNAL,
+        };
+        Error::new(code, e)
+    }
+}
+
 impl From<ClientError> for Error {
     fn from(e: ClientError) -> Self {
-        let code = match &e {
-            ClientError::Agent { kind, .. } => match kind {
-                ErrorKind::NoSuchContainer | ErrorKind::NoSuchProcess => Code::NOT_FOUND,
-                ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,
-                ErrorKind::InvalidState => Code::FAILED_PRECONDITION,
-                ErrorKind::TimedOut => Code::DEADLINE_EXCEEDED,
-                ErrorKind::InvalidRequest | ErrorKind::NotFound | ErrorKind::PermissionDenied => {
-                    Code::INVALID_ARGUMENT
-                }
-                ErrorKind::Other => Code::UNKNOWN,
-            },
-            ClientError::Unreachable { .. } | ClientError::Disconnected => Code::UNAVAILABLE,
-            _ => Code::INTERNAL,
-        };
-        let message = match e {
-            ClientError::Agent { message, .. } => message,
-            e => e.to_string(),
-        };
-        Error { code, message }
+        PodError::from(e).into()
     }
 }
 
@@ -192,9 +180,8 @@ impl Proc {
 
 struct Container {
     bundle: String,
-    /// The spec's hooks and annotations, for the hooks of Start and Delete.
-    hooks: Option<Hooks>,
-    annotations: HashMap<String, String>,
+    /// Its hooks and what their state says of it.
+    hooks: ContainerHooks,
     /// The root file system, if the shim mounted it.
     mounted_rootfs: Option<PathBuf>,
     init_pid: i32,
@@ -209,74 +196,11 @@ impl Container {
             .get("")
             .ok_or_else(|| internal("the container has no init process"))
     }
-
-    /// What its hooks of `stage` need: the hooks and the state JSON with
-    /// `status` and `pid`.
-    fn hook_call(&self, id: &str, stage: Stage, status: &str, pid: u32) -> HookCall {
-        HookCall {
-            stage,
-            hooks: self.hooks.clone(),
-            state: hooks::state(
-                id,
-                status,
-                i32::try_from(pid).unwrap_or(0),
-                Path::new(&self.bundle),
-                &self.annotations,
-            ),
-        }
-    }
-}
-
-/// One hook list to run, with the state it gets.
-struct HookCall {
-    stage: Stage,
-    hooks: Option<Hooks>,
-    state: serde_json::Value,
-}
-
-impl HookCall {
-    /// Runs the hooks on the host, on a blocking thread (a hook may run
-    /// until its timeout).
-    async fn run(self) -> Result<()> {
-        let HookCall {
-            stage,
-            hooks,
-            state,
-        } = self;
-        let Some(hooks) = hooks.filter(|h| stage.of(h).is_some_and(|l| !l.is_empty())) else {
-            return Ok(());
-        };
-        let state = state.to_string().into_bytes();
-        let ran =
-            tokio::task::spawn_blocking(move || hooks::run(stage, Some(&hooks), &state)).await;
-        match ran {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Error::new(Code::UNKNOWN, e)),
-            Err(e) => Err(internal(format!("hooks.{stage}: {e}"))),
-        }
-    }
-
-    /// Runs the hooks; a failure is only logged.
-    async fn run_logged(self, id: &str) {
-        if let Err(e) = self.run().await {
-            tracing::warn!(id = %id, "{}", e.message);
-        }
-    }
-}
-
-/// The pod's VM.
-struct Pod {
-    id: String,
-    dir: PathBuf,
-    sandbox: Option<Sandbox>,
-    client: Arc<AgentClient>,
-    share: Share,
-    host_cgroups: Vec<PathBuf>,
 }
 
 #[derive(Default)]
 struct State {
-    pod: Option<Pod>,
+    pod: Option<Arc<Pod>>,
     containers: HashMap<String, Container>,
 }
 
@@ -307,10 +231,9 @@ impl State {
             .ok_or_else(|| not_found(format!("process {exec_id:?} of container {id}")))
     }
 
-    fn client(&self) -> Result<Arc<AgentClient>> {
+    fn pod(&self) -> Result<Arc<Pod>> {
         self.pod
-            .as_ref()
-            .map(|p| p.client.clone())
+            .clone()
             .ok_or_else(|| precondition("the pod's VM is not running"))
     }
 }
@@ -387,10 +310,6 @@ impl Inner {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn client(&self) -> Result<Arc<AgentClient>> {
-        self.state().client()
-    }
-
     async fn create(self: Arc<Self>, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
         let _lifecycle = self.lifecycle.lock().await;
         let id = req.id.clone();
@@ -400,20 +319,20 @@ impl Inner {
                 format!("container {id} already exists"),
             ));
         }
-        let mut undo = Undo::default();
-        match self.create_inner(&req, &mut undo).await {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                self.undo(&id, undo).await;
-                Err(e)
+        let mut mounted = None;
+        let created = self.create_inner(&req, &mut mounted).await;
+        if created.is_err() {
+            if let Some(rootfs) = mounted {
+                mount::unmount_all(&rootfs);
             }
         }
+        created
     }
 
     async fn create_inner(
         self: &Arc<Self>,
         req: &CreateTaskRequest,
-        undo: &mut Undo,
+        mounted: &mut Option<PathBuf>,
     ) -> Result<CreateTaskResponse> {
         let id = &req.id;
         let bundle = PathBuf::from(&req.bundle);
@@ -427,7 +346,7 @@ impl Inner {
         if !req.rootfs.is_empty() {
             std::fs::create_dir_all(&rootfs)
                 .map_err(|e| internal(format!("creating {}: {e}", rootfs.display())))?;
-            undo.mounted_rootfs = Some(rootfs.clone());
+            *mounted = Some(rootfs.clone());
             for m in &req.rootfs {
                 mount::mount(&m.type_, &m.source, &m.options, &rootfs).map_err(internal)?;
             }
@@ -441,120 +360,131 @@ impl Inner {
         }
 
         let role = Role::of(&spec.annotations().clone().unwrap_or_default());
-        let has_pod = self.state().pod.is_some();
-        if has_pod {
-            let pod_id = self.state().pod.as_ref().map(|p| p.id.clone());
-            match (&role, pod_id) {
-                (Role::Member(sandbox), Some(pod)) if *sandbox == pod => {}
-                (_, pod) => {
+        let existing = self.state().pod.clone();
+        let (pod, new_pod) = match existing {
+            Some(pod) => {
+                if role != Role::Member(pod.id().to_owned()) {
                     return Err(precondition(format!(
                         "this shim serves pod {}; container {id} is not one of its containers",
-                        pod.unwrap_or_default()
-                    )))
+                        pod.id()
+                    )));
                 }
+                (pod, false)
             }
-        } else {
-            if let Role::Member(sandbox) = &role {
-                return Err(not_found(format!(
-                    "annotation {}: pod sandbox {sandbox} is not served by this shim",
-                    guest::CRI_SANDBOX
-                )));
+            None => {
+                if let Role::Member(sandbox) = &role {
+                    return Err(not_found(format!(
+                        "annotation {}: pod sandbox {sandbox} is not served by this shim",
+                        rtv_runtime::pod::CRI_SANDBOX
+                    )));
+                }
+                let dir = guest::state_dir(Path::new(guest::STATE_ROOT), &self.namespace, id);
+                let pod = Arc::new(Pod::start(PodConfig::for_spec(id, &dir, &spec)?).await?);
+                self.state().pod = Some(pod.clone());
+                (pod, true)
             }
-            let pod = self.start_pod(id, &spec).await?;
-            self.state().pod = Some(pod);
-            undo.new_pod = true;
-        }
-
-        let (client, share, pod_pids) = {
-            let st = self.state();
-            let pod = st
-                .pod
-                .as_ref()
-                .ok_or_else(|| internal("the pod's VM went away"))?;
-            let pids: Vec<i32> = st.containers.values().map(|c| c.init_pid).collect();
-            (pod.client.clone(), pod.share.clone(), pids)
         };
-        let shared = share
-            .add_container(id, &rootfs, &spec)
-            .map_err(|e| invalid(format!("{}: {e}", config.display())))?;
-        undo.share = Some(share);
-        let guest_spec = guest::guest_spec(shared, id, &pod_pids)
-            .map_err(|e| invalid(format!("{}: {e}", config.display())))?;
+        let created = self.create_in(req, &pod, &spec, &bundle, &rootfs).await;
+        match created {
+            Ok(r) => {
+                if let Some(c) = self.state().containers.get_mut(id) {
+                    c.mounted_rootfs = mounted.take();
+                }
+                Ok(r)
+            }
+            Err(e) => {
+                if new_pod {
+                    self.state().pod = None;
+                    pod.stop().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_in(
+        self: &Arc<Self>,
+        req: &CreateTaskRequest,
+        pod: &Pod,
+        spec: &oci_spec::runtime::Spec,
+        bundle: &Path,
+        rootfs: &Path,
+    ) -> Result<CreateTaskResponse> {
+        let id = &req.id;
+        let pod_pids: Vec<i32> = self
+            .state()
+            .containers
+            .values()
+            .map(|c| c.init_pid)
+            .collect();
         let paths = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let (agent_id, pid) = client
-            .create_container(CreateContainer {
-                container_id: id.clone(),
-                spec: guest_spec,
+        // The shim reports guest pids: a pod's namespace paths name them.
+        let guest_pid = |pid: i32| pod_pids.contains(&pid).then_some(pid);
+        let creating = pod
+            .create_container(NewContainer {
+                id,
+                bundle,
+                spec,
+                rootfs,
                 stdio: paths.agent(),
+                guest_pid: &guest_pid,
             })
-            .await
-            .map_err(|e| {
-                let mut e = Error::from(e);
-                e.message = format!("{}: {}", config.display(), e.message);
-                e
-            })?;
-        undo.agent_container = true;
-        let relays = stdio::attach(&client, agent_id, &paths).await?;
-        let Relays { stdin, outputs } = relays;
-        let annotations = spec.annotations().clone().unwrap_or_default();
-        let state = hooks::state(id, "created", pid, &bundle, &annotations);
-        for stage in Stage::CREATE {
-            let call = HookCall {
-                stage,
-                hooks: spec.hooks().clone(),
-                state: state.clone(),
-            };
-            if let Err(e) = call.run().await {
-                // The undo deletes the container in the guest, which ends
-                // its streams; the relays go now.
-                drop(stdin);
-                for o in &outputs {
-                    o.abort();
-                }
-                return Err(e);
+            .await?;
+        let (agent_id, pid) = (creating.exec_id, creating.guest_pid);
+        let Relays { stdin, outputs } = match stdio::attach(pod.client(), agent_id, &paths).await {
+            Ok(r) => r,
+            Err(e) => {
+                creating.abort().await;
+                return Err(e.into());
             }
+        };
+        let hooks = ContainerHooks::of(id, bundle, spec);
+        if let Err(e) = creating.finish(&hooks, pid).await {
+            // The container is gone from the guest, which ended its
+            // streams; the relays go now.
+            drop(stdin);
+            for o in &outputs {
+                o.abort();
+            }
+            return Err(e.into());
         }
         let mut init = Proc::new(paths.clone());
         init.pid = u32::try_from(pid).unwrap_or(0);
         init.agent_id = Some(agent_id);
         init.stdin = stdin;
         init.outputs = outputs;
-        {
-            let mut st = self.state();
-            st.containers.insert(
-                id.clone(),
-                Container {
-                    bundle: req.bundle.clone(),
-                    hooks: spec.hooks().clone(),
-                    annotations,
-                    mounted_rootfs: undo.mounted_rootfs.take(),
-                    init_pid: pid,
-                    paused: false,
-                    oom_kills: 0,
-                    procs: HashMap::from([(String::new(), init)]),
-                },
-            );
-            self.events.send(Event::Create(TaskCreate {
-                container_id: id.clone(),
+        let mut st = self.state();
+        st.containers.insert(
+            id.clone(),
+            Container {
                 bundle: req.bundle.clone(),
-                rootfs: req.rootfs.clone(),
-                io: MessageField::some(TaskIO {
-                    stdin: paths.stdin,
-                    stdout: paths.stdout,
-                    stderr: paths.stderr,
-                    terminal: paths.terminal,
-                    ..Default::default()
-                }),
-                pid: u32::try_from(pid).unwrap_or(0),
+                hooks,
+                mounted_rootfs: None,
+                init_pid: pid,
+                paused: false,
+                oom_kills: 0,
+                procs: HashMap::from([(String::new(), init)]),
+            },
+        );
+        self.events.send(Event::Create(TaskCreate {
+            container_id: id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: paths.stdin,
+                stdout: paths.stdout,
+                stderr: paths.stderr,
+                terminal: paths.terminal,
                 ..Default::default()
-            }));
-        }
-        *undo = Undo::default();
+            }),
+            pid: u32::try_from(pid).unwrap_or(0),
+            ..Default::default()
+        }));
         tracing::info!(id = %id, pid, "created");
         Ok(CreateTaskResponse {
             pid: u32::try_from(pid).unwrap_or(0),
@@ -562,124 +492,27 @@ impl Inner {
         })
     }
 
-    /// Starts the pod's VM, sized from `spec` (the pod's sandbox container's,
-    /// or a lone container's).
-    async fn start_pod(&self, id: &str, spec: &Spec) -> Result<Pod> {
-        let arts = guest::artifacts().map_err(precondition)?;
-        let size = rtv_runtime::spec::vm_size(spec, rtv_runtime::spec::host_cpus());
-        let dir = guest::state_dir(Path::new(guest::STATE_ROOT), &self.namespace, id);
-        // What a dead shim of the same pod left.
-        rtv_runtime::remove_tree(&dir).map_err(internal)?;
-        let share_dir = dir.join("share");
-        std::fs::create_dir_all(&share_dir)
-            .map_err(|e| internal(format!("creating {}: {e}", share_dir.display())))?;
-        let hostname = spec
-            .hostname()
-            .clone()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| id.chars().take(63).collect());
-        let mut cfg = SandboxConfig::new(arts.kernel, arts.initramfs, arts.vmm, &dir, hostname, 3);
-        cfg.mem_mib = size.mem_mib;
-        cfg.vcpus = size.vcpus;
-        cfg.shared_dir = Some(share_dir.clone());
-        cfg.template_dir = Some(guest::template_dir());
-        let started = match Sandbox::start(cfg).await {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = rtv_runtime::remove_tree(&dir);
-                return Err(internal(format!("starting the pod's VM: {e}")));
-            }
-        };
-        tracing::info!(
-            pod = %id,
-            vmm_pid = started.pid(),
-            mem_mib = size.mem_mib,
-            vcpus = size.vcpus,
-            origin = ?started.origin(),
-            ready_after = ?started.ready_after(),
-            "VM ready"
-        );
-        let mut pod = Pod {
-            id: id.to_owned(),
-            dir: dir.clone(),
-            client: Arc::new(
-                match AgentClient::connect(Endpoint::vm(dir.join(VSOCK_FILE)), AGENT_TIMEOUT).await
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = started.stop(STOP_TIMEOUT).await;
-                        let _ = rtv_runtime::remove_tree(&dir);
-                        return Err(e.into());
-                    }
-                },
-            ),
-            share: Share::new(&share_dir).map_err(internal)?,
-            host_cgroups: Vec::new(),
-            sandbox: Some(started),
-        };
-        // The VMM is accounted in the pod's host cgroup.
-        if let Some(path) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
-            let vmm = pod.sandbox.as_ref().map_or(0, |s| s.pid() as i32);
-            match rtv_runtime::host_cgroup::join(&path.to_string_lossy(), vmm) {
-                Ok(dirs) => pod.host_cgroups = dirs,
-                Err(e) => {
-                    stop_pod(pod).await;
-                    return Err(invalid(format!("linux.cgroupsPath: {e}")));
-                }
-            }
-        }
-        Ok(pod)
-    }
-
-    async fn undo(&self, id: &str, undo: Undo) {
-        let client = self.client().ok();
-        if undo.agent_container {
-            if let Some(c) = &client {
-                if let Err(e) = c.delete_container(id, true).await {
-                    tracing::warn!(id = %id, "undoing create: {e}");
-                }
-            }
-        }
-        if let Some(share) = undo.share {
-            share.remove_container(id);
-        }
-        if let Some(rootfs) = undo.mounted_rootfs {
-            mount::unmount_all(&rootfs);
-        }
-        if undo.new_pod {
-            let pod = self.state().pod.take();
-            if let Some(pod) = pod {
-                stop_pod(pod).await;
-            }
-        }
-    }
-
     async fn start(self: Arc<Self>, req: StartRequest) -> Result<StartResponse> {
         let (id, exec_id) = (req.id, req.exec_id);
-        let (client, agent_id, spec, paths) = {
+        let (pod, agent_id, spec, paths) = {
             let mut st = self.state();
-            let client = st.client()?;
+            let pod = st.pod()?;
             let p = st.proc_mut(&id, &exec_id)?;
             if p.state != ProcState::Created {
                 return Err(precondition(format!(
                     "process {exec_id:?} of container {id} was started already"
                 )));
             }
-            (client, p.agent_id, p.spec.take(), p.stdio.clone())
+            (pod, p.agent_id, p.spec.take(), p.stdio.clone())
         };
         if exec_id.is_empty() {
             let agent_id = agent_id.ok_or_else(|| internal("the init has no agent handle"))?;
-            let (start_hooks, poststart) = {
+            let (hooks, pid) = {
                 let st = self.state();
                 let c = st.container(&id)?;
-                let pid = c.init()?.pid;
-                (
-                    c.hook_call(&id, Stage::StartContainer, "created", pid),
-                    c.hook_call(&id, Stage::Poststart, "running", pid),
-                )
+                (c.hooks.clone(), c.init_pid)
             };
-            start_hooks.run().await?;
-            client.start_container(&id).await?;
+            pod.start_container(&hooks, pid).await?;
             let (pid, outputs) = {
                 let mut st = self.state();
                 let p = st.proc_mut(&id, "")?;
@@ -692,16 +525,15 @@ impl Inner {
                 }));
                 r
             };
-            tokio::spawn(watch_oom(Arc::downgrade(&self), client.clone(), id.clone()));
+            tokio::spawn(watch_oom(Arc::downgrade(&self), pod.clone(), id.clone()));
             tokio::spawn(watch_process(
                 self.clone(),
-                client,
+                pod,
                 id.clone(),
                 String::new(),
                 agent_id,
                 outputs,
             ));
-            poststart.run_logged(&id).await;
             tracing::info!(id = %id, pid, "started");
             return Ok(StartResponse {
                 pid,
@@ -711,14 +543,7 @@ impl Inner {
         let Some(process) = spec else {
             return Err(internal("the exec has no process"));
         };
-        let started = client
-            .exec_in_container(ExecInContainer {
-                container_id: id.clone(),
-                process: process.clone(),
-                stdio: paths.agent(),
-            })
-            .await;
-        let (agent_id, pid) = match started {
+        let (agent_id, pid) = match pod.exec(&id, process.clone(), paths.agent()).await {
             Ok(s) => s,
             Err(e) => {
                 // The exec may be started again.
@@ -729,10 +554,10 @@ impl Inner {
             }
         };
         let pid = u32::try_from(pid).unwrap_or(0);
-        let relays = match stdio::attach(&client, agent_id, &paths).await {
+        let relays = match stdio::attach(pod.client(), agent_id, &paths).await {
             Ok(r) => r,
             Err(e) => {
-                let _ = client.signal(agent_id, libc::SIGKILL).await;
+                let _ = pod.signal_process(agent_id, libc::SIGKILL).await;
                 return Err(e.into());
             }
         };
@@ -752,7 +577,7 @@ impl Inner {
         }
         tokio::spawn(watch_process(
             self.clone(),
-            client,
+            pod,
             id.clone(),
             exec_id.clone(),
             agent_id,
@@ -763,13 +588,6 @@ impl Inner {
             pid,
             ..Default::default()
         })
-    }
-
-    /// Reports a new OOM kill in container `id`, if there was one.
-    async fn check_oom(&self, client: &AgentClient, id: &str) {
-        if let Ok(state) = client.container_state(id).await {
-            self.note_oom_kills(id, state.oom_kills);
-        }
     }
 
     /// Publishes `TaskOOM` for container `id` if `kills` is more OOM kills
@@ -808,38 +626,32 @@ impl Inner {
             return Ok(delete_response(pid, exit));
         }
         let _lifecycle = self.lifecycle.lock().await;
-        let (client, state, exit, pid) = {
+        let (pod, state, exit, pid, hooks) = {
             let st = self.state();
-            let init = st.container(&id)?.init()?;
+            let c = st.container(&id)?;
+            let init = c.init()?;
             if init.state == ProcState::Running {
                 return Err(precondition(format!(
                     "cannot delete container {id}: it is running"
                 )));
             }
-            (st.client().ok(), init.state, init.exited(), init.pid)
+            (
+                st.pod.clone(),
+                init.state,
+                init.exited(),
+                init.pid,
+                c.hooks.clone(),
+            )
         };
-        if let Some(client) = &client {
-            if let Err(e) = client.delete_container(&id, true).await {
-                tracing::warn!(id = %id, "deleting in the guest: {e}");
-            }
-        }
+        let last = match &pod {
+            Some(pod) => pod.delete_container(&id, Some(&hooks)).await?,
+            None => true,
+        };
         let exit = exit.unwrap_or(Exit {
             status: 0,
             at: SystemTime::now(),
         });
-        let (container, last) = {
-            let mut st = self.state();
-            let c = st.containers.remove(&id);
-            if let Some(pod) = &st.pod {
-                pod.share.remove_container(&id);
-            }
-            let last = st.containers.is_empty();
-            (c, last)
-        };
-        let poststop = container
-            .as_ref()
-            .map(|c| c.hook_call(&id, Stage::Poststop, "stopped", 0));
-        if let Some(c) = container {
+        if let Some(c) = self.state().containers.remove(&id) {
             if let Some(rootfs) = &c.mounted_rootfs {
                 mount::unmount_all(rootfs);
             }
@@ -860,12 +672,9 @@ impl Inner {
         if last {
             let pod = self.state().pod.take();
             if let Some(pod) = pod {
-                tracing::info!(pod = %pod.id, "last container deleted: stopping the VM");
-                stop_pod(pod).await;
+                tracing::info!(pod = %pod.id(), "last container deleted: stopping the VM");
+                pod.stop().await;
             }
-        }
-        if let Some(poststop) = poststop {
-            poststop.run_logged(&id).await;
         }
         tracing::info!(id = %id, "deleted");
         Ok(delete_response(pid, Some(exit)))
@@ -916,7 +725,7 @@ impl Inner {
         let (id, exec_id) = (req.id, req.exec_id);
         let signal =
             i32::try_from(req.signal).map_err(|_| invalid(format!("signal {}", req.signal)))?;
-        let (client, agent_id) = {
+        let (pod, agent_id) = {
             let st = self.state();
             let p = st.proc(&id, &exec_id)?;
             if p.state == ProcState::Stopped {
@@ -924,21 +733,25 @@ impl Inner {
                     "process {exec_id:?} of container {id} already finished"
                 )));
             }
-            (st.client()?, p.agent_id)
+            (st.pod()?, p.agent_id)
         };
         let sent = if exec_id.is_empty() {
-            client.signal_container(&id, signal, req.all).await
+            pod.signal(&id, signal, req.all).await
         } else {
             let agent_id =
                 agent_id.ok_or_else(|| precondition(format!("exec {exec_id} has not started")))?;
-            client.signal(agent_id, signal).await
+            pod.signal_process(agent_id, signal).await
         };
         match sent {
             Ok(()) => Ok(Empty::new()),
-            Err(ClientError::Agent {
-                kind: ErrorKind::InvalidState | ErrorKind::NoSuchProcess,
-                message,
-            }) => Err(not_found(format!("process already finished: {message}"))),
+            Err(e)
+                if matches!(
+                    e.agent_kind(),
+                    Some(ErrorKind::InvalidState | ErrorKind::NoSuchProcess)
+                ) =>
+            {
+                Err(not_found(format!("process already finished: {e}")))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -973,15 +786,15 @@ impl Inner {
     }
 
     async fn pids(self: Arc<Self>, req: PidsRequest) -> Result<PidsResponse> {
-        let (client, stopped) = {
+        let (pod, stopped) = {
             let st = self.state();
             let init = st.container(&req.id)?.init()?;
-            (st.client()?, init.state == ProcState::Stopped)
+            (st.pod()?, init.state == ProcState::Stopped)
         };
         if stopped {
             return Ok(PidsResponse::new());
         }
-        let pids = client.container_pids(&req.id).await?;
+        let pids = pod.pids(&req.id).await?;
         Ok(PidsResponse {
             processes: pids
                 .into_iter()
@@ -996,7 +809,7 @@ impl Inner {
     }
 
     async fn pause(self: Arc<Self>, id: String, pause: bool) -> Result<Empty> {
-        let client = {
+        let pod = {
             let st = self.state();
             let c = st.container(&id)?;
             if c.init()?.state != ProcState::Running || c.paused == pause {
@@ -1005,9 +818,9 @@ impl Inner {
                     if pause { "running" } else { "paused" }
                 )));
             }
-            st.client()?
+            st.pod()?
         };
-        client.pause_container(&id, pause).await?;
+        pod.pause(&id, pause).await?;
         let mut st = self.state();
         st.container_mut(&id)?.paused = pause;
         self.events.send(if pause {
@@ -1035,20 +848,20 @@ impl Inner {
     }
 
     async fn resize_pty(self: Arc<Self>, req: ResizePtyRequest) -> Result<Empty> {
-        let (client, agent_id) = {
+        let (pod, agent_id) = {
             let st = self.state();
             let p = st.proc(&req.id, &req.exec_id)?;
             if !p.stdio.terminal {
                 return Err(precondition("the process has no terminal"));
             }
-            (st.client()?, p.agent_id)
+            (st.pod()?, p.agent_id)
         };
         let agent_id = agent_id.ok_or_else(|| precondition("the process has not started"))?;
         let size = WindowSize {
             rows: u16::try_from(req.height).unwrap_or(u16::MAX),
             cols: u16::try_from(req.width).unwrap_or(u16::MAX),
         };
-        client.resize(agent_id, size).await?;
+        pod.client().resize(agent_id, size).await?;
         Ok(Empty::new())
     }
 
@@ -1060,12 +873,12 @@ impl Inner {
         let de = &mut serde_json::Deserializer::from_slice(&any.value);
         let resources: LinuxResources = serde_path_to_error::deserialize(de)
             .map_err(|e| invalid(format!("resources: {}: {}", e.path(), e.inner())))?;
-        let client = {
+        let pod = {
             let st = self.state();
             st.container(&req.id)?;
-            st.client()?
+            st.pod()?
         };
-        client.update_container(&req.id, resources).await?;
+        pod.update(&req.id, resources).await?;
         Ok(Empty::new())
     }
 
@@ -1089,12 +902,12 @@ impl Inner {
     }
 
     async fn stats(self: Arc<Self>, req: StatsRequest) -> Result<StatsResponse> {
-        let client = {
+        let pod = {
             let st = self.state();
             st.container(&req.id)?;
-            st.client()?
+            st.pod()?
         };
-        let s = client.container_stats(&req.id).await?;
+        let s = pod.stats(&req.id).await?;
         let metrics = Metrics {
             pids: MessageField::some(PidsStat {
                 current: s.pids,
@@ -1145,7 +958,7 @@ impl Inner {
         }
         let pod = self.state().pod.take();
         if let Some(pod) = pod {
-            stop_pod(pod).await;
+            pod.stop().await;
         }
         let socket = self
             .socket
@@ -1171,42 +984,17 @@ fn delete_response(pid: u32, exit: Option<Exit>) -> DeleteResponse {
     }
 }
 
-/// What a failed create undoes.
-#[derive(Default)]
-struct Undo {
-    mounted_rootfs: Option<PathBuf>,
-    new_pod: bool,
-    share: Option<Share>,
-    agent_container: bool,
-}
-
-/// Powers the pod's VM off (killing it if it does not stop) and removes
-/// its state directory and host cgroups.
-async fn stop_pod(mut pod: Pod) {
-    if let Some(sandbox) = pod.sandbox.take() {
-        match sandbox.stop(STOP_TIMEOUT).await {
-            Ok(status) => tracing::info!(pod = %pod.id, "VM stopped ({status})"),
-            Err(e) => tracing::warn!(pod = %pod.id, "stopping the VM: {e}"),
-        }
-    }
-    drop(pod.client);
-    if let Err(e) = rtv_runtime::remove_tree(&pod.dir) {
-        tracing::warn!(pod = %pod.id, "{e}");
-    }
-    rtv_runtime::host_cgroup::remove(&pod.host_cgroups);
-}
-
 /// Waits for a process to end, lets its output drain, records its exit
 /// and tells containerd.
 async fn watch_process(
     inner: Arc<Inner>,
-    client: Arc<AgentClient>,
+    pod: Arc<Pod>,
     id: String,
     exec_id: String,
     agent_id: u64,
     outputs: Vec<JoinHandle<()>>,
 ) {
-    let status = match client.wait(agent_id).await {
+    let status = match pod.wait(agent_id).await {
         Ok(s) => u32::try_from(s.code()).unwrap_or(LOST_STATUS),
         Err(e) => {
             tracing::warn!(id = %id, exec_id = %exec_id, "waiting in the guest: {e}");
@@ -1217,7 +1005,8 @@ async fn watch_process(
     if exec_id.is_empty() {
         // TaskOOM before TaskExit, as containerd's CRI wants to tell an
         // OOM kill from an ordinary exit.
-        inner.check_oom(&client, &id).await;
+        let kills = pod.oom_watch(&id).last_count().await;
+        inner.note_oom_kills(&id, kills);
     }
     let exit = Exit {
         status,
@@ -1246,29 +1035,16 @@ async fn watch_process(
     tracing::info!(id = %id, exec_id = %exec_id, status, "exited");
 }
 
-/// Reports OOM kills in container `id` as they happen: the agent answers
-/// `WaitOom` when the kernel reports a kill in the container's cgroup (it
-/// sleeps in the guest meanwhile, nothing is polled), or when the
-/// container's processes are gone, which ends the watch.
-async fn watch_oom(inner: Weak<Inner>, client: Arc<AgentClient>, id: String) {
-    let mut seen = 0;
-    loop {
-        match client.wait_oom(&id, seen).await {
-            Ok(state) => {
-                let Some(inner) = inner.upgrade() else {
-                    return;
-                };
-                inner.note_oom_kills(&id, state.oom_kills);
-                if state.oom_kills <= seen {
-                    return;
-                }
-                seen = state.oom_kills;
-            }
-            Err(e) => {
-                tracing::debug!(id = %id, "no more OOM reports: {e}");
-                return;
-            }
-        }
+/// Reports OOM kills in container `id` as they happen ([`Pod::oom_watch`]),
+/// until its processes are gone.
+async fn watch_oom(inner: Weak<Inner>, pod: Arc<Pod>, id: String) {
+    let mut watch = pod.oom_watch(&id);
+    drop(pod);
+    while let Some(kills) = watch.next().await {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.note_oom_kills(&id, kills);
     }
 }
 
@@ -1344,43 +1120,5 @@ impl Task for Service {
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
         self.run("shutdown", |i| i.shutdown())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn call(stage: Stage, hooks: serde_json::Value) -> HookCall {
-        HookCall {
-            stage,
-            hooks: Some(serde_json::from_value(hooks).expect("a hooks object")),
-            state: serde_json::json!({"id": "c1"}),
-        }
-    }
-
-    #[test]
-    fn a_failing_hook_is_an_error_naming_it() {
-        let rt = tokio::runtime::Runtime::new().expect("a runtime");
-        let hooks = serde_json::json!({"startContainer": [
-            {"path": "/bin/sh", "args": ["sh", "-c", "cat >/dev/null; echo nope >&2; exit 3"]}
-        ]});
-        let e = rt
-            .block_on(call(Stage::StartContainer, hooks.clone()).run())
-            .expect_err("the hook fails");
-        assert_eq!(e.code, Code::UNKNOWN);
-        assert_eq!(
-            e.message,
-            "hooks.startContainer[0] (/bin/sh) failed: exit status: 3: nope"
-        );
-        // Other lists, and no hooks at all, run nothing.
-        rt.block_on(call(Stage::Poststart, hooks).run())
-            .expect("no poststart hooks");
-        let none = HookCall {
-            stage: Stage::Prestart,
-            hooks: None,
-            state: serde_json::Value::Null,
-        };
-        rt.block_on(none.run()).expect("no hooks");
     }
 }

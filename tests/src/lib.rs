@@ -7,6 +7,7 @@ pub mod conformance;
 pub mod containerd;
 pub mod containers;
 pub mod cri;
+pub mod pod;
 pub mod scenarios;
 pub mod stress;
 

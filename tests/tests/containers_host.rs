@@ -77,3 +77,22 @@ async fn concurrent_requests_on_the_host_are_ordered() {
     };
     stress::stress(&client, &place, &cfg).await.unwrap();
 }
+
+/// The pod layer's container lifecycle over the agent on the host: hooks,
+/// undo of failed creates, membership, nothing left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_layer_over_the_host_agent() {
+    let (agent, _client) = Agent::start("pod-host").await;
+    let dir = agent.dir().join("pod");
+    let pod = rtv_runtime::Pod::on_host_agent("pod-host", &dir, &agent.dir().join("agent.sock"))
+        .await
+        .unwrap();
+    let rootfs = agent.dir().join("rootfs");
+    let scratch = agent.dir().join("scratch");
+    let failed = rtv_tests::pod::failed_creates(&pod, &rootfs, &scratch).await;
+    let lifecycle = rtv_tests::pod::lifecycle(&pod, &rootfs, &scratch).await;
+    pod.stop().await;
+    assert!(!dir.exists(), "the pod's directory is left");
+    failed.unwrap();
+    lifecycle.unwrap();
+}

@@ -1,46 +1,42 @@
 //! `rtv`: an OCI runtime with runc's command line whose containers run in
 //! micro-VMs. containerd's runc shim drives it with `--runc-binary`.
 //!
-//! Host process model: `create` starts (or joins) the sandbox's VM, creates
-//! the container in the guest through the agent, and leaves a *waiter*
-//! process (`rtv waiter`, the pid in `--pid-file`) that holds the
-//! container's stdio, relays it to and from the guest, and exits with the
-//! container's status (128+N for a signal) when the container's init ends.
+//! A front end of the runtime library's pod layer ([`rtv_runtime::pod`]),
+//! which holds every lifecycle step; what is rtv's own is runc's command
+//! line and output formats, the state store under `--root`, and the
+//! *waiter* (`rtv waiter`, the pid in `--pid-file`), the host process that
+//! stands for a container's process: it holds its stdio, relays it to and
+//! from the guest, and exits with its status. `create` starts the pod's VM
+//! (a CRI container joins its sandbox's) and leaves it running after rtv
+//! exits; the last container's `delete` stops it.
 
 mod console;
 mod logging;
 mod store;
+mod waiter;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio as ProcStdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use oci_spec::runtime::{LinuxResources, Process, Spec};
-use rtv_protocol::{
-    ContainerStatus, CreateContainer, ErrorKind, ExecInContainer, ExitStatus, Stdio, StreamKind,
-    WindowSize,
-};
-use rtv_runtime::hooks::{self, Stage, OCI_VERSION};
-use rtv_runtime::sandbox::{Sandbox, SandboxConfig, VSOCK_FILE};
+use rtv_protocol::{ContainerStatus, ErrorKind, Stdio, WindowSize};
+use rtv_runtime::hooks::{self, OCI_VERSION};
+use rtv_runtime::pod::{ContainerHooks, NewContainer, Pod, PodConfig, Role, CRI_SANDBOX};
 use rtv_runtime::spec::vm_size;
-use rtv_runtime::{AgentClient, ClientError, Endpoint, Share};
+use rtv_runtime::vmm_process::alive;
+use rtv_runtime::{Artifacts, SandboxConfig};
 use serde_json::json;
 
 use logging::LogFormat;
-use store::{alive, ContainerRecord, SandboxRecord, Store};
-
-/// How long to wait for an agent connection.
-const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
-/// CRI annotations naming a container's kind and its pod sandbox.
-const CRI_TYPE: &str = "io.kubernetes.cri.container-type";
-const CRI_SANDBOX: &str = "io.kubernetes.cri.sandbox-id";
+use store::{ContainerRecord, Store};
+use waiter::{spawn_waiter, WaiterArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -267,101 +263,6 @@ struct UpdateArgs {
     id: String,
 }
 
-#[derive(Args, Debug)]
-struct WaiterArgs {
-    /// The sandbox directory (its vsock socket).
-    #[arg(long)]
-    sandbox_dir: PathBuf,
-    /// The process's exec id (a container's init).
-    #[arg(long)]
-    exec_id: Option<u64>,
-    /// A process.json to run in the container (an exec).
-    #[arg(long)]
-    exec_process: Option<PathBuf>,
-    /// The process has a terminal.
-    #[arg(long)]
-    tty: bool,
-    /// Record the exit status in the container's state.
-    #[arg(long)]
-    record_exit: bool,
-    /// Where to note which guest pid this waiter stands for (execs).
-    #[arg(long)]
-    stand_in_dir: Option<PathBuf>,
-    /// The container.
-    id: String,
-}
-
-/// The guest kernel, initramfs and VMM binary.
-struct Artifacts {
-    kernel: PathBuf,
-    initramfs: PathBuf,
-    vmm: PathBuf,
-}
-
-fn artifacts() -> Result<Artifacts> {
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_default();
-    let find = |env: &str, name: &str| -> Result<PathBuf> {
-        let p = std::env::var_os(env)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| exe_dir.join(name));
-        if !p.exists() {
-            bail!(
-                "{} not found (set ${env}, or run scripts/build.sh, which puts {name} next to rtv)",
-                p.display()
-            );
-        }
-        Ok(p)
-    };
-    Ok(Artifacts {
-        kernel: find("RTV_KERNEL", "rtv-vmlinux")?,
-        initramfs: find("RTV_INITRAMFS", "rtv-initramfs.cpio")?,
-        vmm: find("RTV_VMM", "rtv-vmm")?,
-    })
-}
-
-fn template_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("RTV_CACHE_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("templates");
-    }
-    if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(h).join(".cache/rtv/templates");
-    }
-    PathBuf::from("/var/cache/rtv/templates")
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
-async fn agent(store: &Store, sandbox_id: &str) -> Result<AgentClient> {
-    let uds = store.sandbox_dir(sandbox_id).join(VSOCK_FILE);
-    AgentClient::connect(Endpoint::vm(&uds), AGENT_TIMEOUT)
-        .await
-        .with_context(|| format!("reaching the agent of sandbox {sandbox_id}"))
-}
-
-/// A container's status: from its waiter's record once it ended, else
-/// from the agent.
-async fn status(store: &Store, rec: &ContainerRecord) -> ContainerStatus {
-    if store.exit(&rec.id).is_some() || !alive(rec.waiter_pid, rec.waiter_start) {
-        return ContainerStatus::Stopped;
-    }
-    match agent(store, &rec.sandbox_id).await {
-        Ok(c) => match c.container_state(&rec.id).await {
-            Ok(s) => s.status,
-            Err(_) => ContainerStatus::Stopped,
-        },
-        Err(_) => ContainerStatus::Stopped,
-    }
-}
-
 fn status_name(s: ContainerStatus) -> &'static str {
     match s {
         ContainerStatus::Created => "created",
@@ -453,85 +354,47 @@ fn owner() -> String {
     }
 }
 
-/// Undoes a half-made create, in reverse order.
-#[derive(Default)]
-struct Undo {
-    container_dir: Option<PathBuf>,
-    waiter: Option<std::process::Child>,
-    agent_container: Option<(String, String)>,
-    share: Option<(Share, String)>,
-    new_sandbox: Option<(String, i32)>,
-    joined_sandbox: Option<(String, String)>,
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
-impl Undo {
-    fn run(mut self, store: &Store, rt: &tokio::runtime::Runtime) {
-        if let Some(mut w) = self.waiter.take() {
-            let _ = w.kill();
-            let _ = w.wait();
-        }
-        if let Some((sandbox, id)) = self.agent_container.take() {
-            rt.block_on(async {
-                if let Ok(c) = agent(store, &sandbox).await {
-                    let _ = c.delete_container(&id, true).await;
-                }
-            });
-        }
-        if let Some((share, id)) = self.share.take() {
-            share.remove_container(&id);
-        }
-        if let Some((sandbox, pid)) = self.new_sandbox.take() {
-            stop_vmm(pid);
-            remove_sandbox_dir(store, &sandbox);
-        }
-        if let Some((sandbox, id)) = self.joined_sandbox.take() {
-            let _lock = store.lock();
-            if let Ok(mut rec) = store.load_sandbox(&sandbox) {
-                rec.members.retain(|m| m != &id);
-                let _ = store.save_sandbox(&rec);
-            }
-        }
-        if let Some(dir) = self.container_dir.take() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+/// The pod container `rec` runs in.
+async fn pod_of(store: &Store, rec: &ContainerRecord) -> Result<Pod> {
+    Pod::open(&store.sandbox_dir(&rec.sandbox_id))
+        .await
+        .with_context(|| format!("container {}", rec.id))
+}
+
+/// A container's status: from its waiter's record once it ended, else
+/// from the agent.
+async fn status(store: &Store, rec: &ContainerRecord) -> ContainerStatus {
+    if store.exit(&rec.id).is_some() || !alive(rec.waiter_pid, rec.waiter_start) {
+        return ContainerStatus::Stopped;
+    }
+    match pod_of(store, rec).await {
+        Ok(pod) => match pod.state(&rec.id).await {
+            Ok(s) => s.status,
+            Err(_) => ContainerStatus::Stopped,
+        },
+        Err(_) => ContainerStatus::Stopped,
     }
 }
 
-fn stop_vmm(pid: i32) {
-    if pid <= 0 {
-        return;
-    }
-    // SAFETY: kill(2) of the VMM we started (recorded with its start time
-    // by the callers that can check it).
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store::start_time(pid).is_some() && Instant::now() < deadline {
-        // Reap it if it is our child.
-        // SAFETY: waitpid with WNOHANG on a specific pid.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if store::start_time(pid).is_some() {
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+/// The container's hooks, from the spec as created.
+fn hooks_of(store: &Store, rec: &ContainerRecord) -> Option<ContainerHooks> {
+    let spec = saved_spec(store, &rec.id).ok()?;
+    Some(ContainerHooks::of(&rec.id, &rec.bundle, &spec))
 }
 
-fn remove_sandbox_dir(store: &Store, sandbox: &str) {
-    let dir = store.sandbox_dir(sandbox);
-    if let Err(e) = rtv_runtime::remove_tree(&dir) {
-        tracing::error!("sandbox {sandbox}: {e}");
-    }
-}
-
-/// The guest pid standing behind host pid `pid` in sandbox `sandbox_id`:
-/// CRI names a pod's namespaces by `/proc/<pid>` of its sandbox task, our
-/// waiter, whose container's init has a guest pid.
-fn pod_guest_pid(store: &Store, sandbox_id: &str, pid: i32) -> Option<i32> {
-    store
-        .load_sandbox(sandbox_id)
+/// The guest pid standing behind host pid `pid` in `pod`: CRI names a
+/// pod's namespaces by `/proc/<pid>` of its sandbox task, our waiter, whose
+/// container's init has a guest pid.
+fn pod_guest_pid(store: &Store, pod: &Pod, pid: i32) -> Option<i32> {
+    pod.member_ids()
         .ok()?
-        .members
         .into_iter()
         .filter_map(|m| store.load(&m).ok())
         .find(|r| r.waiter_pid == pid)
@@ -546,28 +409,23 @@ struct Created {
 fn create(cli: &Cli, a: &CreateArgs, rt: &tokio::runtime::Runtime) -> Result<Created> {
     let store = Store::open(&cli.root)?;
     let dir = store.reserve(&a.id)?;
-    let mut undo = Undo {
-        container_dir: Some(dir.clone()),
-        ..Default::default()
-    };
-    match create_inner(cli, a, rt, &store, &dir, &mut undo) {
-        Ok(c) => Ok(c),
-        Err(e) => {
-            undo.run(&store, rt);
-            Err(e)
-        }
+    let created = rt.block_on(create_pod(cli, a, &store, &dir));
+    if created.is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
     }
+    created
 }
 
-fn create_inner(
-    cli: &Cli,
-    a: &CreateArgs,
-    rt: &tokio::runtime::Runtime,
-    store: &Store,
-    dir: &Path,
-    undo: &mut Undo,
-) -> Result<Created> {
-    let t0 = Instant::now();
+/// The bundle's parts that create reads.
+struct Bundle {
+    dir: PathBuf,
+    config: PathBuf,
+    spec: Spec,
+    rootfs: PathBuf,
+    terminal: bool,
+}
+
+fn read_bundle(a: &CreateArgs, dir: &Path) -> Result<Bundle> {
     let bundle = std::fs::canonicalize(&a.bundle)
         .with_context(|| format!("bundle {}", a.bundle.display()))?;
     let config = bundle.join("config.json");
@@ -586,14 +444,30 @@ fn create_inner(
             rootfs.display()
         );
     }
-    let process = spec
+    let terminal = spec
         .process()
         .as_ref()
-        .ok_or_else(|| anyhow!("{}: process: missing", config.display()))?;
-    let terminal = process.terminal().unwrap_or(false);
+        .ok_or_else(|| anyhow!("{}: process: missing", config.display()))?
+        .terminal()
+        .unwrap_or(false);
+    Ok(Bundle {
+        dir: bundle,
+        config,
+        spec,
+        rootfs,
+        terminal,
+    })
+}
+
+/// Finds or starts the container's pod, then creates the container in it;
+/// a pod this create started is stopped again if the create fails, and
+/// left running (detached from this process) if it succeeds.
+async fn create_pod(cli: &Cli, a: &CreateArgs, store: &Store, dir: &Path) -> Result<Created> {
+    let t0 = Instant::now();
+    let b = read_bundle(a, dir)?;
     // The console socket first: one that refuses fails the create before
     // anything exists.
-    let console = match (terminal, &a.console_socket) {
+    let console = match (b.terminal, &a.console_socket) {
         (true, Some(sock)) => {
             let (master, slave) = console::open_pty()?;
             console::send_master(sock, &master)?;
@@ -603,470 +477,140 @@ fn create_inner(
         (false, Some(_)) => bail!("--console-socket given, but process.terminal is false"),
         (false, None) => None,
     };
-    let annotations = spec.annotations().clone().unwrap_or_default();
-    let joins = annotations.get(CRI_TYPE).map(String::as_str) == Some("container");
-    let sandbox_id = match annotations.get(CRI_SANDBOX) {
-        Some(s) if joins || annotations.get(CRI_TYPE).map(String::as_str) == Some("sandbox") => {
-            s.clone()
-        }
-        _ => a.id.clone(),
-    };
-    let sandbox_dir = store.sandbox_dir(&sandbox_id);
-    if joins {
-        let _lock = store.lock()?;
-        let mut rec = store.load_sandbox(&sandbox_id).with_context(|| {
-            format!("annotation {CRI_SANDBOX}: sandbox {sandbox_id} does not exist")
-        })?;
-        rec.members.push(a.id.clone());
-        store.save_sandbox(&rec)?;
-        undo.joined_sandbox = Some((sandbox_id.clone(), a.id.clone()));
-    } else {
-        let size = vm_size(&spec, rtv_runtime::spec::host_cpus());
-        let arts = artifacts()?;
-        let hostname = spec
-            .hostname()
-            .clone()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| a.id.chars().take(63).collect());
-        std::fs::create_dir_all(sandbox_dir.join("share"))
-            .with_context(|| format!("creating {}", sandbox_dir.display()))?;
-        let mut cfg = SandboxConfig::new(
-            arts.kernel,
-            arts.initramfs,
-            arts.vmm,
-            &sandbox_dir,
-            hostname,
-            3,
-        );
-        cfg.mem_mib = size.mem_mib;
-        cfg.vcpus = size.vcpus;
-        cfg.shared_dir = Some(sandbox_dir.join("share"));
-        cfg.template_dir = Some(template_dir());
-        cfg.detached = true;
-        let sandbox = rt
-            .block_on(Sandbox::start(cfg))
-            .context("starting the sandbox VM")?;
-        let vmm_pid = sandbox.pid() as i32;
-        tracing::debug!(
-            id = %a.id,
-            origin = ?sandbox.origin(),
-            "sandbox ready after {:?} ({:?} into create)",
-            sandbox.ready_after(),
-            t0.elapsed()
-        );
-        sandbox.detach();
-        undo.new_sandbox = Some((sandbox_id.clone(), vmm_pid));
-        store.save_sandbox(&SandboxRecord {
-            id: sandbox_id.clone(),
-            vmm_pid,
-            vmm_start: store::start_time(vmm_pid).unwrap_or(0),
-            members: vec![a.id.clone()],
-            mem_mib: size.mem_mib,
-            vcpus: size.vcpus,
-        })?;
-    }
-    let share = Share::new(sandbox_dir.join("share"))?;
-    let guest_spec = share.add_container(&a.id, &rootfs, &spec)?;
-    undo.share = Some((share, a.id.clone()));
-    let guest_spec = rtv_runtime::spec::guest_spec(guest_spec, &a.id, |pid| {
-        pod_guest_pid(store, &sandbox_id, pid)
-    })?;
-    let stdio = if terminal {
-        Stdio {
-            tty: Some(WindowSize { rows: 24, cols: 80 }),
-            stdin: true,
-            stdout: true,
-            stderr: false,
-        }
-    } else {
-        Stdio {
-            tty: None,
-            stdin: true,
-            stdout: true,
-            stderr: true,
-        }
-    };
-    let (exec_id, guest_pid) = rt.block_on(async {
-        let c = agent(store, &sandbox_id).await?;
-        c.create_container(CreateContainer {
-            container_id: a.id.clone(),
-            spec: guest_spec,
-            stdio,
-        })
-        .await
-        .map_err(|e| match e {
-            ClientError::Agent { message, .. } => anyhow!("{}: {message}", config.display()),
-            e => e.into(),
-        })
-    })?;
-    undo.agent_container = Some((sandbox_id.clone(), a.id.clone()));
-    tracing::debug!(id = %a.id, "container created in the guest {:?} into create", t0.elapsed());
-    let waiter = spawn_waiter(
-        cli,
-        &WaiterArgs {
-            sandbox_dir: sandbox_dir.clone(),
-            exec_id: Some(exec_id),
-            exec_process: None,
-            tty: terminal,
-            record_exit: true,
-            stand_in_dir: None,
-            id: a.id.clone(),
-        },
-        console,
-    )?;
-    let waiter_pid = waiter.id() as i32;
-    undo.waiter = Some(waiter);
-    // The host processes go in the cgroup the spec names (containerd and
-    // the kubelet account the container by it).
-    let mut host_cgroups = Vec::new();
-    if let Some(path) = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.cgroups_path().as_ref())
-    {
-        let path = path.to_string_lossy();
-        host_cgroups = rtv_runtime::host_cgroup::join(&path, waiter_pid)
-            .with_context(|| format!("{}", config.display()))?;
-        if let Some((_, vmm_pid)) = &undo.new_sandbox {
-            rtv_runtime::host_cgroup::join(&path, *vmm_pid)?;
-        }
-    }
-    let rec = ContainerRecord {
-        id: a.id.clone(),
-        bundle: bundle.clone(),
-        rootfs: rootfs.clone(),
-        created: logging::rfc3339_now(),
-        annotations: annotations.clone(),
-        sandbox_id,
-        exec_id,
-        guest_pid,
-        waiter_pid,
-        waiter_start: store::start_time(waiter_pid).unwrap_or(0),
-        owner: owner(),
-        host_cgroups,
-    };
-    store.save(&rec)?;
-    let state = serde_json::to_vec(&state_json(&rec, ContainerStatus::Created))?;
-    for stage in Stage::CREATE {
-        hooks::run(stage, spec.hooks().as_ref(), &state)?;
-    }
-    if let Some(p) = &a.pid_file {
-        write_pid_file(p, waiter_pid)?;
-    }
-    let waiter = undo.waiter.take().ok_or_else(|| anyhow!("waiter lost"))?;
-    tracing::info!(id = %a.id, pid = waiter_pid, "created in {:?}", t0.elapsed());
-    *undo = Undo::default();
-    Ok(Created { waiter })
-}
-
-/// Starts `rtv waiter` with this process's stdio (or `tty`, the slave of
-/// the terminal sent to the console socket) and waits until it has
-/// attached to the process's streams.
-fn spawn_waiter(cli: &Cli, w: &WaiterArgs, tty: Option<File>) -> Result<std::process::Child> {
-    // /proc/self/exe runs this very binary even if it was replaced since.
-    let (mut sync_r, sync_w) = pipe()?;
-    let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg0("rtv");
-    cmd.arg("--root").arg(&cli.root);
-    if let Some(log) = &cli.log {
-        cmd.arg("--log").arg(log);
-    }
-    cmd.arg("--log-format").arg(match cli.log_format {
-        LogFormat::Text => "text",
-        LogFormat::Json => "json",
-    });
-    if cli.debug {
-        cmd.arg("--debug");
-    }
-    cmd.arg("waiter").arg("--sandbox-dir").arg(&w.sandbox_dir);
-    if let Some(id) = w.exec_id {
-        cmd.arg("--exec-id").arg(id.to_string());
-    }
-    if let Some(p) = &w.exec_process {
-        cmd.arg("--exec-process").arg(p);
-    }
-    if w.tty {
-        cmd.arg("--tty");
-    }
-    if w.record_exit {
-        cmd.arg("--record-exit");
-    }
-    if let Some(d) = &w.stand_in_dir {
-        cmd.arg("--stand-in-dir").arg(d);
-    }
-    cmd.arg(&w.id);
-    if let Some(t) = &tty {
-        cmd.stdin(ProcStdio::from(t.try_clone()?))
-            .stdout(ProcStdio::from(t.try_clone()?))
-            .stderr(ProcStdio::from(t.try_clone()?));
-    }
-    let sync_fd = sync_w.as_raw_fd();
-    let make_ctty = tty.is_some();
-    // SAFETY: the closure only calls async-signal-safe functions (dup2,
-    // setsid, ioctl) on descriptors it was given.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(sync_fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // A session of its own: the caller's terminal signals (^C to
-            // `rtv run`'s process group) do not reach it.
-            libc::setsid();
-            if make_ctty {
-                libc::ioctl(0, libc::TIOCSCTTY, 0);
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting the waiter")?;
-    drop(sync_w);
-    drop(tty);
-    // One line: "ok", or "error: ..." (or nothing if the waiter died).
-    let mut msg = String::new();
-    {
-        use std::io::BufRead;
-        let _ = std::io::BufReader::new(&mut sync_r).read_line(&mut msg);
-    }
-    if msg.trim() != "ok" {
-        let _ = child.kill();
-        let _ = child.wait();
-        let msg = msg
-            .trim()
-            .strip_prefix("error: ")
-            .unwrap_or(msg.trim())
-            .to_owned();
-        if msg.is_empty() {
-            bail!("the waiter ended before attaching to the container");
-        }
-        bail!("{msg}");
-    }
-    Ok(child)
-}
-
-fn pipe() -> Result<(File, File)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("making a pipe");
-    }
-    // SAFETY: two new descriptors that we own.
-    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
-}
-
-/// `rtv waiter`: attach to the process's streams, relay them, wait for it,
-/// exit with its status.
-fn waiter(cli: &Cli, w: &WaiterArgs) -> ExitCode {
-    // SAFETY: fd 3 is the sync pipe `spawn_waiter` put there.
-    let mut sync = unsafe { File::from_raw_fd(3) };
-    // SAFETY: F_SETFD on our own descriptor.
-    unsafe { libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC) };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            let _ = writeln!(sync, "error: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let store = match Store::open(&cli.root) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = writeln!(sync, "error: {e:#}");
-            return ExitCode::from(1);
-        }
-    };
-    let mut sync = Some(sync);
-    let result = rt.block_on(waiter_run(w, &mut sync));
-    if let Some(dir) = &w.stand_in_dir {
-        let _ = std::fs::remove_file(dir.join(std::process::id().to_string()));
-    }
-    match result {
-        Ok(status) => {
-            if w.record_exit {
-                if let Err(e) = store.save_exit(&w.id, status) {
-                    tracing::error!("{e:#}");
-                }
-            }
-            ExitCode::from(status.code().clamp(0, 255) as u8)
-        }
-        Err(e) => {
-            if let Some(mut s) = sync {
-                let _ = writeln!(s, "error: {e:#}");
-            }
-            tracing::error!("{e:#}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-async fn waiter_run(w: &WaiterArgs, sync: &mut Option<File>) -> Result<ExitStatus> {
-    let uds = w.sandbox_dir.join(VSOCK_FILE);
-    let client = AgentClient::connect(Endpoint::vm(&uds), AGENT_TIMEOUT)
-        .await
-        .context("reaching the agent")?;
-    let exec_id = match (w.exec_id, &w.exec_process) {
-        (Some(id), _) => id,
-        (None, Some(p)) => {
-            let text = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-            let process: Process = serde_json::from_slice(&text)
-                .with_context(|| format!("parsing {}", p.display()))?;
-            let stdio = Stdio {
-                tty: w.tty.then_some(WindowSize { rows: 24, cols: 80 }),
-                stdin: true,
-                stdout: true,
-                stderr: !w.tty,
-            };
-            let (id, guest_pid) = client
-                .exec_in_container(ExecInContainer {
-                    container_id: w.id.clone(),
-                    process,
-                    stdio,
-                })
+    let role = Role::of(&b.spec.annotations().clone().unwrap_or_default());
+    let sandbox_id = role.pod_id(&a.id).to_owned();
+    let pod_dir = store.sandbox_dir(&sandbox_id);
+    let (pod, new_pod) = match &role {
+        Role::Member(sandbox) => (
+            Pod::open(&pod_dir)
                 .await
-                .map_err(|e| match e {
-                    ClientError::Agent { message, .. } => anyhow!("{message}"),
-                    e => e.into(),
-                })?;
-            // For `ps`: this process stands for that guest process.
-            if let Some(dir) = &w.stand_in_dir {
-                let _ = std::fs::create_dir_all(dir);
-                let _ = std::fs::write(
-                    dir.join(std::process::id().to_string()),
-                    guest_pid.to_string(),
-                );
-            }
-            id
+                .with_context(|| format!("annotation {CRI_SANDBOX}: sandbox {sandbox}"))?,
+            false,
+        ),
+        Role::Sandbox | Role::Standalone => {
+            let mut cfg = PodConfig::for_spec(&sandbox_id, &pod_dir, &b.spec)?;
+            cfg.detached = true;
+            let pod = Pod::start(cfg).await?;
+            tracing::debug!(id = %a.id, origin = ?pod.origin(), "pod ready {:?} into create", t0.elapsed());
+            (pod, true)
         }
-        (None, None) => bail!("the waiter needs --exec-id or --exec-process"),
     };
-    let stdin = client.attach(exec_id, StreamKind::Stdin).await?;
-    let stdout = client.attach(exec_id, StreamKind::Stdout).await?;
-    let stderr = if w.tty {
-        None
-    } else {
-        Some(client.attach(exec_id, StreamKind::Stderr).await?)
-    };
-    if let Some(mut s) = sync.take() {
-        writeln!(s, "ok").context("reporting to rtv")?;
+    match create_in(cli, a, store, &b, &pod, &sandbox_id, console).await {
+        Ok(c) => {
+            tracing::info!(id = %a.id, pid = c.waiter.id(), "created in {:?}", t0.elapsed());
+            pod.detach();
+            Ok(c)
+        }
+        Err(e) => {
+            if new_pod {
+                pod.stop().await;
+            }
+            Err(e)
+        }
     }
-    // Relays on plain threads with blocking I/O on our stdio.
-    let to_std = |s: tokio::net::UnixStream| -> Result<std::os::unix::net::UnixStream> {
-        let s = s.into_std()?;
-        s.set_nonblocking(false)?;
-        Ok(s)
-    };
-    let stdin = to_std(stdin)?;
-    let stdout = to_std(stdout)?;
-    let stderr = stderr.map(to_std).transpose()?;
-    let dup = |fd: i32| -> Result<File> {
-        // SAFETY: fds 0-2 are this process's stdio; dup gives us our own.
-        let n = unsafe { libc::dup(fd) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error()).context("dup");
-        }
-        // SAFETY: a new descriptor we own.
-        Ok(unsafe { File::from(OwnedFd::from_raw_fd(n)) })
-    };
-    let mut input = dup(0)?;
-    std::thread::spawn(move || {
-        let mut stdin = stdin;
-        relay(&mut input, &mut stdin);
-        let _ = stdin.shutdown(std::net::Shutdown::Write);
-    });
-    let mut out_file = dup(1)?;
-    let out = std::thread::spawn(move || {
-        let mut stdout = stdout;
-        relay(&mut stdout, &mut out_file);
-    });
-    let err = match stderr {
-        Some(s) => {
-            let mut err_file = dup(2)?;
-            Some(std::thread::spawn(move || {
-                let mut s = s;
-                relay(&mut s, &mut err_file);
-            }))
-        }
-        None => None,
-    };
-    if w.tty {
-        let tty = dup(0)?;
-        if let Some((rows, cols)) = console::window_size(&tty) {
-            if rows > 0 && cols > 0 {
-                let _ = client.resize(exec_id, WindowSize { rows, cols }).await;
-            }
-        }
-        let mut winch =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
-        let status = loop {
-            tokio::select! {
-                s = client.wait(exec_id) => break s?,
-                _ = winch.recv() => {
-                    if let Some((rows, cols)) = console::window_size(&tty) {
-                        let _ = client.resize(exec_id, WindowSize { rows, cols }).await;
-                    }
-                }
-            }
-        };
-        let _ = tokio::task::spawn_blocking(move || out.join()).await;
-        return Ok(status);
-    }
-    let status = client.wait(exec_id).await?;
-    let _ = tokio::task::spawn_blocking(move || {
-        let _ = out.join();
-        if let Some(e) = err {
-            let _ = e.join();
-        }
-    })
-    .await;
-    Ok(status)
 }
 
-/// Copies `from` to `to` until end of file, each read passed on at once
-/// (plain reads and writes: std's copy splices pipes into sockets, and a
-/// splice into the agent's stream held interactive input back until more
-/// arrived).
-fn relay(from: &mut impl Read, to: &mut impl Write) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        };
-        if to.write_all(&buf[..n]).is_err() {
-            return;
+async fn create_in(
+    cli: &Cli,
+    a: &CreateArgs,
+    store: &Store,
+    b: &Bundle,
+    pod: &Pod,
+    sandbox_id: &str,
+    console: Option<File>,
+) -> Result<Created> {
+    let stdio = Stdio {
+        tty: b.terminal.then_some(WindowSize { rows: 24, cols: 80 }),
+        stdin: true,
+        stdout: true,
+        stderr: !b.terminal,
+    };
+    let guest_pid = |pid: i32| pod_guest_pid(store, pod, pid);
+    let creating = pod
+        .create_container(NewContainer {
+            id: &a.id,
+            bundle: &b.dir,
+            spec: &b.spec,
+            rootfs: &b.rootfs,
+            stdio,
+            guest_pid: &guest_pid,
+        })
+        .await?;
+    let waiter_args = WaiterArgs {
+        sandbox_dir: pod.dir().to_path_buf(),
+        exec_id: Some(creating.exec_id),
+        exec_process: None,
+        tty: b.terminal,
+        record_exit: true,
+        stand_in_dir: None,
+        id: a.id.clone(),
+    };
+    let mut waiter = match spawn_waiter(cli, &waiter_args, console) {
+        Ok(w) => w,
+        Err(e) => {
+            creating.abort().await;
+            return Err(e);
         }
+    };
+    let waiter_pid = waiter.id() as i32;
+    let (exec_id, guest_pid) = (creating.exec_id, creating.guest_pid);
+    let finished = async {
+        // The waiter goes in the cgroup the spec names (containerd and the
+        // kubelet account the container by it); the pod's VMM joined the
+        // pod's.
+        let host_cgroups = match b
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+        {
+            Some(path) => rtv_runtime::host_cgroup::join(&path.to_string_lossy(), waiter_pid)
+                .with_context(|| format!("{}", b.config.display()))?,
+            None => Vec::new(),
+        };
+        let rec = ContainerRecord {
+            id: a.id.clone(),
+            bundle: b.dir.clone(),
+            rootfs: b.rootfs.clone(),
+            created: logging::rfc3339_now(),
+            annotations: b.spec.annotations().clone().unwrap_or_default(),
+            sandbox_id: sandbox_id.to_owned(),
+            exec_id,
+            guest_pid,
+            waiter_pid,
+            waiter_start: rtv_runtime::vmm_process::start_time(waiter_pid).unwrap_or(0),
+            owner: owner(),
+            host_cgroups,
+        };
+        store.save(&rec)?;
+        let hooks = ContainerHooks::of(&a.id, &b.dir, &b.spec);
+        creating.finish(&hooks, waiter_pid).await?;
+        if let Some(p) = &a.pid_file {
+            write_pid_file(p, waiter_pid)?;
+        }
+        Ok::<_, anyhow::Error>(())
     }
+    .await;
+    if let Err(e) = finished {
+        let _ = waiter.kill();
+        let _ = waiter.wait();
+        return Err(e);
+    }
+    Ok(Created { waiter })
 }
 
 fn cmd_start(cli: &Cli, id: &str, rt: &tokio::runtime::Runtime) -> Result<()> {
     let store = Store::open(&cli.root)?;
     let rec = store.load(id)?;
-    let spec = saved_spec(&store, id)?;
     rt.block_on(async {
-        let st = status(&store, &rec).await;
-        match st {
+        match status(&store, &rec).await {
             ContainerStatus::Created => {}
             ContainerStatus::Stopped => bail!("cannot start a container that has stopped"),
             other => bail!("cannot start an already {} container", status_name(other)),
         }
-        let state = serde_json::to_vec(&state_json(&rec, ContainerStatus::Created))?;
-        let hooks = spec.hooks().as_ref();
-        hooks::run(Stage::StartContainer, hooks, &state)?;
-        let c = agent(&store, &rec.sandbox_id).await?;
-        c.start_container(id).await.map_err(|e| match e {
-            ClientError::Agent { message, .. } => anyhow!("{message}"),
-            e => e.into(),
-        })?;
-        let state = serde_json::to_vec(&state_json(&rec, ContainerStatus::Running))?;
-        if let Err(e) = hooks::run(Stage::Poststart, hooks, &state) {
-            tracing::warn!("{e:#}");
-        }
-        Ok(())
+        let hooks = hooks_of(&store, &rec).ok_or_else(|| anyhow!("container {id}: no spec"))?;
+        let pod = pod_of(&store, &rec).await?;
+        Ok(pod.start_container(&hooks, rec.waiter_pid).await?)
     })
 }
 
@@ -1084,14 +628,13 @@ fn cmd_kill(
         if status(&store, &rec).await == ContainerStatus::Stopped {
             bail!("container not running");
         }
-        let c = agent(&store, &rec.sandbox_id).await?;
-        c.signal_container(id, sig, all).await.map_err(|e| match e {
-            ClientError::Agent {
-                kind: ErrorKind::InvalidState,
-                ..
-            } => anyhow!("container not running"),
-            e => e.into(),
-        })
+        let pod = pod_of(&store, &rec).await?;
+        match pod.signal(id, sig, all).await {
+            Err(e) if e.agent_kind() == Some(ErrorKind::InvalidState) => {
+                bail!("container not running")
+            }
+            r => Ok(r?),
+        }
     })
 }
 
@@ -1115,7 +658,8 @@ fn cmd_delete(cli: &Cli, id: &str, force: bool, rt: &tokio::runtime::Runtime) ->
             return Err(e);
         }
     };
-    let spec = saved_spec(&store, id).ok();
+    let hooks = hooks_of(&store, &rec);
+    let pod_dir = store.sandbox_dir(&rec.sandbox_id);
     rt.block_on(async {
         let st = status(&store, &rec).await;
         if matches!(st, ContainerStatus::Running | ContainerStatus::Paused) && !force {
@@ -1124,11 +668,23 @@ fn cmd_delete(cli: &Cli, id: &str, force: bool, rt: &tokio::runtime::Runtime) ->
                 status_name(st)
             );
         }
-        if let Ok(c) = agent(&store, &rec.sandbox_id).await {
-            if st != ContainerStatus::Stopped {
-                let _ = c.signal_container(id, libc::SIGKILL, true).await;
+        match Pod::open(&pod_dir).await {
+            Ok(pod) => {
+                if pod.delete_container(id, hooks.as_ref()).await? {
+                    // The last container of the pod: the VM ends.
+                    pod.stop().await;
+                }
             }
-            let _ = c.delete_container(id, true).await;
+            // The VM is gone: what is left of the container goes.
+            Err(e) => {
+                tracing::info!(id, "{e}");
+                if Pod::remove_from_dead(&pod_dir, id).unwrap_or(true) {
+                    Pod::clean_up(&pod_dir);
+                }
+                if let Some(h) = &hooks {
+                    h.run_logged(hooks::Stage::Poststop, "stopped", 0).await;
+                }
+            }
         }
         Ok(())
     })?;
@@ -1141,43 +697,7 @@ fn cmd_delete(cli: &Cli, id: &str, force: bool, rt: &tokio::runtime::Runtime) ->
         // SAFETY: kill(2) of the waiter we started (checked by start time).
         unsafe { libc::kill(rec.waiter_pid, libc::SIGKILL) };
     }
-    if let Ok(share) = Share::new(store.sandbox_dir(&rec.sandbox_id).join("share")) {
-        share.remove_container(id);
-    }
-    {
-        let _lock = store.lock()?;
-        if let Ok(mut sb) = store.load_sandbox(&rec.sandbox_id) {
-            sb.members.retain(|m| m != id);
-            if sb.members.is_empty() {
-                // The last container of the sandbox: the VM ends.
-                rt.block_on(async {
-                    if let Ok(c) = agent(&store, &rec.sandbox_id).await {
-                        let _ = tokio::time::timeout(Duration::from_secs(5), c.shutdown()).await;
-                    }
-                });
-                if alive(sb.vmm_pid, sb.vmm_start) {
-                    let deadline = Instant::now() + Duration::from_secs(5);
-                    while alive(sb.vmm_pid, sb.vmm_start) && Instant::now() < deadline {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    if alive(sb.vmm_pid, sb.vmm_start) {
-                        stop_vmm(sb.vmm_pid);
-                    }
-                }
-                remove_sandbox_dir(&store, &rec.sandbox_id);
-            } else {
-                store.save_sandbox(&sb)?;
-            }
-        }
-    }
-    // After the VMM (which may be in them) has gone.
     rtv_runtime::host_cgroup::remove(&rec.host_cgroups);
-    if let Some(spec) = spec {
-        let state = serde_json::to_vec(&state_json(&rec, ContainerStatus::Stopped))?;
-        if let Err(e) = hooks::run(Stage::Poststop, spec.hooks().as_ref(), &state) {
-            tracing::warn!("{e:#}");
-        }
-    }
     std::fs::remove_dir_all(store.dir(id))
         .with_context(|| format!("removing {}", store.dir(id).display()))?;
     Ok(())
@@ -1260,12 +780,9 @@ fn cmd_exec(cli: &Cli, a: &ExecArgs, rt: &tokio::runtime::Runtime) -> Result<i32
     let rec = store.load(&a.id)?;
     let process = exec_process(&store, a)?;
     let tty = process.terminal().unwrap_or(false) || a.tty;
-    rt.block_on(async {
-        if status(&store, &rec).await != ContainerStatus::Running {
-            bail!("cannot exec in a container that is not running");
-        }
-        Ok(())
-    })?;
+    if rt.block_on(status(&store, &rec)) != ContainerStatus::Running {
+        bail!("cannot exec in a container that is not running");
+    }
     let console = match (tty, &a.console_socket) {
         (true, Some(sock)) => {
             let (master, slave) = console::open_pty()?;
@@ -1363,7 +880,7 @@ fn stand_ins(store: &Store, rec: &ContainerRecord) -> HashMap<i32, i32> {
                 .ok()
                 .and_then(|t| t.trim().parse().ok());
             if let (Some(h), Some(g)) = (host, guest) {
-                if store::start_time(h).is_some() {
+                if rtv_runtime::vmm_process::start_time(h).is_some() {
                     map.insert(g, h);
                 }
             }
@@ -1382,8 +899,7 @@ fn cmd_ps(cli: &Cli, id: &str, format: &str, rt: &tokio::runtime::Runtime) -> Re
         if status(&store, &rec).await == ContainerStatus::Stopped {
             return Ok(Vec::new());
         }
-        let c = agent(&store, &rec.sandbox_id).await?;
-        Ok::<_, anyhow::Error>(c.container_pids(id).await?)
+        Ok::<_, anyhow::Error>(pod_of(&store, &rec).await?.pids(id).await?)
     })?;
     let map = stand_ins(&store, &rec);
     let pids: Vec<i32> = guest.iter().map(|g| *map.get(g).unwrap_or(g)).collect();
@@ -1443,10 +959,10 @@ fn cmd_events(
     let rec = store.load(id)?;
     let interval = parse_duration(interval)?;
     rt.block_on(async {
-        let c = agent(&store, &rec.sandbox_id).await?;
+        let pod = pod_of(&store, &rec).await?;
         let mut ooms = None;
         loop {
-            let s = c.container_stats(id).await?;
+            let s = pod.stats(id).await?;
             let data = json!({
                 "cpu": {"usage": {"total": s.cpu_usage_usec * 1000}},
                 "memory": {"usage": {"usage": s.memory_bytes, "limit": s.memory_limit_bytes.unwrap_or(u64::MAX)}},
@@ -1474,18 +990,15 @@ fn cmd_pause(cli: &Cli, id: &str, pause: bool, rt: &tokio::runtime::Runtime) -> 
     let store = Store::open(&cli.root)?;
     let rec = store.load(id)?;
     rt.block_on(async {
-        let st = status(&store, &rec).await;
         let want = if pause {
             ContainerStatus::Running
         } else {
             ContainerStatus::Paused
         };
-        if st != want {
+        if status(&store, &rec).await != want {
             bail!("container not {}", status_name(want));
         }
-        let c = agent(&store, &rec.sandbox_id).await?;
-        c.pause_container(id, pause).await?;
-        Ok(())
+        Ok(pod_of(&store, &rec).await?.pause(id, pause).await?)
     })
 }
 
@@ -1524,15 +1037,7 @@ fn cmd_update(cli: &Cli, u: &UpdateArgs, rt: &tokio::runtime::Runtime) -> Result
     let de = &mut serde_json::Deserializer::from_str(&text);
     let resources: LinuxResources = serde_path_to_error::deserialize(de)
         .map_err(|e| anyhow!("resources: {}: {}", e.path(), e.inner()))?;
-    rt.block_on(async {
-        let c = agent(&store, &rec.sandbox_id).await?;
-        c.update_container(&u.id, resources)
-            .await
-            .map_err(|e| match e {
-                ClientError::Agent { message, .. } => anyhow!("{message}"),
-                e => e.into(),
-            })
-    })
+    rt.block_on(async { Ok(pod_of(&store, &rec).await?.update(&u.id, resources).await?) })
 }
 
 fn features() -> serde_json::Value {
@@ -1597,7 +1102,7 @@ fn cmd_check() -> Result<bool> {
             "neither hardware virtualization nor PVM found".into()
         },
     );
-    match artifacts() {
+    match Artifacts::find() {
         Ok(a) => {
             line("guest kernel", true, a.kernel.display().to_string());
             line("initramfs", true, a.initramfs.display().to_string());
@@ -1611,7 +1116,7 @@ fn cmd_check() -> Result<bool> {
             cfg.mem_mib = size.mem_mib;
             cfg.vcpus = size.vcpus;
             cfg.shared_dir = Some(PathBuf::from("/"));
-            cfg.template_dir = Some(template_dir());
+            cfg.template_dir = Some(rtv_runtime::template_dir());
             let current = cfg
                 .template_cache()
                 .map_err(|e| e.to_string())
@@ -1630,7 +1135,7 @@ fn cmd_check() -> Result<bool> {
                     true,
                     format!(
                         "none usable under {} ({why}): the first start cold boots the guest and snapshots it (~10-15 s here), later starts restore it",
-                        template_dir().display()
+                        rtv_runtime::template_dir().display()
                     ),
                 ),
             }
@@ -1713,7 +1218,7 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     if let Cmd::Waiter(w) = &cli.command {
-        return waiter(&cli, w);
+        return waiter::waiter(&cli, w);
     }
     match run(&cli) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

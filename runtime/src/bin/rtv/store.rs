@@ -1,11 +1,10 @@
 //! rtv's state under `--root`: one directory per container
 //! (`<root>/<id>/state.json`, the spec as created, the exit status the
-//! waiter records) and one per sandbox VM (`<root>/.sandboxes/<key>/`: the
-//! VMM's vsock socket, console and logs, the share, `sandbox.json`).
+//! waiter records), and the state directory of each pod
+//! (`<root>/.sandboxes/<key>/`, which the pod layer keeps: the VMM's vsock
+//! socket, console and logs, the share, `pod.json`).
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -40,26 +39,9 @@ pub struct ContainerRecord {
     pub waiter_start: u64,
     /// The user who created it.
     pub owner: String,
-    /// Host cgroup directories the waiter and the VMM were put in.
+    /// Host cgroup directories the waiter was put in.
     #[serde(default)]
     pub host_cgroups: Vec<PathBuf>,
-}
-
-/// A sandbox's record.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SandboxRecord {
-    /// Its id (the first container's id, or the CRI sandbox id).
-    pub id: String,
-    /// The VMM's pid.
-    pub vmm_pid: i32,
-    /// Its start time, against pid reuse.
-    pub vmm_start: u64,
-    /// The containers in it.
-    pub members: Vec<String>,
-    /// Guest memory.
-    pub mem_mib: u64,
-    /// vCPUs.
-    pub vcpus: u8,
 }
 
 /// How a container ended, as its waiter recorded it.
@@ -84,53 +66,6 @@ pub fn check_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-/// The start time of process `pid` (field 22 of /proc/<pid>/stat), or
-/// None if it does not exist.
-pub fn start_time(pid: i32) -> Option<u64> {
-    if pid <= 0 {
-        return None;
-    }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    // Fields after the command: state is field 3; starttime is field 22.
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Whether `pid` is still the process that started at `start` (and not
-/// a zombie).
-pub fn alive(pid: i32, start: u64) -> bool {
-    if start_time(pid) != Some(start) {
-        return false;
-    }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .unwrap_or("X");
-    state != "Z" && state != "X"
-}
-
-/// An exclusive lock on a file, released on drop.
-pub struct Lock(#[allow(dead_code)] File);
-
-impl Lock {
-    /// Takes the lock on `path` (created if missing).
-    pub fn take(path: &Path) -> Result<Lock> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .with_context(|| format!("opening lock {}", path.display()))?;
-        // SAFETY: flock(2) on a descriptor we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } < 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("locking {}", path.display()));
-        }
-        Ok(Lock(f))
-    }
-}
-
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
@@ -145,11 +80,6 @@ impl Store {
         Ok(Store {
             root: root.to_owned(),
         })
-    }
-
-    /// The global lock (membership changes, id allocation).
-    pub fn lock(&self) -> Result<Lock> {
-        Lock::take(&self.root.join(".lock"))
     }
 
     /// A container's directory.
@@ -226,22 +156,6 @@ impl Store {
         write_atomic(
             &self.dir(id).join("exit.json"),
             &serde_json::to_vec(&ExitRecord { status })?,
-        )
-    }
-
-    /// A sandbox's record.
-    pub fn load_sandbox(&self, sandbox_id: &str) -> Result<SandboxRecord> {
-        let path = self.sandbox_dir(sandbox_id).join("sandbox.json");
-        let text = std::fs::read(&path)
-            .with_context(|| format!("sandbox {sandbox_id}: reading {}", path.display()))?;
-        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
-    }
-
-    /// Saves a sandbox's record.
-    pub fn save_sandbox(&self, rec: &SandboxRecord) -> Result<()> {
-        write_atomic(
-            &self.sandbox_dir(&rec.id).join("sandbox.json"),
-            &serde_json::to_vec_pretty(rec)?,
         )
     }
 }

@@ -1,0 +1,1204 @@
+//! The pod lifecycle, written once for every front end: `rtv` (runc's
+//! command line, one process per command) and `containerd-shim-rtv-v2`
+//! (one long-lived process per pod) both call it, and neither holds a
+//! lifecycle step of its own.
+//!
+//! A [`Pod`] is one micro-VM and what the host keeps for it in its state
+//! directory: the VMM's vsock socket, console and log, the virtio-fs share
+//! (`share/`), and the pod's record (`pod.json`: the VMM's pid, the size,
+//! the host cgroups the VMM joined, the member containers). [`Pod::start`]
+//! starts it (from the VM template, a cold boot as fallback) and
+//! [`Pod::open`] re-opens it from its record in another process;
+//! [`Pod::stop`] powers it off and removes everything it made.
+//!
+//! Containers are operations on their pod: [`Pod::create_container`] (with
+//! its own undo, see [`Creating`]), start, exec, signal, pause and resume,
+//! update, stats, pids, state, wait, the OOM watch ([`OomWatch`]) and
+//! [`Pod::delete_container`], which says whether the pod is then empty.
+//! The spec's OCI hooks run here, on the host ([`ContainerHooks`]).
+//! Failures are [`PodError`]s, whose [`ErrorClass`] front ends map to
+//! their own codes.
+//!
+//! Which pod a container belongs to is one rule for every front end
+//! ([`Role::of`], from containerd's CRI annotations).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use oci_spec::runtime::{Hooks, LinuxResources, Process, Spec};
+use rtv_protocol::{
+    ContainerState, ContainerStats, CreateContainer, ErrorKind, ExecInContainer, ExitStatus, Stdio,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::agent_client::{AgentClient, ClientError, Endpoint};
+use crate::artifacts::{ArtifactError, Artifacts};
+use crate::hooks::{self, HookError, Stage};
+use crate::host_cgroup::{self, HostCgroupError};
+use crate::sandbox::{Origin, Sandbox, SandboxConfig, SandboxError, VSOCK_FILE};
+use crate::share::{Share, ShareError};
+use crate::spec::{guest_spec, vm_size, VmSize};
+use crate::vmm_process::alive;
+
+/// The CRI annotation naming a container's kind (`sandbox` or `container`).
+pub const CRI_TYPE: &str = "io.kubernetes.cri.container-type";
+/// The CRI annotation naming the pod sandbox a container belongs to.
+pub const CRI_SANDBOX: &str = "io.kubernetes.cri.sandbox-id";
+
+/// The pod's record in its state directory.
+pub const RECORD_FILE: &str = "pod.json";
+/// The lock taken while the record changes.
+const LOCK_FILE: &str = "pod.lock";
+/// The share's directory in the state directory.
+pub const SHARE_DIR: &str = "share";
+/// How long the agent may take to answer a new connection.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a VM may take to power off before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The vsock CID of every pod's guest (each VMM has its own socket).
+const GUEST_CID: u32 = 3;
+
+/// How a container relates to a pod, from containerd's CRI annotations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// A CRI pod's sandbox (pause) container: it makes the pod's VM.
+    Sandbox,
+    /// A CRI container of the pod with this sandbox id: it joins the VM.
+    Member(String),
+    /// No CRI pod: a container with a VM of its own.
+    Standalone,
+}
+
+impl Role {
+    /// The role the annotations give a container. The rule: `container-type
+    /// sandbox` makes a pod; `container-type container` with a non-empty
+    /// `sandbox-id` joins that pod; anything else (no annotations, or a
+    /// `container` that names no sandbox, which has no pod to join) runs
+    /// in a VM of its own.
+    pub fn of(annotations: &HashMap<String, String>) -> Role {
+        match (
+            annotations.get(CRI_TYPE).map(String::as_str),
+            annotations.get(CRI_SANDBOX).filter(|s| !s.is_empty()),
+        ) {
+            (Some("sandbox"), _) => Role::Sandbox,
+            (Some("container"), Some(sandbox)) => Role::Member(sandbox.clone()),
+            (Some("container"), None) => {
+                tracing::warn!(
+                    "annotation {CRI_TYPE}=container without {CRI_SANDBOX}: \
+                     no pod to join, the container gets a VM of its own"
+                );
+                Role::Standalone
+            }
+            _ => Role::Standalone,
+        }
+    }
+
+    /// The id of the pod container `id` belongs to: the sandbox id of a
+    /// member, else its own.
+    pub fn pod_id<'a>(&'a self, id: &'a str) -> &'a str {
+        match self {
+            Role::Member(sandbox) => sandbox,
+            Role::Sandbox | Role::Standalone => id,
+        }
+    }
+}
+
+/// What kind of failure a [`PodError`] is, for front ends' codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The container, process or pod does not exist.
+    NotFound,
+    /// It exists already.
+    AlreadyExists,
+    /// Its state does not allow the request.
+    InvalidState,
+    /// The request or the spec is wrong (the message names the field).
+    InvalidArgument,
+    /// The request waited too long for another on the same container.
+    TimedOut,
+    /// The pod's VM or its agent cannot be reached.
+    Unavailable,
+    /// Anything else.
+    Internal,
+}
+
+/// Why a pod operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    /// A guest artifact is missing.
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    /// The spec (or the request) is wrong; the message names the file and
+    /// field.
+    #[error("{0}")]
+    Invalid(String),
+    /// The VM could not be started.
+    #[error("starting the pod's VM: {0}")]
+    Start(#[source] SandboxError),
+    /// The agent failed a request, or could not be reached.
+    #[error("{}", agent_message(context, source))]
+    Agent {
+        /// What was being done (or the spec file), if worth saying.
+        context: Option<String>,
+        /// The client's error.
+        source: ClientError,
+    },
+    /// A hook failed.
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    /// The share could not be used.
+    #[error(transparent)]
+    Share(#[from] ShareError),
+    /// The pod's host cgroup could not be joined.
+    #[error("linux.cgroupsPath: {0}")]
+    HostCgroup(#[from] HostCgroupError),
+    /// The pod is not in a state for the request (stopping, gone).
+    #[error("pod {pod}: {message}")]
+    Pod {
+        /// The pod.
+        pod: String,
+        /// What is wrong.
+        message: String,
+        /// How to classify it.
+        class: ErrorClass,
+    },
+    /// A file of the pod's state could not be used.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn agent_message(context: &Option<String>, source: &ClientError) -> String {
+    let what = match source {
+        ClientError::Agent { message, .. } => message.clone(),
+        other => other.to_string(),
+    };
+    match context {
+        Some(c) => format!("{c}: {what}"),
+        None => what,
+    }
+}
+
+impl PodError {
+    /// The error's class.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            PodError::Artifact(_) => ErrorClass::Unavailable,
+            PodError::Invalid(_) | PodError::HostCgroup(_) => ErrorClass::InvalidArgument,
+            PodError::Share(ShareError::Spec { .. }) => ErrorClass::InvalidArgument,
+            PodError::Share(_) | PodError::Io { .. } | PodError::Hook(_) => ErrorClass::Internal,
+            PodError::Start(_) => ErrorClass::Internal,
+            PodError::Pod { class, .. } => *class,
+            PodError::Agent { source, .. } => match source {
+                ClientError::Agent { kind, .. } => match kind {
+                    ErrorKind::NoSuchContainer | ErrorKind::NoSuchProcess => ErrorClass::NotFound,
+                    ErrorKind::AlreadyExists => ErrorClass::AlreadyExists,
+                    ErrorKind::InvalidState => ErrorClass::InvalidState,
+                    ErrorKind::TimedOut => ErrorClass::TimedOut,
+                    ErrorKind::InvalidRequest
+                    | ErrorKind::NotFound
+                    | ErrorKind::PermissionDenied => ErrorClass::InvalidArgument,
+                    ErrorKind::Other => ErrorClass::Internal,
+                },
+                ClientError::Unreachable { .. }
+                | ClientError::Disconnected
+                | ClientError::Refused(_) => ErrorClass::Unavailable,
+                _ => ErrorClass::Internal,
+            },
+        }
+    }
+
+    /// The agent's error kind, if the agent answered with an error.
+    pub fn agent_kind(&self) -> Option<ErrorKind> {
+        match self {
+            PodError::Agent {
+                source: ClientError::Agent { kind, .. },
+                ..
+            } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PodError + '_ {
+        move |source| PodError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl From<ClientError> for PodError {
+    fn from(source: ClientError) -> Self {
+        PodError::Agent {
+            context: None,
+            source,
+        }
+    }
+}
+
+/// How to start a pod.
+#[derive(Debug, Clone)]
+pub struct PodConfig {
+    /// The pod's id.
+    pub id: String,
+    /// Its state directory (made; removed when the pod stops).
+    pub dir: PathBuf,
+    /// The guest kernel, initramfs and VMM.
+    pub artifacts: Artifacts,
+    /// The template cache ([`crate::artifacts::template_dir`] by default).
+    pub template_dir: PathBuf,
+    /// Guest memory and vCPUs.
+    pub size: VmSize,
+    /// The guest's hostname.
+    pub hostname: String,
+    /// Leave the VMM running when this process ends (see [`Pod::detach`]).
+    pub detached: bool,
+    /// The host cgroup the VMM joins (the spec's `linux.cgroupsPath`:
+    /// containerd and the kubelet account the pod by it).
+    pub host_cgroup: Option<String>,
+}
+
+impl PodConfig {
+    /// A pod for the container with `spec` that makes it (a CRI sandbox,
+    /// or a standalone container): sized from the spec, named by its
+    /// hostname (else the pod's id), in the spec's host cgroup.
+    pub fn for_spec(id: &str, dir: &Path, spec: &Spec) -> Result<PodConfig, PodError> {
+        let hostname = spec
+            .hostname()
+            .clone()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| id.chars().take(63).collect());
+        Ok(PodConfig {
+            id: id.to_owned(),
+            dir: dir.to_path_buf(),
+            artifacts: Artifacts::find()?,
+            template_dir: crate::artifacts::template_dir(),
+            size: vm_size(spec, crate::spec::host_cpus()),
+            hostname,
+            detached: false,
+            host_cgroup: spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.cgroups_path().as_ref())
+                .map(|p| p.to_string_lossy().into_owned()),
+        })
+    }
+}
+
+/// What a pod's state directory records of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodRecord {
+    /// The pod's id.
+    pub id: String,
+    /// The VMM's pid.
+    pub vmm_pid: i32,
+    /// Its start time (against pid reuse).
+    pub vmm_start: u64,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// The host cgroups the VMM joined.
+    pub host_cgroups: Vec<PathBuf>,
+    /// The containers in the pod.
+    pub members: Vec<String>,
+    /// The last member left: the pod is being stopped and takes no new one.
+    #[serde(default)]
+    pub stopping: bool,
+}
+
+/// An exclusive flock, released when dropped.
+struct RecordLock(File);
+
+impl RecordLock {
+    fn take(dir: &Path) -> Result<RecordLock, PodError> {
+        let path = dir.join(LOCK_FILE);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(PodError::io(&path))?;
+        // SAFETY: flock(2) on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } < 0 {
+            return Err(PodError::io(&path)(std::io::Error::last_os_error()));
+        }
+        Ok(RecordLock(f))
+    }
+}
+
+impl Drop for RecordLock {
+    fn drop(&mut self) {
+        // SAFETY: flock(2) on a descriptor we own.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+fn read_record(dir: &Path) -> Result<PodRecord, PodError> {
+    let path = dir.join(RECORD_FILE);
+    let text = std::fs::read(&path).map_err(PodError::io(&path))?;
+    serde_json::from_slice(&text).map_err(|e| PodError::io(&path)(std::io::Error::other(e)))
+}
+
+fn write_record(dir: &Path, rec: &PodRecord) -> Result<(), PodError> {
+    let path = dir.join(RECORD_FILE);
+    let tmp = dir.join(format!(".{RECORD_FILE}.tmp"));
+    let bytes = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other);
+    bytes
+        .and_then(|b| std::fs::write(&tmp, b))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(PodError::io(&path))
+}
+
+/// Changes the record in `dir` under its lock.
+fn change_record<T>(
+    dir: &Path,
+    f: impl FnOnce(&mut PodRecord) -> Result<T, PodError>,
+) -> Result<T, PodError> {
+    let _lock = RecordLock::take(dir)?;
+    let mut rec = read_record(dir)?;
+    let r = f(&mut rec)?;
+    write_record(dir, &rec)?;
+    Ok(r)
+}
+
+/// Adds container `id` to the members of the pod in `dir`; refused while
+/// the pod stops, and for an id it has.
+fn join_members(dir: &Path, id: &str) -> Result<(), PodError> {
+    change_record(dir, |rec| {
+        let refuse = |message: String, class| PodError::Pod {
+            pod: rec.id.clone(),
+            message,
+            class,
+        };
+        if rec.stopping {
+            return Err(refuse(
+                "it is stopping (its last container was deleted)".into(),
+                ErrorClass::InvalidState,
+            ));
+        }
+        if rec.members.iter().any(|m| m == id) {
+            return Err(refuse(
+                format!("container {id} exists already"),
+                ErrorClass::AlreadyExists,
+            ));
+        }
+        rec.members.push(id.to_owned());
+        Ok(())
+    })
+}
+
+/// Removes `id` from the members of the pod in `dir`; whether it was the
+/// last. A container deleted last marks the pod stopping (the front end
+/// stops it); an undone create does not.
+fn leave_members(dir: &Path, id: &str, deleted: bool) -> Result<bool, PodError> {
+    change_record(dir, |rec| {
+        rec.members.retain(|m| m != id);
+        let last = rec.members.is_empty();
+        rec.stopping |= last && deleted;
+        Ok(last)
+    })
+}
+
+/// The pod's VMM: started by this process, or found from the record.
+enum Vmm {
+    Owned(Box<Sandbox>),
+    Found {
+        pid: i32,
+        start: u64,
+    },
+    /// No VM: the agent runs on the host ([`Pod::on_host_agent`]).
+    HostAgent,
+}
+
+/// A running pod: its VM, its agent, its share.
+pub struct Pod {
+    id: String,
+    dir: PathBuf,
+    client: Arc<AgentClient>,
+    share: Share,
+    vmm: std::sync::Mutex<Option<Vmm>>,
+    host_cgroups: Vec<PathBuf>,
+    size: VmSize,
+}
+
+impl std::fmt::Debug for Pod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pod")
+            .field("id", &self.id)
+            .field("dir", &self.dir)
+            .field("vmm_pid", &self.vmm_pid())
+            .finish()
+    }
+}
+
+impl Pod {
+    /// Starts a pod: the state directory (anything a dead pod of the same
+    /// directory left is removed first), the VM from the template (or a
+    /// cold boot), the VMM in the host cgroup, and the record. A failure
+    /// leaves nothing.
+    pub async fn start(cfg: PodConfig) -> Result<Pod, PodError> {
+        crate::remove_tree(&cfg.dir)?;
+        let share_dir = cfg.dir.join(SHARE_DIR);
+        std::fs::create_dir_all(&share_dir).map_err(PodError::io(&share_dir))?;
+        let started = Self::start_in(&cfg, &share_dir).await;
+        if started.is_err() {
+            let _ = crate::remove_tree(&cfg.dir);
+        }
+        started
+    }
+
+    async fn start_in(cfg: &PodConfig, share_dir: &Path) -> Result<Pod, PodError> {
+        let a = &cfg.artifacts;
+        let mut sb = SandboxConfig::new(
+            &a.kernel,
+            &a.initramfs,
+            &a.vmm,
+            &cfg.dir,
+            &cfg.hostname,
+            GUEST_CID,
+        );
+        sb.mem_mib = cfg.size.mem_mib;
+        sb.vcpus = cfg.size.vcpus;
+        sb.shared_dir = Some(share_dir.to_path_buf());
+        sb.template_dir = Some(cfg.template_dir.clone());
+        sb.detached = cfg.detached;
+        let sandbox = Sandbox::start(sb).await.map_err(PodError::Start)?;
+        tracing::info!(
+            pod = %cfg.id,
+            vmm_pid = sandbox.pid(),
+            mem_mib = cfg.size.mem_mib,
+            vcpus = cfg.size.vcpus,
+            origin = ?sandbox.origin(),
+            ready_after = ?sandbox.ready_after(),
+            "VM ready"
+        );
+        let client =
+            match AgentClient::connect(Endpoint::vm(cfg.dir.join(VSOCK_FILE)), AGENT_TIMEOUT).await
+            {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    let _ = sandbox.stop(STOP_TIMEOUT).await;
+                    return Err(e.into());
+                }
+            };
+        let vmm_pid = sandbox.pid() as i32;
+        let mut pod = Pod {
+            id: cfg.id.clone(),
+            dir: cfg.dir.clone(),
+            client,
+            share: Share::new(share_dir)?,
+            vmm: std::sync::Mutex::new(Some(Vmm::Owned(Box::new(sandbox)))),
+            host_cgroups: Vec::new(),
+            size: cfg.size,
+        };
+        let recorded = (|| {
+            if let Some(path) = &cfg.host_cgroup {
+                pod.host_cgroups = host_cgroup::join(path, vmm_pid)?;
+            }
+            write_record(
+                &pod.dir,
+                &PodRecord {
+                    id: pod.id.clone(),
+                    vmm_pid,
+                    vmm_start: crate::vmm_process::start_time(vmm_pid).unwrap_or(0),
+                    mem_mib: cfg.size.mem_mib,
+                    vcpus: cfg.size.vcpus,
+                    host_cgroups: pod.host_cgroups.clone(),
+                    members: Vec::new(),
+                    stopping: false,
+                },
+            )
+        })();
+        match recorded {
+            Ok(()) => Ok(pod),
+            Err(e) => {
+                pod.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Re-opens the pod whose state directory is `dir` (started by another
+    /// process): its record, its VMM (which must still run), its agent.
+    pub async fn open(dir: &Path) -> Result<Pod, PodError> {
+        let rec = read_record(dir)?;
+        if !alive(rec.vmm_pid, rec.vmm_start) {
+            return Err(PodError::Pod {
+                pod: rec.id,
+                message: format!("its VMM (pid {}) is gone", rec.vmm_pid),
+                class: ErrorClass::Unavailable,
+            });
+        }
+        let client = AgentClient::connect(Endpoint::vm(dir.join(VSOCK_FILE)), AGENT_TIMEOUT)
+            .await
+            .map_err(|source| PodError::Agent {
+                context: Some(format!("reaching the agent of pod {}", rec.id)),
+                source,
+            })?;
+        Ok(Pod {
+            id: rec.id,
+            dir: dir.to_path_buf(),
+            client: Arc::new(client),
+            share: Share::new(dir.join(SHARE_DIR))?,
+            vmm: std::sync::Mutex::new(Some(Vmm::Found {
+                pid: rec.vmm_pid,
+                start: rec.vmm_start,
+            })),
+            host_cgroups: rec.host_cgroups,
+            size: VmSize {
+                mem_mib: rec.mem_mib,
+                vcpus: rec.vcpus,
+            },
+        })
+    }
+
+    /// A pod without a VM, over an agent that runs on the host
+    /// (`rtv-agent --listen unix:PATH`), for tests of the container
+    /// operations that need no guest: the share is bind-mounted under
+    /// `dir` as for a VM, and the agent sees it at its host path.
+    pub async fn on_host_agent(id: &str, dir: &Path, agent: &Path) -> Result<Pod, PodError> {
+        crate::remove_tree(dir)?;
+        let share_dir = dir.join(SHARE_DIR);
+        let share = Share::seen_at(&share_dir, &share_dir)?;
+        let client =
+            AgentClient::connect(Endpoint::Unix(agent.to_path_buf()), AGENT_TIMEOUT).await?;
+        let size = VmSize {
+            mem_mib: 0,
+            vcpus: 0,
+        };
+        write_record(
+            dir,
+            &PodRecord {
+                id: id.to_owned(),
+                vmm_pid: 0,
+                vmm_start: 0,
+                mem_mib: 0,
+                vcpus: 0,
+                host_cgroups: Vec::new(),
+                members: Vec::new(),
+                stopping: false,
+            },
+        )?;
+        Ok(Pod {
+            id: id.to_owned(),
+            dir: dir.to_path_buf(),
+            client: Arc::new(client),
+            share,
+            vmm: std::sync::Mutex::new(Some(Vmm::HostAgent)),
+            host_cgroups: Vec::new(),
+            size,
+        })
+    }
+
+    /// The pod's record in `dir`, if it has one.
+    pub fn record(dir: &Path) -> Result<PodRecord, PodError> {
+        read_record(dir)
+    }
+
+    /// The pod's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Its state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its VM's size.
+    pub fn size(&self) -> VmSize {
+        self.size
+    }
+
+    fn vmm(&self) -> std::sync::MutexGuard<'_, Option<Vmm>> {
+        self.vmm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The VMM's pid (0 once stopped).
+    pub fn vmm_pid(&self) -> i32 {
+        match &*self.vmm() {
+            Some(Vmm::Owned(s)) => s.pid() as i32,
+            Some(Vmm::Found { pid, .. }) => *pid,
+            Some(Vmm::HostAgent) | None => 0,
+        }
+    }
+
+    /// How the VM came to be, if this process started it.
+    pub fn origin(&self) -> Option<Origin> {
+        match &*self.vmm() {
+            Some(Vmm::Owned(s)) => Some(s.origin().clone()),
+            _ => None,
+        }
+    }
+
+    /// The agent's control connection (for stdio streams, terminal
+    /// resizes, closing stdin: what front ends relay themselves).
+    pub fn client(&self) -> &Arc<AgentClient> {
+        &self.client
+    }
+
+    /// Leaves the VM running when this value is dropped, for a pod started
+    /// with [`PodConfig::detached`] (another process stops it later).
+    pub fn detach(self) {
+        if let Some(Vmm::Owned(s)) = self.vmm().take() {
+            s.detach();
+        }
+    }
+
+    /// Powers the VM off (killing the VMM if it does not stop within
+    /// [`STOP_TIMEOUT`]), then removes the state directory, the share's
+    /// mounts with it, and the host cgroups. Problems are logged: a pod
+    /// is always gone afterwards; a second call does nothing.
+    pub async fn stop(&self) {
+        let vmm = self.vmm().take();
+        match vmm {
+            Some(Vmm::Owned(sandbox)) => match sandbox.stop(STOP_TIMEOUT).await {
+                Ok(status) => tracing::info!(pod = %self.id, "VM stopped ({status})"),
+                Err(e) => tracing::warn!(pod = %self.id, "stopping the VM: {e}"),
+            },
+            Some(Vmm::Found { pid, start }) => {
+                // The reply may be lost as the guest goes down.
+                let _ = tokio::time::timeout(STOP_TIMEOUT, self.client.shutdown()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    crate::vmm_process::stop(pid, start, STOP_TIMEOUT)
+                })
+                .await;
+            }
+            Some(Vmm::HostAgent) => {}
+            None => return,
+        }
+        Self::remove_state(&self.id, &self.dir, &self.host_cgroups);
+    }
+
+    /// Cleans up after a pod whose owner died: kills its VMM if the record
+    /// says one still runs, removes the state directory and the host
+    /// cgroups. Nothing to do is not an error.
+    pub fn clean_up(dir: &Path) {
+        let rec = read_record(dir).ok();
+        if let Some(rec) = &rec {
+            if alive(rec.vmm_pid, rec.vmm_start) {
+                crate::vmm_process::stop(rec.vmm_pid, rec.vmm_start, Duration::ZERO);
+            }
+        }
+        let (id, cgroups) = rec
+            .map(|r| (r.id, r.host_cgroups))
+            .unwrap_or_else(|| (dir.display().to_string(), Vec::new()));
+        Self::remove_state(&id, dir, &cgroups);
+    }
+
+    /// Removes container `id` from the pod in `dir` whose VM is gone (its
+    /// share entry and membership); whether it was the last member, in
+    /// which case the caller cleans the pod up ([`Pod::clean_up`]).
+    pub fn remove_from_dead(dir: &Path, id: &str) -> Result<bool, PodError> {
+        if let Ok(share) = Share::new(dir.join(SHARE_DIR)) {
+            share.remove_container(id);
+        }
+        leave_members(dir, id, true)
+    }
+
+    fn remove_state(id: &str, dir: &Path, host_cgroups: &[PathBuf]) {
+        if let Err(e) = crate::remove_tree(dir) {
+            tracing::warn!(pod = %id, "{e}");
+        }
+        // After the VMM, which was in them, has gone.
+        host_cgroup::remove(host_cgroups);
+    }
+
+    /// The containers of the pod.
+    pub fn member_ids(&self) -> Result<Vec<String>, PodError> {
+        Ok(read_record(&self.dir)?.members)
+    }
+
+    fn join(&self, id: &str) -> Result<(), PodError> {
+        join_members(&self.dir, id)
+    }
+
+    fn leave(&self, id: &str, deleted: bool) -> Result<bool, PodError> {
+        leave_members(&self.dir, id, deleted)
+    }
+
+    /// Creates a container in the pod: joins it to the members, places its
+    /// root file system and bind mounts in the share, maps the spec for the
+    /// guest and creates it there (its init waits for start). The front
+    /// end then attaches its stdio and finishes the create with
+    /// [`Creating::finish`], which runs the create hooks. A failure here
+    /// leaves nothing.
+    pub async fn create_container(&self, c: NewContainer<'_>) -> Result<Creating<'_>, PodError> {
+        self.join(c.id)?;
+        let mut creating = Creating {
+            pod: self,
+            id: c.id.to_owned(),
+            exec_id: 0,
+            guest_pid: 0,
+            in_share: false,
+            in_guest: false,
+        };
+        match self.create_in_guest(&c, &mut creating).await {
+            Ok(()) => Ok(creating),
+            Err(e) => {
+                creating.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_in_guest(
+        &self,
+        c: &NewContainer<'_>,
+        creating: &mut Creating<'_>,
+    ) -> Result<(), PodError> {
+        let config = c.bundle.join("config.json");
+        let in_file =
+            |e: &dyn std::fmt::Display| PodError::Invalid(format!("{}: {e}", config.display()));
+        let shared = match self.share.add_container(c.id, c.rootfs, c.spec) {
+            Ok(s) => s,
+            Err(e @ ShareError::Spec { .. }) => return Err(in_file(&e)),
+            Err(e) => return Err(e.into()),
+        };
+        creating.in_share = true;
+        let spec = guest_spec(shared, c.id, c.guest_pid).map_err(|e| in_file(&e))?;
+        let (exec_id, guest_pid) = self
+            .client
+            .create_container(CreateContainer {
+                container_id: c.id.to_owned(),
+                spec,
+                stdio: c.stdio,
+            })
+            .await
+            .map_err(|source| PodError::Agent {
+                context: Some(config.display().to_string()),
+                source,
+            })?;
+        creating.in_guest = true;
+        creating.exec_id = exec_id;
+        creating.guest_pid = guest_pid;
+        Ok(())
+    }
+
+    /// Removes container `id` from the guest (killing it) and the share.
+    async fn remove_container(&self, id: &str) {
+        match self.client.delete_container(id, true).await {
+            Ok(()) => {}
+            Err(ClientError::Agent {
+                kind: ErrorKind::NoSuchContainer,
+                ..
+            }) => {}
+            Err(e) => {
+                tracing::warn!(pod = %self.id, id, "deleting the container in the guest: {e}")
+            }
+        }
+        self.share.remove_container(id);
+    }
+
+    /// Starts a created container: its startContainer hooks (a failure
+    /// fails the start), the start in the guest, its poststart hooks
+    /// (failures logged). `pid` is the pid the front end reports for it.
+    pub async fn start_container(&self, hooks: &ContainerHooks, pid: i32) -> Result<(), PodError> {
+        hooks.run(Stage::StartContainer, "created", pid).await?;
+        self.client.start_container(&hooks.id).await?;
+        hooks.run_logged(Stage::Poststart, "running", pid).await;
+        Ok(())
+    }
+
+    /// Deletes container `id` (killing it if it still runs): from the
+    /// guest, the share and the members, then its poststop hooks (failures
+    /// logged). Returns whether it was the pod's last container: the front
+    /// end then stops the pod.
+    pub async fn delete_container(
+        &self,
+        id: &str,
+        hooks: Option<&ContainerHooks>,
+    ) -> Result<bool, PodError> {
+        self.remove_container(id).await;
+        let last = self.leave(id, true)?;
+        if let Some(h) = hooks {
+            h.run_logged(Stage::Poststop, "stopped", 0).await;
+        }
+        Ok(last)
+    }
+
+    /// Runs `process` in running container `id`: its exec id and guest pid.
+    pub async fn exec(
+        &self,
+        id: &str,
+        process: Process,
+        stdio: Stdio,
+    ) -> Result<(u64, i32), PodError> {
+        Ok(self
+            .client
+            .exec_in_container(ExecInContainer {
+                container_id: id.to_owned(),
+                process,
+                stdio,
+            })
+            .await?)
+    }
+
+    /// Sends `signal` to container `id`'s init, or to all its processes.
+    pub async fn signal(&self, id: &str, signal: i32, all: bool) -> Result<(), PodError> {
+        Ok(self.client.signal_container(id, signal, all).await?)
+    }
+
+    /// Sends `signal` to the process with exec id `exec_id`.
+    pub async fn signal_process(&self, exec_id: u64, signal: i32) -> Result<(), PodError> {
+        Ok(self.client.signal(exec_id, signal).await?)
+    }
+
+    /// Freezes (`true`) or thaws container `id`.
+    pub async fn pause(&self, id: &str, pause: bool) -> Result<(), PodError> {
+        Ok(self.client.pause_container(id, pause).await?)
+    }
+
+    /// Changes container `id`'s limits in the guest.
+    pub async fn update(&self, id: &str, resources: LinuxResources) -> Result<(), PodError> {
+        Ok(self.client.update_container(id, resources).await?)
+    }
+
+    /// Container `id`'s resource usage.
+    pub async fn stats(&self, id: &str) -> Result<ContainerStats, PodError> {
+        Ok(self.client.container_stats(id).await?)
+    }
+
+    /// The guest pids of container `id`'s processes.
+    pub async fn pids(&self, id: &str) -> Result<Vec<i32>, PodError> {
+        Ok(self.client.container_pids(id).await?)
+    }
+
+    /// Container `id`'s state in the guest.
+    pub async fn state(&self, id: &str) -> Result<ContainerState, PodError> {
+        Ok(self.client.container_state(id).await?)
+    }
+
+    /// Waits for the process with exec id `exec_id` to end.
+    pub async fn wait(&self, exec_id: u64) -> Result<ExitStatus, PodError> {
+        Ok(self.client.wait(exec_id).await?)
+    }
+
+    /// A watch on container `id`'s OOM kills.
+    pub fn oom_watch(&self, id: &str) -> OomWatch {
+        OomWatch {
+            client: self.client.clone(),
+            id: id.to_owned(),
+            seen: 0,
+        }
+    }
+}
+
+/// A container to create ([`Pod::create_container`]).
+pub struct NewContainer<'a> {
+    /// Its id.
+    pub id: &'a str,
+    /// Its bundle (errors name `<bundle>/config.json`).
+    pub bundle: &'a Path,
+    /// Its spec, as the bundle has it.
+    pub spec: &'a Spec,
+    /// Its root file system on the host.
+    pub rootfs: &'a Path,
+    /// Its init's stdio.
+    pub stdio: Stdio,
+    /// Maps a pid in the spec's namespace paths (`/proc/<pid>/ns/...`, a
+    /// pid the front end reported for a container of this pod) to its
+    /// guest pid.
+    pub guest_pid: &'a (dyn Fn(i32) -> Option<i32> + Sync),
+}
+
+/// A container created in the guest whose create has not finished: its
+/// create hooks have not run. [`Creating::finish`] runs them;
+/// [`Creating::abort`] undoes the create. Dropped unfinished, it is undone
+/// as far as can be without waiting (the share and the members; the guest
+/// container is deleted in the background).
+pub struct Creating<'p> {
+    pod: &'p Pod,
+    id: String,
+    /// The init's exec id, for its stdio streams and `wait`.
+    pub exec_id: u64,
+    /// The init's guest pid.
+    pub guest_pid: i32,
+    in_share: bool,
+    in_guest: bool,
+}
+
+impl Creating<'_> {
+    /// Runs the create hooks (prestart, createRuntime, createContainer)
+    /// with `pid`, the pid the front end reports; a failure undoes the
+    /// create.
+    pub async fn finish(mut self, hooks: &ContainerHooks, pid: i32) -> Result<(), PodError> {
+        for stage in Stage::CREATE {
+            if let Err(e) = hooks.run(stage, "created", pid).await {
+                self.undo().await;
+                return Err(e);
+            }
+        }
+        self.in_guest = false;
+        self.in_share = false;
+        self.id.clear();
+        Ok(())
+    }
+
+    /// Undoes the create.
+    pub async fn abort(mut self) {
+        self.undo().await;
+    }
+
+    async fn undo(&mut self) {
+        if self.id.is_empty() {
+            return;
+        }
+        if self.in_guest {
+            self.pod.remove_container(&self.id).await;
+        } else if self.in_share {
+            self.pod.share.remove_container(&self.id);
+        }
+        if let Err(e) = self.pod.leave(&self.id, false) {
+            tracing::warn!(pod = %self.pod.id, id = %self.id, "undoing a create: {e}");
+        }
+        self.id.clear();
+    }
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        if self.id.is_empty() {
+            return;
+        }
+        tracing::warn!(id = %self.id, "a create was dropped unfinished: undoing it");
+        if self.in_guest {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let (client, id) = (self.pod.client.clone(), self.id.clone());
+                rt.spawn(async move {
+                    let _ = client.delete_container(&id, true).await;
+                });
+            }
+        }
+        if self.in_share || self.in_guest {
+            self.pod.share.remove_container(&self.id);
+        }
+        let _ = self.pod.leave(&self.id, false);
+    }
+}
+
+/// A container's OCI hooks and what their state JSON says of it. They run
+/// on the host (the container's namespaces are the guest's).
+#[derive(Debug, Clone)]
+pub struct ContainerHooks {
+    /// The container's id.
+    pub id: String,
+    /// Its bundle.
+    pub bundle: PathBuf,
+    /// Its annotations.
+    pub annotations: HashMap<String, String>,
+    /// Its hooks.
+    pub hooks: Option<Hooks>,
+}
+
+impl ContainerHooks {
+    /// The hooks of container `id` with `spec` in `bundle`.
+    pub fn of(id: &str, bundle: &Path, spec: &Spec) -> Self {
+        Self {
+            id: id.to_owned(),
+            bundle: bundle.to_path_buf(),
+            annotations: spec.annotations().clone().unwrap_or_default(),
+            hooks: spec.hooks().clone(),
+        }
+    }
+
+    /// The OCI state JSON with `status` and `pid`.
+    pub fn state(&self, status: &str, pid: i32) -> serde_json::Value {
+        hooks::state(&self.id, status, pid, &self.bundle, &self.annotations)
+    }
+
+    /// Runs the hooks of `stage` on a blocking thread (a hook may run
+    /// until its timeout).
+    pub async fn run(&self, stage: Stage, status: &str, pid: i32) -> Result<(), PodError> {
+        let Some(hooks) = self
+            .hooks
+            .clone()
+            .filter(|h| stage.of(h).is_some_and(|l| !l.is_empty()))
+        else {
+            return Ok(());
+        };
+        let state = self.state(status, pid).to_string().into_bytes();
+        tokio::task::spawn_blocking(move || hooks::run(stage, Some(&hooks), &state))
+            .await
+            .map_err(|e| PodError::Invalid(format!("hooks.{stage}: {e}")))??;
+        Ok(())
+    }
+
+    /// Runs the hooks of `stage`; a failure is only logged.
+    pub async fn run_logged(&self, stage: Stage, status: &str, pid: i32) {
+        if let Err(e) = self.run(stage, status, pid).await {
+            tracing::warn!(id = %self.id, "{e}");
+        }
+    }
+}
+
+/// OOM kills in one container, as the agent reports them (it sleeps in the
+/// guest until the kernel reports a kill; nothing is polled).
+pub struct OomWatch {
+    client: Arc<AgentClient>,
+    id: String,
+    seen: u64,
+}
+
+impl OomWatch {
+    /// Waits for the next OOM kill: the container's kill count then, or
+    /// `None` once its processes are gone (or it is).
+    pub async fn next(&mut self) -> Option<u64> {
+        match self.client.wait_oom(&self.id, self.seen).await {
+            Ok(state) if state.oom_kills > self.seen => {
+                self.seen = state.oom_kills;
+                Some(state.oom_kills)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(id = %self.id, "no more OOM reports: {e}");
+                None
+            }
+        }
+    }
+
+    /// The kills reported so far, plus any the container's final state
+    /// shows (a last look when it has ended, so a kill that ended it is
+    /// counted before its exit is reported).
+    pub async fn last_count(&mut self) -> u64 {
+        if let Ok(state) = self.client.container_state(&self.id).await {
+            self.seen = self.seen.max(state.oom_kills);
+        }
+        self.seen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn one_rule_for_pods() {
+        let sb = annotations(&[(CRI_TYPE, "sandbox"), (CRI_SANDBOX, "pod1")]);
+        assert_eq!(Role::of(&sb), Role::Sandbox);
+        assert_eq!(Role::of(&sb).pod_id("pod1"), "pod1");
+        let member = annotations(&[(CRI_TYPE, "container"), (CRI_SANDBOX, "pod1")]);
+        assert_eq!(Role::of(&member), Role::Member("pod1".into()));
+        assert_eq!(Role::of(&member).pod_id("c1"), "pod1");
+        assert_eq!(Role::of(&HashMap::new()), Role::Standalone);
+        assert_eq!(Role::of(&HashMap::new()).pod_id("c2"), "c2");
+        for no_pod in [
+            annotations(&[(CRI_TYPE, "container")]),
+            annotations(&[(CRI_TYPE, "container"), (CRI_SANDBOX, "")]),
+        ] {
+            assert_eq!(Role::of(&no_pod), Role::Standalone);
+        }
+    }
+
+    #[test]
+    fn agent_errors_are_classified() {
+        let agent = |kind| {
+            PodError::from(ClientError::Agent {
+                kind,
+                message: "m".into(),
+            })
+        };
+        assert_eq!(
+            agent(ErrorKind::NoSuchContainer).class(),
+            ErrorClass::NotFound
+        );
+        assert_eq!(
+            agent(ErrorKind::InvalidState).class(),
+            ErrorClass::InvalidState
+        );
+        assert_eq!(agent(ErrorKind::TimedOut).class(), ErrorClass::TimedOut);
+        assert_eq!(
+            agent(ErrorKind::InvalidRequest).class(),
+            ErrorClass::InvalidArgument
+        );
+        assert_eq!(
+            PodError::from(ClientError::Disconnected).class(),
+            ErrorClass::Unavailable
+        );
+        let e = PodError::Agent {
+            context: Some("/b/config.json".into()),
+            source: ClientError::Agent {
+                kind: ErrorKind::InvalidRequest,
+                message: "process.cwd: bad".into(),
+            },
+        };
+        assert_eq!(e.to_string(), "/b/config.json: process.cwd: bad");
+    }
+
+    #[tokio::test]
+    async fn a_failing_hook_is_an_error_naming_it() {
+        let spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "hooks": {"startContainer": [
+                {"path": "/bin/sh", "args": ["sh", "-c", "cat >/dev/null; echo nope >&2; exit 3"]}
+            ]}
+        }))
+        .unwrap();
+        let hooks = ContainerHooks::of("c1", Path::new("/b"), &spec);
+        let e = hooks
+            .run(Stage::StartContainer, "created", 1)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "hooks.startContainer[0] (/bin/sh) failed: exit status: 3: nope"
+        );
+        assert_eq!(e.class(), ErrorClass::Internal);
+        // Other lists, and no hooks at all, run nothing.
+        hooks.run(Stage::Poststart, "running", 1).await.unwrap();
+        let none = ContainerHooks::of("c1", Path::new("/b"), &Spec::default());
+        none.run(Stage::Prestart, "created", 1).await.unwrap();
+    }
+
+    #[test]
+    fn members_are_recorded_under_a_lock() {
+        let dir = std::env::temp_dir().join(format!("rtv-pod-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rec = PodRecord {
+            id: "p".into(),
+            vmm_pid: 1,
+            vmm_start: 0,
+            mem_mib: 128,
+            vcpus: 1,
+            host_cgroups: Vec::new(),
+            members: Vec::new(),
+            stopping: false,
+        };
+        write_record(&dir, &rec).unwrap();
+        join_members(&dir, "a").unwrap();
+        join_members(&dir, "b").unwrap();
+        let dup = join_members(&dir, "a").unwrap_err();
+        assert_eq!(dup.class(), ErrorClass::AlreadyExists, "{dup}");
+        assert_eq!(read_record(&dir).unwrap().members, ["a", "b"]);
+        assert!(!leave_members(&dir, "a", true).unwrap());
+        // An undone create leaves the pod open.
+        assert!(leave_members(&dir, "b", false).unwrap());
+        assert!(!read_record(&dir).unwrap().stopping);
+        join_members(&dir, "b").unwrap();
+        assert!(leave_members(&dir, "b", true).unwrap());
+        let late = join_members(&dir, "c").unwrap_err();
+        assert_eq!(late.class(), ErrorClass::InvalidState, "{late}");
+        assert!(read_record(&dir).unwrap().stopping);
+        assert!(matches!(
+            read_record(Path::new("/nonexistent")),
+            Err(PodError::Io { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

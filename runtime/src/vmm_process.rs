@@ -1,0 +1,239 @@
+//! The `rtv-vmm` command line, built in one place for cold boots, restores
+//! and template making, and what the runtime does with the process.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// How the VMM's life is tied to the process that starts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifetime {
+    /// It gets SIGTERM when the thread that started it ends
+    /// (`PR_SET_PDEATHSIG`): start it from a long-lived thread.
+    DiesWithParent,
+    /// A session of its own, so it outlives its starter (`rtv`'s VMs live
+    /// across invocations).
+    Detached,
+}
+
+/// An `rtv-vmm` command line.
+#[derive(Debug, Clone)]
+pub struct VmmCommand {
+    vmm: PathBuf,
+    args: Vec<OsString>,
+    lifetime: Lifetime,
+}
+
+impl VmmCommand {
+    /// Boots `kernel` with `initramfs`.
+    pub fn cold_boot(vmm: &Path, kernel: &Path, initramfs: &Path) -> Self {
+        let mut c = Self::new(vmm);
+        c.arg("--kernel").arg(kernel).arg("--initrd").arg(initramfs);
+        c
+    }
+
+    /// Restores the snapshot in `snapshot`.
+    pub fn restore(vmm: &Path, snapshot: &Path) -> Self {
+        let mut c = Self::new(vmm);
+        c.arg("--restore").arg(snapshot);
+        c
+    }
+
+    fn new(vmm: &Path) -> Self {
+        Self {
+            vmm: vmm.to_path_buf(),
+            args: Vec::new(),
+            lifetime: Lifetime::DiesWithParent,
+        }
+    }
+
+    fn arg(&mut self, a: impl Into<OsString>) -> &mut Self {
+        self.args.push(a.into());
+        self
+    }
+
+    /// Guest memory and vCPUs (a restore checks them against the snapshot).
+    pub fn machine(mut self, mem_mib: u64, vcpus: u8) -> Self {
+        self.arg("--mem")
+            .arg(mem_mib.to_string())
+            .arg("--vcpus")
+            .arg(vcpus.to_string());
+        self
+    }
+
+    /// A hybrid vsock device with guest CID `cid`, on the Unix socket `uds`.
+    pub fn vsock(mut self, cid: u32, uds: &Path) -> Self {
+        self.arg("--vsock-cid")
+            .arg(cid.to_string())
+            .arg("--vsock-uds")
+            .arg(uds);
+        self
+    }
+
+    /// A virtio-fs device sharing `dir`.
+    pub fn shared_dir(mut self, dir: &Path) -> Self {
+        self.arg("--shared-dir").arg(dir);
+        self
+    }
+
+    /// The guest console into `file`.
+    pub fn console(mut self, file: &Path) -> Self {
+        self.arg("--console").arg(file);
+        self
+    }
+
+    /// Snapshot the VM into `dir` when the agent is ready, then exit.
+    pub fn snapshot_on_ready(mut self, dir: &Path) -> Self {
+        self.arg("--snapshot-on-ready").arg(dir);
+        self
+    }
+
+    /// How the process's life is tied to ours (default: it dies with the
+    /// starting thread).
+    pub fn lifetime(mut self, lifetime: Lifetime) -> Self {
+        self.lifetime = lifetime;
+        self
+    }
+
+    /// The arguments, for logs and tests.
+    pub fn args(&self) -> &[OsString] {
+        &self.args
+    }
+
+    /// Starts it with stdin and stdout on /dev/null and stderr into `stderr`.
+    pub fn spawn(&self, stderr: File) -> std::io::Result<Child> {
+        let mut cmd = Command::new(&self.vmm);
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        match self.lifetime {
+            Lifetime::DiesWithParent => die_with_parent(&mut cmd),
+            // SAFETY: setsid is async-signal-safe and touches no parent memory.
+            Lifetime::Detached => unsafe {
+                cmd.pre_exec(|| {
+                    libc::setsid();
+                    Ok(())
+                });
+            },
+        }
+        cmd.spawn()
+    }
+}
+
+/// Has `cmd`'s process get SIGTERM when the thread that spawns it ends.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no parent memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The last `max` bytes of a log file (lossy UTF-8), for error messages.
+pub fn file_tail(path: &Path, max: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max as u64)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).trim_end().to_owned()
+}
+
+/// The start time of process `pid` (field 22 of `/proc/<pid>/stat`), or
+/// `None` if it does not exist.
+pub fn start_time(pid: i32) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    // Fields after the command: state is field 3; starttime is field 22.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is still the process that started at `start`, and not a
+/// zombie.
+pub fn alive(pid: i32, start: u64) -> bool {
+    if start_time(pid) != Some(start) {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or("X");
+    state != "Z" && state != "X"
+}
+
+/// Waits up to `grace` for process `pid` (started at `start`) to exit,
+/// sending it SIGTERM once half of it has passed, then kills it. A child
+/// of ours is reaped. Blocks (call it from a blocking thread in async
+/// code).
+pub fn stop(pid: i32, start: u64, grace: Duration) {
+    let started = std::time::Instant::now();
+    let mut termed = false;
+    while alive(pid, start) {
+        // SAFETY: waitpid with WNOHANG on one pid: reaps it if it is our
+        // child, does nothing otherwise.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        let waited = started.elapsed();
+        if waited >= grace {
+            // SAFETY: kill(2) of the process checked by its start time.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            break;
+        }
+        if !termed && waited >= grace / 2 {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            termed = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while start_time(pid) == Some(start) && std::time::Instant::now() < deadline {
+        // SAFETY: as above.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        if !alive(pid, start) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines() {
+        let c = VmmCommand::restore(Path::new("/v"), Path::new("/t/snap"))
+            .machine(128, 2)
+            .shared_dir(Path::new("/s"))
+            .vsock(3, Path::new("/d/v.sock"))
+            .console(Path::new("/d/c.log"));
+        let args: Vec<_> = c.args().iter().map(|a| a.to_string_lossy()).collect();
+        assert_eq!(
+            args.join(" "),
+            "--restore /t/snap --mem 128 --vcpus 2 --shared-dir /s --vsock-cid 3 \
+             --vsock-uds /d/v.sock --console /d/c.log"
+        );
+        let c = VmmCommand::cold_boot(Path::new("/v"), Path::new("/k"), Path::new("/i"))
+            .snapshot_on_ready(Path::new("/o"));
+        let args: Vec<_> = c.args().iter().map(|a| a.to_string_lossy()).collect();
+        assert_eq!(
+            args.join(" "),
+            "--kernel /k --initrd /i --snapshot-on-ready /o"
+        );
+    }
+}
