@@ -17,6 +17,7 @@ mod guest;
 mod mount;
 mod service;
 mod stdio;
+mod tasks;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;

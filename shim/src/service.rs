@@ -48,13 +48,13 @@ use rtv_protocol::{ErrorKind, WindowSize};
 use rtv_runtime::pod::{ContainerHooks, ErrorClass, NewContainer, Pod, PodConfig, PodError, Role};
 use rtv_runtime::ClientError;
 use tokio::runtime::Runtime;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::events::{timestamp, Event, Events};
 use crate::guest;
 use crate::mount;
-use crate::stdio::{self, Relays, StdinRelay, StdioPaths};
+use crate::stdio::{self, Relays, StdioPaths};
+use crate::tasks::{Container, Exit, Proc, ProcState, State};
 
 /// How long a process's output may stay open after it ended.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
@@ -77,16 +77,16 @@ impl Error {
     }
 }
 
-fn not_found(m: impl Display) -> Error {
+pub(crate) fn not_found(m: impl Display) -> Error {
     Error::new(Code::NOT_FOUND, m)
 }
-fn precondition(m: impl Display) -> Error {
+pub(crate) fn precondition(m: impl Display) -> Error {
     Error::new(Code::FAILED_PRECONDITION, m)
 }
 fn invalid(m: impl Display) -> Error {
     Error::new(Code::INVALID_ARGUMENT, m)
 }
-fn internal(m: impl Display) -> Error {
+pub(crate) fn internal(m: impl Display) -> Error {
     Error::new(Code::INTERNAL, m)
 }
 
@@ -127,116 +127,7 @@ impl From<Error> for ttrpc::Error {
     }
 }
 
-type Result<T> = std::result::Result<T, Error>;
-
-/// How a process ended.
-#[derive(Debug, Clone, Copy)]
-struct Exit {
-    status: u32,
-    at: SystemTime,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ProcState {
-    Created,
-    Running,
-    Stopped,
-}
-
-/// A container's init (exec id "") or one of its execs.
-struct Proc {
-    /// Its guest pid (0 until an exec starts).
-    pid: u32,
-    /// The agent's handle, once it exists.
-    agent_id: Option<u64>,
-    stdio: StdioPaths,
-    /// An exec's process, until it starts.
-    spec: Option<Process>,
-    state: ProcState,
-    exit: watch::Sender<Option<Exit>>,
-    stdin: Option<StdinRelay>,
-    /// Output relays, until the process's watcher takes them.
-    outputs: Vec<JoinHandle<()>>,
-}
-
-impl Proc {
-    fn new(stdio: StdioPaths) -> Proc {
-        Proc {
-            pid: 0,
-            agent_id: None,
-            stdio,
-            spec: None,
-            state: ProcState::Created,
-            exit: watch::channel(None).0,
-            stdin: None,
-            outputs: Vec::new(),
-        }
-    }
-
-    fn exited(&self) -> Option<Exit> {
-        *self.exit.borrow()
-    }
-}
-
-struct Container {
-    bundle: String,
-    /// Its hooks and what their state says of it.
-    hooks: ContainerHooks,
-    /// The root file system, if the shim mounted it.
-    mounted_rootfs: Option<PathBuf>,
-    init_pid: i32,
-    paused: bool,
-    oom_kills: u64,
-    procs: HashMap<String, Proc>,
-}
-
-impl Container {
-    fn init(&self) -> Result<&Proc> {
-        self.procs
-            .get("")
-            .ok_or_else(|| internal("the container has no init process"))
-    }
-}
-
-#[derive(Default)]
-struct State {
-    pod: Option<Arc<Pod>>,
-    containers: HashMap<String, Container>,
-}
-
-impl State {
-    fn container(&self, id: &str) -> Result<&Container> {
-        self.containers
-            .get(id)
-            .ok_or_else(|| not_found(format!("container {id}")))
-    }
-
-    fn container_mut(&mut self, id: &str) -> Result<&mut Container> {
-        self.containers
-            .get_mut(id)
-            .ok_or_else(|| not_found(format!("container {id}")))
-    }
-
-    fn proc(&self, id: &str, exec_id: &str) -> Result<&Proc> {
-        self.container(id)?
-            .procs
-            .get(exec_id)
-            .ok_or_else(|| not_found(format!("process {exec_id:?} of container {id}")))
-    }
-
-    fn proc_mut(&mut self, id: &str, exec_id: &str) -> Result<&mut Proc> {
-        self.container_mut(id)?
-            .procs
-            .get_mut(exec_id)
-            .ok_or_else(|| not_found(format!("process {exec_id:?} of container {id}")))
-    }
-
-    fn pod(&self) -> Result<Arc<Pod>> {
-        self.pod
-            .clone()
-            .ok_or_else(|| precondition("the pod's VM is not running"))
-    }
-}
+pub(crate) type Result<T> = std::result::Result<T, Error>;
 
 /// What the service shares with its background tasks.
 struct Inner {

@@ -16,9 +16,10 @@ use oci_spec::runtime::Process;
 use rtv_protocol::{ExitStatus, Stdio, StreamKind, WindowSize};
 use rtv_runtime::Pod;
 
+use crate::cli::Cli;
+use crate::console;
 use crate::logging::LogFormat;
 use crate::store::Store;
-use crate::{console, Cli};
 
 #[derive(Args, Debug)]
 pub struct WaiterArgs {
