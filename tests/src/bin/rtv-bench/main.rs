@@ -1084,29 +1084,20 @@ fn oci_processes_mentioning(root: &std::path::Path, known: &[u32]) -> Vec<(Strin
     found
 }
 
-/// The VMM pid and guest memory (MiB) of the sandbox holding `id`, from
-/// `<root>/.sandboxes/*/sandbox.json`.
+/// The VMM pid and guest memory (MiB) of the pod holding `id`, from its
+/// record (`<root>/.sandboxes/*/pod.json`, the pod layer's).
 fn oci_rtv_sandbox(root: &std::path::Path, id: &str) -> Result<(u32, u64)> {
     let dir = root.join(".sandboxes");
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path().join("sandbox.json");
-        let Ok(text) = std::fs::read_to_string(&path) else {
+        let Ok(rec) = rtv_runtime::Pod::record(&entry?.path()) else {
             continue;
         };
-        let rec: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let member = rec["members"]
-            .as_array()
-            .is_some_and(|m| m.iter().any(|x| x.as_str() == Some(id)));
-        if member {
-            let pid = rec["vmm_pid"]
-                .as_u64()
-                .and_then(|p| u32::try_from(p).ok())
-                .with_context(|| format!("no vmm_pid in {}", path.display()))?;
-            return Ok((pid, rec["mem_mib"].as_u64().unwrap_or(0)));
+        if rec.members.iter().any(|m| m == id) {
+            let pid = u32::try_from(rec.vmm_pid).context("the pod's vmm_pid")?;
+            return Ok((pid, rec.mem_mib));
         }
     }
-    anyhow::bail!("no sandbox under {} holds {id}", dir.display())
+    anyhow::bail!("no pod under {} holds {id}", dir.display())
 }
 
 /// Starts one container running `sleep` (`run -d`), lets it idle for 5 s,
@@ -1406,7 +1397,30 @@ fn oci_measure(
         took
     });
 
-    // 2. `ctr run --rm` through runc's shim.
+    // 2. `<runtime> exec` of `true` in a running container (one per
+    // runtime, started untimed).
+    let sleep_s = bundle_sleep.to_string_lossy().into_owned();
+    let exec_ids: Vec<String> = runtimes
+        .iter()
+        .map(|rt| format!("bench-exec-{}", rt.name))
+        .collect();
+    let started: Vec<Result<Duration>> = runtimes
+        .iter()
+        .zip(&exec_ids)
+        .map(|(rt, id)| oci_timed(rt.command(&["run", "-d", "--bundle", &sleep_s, id]), &log))
+        .collect();
+    let execs = oci_rounds(&names, runs, "exec", |i, _| {
+        if let Err(e) = &started[i] {
+            anyhow::bail!("starting the container: {e:#}");
+        }
+        oci_timed(runtimes[i].command(&["exec", &exec_ids[i], "true"]), &log)
+    });
+    for (rt, id) in runtimes.iter().zip(&exec_ids) {
+        let _ = oci_timed(rt.command(&["kill", id, "KILL"]), &log);
+        oci_delete(rt, id, &log);
+    }
+
+    // 3. `ctr run --rm` through runc's shim.
     let mut ctr_rows: Vec<Result<Vec<Duration>, String>> = Vec::new();
     let mut ctr_note = String::new();
     let mut ctr_cleanup = Ok(());
@@ -1467,7 +1481,7 @@ fn oci_measure(
         );
     }
 
-    // 3. The memory of one running container.
+    // 4. The memory of one running container.
     let mut mem = Vec::new();
     for rt in runtimes {
         eprintln!("  memory: {}", rt.name);
@@ -1518,6 +1532,7 @@ fn oci_measure(
         println!("{line}");
     };
     row("`<runtime> run` of the bundle", &direct);
+    row("`<runtime> exec` of `true` in a running container", &execs);
     if !no_containerd {
         row(
             "`ctr run --rm` (containerd 1.6, runc shim, `--runc-binary <runtime>`)",
@@ -1545,6 +1560,9 @@ fn oci_measure(
     println!(
         "Each runtime has its own `--root`; within each round the runtimes alternate. rtv: one untimed warm-up `rtv run` first ({:.2} s), so its VM template exists and every timed run restores its VM from it; each rtv container gets its own VM.",
         warm.as_secs_f64()
+    );
+    println!(
+        "`exec`: one container per runtime runs `sleep 1000` (started untimed with `run -d`); each timed `<runtime> exec <id> true` runs in it, from the command's start to its exit."
     );
     if !crun_note.is_empty() {
         println!("crun is left out: {crun_note}.");
