@@ -8,9 +8,11 @@
 #
 # Source: Debian's linux-source-6.1 package (/usr/src/linux-source-6.1.tar.xz)
 # + patches/*.patch + `make tinyconfig` + config.fragment + `make olddefconfig`.
-# Cache: ${RTV_CACHE_DIR:-$HOME/.cache/rtv}/kernel/<key>/{vmlinux,config,.config}, where
+# Cache: ${RTV_CACHE_DIR:-$HOME/.cache/rtv}/kernel/<key>/{vmlinux,System.map,config,.config}, where
 # <key> = sha256 over the linux-source package version, config.fragment,
-# patches/* and this script. Concurrent invocations serialise on a flock.
+# patches/* and this script. A cache entry counts only with both vmlinux and
+# System.map (rtv-vmm --profile symbolizes with it). Concurrent invocations
+# serialise on a flock.
 #
 # Environment:
 #   RTV_CACHE_DIR         cache root (default $HOME/.cache/rtv)
@@ -66,7 +68,8 @@ key="$(
 
 CACHE_ROOT="${RTV_CACHE_DIR:-$HOME/.cache/rtv}/kernel"
 OUT="$CACHE_ROOT/$key"
-if [ -f "$OUT/vmlinux" ]; then
+cached() { [ -f "$OUT/vmlinux" ] && [ -f "$OUT/System.map" ]; }
+if cached; then
     printf '%s\n' "$OUT/vmlinux" >&3
     exit 0
 fi
@@ -79,7 +82,7 @@ if ! flock -n 9; then
     log "another build holds $CACHE_ROOT/.lock, waiting"
     flock 9
 fi
-if [ -f "$OUT/vmlinux" ]; then # built by whoever held the lock
+if cached; then # built by whoever held the lock
     printf '%s\n' "$OUT/vmlinux" >&3
     exit 0
 fi
@@ -177,6 +180,7 @@ rc=("${PIPESTATUS[@]}")
 set -e
 [ "${rc[0]}" -eq 0 ] || die "make vmlinux failed (exit ${rc[0]})"
 [ -f "$BUILD/vmlinux" ] || die "make succeeded but $BUILD/vmlinux is missing"
+[ -f "$BUILD/System.map" ] || die "make succeeded but $BUILD/System.map is missing"
 cp "$BUILD/.objcount" "$CACHE_ROOT/.objcount" 2>/dev/null || true
 
 # ---------------------------------------------------------------- install
@@ -185,6 +189,8 @@ mkdir -p "$OUT"
 tmp="$OUT/.vmlinux.tmp.$$"
 objcopy --strip-debug "$BUILD/vmlinux" "$tmp"
 cp "$BUILD/.config" "$OUT/.config.tmp.$$"
+cp "$BUILD/System.map" "$OUT/.System.map.tmp.$$"
+mv -f "$OUT/.System.map.tmp.$$" "$OUT/System.map"
 mv -f "$OUT/.config.tmp.$$" "$OUT/config"
 ln -sfn config "$OUT/.config"
 mv -f "$tmp" "$OUT/vmlinux"
