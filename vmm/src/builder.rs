@@ -239,6 +239,7 @@ fn build_base(
         }),
         evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(io_err("control eventfd"))?,
+        profile: Mutex::new(None),
     });
     Ok(Vm {
         kvm,
@@ -255,6 +256,7 @@ fn build_base(
         stop_on_signals: config.stop_on_signals,
         control,
         pending_clock: None,
+        profiler: None,
     })
 }
 

@@ -10,6 +10,9 @@
 //! Templates: [`VmController::snapshot`] pauses a running VM and writes a
 //! [`snapshot`] directory; [`Vm::restore`] builds a new VM from one, with
 //! guest memory mapped copy-on-write from the snapshot's memory file.
+//!
+//! Profiling: [`Vm::set_profiler`] with a [`profile::Profiler`] samples the
+//! guest's vCPUs while it runs and writes folded stacks and flame graphs.
 
 pub mod arch;
 mod builder;
@@ -18,6 +21,7 @@ pub mod devices;
 pub mod exit;
 pub mod linux;
 pub mod platform;
+pub mod profile;
 pub mod signals;
 pub mod snapshot;
 pub mod vcpu;
@@ -28,6 +32,7 @@ pub use devices::virtio::fs::FsConfig;
 pub use devices::virtio::vsock::VsockConfig;
 pub use exit::VmExit;
 pub use linux::{BootProtocol, KernelConfig};
+pub use profile::{ProfileConfig, Profiler};
 pub use snapshot::SnapshotInfo;
 pub use vm::{AfterSnapshot, MachineConfig, RestoreConfig, RestoreError, Vm, VmController};
 

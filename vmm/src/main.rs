@@ -10,6 +10,7 @@ use clap::Parser;
 use rtv_vmm::device_manager::DeviceError;
 use rtv_vmm::devices::virtio::vsock::{ConfigError, MIN_GUEST_CID};
 use rtv_vmm::platform::{self, PvmMode};
+use rtv_vmm::profile::{self, ProfileConfig, Profiler};
 use rtv_vmm::{
     AfterSnapshot, BootProtocol, DeviceConfig, FsConfig, KernelConfig, MachineConfig,
     RestoreConfig, Vm, VmExit, VsockConfig,
@@ -87,6 +88,22 @@ struct Args {
     /// snapshot is only taken while the guest has not mounted it).
     #[arg(long, value_name = "PATH")]
     shared_dir: Option<PathBuf>,
+    /// Profile the guest: sample every vCPU --profile-hz times a second and
+    /// write folded stacks and SVG flame graphs to DIR (created if missing;
+    /// profile files of an earlier run there are removed): on SIGUSR1 the
+    /// samples since the previous dump as DIR/<n>.folded and DIR/<n>.svg
+    /// (n = 1, 2, ...; the .svg last), and when the VM ends, whatever ends
+    /// it, the last part and DIR/all.folded and DIR/all.svg (written last).
+    #[arg(long, value_name = "DIR")]
+    profile: Option<PathBuf>,
+    /// Samples a second per vCPU with --profile (1 to 1000).
+    #[arg(long, value_name = "N", default_value_t = profile::DEFAULT_HZ, requires = "profile")]
+    profile_hz: u32,
+    /// The guest kernel's System.map, to name kernel functions and tasks in
+    /// the profile (default with --kernel: System.map beside it, when there
+    /// is one; with --restore there is no default).
+    #[arg(long, value_name = "PATH", requires = "profile")]
+    system_map: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace), to standard error.
     #[arg(long, default_value = "warn", env = "RTV_LOG")]
     log_level: String,
@@ -134,7 +151,47 @@ fn report(exit: VmExit) -> u8 {
     exit.exit_code() as u8
 }
 
+/// The flags of the profiler.
+struct ProfileArgs {
+    dir: Option<PathBuf>,
+    hz: u32,
+    system_map: Option<PathBuf>,
+}
+
+impl ProfileArgs {
+    fn of(args: &Args) -> Self {
+        Self {
+            dir: args.profile.clone(),
+            hz: args.profile_hz,
+            system_map: args.system_map.clone(),
+        }
+    }
+}
+
+/// The profiler `--profile` asks for, checked before the VM is made.
+fn profiler(args: ProfileArgs, kernel: Option<&Path>) -> anyhow::Result<Option<Profiler>> {
+    let Some(dir) = args.dir else {
+        return Ok(None);
+    };
+    let system_map = args.system_map.or_else(|| {
+        let beside = kernel?.with_file_name("System.map");
+        beside.is_file().then_some(beside)
+    });
+    if system_map.is_none() {
+        eprintln!("rtv-vmm: warning: --profile without a System.map (--system-map): kernel addresses stay hexadecimal and samples get no task names");
+    }
+    let config = ProfileConfig {
+        dir,
+        hz: args.hz,
+        system_map,
+    };
+    Profiler::new(config)
+        .map(Some)
+        .map_err(|e| anyhow::Error::new(e).context("--profile"))
+}
+
 fn restore(args: Args, dir: PathBuf) -> anyhow::Result<u8> {
+    let profiler = profiler(ProfileArgs::of(&args), None)?;
     if let (Some(cid), Some(uds)) = (args.vsock_cid, &args.vsock_uds) {
         vsock_config(Some(cid), Some(uds.clone()))?;
     }
@@ -152,7 +209,7 @@ fn restore(args: Args, dir: PathBuf) -> anyhow::Result<u8> {
     };
     let (console, console_file) = open_console(&args.console)?;
     let start = Instant::now();
-    let vm = match Vm::restore(&dir, &config, console) {
+    let mut vm = match Vm::restore(&dir, &config, console) {
         Ok(vm) => vm,
         Err(e) => {
             if let Some(path) = console_file {
@@ -166,6 +223,9 @@ fn restore(args: Args, dir: PathBuf) -> anyhow::Result<u8> {
         "VM restored from {}",
         dir.display()
     );
+    if let Some(profiler) = profiler {
+        vm.set_profiler(profiler);
+    }
     Ok(report(vm.run()?))
 }
 
@@ -176,6 +236,8 @@ fn run(args: Args) -> anyhow::Result<u8> {
     if args.vsock_uds.is_some() && args.vsock_cid.is_none() {
         anyhow::bail!("--vsock-uds needs --vsock-cid (except with --restore)");
     }
+    // Checked (and its directory made) after the VM's inputs, below.
+    let profile_args = ProfileArgs::of(&args);
     let pvm = args.pvm.enabled();
     // Slot order: the vsock device, then virtio-fs.
     let vsock = vsock_config(args.vsock_cid, args.vsock_uds)?.map(DeviceConfig::Vsock);
@@ -207,9 +269,13 @@ fn run(args: Args) -> anyhow::Result<u8> {
     tracing::info!(pvm, cmdline = %platform::redact_seed(&kernel.cmdline), "booting");
     // Check everything the user gave before creating anything.
     rtv_vmm::validate(&machine, &kernel)?;
+    let profiler = profiler(profile_args, Some(&kernel.kernel))?;
 
     let (console, console_file) = open_console(&args.console)?;
-    let result = rtv_vmm::prepare(&machine, &kernel, console).and_then(|vm| {
+    let result = rtv_vmm::prepare(&machine, &kernel, console).and_then(|mut vm| {
+        if let Some(profiler) = profiler {
+            vm.set_profiler(profiler);
+        }
         if let Some(dir) = args.snapshot_on_ready {
             let then = if args.after_snapshot == "resume" {
                 AfterSnapshot::Resume

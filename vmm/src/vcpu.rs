@@ -13,6 +13,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::bus::Bus;
 use crate::exit::{ExitNotifier, VmExit};
+use crate::profile::VcpuSampler;
 use crate::snapshot;
 use crate::snapshot::cpu::{SaveParams, VcpuState};
 
@@ -21,8 +22,9 @@ const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 
-/// The signal that kicks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> libc::c_int {
+/// The signal that kicks a vCPU thread out of KVM_RUN (pauses, stops, the
+/// profiler's samples).
+pub(crate) fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
@@ -45,6 +47,8 @@ pub struct Vcpu {
     mmio: Bus,
     memory: GuestMemoryMmap,
     exit: Arc<ExitNotifier>,
+    /// The profiler's sampler (`--profile`); `None`, and no cost, otherwise.
+    sampler: Option<VcpuSampler>,
 }
 
 /// What to do after handling an exit.
@@ -78,7 +82,14 @@ impl Vcpu {
             mmio,
             memory,
             exit,
+            sampler: None,
         }
+    }
+
+    /// Takes the profiler's samples on this vCPU when it is due.
+    pub fn with_sampler(mut self, sampler: VcpuSampler) -> Self {
+        self.sampler = Some(sampler);
+        self
     }
 
     /// Starts the vCPU on its own thread; the handle pauses, queries,
@@ -111,10 +122,41 @@ impl Vcpu {
             if control.pending.swap(false, Ordering::SeqCst) && !self.serve(&control) {
                 break;
             }
-            if let Some(Next::Stop(reason)) = self.step() {
+            let step = self.step();
+            if let Some(Next::Stop(reason)) = step {
                 tracing::debug!(vcpu = self.index, %reason, "vCPU stopping");
                 self.exit.notify(reason);
                 break;
+            }
+            if self.sampler.as_ref().is_some_and(VcpuSampler::due) {
+                // After an I/O or MMIO exit the registers are consistent
+                // only once KVM_RUN completes the access (see `settle`).
+                if step.is_some() {
+                    if let Err(reason) = self.settle() {
+                        self.exit.notify(reason);
+                        break;
+                    }
+                }
+                if let Some(sampler) = &self.sampler {
+                    sampler.sample(&self.fd, &self.memory);
+                }
+            }
+        }
+    }
+
+    /// Completes an exit in progress without running the guest further: an
+    /// I/O or MMIO exit is complete (and the registers consistent) only once
+    /// KVM_RUN has been entered again, so enter it with immediate_exit set,
+    /// which finishes the access and returns at once.
+    fn settle(&mut self) -> Result<(), VmExit> {
+        loop {
+            self.fd.set_kvm_immediate_exit(1);
+            let step = self.step();
+            self.fd.set_kvm_immediate_exit(0);
+            match step {
+                None => return Ok(()),
+                Some(Next::Continue) => continue,
+                Some(Next::Stop(reason)) => return Err(reason),
             }
         }
     }
@@ -144,21 +186,9 @@ impl Vcpu {
     /// Parked out of KVM_RUN: answers state requests until resumed (`true`)
     /// or stopped (`false`).
     fn paused(&mut self, control: &Control) -> bool {
-        // An I/O or MMIO exit is complete (and the registers consistent) only
-        // once KVM_RUN has been entered again: enter it with immediate_exit
-        // set, which finishes the access and returns at once.
-        loop {
-            self.fd.set_kvm_immediate_exit(1);
-            let step = self.step();
-            self.fd.set_kvm_immediate_exit(0);
-            match step {
-                None => break,
-                Some(Next::Continue) => continue,
-                Some(Next::Stop(reason)) => {
-                    self.exit.notify(reason);
-                    return false;
-                }
-            }
+        if let Err(reason) = self.settle() {
+            self.exit.notify(reason);
+            return false;
         }
         tracing::debug!(vcpu = self.index, "vCPU paused");
         if control.responses.send(VcpuResponse::Paused).is_err() {
@@ -337,6 +367,13 @@ impl VcpuHandle {
     /// The vCPU's index.
     pub fn index(&self) -> u8 {
         self.index
+    }
+
+    /// The thread's pthread id, for the profiler's kicks: valid until the
+    /// handle is joined ([`stop_all`]).
+    pub(crate) fn pthread(&self) -> libc::pthread_t {
+        use std::os::unix::thread::JoinHandleExt;
+        self.thread.as_pthread_t()
     }
 
     fn send(&self, request: VcpuRequest) -> bool {

@@ -24,6 +24,7 @@ use crate::devices::bus::{self, Bus};
 use crate::devices::serial::{LineHook, SerialDevice};
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitNotifier, VmExit};
+use crate::profile::{self, DumpHandle, Profiler};
 use crate::signals;
 use crate::snapshot::cpu::SaveParams;
 use crate::snapshot::{self, DevicesState, SnapshotInfo, VmState};
@@ -270,6 +271,8 @@ pub(crate) struct ControlQueue {
 pub(crate) struct ControlShared {
     pub(crate) queue: Mutex<ControlQueue>,
     pub(crate) evt: EventFd,
+    /// The profiler's dump requests, when the VM is profiled.
+    pub(crate) profile: Mutex<Option<DumpHandle>>,
 }
 
 /// Asks a VM, from any thread, for a snapshot or to stop. Requests made
@@ -321,6 +324,15 @@ impl VmController {
         }
     }
 
+    /// Asks a profiled VM to write the samples since its previous dump
+    /// (`<n>.folded`, then `<n>.svg`) and count anew, as SIGUSR1 does in
+    /// `rtv-vmm`; `false` when the VM is not profiled or not running.
+    pub fn dump_profile(&self) -> bool {
+        bus::lock(&self.shared.profile)
+            .as_ref()
+            .is_some_and(DumpHandle::request)
+    }
+
     /// Stops the VM ([`VmExit::Stopped`]).
     pub fn stop(&self) {
         self.exit.notify(VmExit::Stopped);
@@ -350,6 +362,8 @@ pub struct Vm {
     pub(crate) control: Arc<ControlShared>,
     /// The kvmclock value to set just before the vCPUs start (restore).
     pub(crate) pending_clock: Option<VmState>,
+    /// The guest profiler, when asked for ([`Vm::set_profiler`]).
+    pub(crate) profiler: Option<Profiler>,
 }
 
 /// Errors restoring a VM: the snapshot's, or building the VM's.
@@ -382,6 +396,17 @@ impl Vm {
         console: Box<dyn Write + Send>,
     ) -> Result<Vm, RestoreError> {
         builder::build_from_snapshot(dir, config, console)
+    }
+
+    /// Profiles the VM while it runs ([`profile`]): samples every vCPU at
+    /// the profiler's rate from the start of [`Vm::run`] to its end, writes
+    /// a part at each [`VmController::dump_profile`] (SIGUSR1 with
+    /// `stop_on_signals`) and the last part and `all.*` when the VM ends,
+    /// whatever ends it. Works the same for a booted and a restored VM; the
+    /// profiler's state is never part of a snapshot.
+    pub fn set_profiler(&mut self, profiler: Profiler) {
+        *bus::lock(&self.control.profile) = Some(profiler.dump_handle());
+        self.profiler = Some(profiler);
     }
 
     /// A handle to ask the VM for snapshots, or to stop, from any thread.
@@ -487,8 +512,9 @@ impl Vm {
         }
         // Blocked before the vCPU threads start, so they inherit the mask.
         let _signals = if self.stop_on_signals {
-            let watcher = signals::SignalWatcher::new(self.exit.clone())
-                .map_err(io_err("signalfd for SIGTERM and SIGINT"))?;
+            let dump = self.profiler.as_ref().map(Profiler::dump_handle);
+            let watcher = signals::SignalWatcher::new(self.exit.clone(), dump)
+                .map_err(io_err("signalfd for SIGTERM, SIGINT and SIGUSR1"))?;
             let watcher = Arc::new(Mutex::new(watcher));
             events.add_subscriber(watcher.clone());
             Some(watcher)
@@ -503,9 +529,10 @@ impl Vm {
             }
         }
 
+        let session = self.profiler.take().map(|p| p.session(self.vcpus.len()));
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for (index, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
-            let vcpu = Vcpu::new(
+            let mut vcpu = Vcpu::new(
                 index as u8,
                 fd,
                 self.pio.clone(),
@@ -513,6 +540,9 @@ impl Vm {
                 self.memory.clone(),
                 self.exit.clone(),
             );
+            if let Some(session) = &session {
+                vcpu = vcpu.with_sampler(session.sampler(index));
+            }
             match vcpu.spawn() {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -522,6 +552,17 @@ impl Vm {
                 }
             }
         }
+
+        let profiling = session.and_then(|session| {
+            let threads = handles.iter().map(VcpuHandle::pthread).collect();
+            match session.start(threads, vcpu::kick_signal()) {
+                Ok(running) => Some(running),
+                Err(e) => {
+                    self.exit.notify(VmExit::Error(e.to_string()));
+                    None
+                }
+            }
+        });
 
         while !self.exit.stopping() {
             if let Err(e) = events.run() {
@@ -548,7 +589,12 @@ impl Vm {
                 }
             }
         }
+        // The timer kicks the vCPU threads: it ends before they are joined.
+        let profiling = profiling.map(profile::Running::stop_timer);
         vcpu::stop_all(handles);
+        if let Some(stopped) = profiling {
+            stopped.finish();
+        }
 
         let reason = self
             .exit
