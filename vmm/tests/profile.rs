@@ -381,6 +381,9 @@ fn artifact(var: &str, script: &str) -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// One boot of the real guest kernel with `--profile`, snapshotted at
+/// readiness (the profile goes on through the pause), and one restore of
+/// that snapshot with `--profile` of its own.
 #[test]
 fn booted_kernel_profile_names_kernel_functions_to_agent_readiness() {
     let kernel = artifact("RTV_KERNEL", "guest-kernel/build.sh");
@@ -406,6 +409,9 @@ fn booted_kernel_profile_names_kernel_functions_to_agent_readiness() {
         .arg(tmp.0.join("vsock.sock"))
         .arg("--profile")
         .arg(&out)
+        .arg("--snapshot-on-ready")
+        .arg(tmp.0.join("snap"))
+        .args(["--after-snapshot", "resume"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -488,4 +494,61 @@ fn booted_kernel_profile_names_kernel_functions_to_agent_readiness() {
     assert!(stderr.contains("rtv-vmm: profile part 1: "), "{stderr}");
     assert!(stderr.contains("rtv-vmm: profile: "), "{stderr}");
     assert_all_is_the_sum(&out, 2);
+
+    // The restored VM, profiled on its own (no profile state in the
+    // snapshot; --system-map given, as --restore has no kernel path).
+    let restored = tmp.0.join("restored");
+    let log2 = tmp.0.join("log2");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rtv-vmm"))
+        .arg("--restore")
+        .arg(tmp.0.join("snap"))
+        .arg("--vsock-uds")
+        .arg(tmp.0.join("vsock2.sock"))
+        .arg("--console")
+        .arg(tmp.0.join("console2"))
+        .arg("--profile")
+        .arg(&restored)
+        .arg("--system-map")
+        .arg(&system_map)
+        .env("RTV_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log2).unwrap())
+        .spawn()
+        .unwrap();
+    // Profiled from when it runs, just after this line.
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log2)
+        .unwrap_or_default()
+        .contains("VM restored from")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no restore: {}",
+            std::fs::read_to_string(&log2).unwrap_or_default()
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "rtv-vmm --restore exited"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+    let after = folded(&restored, "1");
+    assert!(total(&after) >= 20, "{after:?}");
+    // The restored agent idles: its vCPU sits in the idle loop.
+    assert!(
+        after
+            .keys()
+            .any(|s| s.starts_with("swapper/0;") && s.ends_with("default_idle")),
+        "{after:?}"
+    );
+    assert_all_is_the_sum(&restored, 1);
 }
