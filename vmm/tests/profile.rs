@@ -534,11 +534,9 @@ fn booted_kernel_profile_names_kernel_functions_to_agent_readiness() {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(1000));
+    let pid = child.id() as libc::pid_t;
     // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(143));
     let after = folded(&restored, "1");
