@@ -743,6 +743,82 @@ fn file_handles_cannot_reach_outside_the_share() {
     }
 }
 
+/// OPEN replies carry FOPEN_KEEP_CACHE exactly when the file is unchanged
+/// on the host since the guest's previous open of its inode (so the guest
+/// keeps the pages it read: no invalidation, no second READ), and not on
+/// the first open, after a change on the host, or after the inode was
+/// forgotten. Opens of unknown nodeids fail and are not remembered.
+#[test]
+fn open_keeps_the_guest_cache_only_for_unchanged_files() {
+    const FUSE_FORGET: u32 = 2;
+    const FUSE_OPEN: u32 = 14;
+    const FUSE_RELEASE: u32 = 18;
+    const FOPEN_KEEP_CACHE: u32 = 2;
+    let dir = TempDir::new("vmm-fs-keep-cache");
+    let share = dir.0.join("share");
+    std::fs::create_dir(&share).unwrap();
+    let file = share.join("bin");
+    std::fs::write(&file, "version 1").unwrap();
+    let mut d = Driver::new(&share);
+    d.init(1);
+    let mut unique = 10;
+    let mut lookup = |d: &mut Driver| {
+        unique += 1;
+        let (_, err, _) = d.fuse(FUSE_LOOKUP, 1, unique, b"bin\0");
+        assert_eq!(err, 0);
+        u64::from_le_bytes(d.reply_body(8)[..8].try_into().unwrap())
+    };
+    let node = lookup(&mut d);
+    // OPEN (fuse_open_in: flags, open_flags) then RELEASE; returns the
+    // reply's open_flags (fuse_open_out: fh, open_flags, padding).
+    let open = |d: &mut Driver, node: u64| -> Result<u32, i32> {
+        let mut body = (libc::O_RDONLY as u32).to_le_bytes().to_vec();
+        body.extend_from_slice(&0u32.to_le_bytes());
+        let (len, err, _) = d.fuse(FUSE_OPEN, node, 100, &body);
+        if err != 0 {
+            return Err(err);
+        }
+        assert_eq!(len, 16 + 16);
+        let out = d.reply_body(16);
+        let fh = u64::from_le_bytes(out[..8].try_into().unwrap());
+        let flags = u32::from_le_bytes(out[8..12].try_into().unwrap());
+        // fuse_release_in: fh, flags, release_flags, lock_owner.
+        let mut rel = fh.to_le_bytes().to_vec();
+        rel.extend_from_slice(&[0u8; 16]);
+        assert_eq!(d.fuse(FUSE_RELEASE, node, 101, &rel).1, 0);
+        Ok(flags)
+    };
+    let keeps = |d: &mut Driver, node: u64| open(d, node).unwrap() & FOPEN_KEEP_CACHE != 0;
+
+    assert!(
+        !keeps(&mut d, node),
+        "first open: the guest's cache is dropped"
+    );
+    assert!(keeps(&mut d, node), "second open of an unchanged file");
+    assert!(keeps(&mut d, node), "third open of an unchanged file");
+    // A change of the same size on the host: dropped at the next open.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&file, "version 2").unwrap();
+    assert!(!keeps(&mut d, node), "changed on the host");
+    assert!(keeps(&mut d, node), "unchanged since the last open");
+    // Replaced by another file under the same name: a new inode for the
+    // guest (its old one still opens the old file, unchanged).
+    std::fs::write(share.join("new"), "version 3").unwrap();
+    std::fs::rename(share.join("new"), &file).unwrap();
+    let replaced = lookup(&mut d);
+    assert_ne!(replaced, node);
+    assert!(!keeps(&mut d, replaced), "first open of the new file");
+    // Forgotten: the next open of the inode drops the cache.
+    // fuse_forget_in: nlookup (one LOOKUP of it). FORGET has no reply.
+    d.fuse(FUSE_FORGET, replaced, 102, &1u64.to_le_bytes());
+    let again = lookup(&mut d);
+    assert!(!keeps(&mut d, again), "first open after a forget");
+    // Nodeids the guest makes up.
+    for bogus in [0, 0xdead_beef, u64::MAX] {
+        assert!(open(&mut d, bogus).is_err(), "nodeid {bogus:#x}");
+    }
+    assert!(keeps(&mut d, again), "still serving");
+}
 // ---- end to end -----------------------------------------------------------
 
 /// A build artifact: `$var` (as scripts/test.sh exports it), or the path
@@ -950,6 +1026,15 @@ fn guest_mounts_reads_and_writes_the_share_and_cannot_leave_it() {
         mount_read.as_millis(),
         exec_only.as_millis()
     );
+
+    // Close-to-open: the guest has hello.txt's pages cached from the read
+    // above; the host rewrites it with the same size (so only the device's
+    // OPEN reply, without FOPEN_KEEP_CACHE for a changed file, makes the
+    // guest drop them). The next open in the guest reads the new content.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(share.join("hello.txt"), "HELLO FROM THE HOST\n").unwrap();
+    let (out, code) = run(&uds, 11, "cat /mnt/hello.txt");
+    assert_eq!((out.as_str(), code), ("HELLO FROM THE HOST\n", 0));
 
     let (times, _) = run(&uds, 13, "cat /tmp/t");
     let t: Vec<f64> = times

@@ -57,6 +57,13 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::activation::Activation;
+
+mod keep_cache;
+pub use keep_cache::KeepCache;
+
+/// The file system the device serves: the passthrough, with
+/// FOPEN_KEEP_CACHE on opens of files unchanged since their previous open.
+type Fs = KeepCache<PassthroughFs>;
 use super::{ActivateError, Interrupt, VirtioDevice, DEVICE_ID_FS, VIRTIO_F_VERSION_1};
 
 /// The tag the guest mounts (`mount -t virtiofs rtvfs /mnt`).
@@ -140,7 +147,7 @@ impl FsConfig {
 pub struct VirtioFs {
     config_space: [u8; CONFIG_LEN],
     shared_dir: PathBuf,
-    server: Server<PassthroughFs>,
+    server: Server<Fs>,
     act: Activation,
     requests: u64,
 }
@@ -189,7 +196,7 @@ impl VirtioFs {
         Ok(Self {
             config_space,
             shared_dir: root,
-            server: Server::new(fs),
+            server: Server::new(KeepCache::new(fs)),
             act,
             requests: 0,
         })
@@ -290,7 +297,7 @@ fn refused(mem: &GuestMemoryMmap, chain: &DescriptorChain<&GuestMemoryMmap>) -> 
 
 /// Serves one chain; returns the number of bytes written for the used ring.
 fn serve_chain(
-    server: &Server<PassthroughFs>,
+    server: &Server<Fs>,
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) -> u32 {
