@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::container::{cgroup, Containers};
+use crate::pool::Pool;
 use crate::process::Processes;
 use crate::server::{self, Listener};
 use crate::{alog, log};
@@ -258,25 +259,41 @@ pub fn run() -> ExitCode {
         .map_err(|e| alog!(Warn, "no vsock listener (is there a vsock device?): {e}"))
         .ok();
     let procs = Arc::new(Processes::default());
+    // Everything the server needs exists before the readiness line: a
+    // template is snapshotted at that line, and a VM restored from it
+    // starts with the reaper, the containers' cgroup and idle workers.
+    let reaping = listener.as_ref().map(|_| {
+        let reaper = procs.clone();
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || reaper.reap_forever())
+            .map_err(|e| alog!(Error, "cannot start the reaper: {e}"))
+    });
+    let served = match (listener, reaping) {
+        (Some(listener), Some(Ok(_))) => {
+            let containers = Containers::new(procs.clone(), container_cgroups(), true);
+            let pool = Pool::new("worker", server::POOL_KEEP);
+            if let Err(e) = pool.prestart(server::POOL_PRESTART) {
+                alog!(Warn, "cannot start the agent's workers: {e}");
+            }
+            Some((
+                listener,
+                Arc::new(server::Agent {
+                    procs,
+                    containers,
+                    pool,
+                }),
+            ))
+        }
+        _ => None,
+    };
     println!("{READY_LINE} uptime={}s", uptime());
     let _ = std::io::stdout().flush();
     if has_flag(&cmdline, POWEROFF_FLAG) {
         power_off();
     }
-    match listener {
-        Some(listener) => {
-            let reaper = procs.clone();
-            if let Err(e) = std::thread::Builder::new()
-                .name("reaper".into())
-                .spawn(move || reaper.reap_forever())
-            {
-                alog!(Error, "cannot start the reaper: {e}");
-                reap_forever();
-            }
-            let containers = Containers::new(procs.clone(), container_cgroups(), true);
-            let agent = Arc::new(server::Agent { procs, containers });
-            server::serve(listener, agent, || power_off())
-        }
+    match served {
+        Some((listener, agent)) => server::serve(listener, agent, || power_off()),
         None => reap_forever(),
     }
 }

@@ -10,6 +10,8 @@ mod container;
 mod identity;
 mod init;
 mod log;
+mod pause;
+mod pool;
 mod process;
 mod server;
 
@@ -22,6 +24,10 @@ fn usage() -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if argv0 == rtv_protocol::PAUSE_ARGV0 {
+        pause::run();
+    }
     if std::process::id() == 1 {
         return init::run();
     }
@@ -54,7 +60,12 @@ fn main() -> ExitCode {
     }
     let containers =
         container::Containers::new(procs.clone(), container::cgroup::find_root(), false);
-    let agent = Arc::new(server::Agent { procs, containers });
+    let pool = pool::Pool::new("worker", server::POOL_KEEP);
+    let agent = Arc::new(server::Agent {
+        procs,
+        containers,
+        pool,
+    });
     eprintln!("{} on unix:{path}", init::READY_LINE);
     server::serve(server::Listener::Unix(listener), agent, || {
         std::process::exit(0)

@@ -1,5 +1,6 @@
-//! The agent's server: one thread per connection; control connections run
-//! each request on its own thread so a `Wait` never blocks the others.
+//! The agent's server: each connection on a worker of the agent's thread
+//! pool; control connections run each request that can block on a worker
+//! of its own, so a `Wait` never blocks the others.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -16,6 +17,7 @@ use rtv_protocol::{
 use crate::alog;
 use crate::container::{Containers, Deadline, OomWatch};
 use crate::identity;
+use crate::pool::Pool;
 use crate::process::{Failure, Processes, StreamEnd};
 
 /// What the server serves: processes and containers.
@@ -24,7 +26,15 @@ pub struct Agent {
     pub procs: Arc<Processes>,
     /// Every container.
     pub containers: Containers,
+    /// The threads connections and blocking requests run on.
+    pub pool: Pool,
 }
+
+/// Workers the agent starts before it reports ready (a VM restored from a
+/// template has them), and keeps idle at most.
+pub const POOL_PRESTART: usize = 6;
+/// Idle workers kept at most.
+pub const POOL_KEEP: usize = 16;
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -100,11 +110,9 @@ pub fn serve(listener: Listener, agent: Arc<Agent>, shutdown: ShutdownFn) -> ! {
     loop {
         match listener.accept() {
             Ok(stream) => {
+                let pool = agent.pool.clone();
                 let agent = agent.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("conn".into())
-                    .spawn(move || handle_connection(stream, agent, shutdown));
-                if let Err(e) = spawned {
+                if let Err(e) = pool.run(move || handle_connection(stream, agent, shutdown)) {
                     alog!(Error, "cannot start a connection thread: {e}");
                 }
             }
@@ -238,12 +246,10 @@ fn control(mut stream: UnixStream, agent: Arc<Agent>, shutdown: ShutdownFn) {
             answer(&agent, &writer, id, job, deadline, shutdown);
             continue;
         }
+        let pool = agent.pool.clone();
         let agent = agent.clone();
         let writer = writer.clone();
-        let spawned = std::thread::Builder::new()
-            .name("request".into())
-            .spawn(move || answer(&agent, &writer, id, job, deadline, shutdown));
-        if let Err(e) = spawned {
+        if let Err(e) = pool.run(move || answer(&agent, &writer, id, job, deadline, shutdown)) {
             alog!(Error, "cannot start a request thread: {e}");
         }
     }

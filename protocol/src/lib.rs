@@ -188,7 +188,20 @@ pub struct CreateContainer {
     pub spec: Spec,
     /// The init process's stdio.
     pub stdio: Stdio,
+    /// Run the agent's built-in pause instead of the spec's process (a CRI
+    /// pod's sandbox container, whose process only holds the pod's
+    /// namespaces): of the spec only the namespaces, hostname, domainname,
+    /// sysctls, oomScoreAdj and cgroup apply; no root file system or mount
+    /// is set up, the pause runs from the create on (start only marks it
+    /// started), and nothing can be exec'd in it. It ends on SIGTERM or
+    /// SIGINT and reaps the orphans of the pod's pid namespace.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub builtin_pause: bool,
 }
+
+/// The program name (`argv[0]`) that makes the agent's binary the
+/// built-in pause (see [`CreateContainer::builtin_pause`]).
+pub const PAUSE_ARGV0: &str = "rtv-pause";
 
 /// Run another process in a running container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -31,6 +31,14 @@ pub struct Artifacts {
 }
 
 impl Artifacts {
+    /// The guest kernel's `System.map`, for the guest profiler: beside the
+    /// kernel (its symlinks followed: the kernel cache keeps it there).
+    pub fn system_map(&self) -> Option<PathBuf> {
+        let kernel = std::fs::canonicalize(&self.kernel).ok()?;
+        let map = kernel.with_file_name("System.map");
+        map.exists().then_some(map)
+    }
+
     /// Finds them: each from its variable when set and not empty, else
     /// `rtv-vmlinux`, `rtv-initramfs.cpio` and `rtv-vmm` next to the running
     /// binary. A missing one is an error naming its variable.

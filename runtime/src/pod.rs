@@ -42,7 +42,7 @@ use crate::host_cgroup::{self, HostCgroupError};
 use crate::sandbox::{Origin, Sandbox, SandboxConfig, SandboxError, VSOCK_FILE};
 use crate::share::{Share, ShareError};
 use crate::spec::{guest_spec, vm_size, VmSize};
-use crate::vmm_process::alive;
+use crate::vmm_process::{alive, Profile};
 
 /// The CRI annotation naming a container's kind (`sandbox` or `container`).
 pub const CRI_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -59,6 +59,12 @@ pub const SHARE_DIR: &str = "share";
 const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a VM may take to power off before it is killed.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The variable that turns the guest profiler on for every pod a front end
+/// starts: each pod's profile goes to `$RTV_PROFILE_DIR/<pod id>/`
+/// (`RTV_PROFILE_HZ` samples a second, 99 by default).
+pub const PROFILE_ENV: &str = "RTV_PROFILE_DIR";
+/// How long a profile part may take to be written.
+const PROFILE_DUMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The vsock CID of every pod's guest (each VMM has its own socket).
 const GUEST_CID: u32 = 3;
 
@@ -264,6 +270,8 @@ pub struct PodConfig {
     /// The host cgroup the VMM joins (the spec's `linux.cgroupsPath`:
     /// containerd and the kubelet account the pod by it).
     pub host_cgroup: Option<String>,
+    /// Profile the pod's guest (see [`Pod::mark`]).
+    pub profile: Option<Profile>,
 }
 
 impl PodConfig {
@@ -276,10 +284,21 @@ impl PodConfig {
             .clone()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| id.chars().take(63).collect());
+        let artifacts = Artifacts::find()?;
+        let profile = std::env::var_os(PROFILE_ENV)
+            .filter(|d| !d.is_empty())
+            .map(|d| Profile {
+                dir: PathBuf::from(d).join(id),
+                hz: std::env::var("RTV_PROFILE_HZ")
+                    .ok()
+                    .and_then(|h| h.parse().ok())
+                    .unwrap_or(99),
+                system_map: artifacts.system_map(),
+            });
         Ok(PodConfig {
             id: id.to_owned(),
             dir: dir.to_path_buf(),
-            artifacts: Artifacts::find()?,
+            artifacts,
             template_dir: crate::artifacts::template_dir(),
             size: vm_size(spec, crate::spec::host_cpus()),
             hostname,
@@ -289,6 +308,7 @@ impl PodConfig {
                 .as_ref()
                 .and_then(|l| l.cgroups_path().as_ref())
                 .map(|p| p.to_string_lossy().into_owned()),
+            profile,
         })
     }
 }
@@ -313,6 +333,12 @@ pub struct PodRecord {
     /// The last member left: the pod is being stopped and takes no new one.
     #[serde(default)]
     pub stopping: bool,
+    /// Where the guest profiler writes, when the pod is profiled.
+    #[serde(default)]
+    pub profile: Option<PathBuf>,
+    /// The profile's parts cut so far ([`Pod::mark`]).
+    #[serde(default)]
+    pub profile_parts: u32,
 }
 
 /// An exclusive flock, released when dropped.
@@ -356,6 +382,21 @@ fn write_record(dir: &Path, rec: &PodRecord) -> Result<(), PodError> {
         .and_then(|b| std::fs::write(&tmp, b))
         .and_then(|()| std::fs::rename(&tmp, &path))
         .map_err(PodError::io(&path))
+}
+
+/// Names part `n` of the profile in `dir`: `<n>.label`, and a line in
+/// `parts.txt`.
+fn label_part(dir: &Path, n: u32, label: &str) -> Result<(), PodError> {
+    use std::io::Write as _;
+    let path = dir.join(format!("{n}.label"));
+    std::fs::write(&path, format!("{label}\n")).map_err(PodError::io(&path))?;
+    let index = dir.join("parts.txt");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&index)
+        .and_then(|mut f| writeln!(f, "{n}\t{label}"))
+        .map_err(PodError::io(&index))
 }
 
 /// Changes the record in `dir` under its lock.
@@ -471,6 +512,7 @@ impl Pod {
         sb.shared_dir = Some(share_dir.to_path_buf());
         sb.template_dir = Some(cfg.template_dir.clone());
         sb.detached = cfg.detached;
+        sb.profile = cfg.profile.clone();
         let sandbox = Sandbox::start(sb).await.map_err(PodError::Start)?;
         tracing::info!(
             pod = %cfg.id,
@@ -481,15 +523,8 @@ impl Pod {
             ready_after = ?sandbox.ready_after(),
             "VM ready"
         );
-        let client =
-            match AgentClient::connect(Endpoint::vm(cfg.dir.join(VSOCK_FILE)), AGENT_TIMEOUT).await
-            {
-                Ok(c) => Arc::new(c),
-                Err(e) => {
-                    let _ = sandbox.stop(STOP_TIMEOUT).await;
-                    return Err(e.into());
-                }
-            };
+        // The sandbox's own connection (it set the guest's identity).
+        let client = sandbox.shared_client();
         let vmm_pid = sandbox.pid() as i32;
         let mut pod = Pod {
             id: cfg.id.clone(),
@@ -515,11 +550,16 @@ impl Pod {
                     host_cgroups: pod.host_cgroups.clone(),
                     members: Vec::new(),
                     stopping: false,
+                    profile: cfg.profile.as_ref().map(|p| p.dir.clone()),
+                    profile_parts: 0,
                 },
             )
         })();
         match recorded {
-            Ok(()) => Ok(pod),
+            Ok(()) => {
+                pod.mark("the pod's VM starts (restore or boot)").await;
+                Ok(pod)
+            }
             Err(e) => {
                 pod.stop().await;
                 Err(e)
@@ -586,6 +626,8 @@ impl Pod {
                 host_cgroups: Vec::new(),
                 members: Vec::new(),
                 stopping: false,
+                profile: None,
+                profile_parts: 0,
             },
         )?;
         Ok(Pod {
@@ -646,6 +688,52 @@ impl Pod {
         &self.client
     }
 
+    /// Cuts the guest profile here, when the pod is profiled: the samples
+    /// since the previous mark (or the VM's start) become part n of the
+    /// profile (`<n>.folded`, `<n>.svg`), `label` says what the part is
+    /// (`<n>.label`, and a line `n label` in `parts.txt`). The part after
+    /// the last mark runs until the VM stops. Works from any process that
+    /// opened the pod (the count is in the record); costs nothing when the
+    /// pod is not profiled. Problems are logged.
+    pub async fn mark(&self, label: &str) {
+        let vmm = self.vmm_pid();
+        let dir = &self.dir;
+        let cut = async {
+            let Some(profile) = read_record(dir)?.profile else {
+                return Ok(None);
+            };
+            let _lock = RecordLock::take(dir)?;
+            let mut rec = read_record(dir)?;
+            let n = rec.profile_parts + 1;
+            // SAFETY: kill(2) of the pod's VMM (rtv-vmm serves SIGUSR1 by
+            // writing a profile part; it is never fatal to it).
+            if unsafe { libc::kill(vmm, libc::SIGUSR1) } < 0 {
+                return Err(PodError::io(&profile)(std::io::Error::last_os_error()));
+            }
+            let svg = profile.join(format!("{n}.svg"));
+            let started = std::time::Instant::now();
+            while !svg.exists() {
+                if started.elapsed() > PROFILE_DUMP_TIMEOUT || !alive(vmm, rec.vmm_start) {
+                    return Err(PodError::io(&svg)(std::io::Error::from(
+                        std::io::ErrorKind::TimedOut,
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            rec.profile_parts = n;
+            write_record(dir, &rec)?;
+            label_part(&profile, n, label)?;
+            Ok(Some(svg))
+        };
+        match cut.await {
+            Ok(Some(svg)) => {
+                tracing::info!(pod = %self.id, "profile of {label}: {}", svg.display())
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(pod = %self.id, "cutting the profile at {label}: {e}"),
+        }
+    }
+
     /// Leaves the VM running when this value is dropped, for a pod started
     /// with [`PodConfig::detached`] (another process stops it later).
     pub fn detach(self) {
@@ -659,6 +747,11 @@ impl Pod {
     /// mounts with it, and the host cgroups. Problems are logged: a pod
     /// is always gone afterwards; a second call does nothing.
     pub async fn stop(&self) {
+        if let Ok(rec) = read_record(&self.dir) {
+            if let Some(profile) = &rec.profile {
+                let _ = label_part(profile, rec.profile_parts + 1, "until the VM stopped");
+            }
+        }
         let vmm = self.vmm().take();
         match vmm {
             Some(Vmm::Owned(sandbox)) => match sandbox.stop(STOP_TIMEOUT).await {
@@ -772,6 +865,9 @@ impl Pod {
                 container_id: c.id.to_owned(),
                 spec,
                 stdio: c.stdio,
+                // A CRI pod's sandbox only holds the pod's namespaces.
+                builtin_pause: Role::of(&c.spec.annotations().clone().unwrap_or_default())
+                    == Role::Sandbox,
             })
             .await
             .map_err(|source| PodError::Agent {
@@ -781,6 +877,7 @@ impl Pod {
         creating.in_guest = true;
         creating.exec_id = exec_id;
         creating.guest_pid = guest_pid;
+        self.mark(&format!("create {}", c.id)).await;
         Ok(())
     }
 
@@ -805,6 +902,7 @@ impl Pod {
     pub async fn start_container(&self, hooks: &ContainerHooks, pid: i32) -> Result<(), PodError> {
         hooks.run(Stage::StartContainer, "created", pid).await?;
         self.client.start_container(&hooks.id).await?;
+        self.mark(&format!("start {}", hooks.id)).await;
         hooks.run_logged(Stage::Poststart, "running", pid).await;
         Ok(())
     }
@@ -819,6 +917,7 @@ impl Pod {
         hooks: Option<&ContainerHooks>,
     ) -> Result<bool, PodError> {
         self.remove_container(id).await;
+        self.mark(&format!("delete {id}")).await;
         let last = self.leave(id, true)?;
         if let Some(h) = hooks {
             h.run_logged(Stage::Poststop, "stopped", 0).await;
@@ -833,14 +932,16 @@ impl Pod {
         process: Process,
         stdio: Stdio,
     ) -> Result<(u64, i32), PodError> {
-        Ok(self
+        let started = self
             .client
             .exec_in_container(ExecInContainer {
                 container_id: id.to_owned(),
                 process,
                 stdio,
             })
-            .await?)
+            .await?;
+        self.mark(&format!("exec in {id}")).await;
+        Ok(started)
     }
 
     /// Sends `signal` to container `id`'s init, or to all its processes.
@@ -1179,6 +1280,8 @@ mod tests {
             host_cgroups: Vec::new(),
             members: Vec::new(),
             stopping: false,
+            profile: None,
+            profile_parts: 0,
         };
         write_record(&dir, &rec).unwrap();
         join_members(&dir, "a").unwrap();

@@ -25,6 +25,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rtv_protocol::{Identity, RequestBody, ResponseBody, MAX_HOSTNAME};
@@ -32,7 +33,7 @@ use rtv_protocol::{Identity, RequestBody, ResponseBody, MAX_HOSTNAME};
 use crate::agent_client::{AgentClient, ClientError, Endpoint};
 use crate::random::host_random;
 use crate::template::{TemplateCache, TemplateError, TemplateSpec};
-use crate::vmm_process::{file_tail, Lifetime, VmmCommand};
+use crate::vmm_process::{file_tail, Lifetime, Profile, VmmCommand};
 
 /// Bytes of host entropy each sandbox gets.
 pub const ENTROPY_BYTES: usize = 64;
@@ -81,6 +82,8 @@ pub struct SandboxConfig {
     pub boot_timeout: Duration,
     /// How long a restored guest's agent may take to answer.
     pub restore_timeout: Duration,
+    /// Profile the guest (its restore or boot included).
+    pub profile: Option<Profile>,
 }
 
 impl SandboxConfig {
@@ -109,6 +112,7 @@ impl SandboxConfig {
             template_dir: None,
             boot_timeout: Duration::from_secs(300),
             restore_timeout: Duration::from_secs(120),
+            profile: None,
         }
     }
 
@@ -325,7 +329,7 @@ enum Boot<'a> {
 
 /// A running sandbox.
 pub struct Sandbox {
-    client: AgentClient,
+    client: Arc<AgentClient>,
     vmm: Vmm,
     hostname: String,
     origin: Origin,
@@ -465,7 +469,7 @@ impl Sandbox {
             "sandbox ready ({origin:?})"
         );
         Ok(Sandbox {
-            client,
+            client: Arc::new(client),
             vmm,
             hostname: cfg.hostname.clone(),
             origin,
@@ -483,6 +487,11 @@ impl Sandbox {
     /// The agent's control connection.
     pub fn client(&self) -> &AgentClient {
         &self.client
+    }
+
+    /// The agent's control connection, to share.
+    pub fn shared_client(&self) -> Arc<AgentClient> {
+        self.client.clone()
     }
 
     /// The VMM's process id.
@@ -584,6 +593,9 @@ async fn launch(cfg: &SandboxConfig, boot: Boot<'_>) -> Result<(Vmm, AgentClient
         });
     if let Some(share) = &cfg.shared_dir {
         cmd = cmd.shared_dir(share);
+    }
+    if let Some(p) = &cfg.profile {
+        cmd = cmd.profile(p);
     }
     let child = cmd.spawn(stderr).map_err(|source| SandboxError::Spawn {
         vmm: cfg.vmm.clone(),

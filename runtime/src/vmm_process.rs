@@ -20,6 +20,17 @@ pub enum Lifetime {
     Detached,
 }
 
+/// The guest profiler's settings for one VM (see rtv-vmm's `--profile`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    /// Where the folded stacks and flame graphs go.
+    pub dir: PathBuf,
+    /// Samples a second per vCPU.
+    pub hz: u32,
+    /// The guest kernel's `System.map`.
+    pub system_map: Option<PathBuf>,
+}
+
 /// An `rtv-vmm` command line.
 #[derive(Debug, Clone)]
 pub struct VmmCommand {
@@ -89,6 +100,17 @@ impl VmmCommand {
     /// Snapshot the VM into `dir` when the agent is ready, then exit.
     pub fn snapshot_on_ready(mut self, dir: &Path) -> Self {
         self.arg("--snapshot-on-ready").arg(dir);
+        self
+    }
+
+    /// Profile the guest into `dir` (rtv-vmm's `--profile`), naming
+    /// kernel addresses with `system_map`.
+    pub fn profile(mut self, p: &Profile) -> Self {
+        self.arg("--profile").arg(&p.dir);
+        self.arg("--profile-hz").arg(p.hz.to_string());
+        if let Some(map) = &p.system_map {
+            self.arg("--system-map").arg(map);
+        }
         self
     }
 

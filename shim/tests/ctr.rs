@@ -284,26 +284,33 @@ fn ctr_pod_shares_one_shim_and_vm() {
         let ipc = format!("ipc:/proc/{pid}/ns/ipc");
         let uts = format!("uts:/proc/{pid}/ns/uts");
         let m_kind = kind("container");
-        let mut args = vec![
-            "run",
-            "-d",
-            "--annotation",
-            &m_kind,
-            "--annotation",
-            &sandbox,
-            "--with-ns",
-            &ipc,
-            "--with-ns",
-            &uts,
-        ];
-        args.extend(strs(&flags));
-        args.extend([image.as_str(), &member, "sleep", "1000"]);
-        let out = c.ctr(&args, CTR_TIMEOUT)?;
-        ensure!(
-            out.status.success(),
-            "ctr run the member: {}",
-            describe(&out)
-        );
+        // A member of the pod: `ctr run` joining the sandbox's IPC and UTS
+        // namespaces, with `rest` (`-d` or `--rm`) and `cmd`.
+        let run_member = |id: &str, rest: &str, cmd: &[&str]| -> Result<String> {
+            let mut args = vec![
+                "run",
+                rest,
+                "--annotation",
+                &m_kind,
+                "--annotation",
+                &sandbox,
+                "--with-ns",
+                &ipc,
+                "--with-ns",
+                &uts,
+            ];
+            args.extend(strs(&flags));
+            args.extend([image.as_str(), id]);
+            args.extend(cmd);
+            let out = c.ctr(&args, CTR_TIMEOUT)?;
+            ensure!(
+                out.status.success(),
+                "ctr run the member {id}: {}",
+                describe(&out)
+            );
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        run_member(&member, "-d", &["sleep", "1000"])?;
         wait_task_status(c, &member, "RUNNING", Duration::from_secs(20))?;
 
         let shims = c.shims();
@@ -313,11 +320,10 @@ fn ctr_pod_shares_one_shim_and_vm() {
             vms.iter().filter(|l| l.starts_with("process")).count() == 1,
             "want one VM for the pod, got {vms:#?}"
         );
-        // The member is in the sandbox's IPC and UTS namespaces (the same
-        // inodes), not its PID one.
+        // The sandbox runs rtv's built-in pause: nothing is exec'd in it.
         let fifo = c.fifo_dir().to_string_lossy().into_owned();
-        let ns = |task: &str, exec_id: &str| -> Result<String> {
-            c.ctr_ok(&[
+        let exec = |task: &str, exec_id: &str, cmd: &[&str]| {
+            let mut args = vec![
                 "tasks",
                 "exec",
                 "--fifo-dir",
@@ -325,41 +331,52 @@ fn ctr_pod_shares_one_shim_and_vm() {
                 "--exec-id",
                 exec_id,
                 task,
-                "stat",
-                "-L",
-                "-c",
-                "%i",
-                "/proc/self/ns/ipc",
-                "/proc/self/ns/uts",
-                "/proc/self/ns/pid",
-            ])
+            ];
+            args.extend(cmd);
+            c.ctr(&args, CTR_TIMEOUT)
         };
-        let (a, b) = (ns(&pod, "n1")?, ns(&member, "n2")?);
+        let refused = exec(&pod, "n1", &["true"])?;
+        ensure!(
+            !refused.status.success()
+                && String::from_utf8_lossy(&refused.stderr).contains("built-in pause"),
+            "an exec in the sandbox: {}",
+            describe(&refused)
+        );
+        // Members are in the sandbox's IPC and UTS namespaces (the same
+        // inodes for both), each in a PID namespace of its own.
+        let stat = [
+            "stat",
+            "-L",
+            "-c",
+            "%i",
+            "/proc/self/ns/ipc",
+            "/proc/self/ns/uts",
+            "/proc/self/ns/pid",
+        ];
+        let a = exec(&member, "n2", &stat)?;
+        ensure!(a.status.success(), "stat in the member: {}", describe(&a));
+        let a = String::from_utf8_lossy(&a.stdout).into_owned();
+        let second = c.new_id("member");
+        ids.push(second.clone());
+        let b = run_member(&second, "--rm", &stat)?;
         let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
         ensure!(
             a.len() == 3 && b.len() == 3 && a[0] == b[0] && a[1] == b[1] && a[2] != b[2],
-            "namespaces: sandbox {a:?}, member {b:?}"
+            "namespaces: member {a:?}, second member {b:?}"
         );
 
-        // The member goes; the VM stays for the sandbox.
+        // The member goes; the VM stays for the sandbox, which takes a
+        // new member.
         c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &member])?;
         wait_task_status(c, &member, "STOPPED", Duration::from_secs(20))?;
         c.ctr_ok(&["tasks", "delete", &member])?;
         c.ctr_ok(&["containers", "delete", &member])?;
-        let out = c.ctr_ok(&[
-            "tasks",
-            "exec",
-            "--fifo-dir",
-            &fifo,
-            "--exec-id",
-            "n3",
-            &pod,
-            "echo",
-            "still-here",
-        ])?;
+        let third = c.new_id("member");
+        ids.push(third.clone());
+        let out = run_member(&third, "--rm", &["echo", "still-here"])?;
         ensure!(
             out == "still-here\n",
-            "the sandbox after the member left: {out:?}"
+            "a member after the first left: {out:?}"
         );
 
         c.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &pod])?;

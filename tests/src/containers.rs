@@ -164,6 +164,7 @@ pub async fn create(c: &AgentClient, place: &Place, id: &str, spec: &Spec) -> Re
             container_id: id.into(),
             spec,
             stdio: out_err(),
+            builtin_pause: false,
         })
         .await;
     match created {
@@ -536,10 +537,63 @@ pub async fn bad_specs(c: &AgentClient, place: &Place) -> Result<()> {
                 container_id: bad.into(),
                 spec: base_spec(&["true"]),
                 stdio: Stdio::default(),
+                builtin_pause: false,
             })
             .await;
         ensure!(r.is_err(), "id {bad:?} accepted");
     }
+    Ok(())
+}
+
+/// A pod sandbox's built-in pause (`builtin_pause`): it holds the pod's
+/// uts and ipc namespaces (the spec's hostname, an ipc sysctl) from the
+/// create on without running the spec's program (which does not exist
+/// here), takes no exec, and exits 0 on SIGTERM; a member container that
+/// joins its namespaces sees them.
+pub async fn builtin_pause(c: &AgentClient, place: &Place) -> Result<()> {
+    let spec = patched(
+        &base_spec(&["/no/such/pause"]),
+        serde_json::json!({"hostname": "pod-h",
+            "linux": {"sysctl": {"kernel.shm_rmid_forced": "1"}}}),
+    )?;
+    let spec = place.spec_for("sandbox", &spec)?;
+    let (exec_id, pid) = c
+        .create_container(CreateContainer {
+            container_id: "sandbox".into(),
+            spec,
+            stdio: Stdio::default(),
+            builtin_pause: true,
+        })
+        .await
+        .inspect_err(|_| place.remove("sandbox"))?;
+    let result = async {
+        c.start_container("sandbox").await?;
+        let st = c.container_state("sandbox").await?;
+        ensure!(st.status == ContainerStatus::Running, "{st:?}");
+        match exec_sh(c, "sandbox", "true").await {
+            Err(e) if e.to_string().contains("built-in pause") => {}
+            other => bail!("an exec in the pause: {other:?}"),
+        }
+        let member = patched(
+            &base_spec(&["sh", "-c", "hostname; cat /proc/sys/kernel/shm_rmid_forced"]),
+            serde_json::json!({"hostname": null, "linux": {"namespaces": [
+                {"type": "pid"}, {"type": "mount"},
+                {"type": "ipc", "path": format!("/proc/{pid}/ns/ipc")},
+                {"type": "uts", "path": format!("/proc/{pid}/ns/uts")}]}}),
+        )?;
+        let r = run(c, place, "member", &member).await?;
+        expect_ok(&r)?;
+        ensure!(r.out == "pod-h\n1\n", "the member sees {:?}", r.out);
+        c.signal_container("sandbox", libc::SIGTERM, false).await?;
+        let status = c.wait(exec_id).await?;
+        ensure!(status == ExitStatus::Code(0), "the pause ended {status:?}");
+        Ok(())
+    }
+    .await;
+    let deleted = c.delete_container("sandbox", true).await;
+    place.remove("sandbox");
+    result?;
+    deleted?;
     Ok(())
 }
 
@@ -558,6 +612,7 @@ pub async fn terminal(c: &AgentClient, place: &Place) -> Result<()> {
                 stdout: true,
                 stderr: false,
             },
+            builtin_pause: false,
         })
         .await?;
     let out = c.attach(exec_id, StreamKind::Stdout).await?;
@@ -675,6 +730,7 @@ pub async fn run_all(c: &AgentClient, place: &Place, scratch: &Path) -> Vec<Stri
     check!("seccomp", seccomp(c, place));
     check!("sysctl_and_binds", sysctl_and_binds(c, place, scratch));
     check!("terminal", terminal(c, place));
+    check!("builtin_pause", builtin_pause(c, place));
     check!("bad_specs", bad_specs(c, place));
     if place.in_vm() {
         check!("cgroup_limits", cgroup_limits(c, place));

@@ -223,6 +223,7 @@ async fn one_container(c: &AgentClient, place: &Place, id: &str, cfg: &StressCon
             container_id: id.into(),
             spec,
             stdio: Stdio::default(),
+            builtin_pause: false,
         })
         .await
         .with_context(|| format!("creating {id}"))?;
@@ -385,6 +386,7 @@ pub async fn stress(c: &AgentClient, place: &Place, cfg: &StressConfig) -> Resul
                         container_id: dup.into(),
                         spec,
                         stdio: Stdio::default(),
+                        builtin_pause: false,
                     })
                 )
             })

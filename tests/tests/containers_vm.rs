@@ -56,6 +56,7 @@ fn every_container_scenario_in_a_vm() {
         hostname: "ctr-vm".into(),
         detached: false,
         host_cgroup: None,
+        profile: None,
     };
     let _one = one_vm_at_a_time();
     let rt = tokio::runtime::Builder::new_multi_thread()

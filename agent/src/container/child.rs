@@ -226,11 +226,14 @@ fn die(f: Fail) -> ! {
 }
 
 /// Resets what a child of the agent inherits but a container's process
-/// must not: SIGPIPE ignored (Rust's runtime does that), a signal mask.
+/// must not: SIGPIPE ignored and the SIGSEGV/SIGBUS handlers (Rust's
+/// runtime sets those up), a signal mask.
 fn reset_signals() -> Result<(), Fail> {
-    // SAFETY: restoring a default disposition.
-    if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) } == libc::SIG_ERR {
-        return Err(fail(Step::Signals, 0));
+    for sig in [libc::SIGPIPE, libc::SIGSEGV, libc::SIGBUS] {
+        // SAFETY: restoring a default disposition.
+        if unsafe { libc::signal(sig, libc::SIG_DFL) } == libc::SIG_ERR {
+            return Err(fail(Step::Signals, 0));
+        }
     }
     // SAFETY: an empty sigset_t is filled by sigemptyset; sigprocmask
     // reads it.
@@ -896,6 +899,77 @@ pub fn create(
         }
         close(START_FD);
         Err(exec(&plan.process, candidate, argv, envp))
+    })();
+    match result {
+        Err(f) => die(f),
+        Ok(()) => die((Step::Exec, 0, Errno(libc::EINVAL))),
+    }
+}
+
+/// The child side of a built-in pause (see `CreateContainer::builtin_pause`):
+/// the pod's namespaces, cgroup, hostname, domainname, sysctls and OOM
+/// score, then `exe` (the agent's own binary) as `argv` (the pause).
+/// Never returns.
+pub fn pause(
+    part: &super::plan::PodPart,
+    cgroup_procs: Option<&CString>,
+    fds: &ChildFds,
+    exe: &CStr,
+    argv: &[*const c_char],
+    envp: &[*const c_char],
+) -> ! {
+    let mut extra = [-1; MAX_EXTRA];
+    let n = part.join.len().min(MAX_EXTRA);
+    for (slot, (_, fd)) in extra.iter_mut().zip(part.join.iter()) {
+        *slot = std::os::fd::AsRawFd::as_raw_fd(fd);
+    }
+    let result = (|| {
+        let moved = arrange_fds(fds, &extra[..n])?;
+        reset_signals()?;
+        session(false)?;
+        if let Some(adj) = &part.oom_score_adj {
+            write_file(
+                c"/proc/self/oom_score_adj",
+                adj.as_bytes(),
+                Step::OomScoreAdj,
+                0,
+            )?;
+        }
+        join_cgroup(cgroup_procs.map(CString::as_c_str))?;
+        for (i, (t, _)) in part.join.iter().enumerate().take(n) {
+            // SAFETY: setns(2) on a namespace descriptor we hold.
+            check(unsafe { libc::setns(moved[i], *t) }, Step::Setns, i)?;
+            close(moved[i]);
+        }
+        // The pod's ipc, uts and cgroup namespaces; not a mount namespace:
+        // the pause has no root file system of its own.
+        let unshare =
+            part.ns.new & (libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP);
+        // SAFETY: unshare(2) with CLONE_NEW* flags.
+        check(unsafe { libc::unshare(unshare) }, Step::Unshare, 0)?;
+        if let Some(h) = &part.hostname {
+            check(
+                // SAFETY: a valid buffer of the given length.
+                unsafe { libc::sethostname(h.as_ptr(), h.as_bytes().len()) },
+                Step::Hostname,
+                0,
+            )?;
+        }
+        if let Some(d) = &part.domainname {
+            check(
+                // SAFETY: a valid buffer of the given length.
+                unsafe { libc::setdomainname(d.as_ptr(), d.as_bytes().len()) },
+                Step::Domainname,
+                0,
+            )?;
+        }
+        for (i, (_, file, value)) in part.sysctl.iter().enumerate() {
+            write_file(file, value.as_bytes(), Step::Sysctl, i)?;
+        }
+        // SAFETY: execve(2) of the agent's binary with NUL-terminated,
+        // null-ended argument and environment arrays the parent prepared.
+        unsafe { libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        Err(fail(Step::Exec, 0))
     })();
     match result {
         Err(f) => die(f),

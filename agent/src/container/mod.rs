@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use oci_spec::runtime::{LinuxResources, Spec};
 use rtv_protocol::{
     ContainerState, ContainerStats, ContainerStatus, CreateContainer, ErrorKind, ExecInContainer,
-    Stdio, SHARE_MOUNTPOINT, SHARE_TAG,
+    Stdio, PAUSE_ARGV0, SHARE_MOUNTPOINT, SHARE_TAG,
 };
 
 use crate::alog;
@@ -124,6 +124,23 @@ impl Context {
             program: p.program.clone(),
             cwd: p.cwd.to_string_lossy().into_owned(),
             field,
+        }
+    }
+
+    fn of_pause(part: &plan::PodPart) -> Self {
+        Self {
+            mounts: Vec::new(),
+            devices: Vec::new(),
+            sysctl: part
+                .sysctl
+                .iter()
+                .map(|(k, _, _)| format!("linux.sysctl.{k}"))
+                .collect(),
+            masked: Vec::new(),
+            readonly: Vec::new(),
+            program: PAUSE_ARGV0.into(),
+            cwd: "/".into(),
+            field: "process",
         }
     }
 
@@ -337,6 +354,110 @@ fn fork_in(pid_ns: &PidNs, child: impl FnOnce()) -> std::io::Result<i32> {
     }
 }
 
+/// The child's stack size for [`vfork_in`].
+const VFORK_STACK: usize = 256 * 1024;
+
+/// The agent's own pid namespace, to return a thread to after it joined a
+/// container's for a spawn.
+fn own_pid_ns() -> std::io::Result<&'static OwnedFd> {
+    static NS: std::sync::OnceLock<Result<OwnedFd, i32>> = std::sync::OnceLock::new();
+    NS.get_or_init(|| {
+        File::open("/proc/self/ns/pid")
+            .map(OwnedFd::from)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+    })
+    .as_ref()
+    .map_err(|e| std::io::Error::from_raw_os_error(*e))
+}
+
+extern "C" fn vfork_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `&mut &mut dyn FnMut()` that vfork_in passed to
+    // clone(2); vfork_in's frame, and so the closure, outlives this child
+    // (CLONE_VFORK suspends it until the child execs or exits).
+    let f = unsafe { &mut *arg.cast::<&mut dyn FnMut()>() };
+    f();
+    // SAFETY: _exit(2) if the child ever returned.
+    unsafe { libc::_exit(127) }
+}
+
+/// Starts `child` in a new process, in the pid namespace `pid_ns`, that
+/// shares the agent's memory until it execs (CLONE_VM | CLONE_VFORK, as
+/// posix_spawn does: no page tables are copied, and the agent takes no
+/// copy-on-write faults afterwards, each an emulated page fault on PVM
+/// hosts). The calling thread waits until the child has exec'd or exited.
+/// The child runs on a stack of its own with every signal blocked (it
+/// resets the dispositions before it unblocks them) and must only make
+/// system calls on prepared data (see child.rs). Joining a pid namespace
+/// goes through this thread, which returns to the agent's own afterwards
+/// (a worker that cannot is retired). Returns the child's pid.
+fn vfork_in(pid_ns: &PidNs, child: &mut dyn FnMut()) -> std::io::Result<i32> {
+    let mut flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    match pid_ns {
+        PidNs::New => flags |= libc::CLONE_NEWPID,
+        PidNs::Join(fd) => {
+            own_pid_ns()?;
+            // SAFETY: setns on a pid namespace descriptor we hold; it only
+            // sets where this thread's children go, undone below.
+            if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        PidNs::Shared => {}
+    }
+    let mut stack = vec![0u8; VFORK_STACK];
+    // The stack grows down from its 16-byte aligned top.
+    let top = (stack.as_mut_ptr() as usize + VFORK_STACK) & !15;
+    let mut child = child;
+    // SAFETY: an all-zero sigset_t is valid; sigfillset fills it, and
+    // pthread_sigmask reads it and writes the old mask to `old`.
+    let (all, mut old) = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        (all, std::mem::zeroed::<libc::sigset_t>())
+    };
+    // SAFETY: blocks every signal in this thread (no handler may run on
+    // the child's stack before it resets them); restored below.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
+    // SAFETY: clone(2) with CLONE_VM | CLONE_VFORK: the child runs
+    // `vfork_child` on `stack`, which stays allocated until clone returns
+    // (the child has exec'd or exited by then), with `child` borrowed
+    // from this frame for the same time.
+    let pid = unsafe {
+        libc::clone(
+            vfork_child,
+            top as *mut libc::c_void,
+            flags,
+            (&mut child as *mut &mut dyn FnMut()).cast(),
+        )
+    };
+    let spawned = if pid < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(pid)
+    };
+    // SAFETY: restores this thread's signal mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if let PidNs::Join(_) = pid_ns {
+        let back = own_pid_ns().and_then(|own| {
+            // SAFETY: setns back to the agent's own pid namespace.
+            if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = back {
+            alog!(
+                Error,
+                "a worker cannot return to the agent's pid namespace: {e}"
+            );
+            crate::pool::retire_current();
+        }
+    }
+    spawned
+}
+
 /// Runs `f` on a thread of its own: namespaces entered for a fork must not
 /// stick to a thread that serves other requests.
 fn on_own_thread<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T, Failure> {
@@ -354,6 +475,8 @@ fn on_own_thread<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T, Failure> {
 struct Fixed {
     exec_id: u64,
     pid: i32,
+    /// The built-in pause of a pod sandbox.
+    pause: bool,
     cgroup: Option<Cgroup>,
     spec: Spec,
     rootfs: PathBuf,
@@ -512,24 +635,18 @@ impl Containers {
         }
     }
 
-    fn create_inner(&self, req: &CreateContainer) -> Result<(Fixed, Life), Failure> {
-        let spec = &req.spec;
-        let rootfs = spec
-            .root()
-            .as_ref()
-            .map(|r| r.path().clone())
-            .ok_or_else(|| SpecError::new("root", "is missing"))?;
-        self.ensure_share(&rootfs)?;
-        let plan = plan::create(spec, req.stdio.tty.is_some())?;
-        let linux = spec.linux().as_ref();
+    /// The container's cgroup (with the spec's limits), if the agent has
+    /// a cgroup2 hierarchy.
+    fn make_cgroup(&self, req: &CreateContainer) -> Result<Option<Cgroup>, Failure> {
+        let linux = req.spec.linux().as_ref();
         let resources = linux.and_then(|l| l.resources().as_ref());
-        let cgroup = match &self.cgroup_root {
+        match &self.cgroup_root {
             Some(root) => {
                 let rel = linux
                     .and_then(|l| l.cgroups_path().as_ref())
                     .map(|p| p.to_string_lossy().into_owned())
                     .unwrap_or_else(|| format!("rtv/{}", req.container_id));
-                Some(Cgroup::create(root, &rel, resources)?)
+                Ok(Some(Cgroup::create(root, &rel, resources)?))
             }
             None => {
                 if resources.is_some_and(has_limits) {
@@ -539,9 +656,107 @@ impl Containers {
                     )
                     .into());
                 }
-                None
+                Ok(None)
             }
-        };
+        }
+    }
+
+    /// Starts a pod sandbox's built-in pause (see
+    /// `CreateContainer::builtin_pause`): the agent's own binary as
+    /// `rtv-pause` in the pod's namespaces and the container's cgroup,
+    /// without a root file system of its own.
+    fn create_pause(&self, req: &CreateContainer) -> Result<(Fixed, Life), Failure> {
+        let spec = &req.spec;
+        let part = plan::pause(spec)?;
+        let cgroup = self.make_cgroup(req)?;
+        let ctx = Context::of_pause(&part);
+        let launched = (|| {
+            // The pause needs no terminal.
+            let stdio = prepare_stdio(&Stdio {
+                tty: None,
+                ..req.stdio
+            })?;
+            let (report_r, report_w) = pipe()?;
+            let procs_file = cgroup.as_ref().map(Cgroup::procs_file);
+            let name = std::ffi::CString::new(PAUSE_ARGV0)
+                .map_err(|_| Failure::new(ErrorKind::Other, "the pause's name"))?;
+            let argv = pointers(std::slice::from_ref(&name));
+            let envp = pointers(&[]);
+            let (exec_id, pid) = self.procs.fork_registered(stdio, |stdio| {
+                let fds = ChildFds {
+                    stdio: stdio.child_fds(),
+                    tty: false,
+                    report: report_w.as_raw_fd(),
+                    start: None,
+                };
+                vfork_in(&part.pid_ns, &mut || {
+                    child::pause(
+                        &part,
+                        procs_file.as_ref(),
+                        &fds,
+                        c"/proc/self/exe",
+                        &argv,
+                        &envp,
+                    )
+                })
+            })?;
+            drop(report_w);
+            let mut report_r = report_r;
+            match read_report(&mut report_r) {
+                Ok(None) => Ok((exec_id, pid)),
+                other => {
+                    let failure = match other {
+                        Ok(Some(r)) => ctx.failure(&r),
+                        Err(e) => e,
+                        Ok(None) => Failure::new(ErrorKind::Other, "the pause did not start"),
+                    };
+                    let _ = self.procs.wait(exec_id);
+                    self.procs.forget(exec_id);
+                    Err(failure)
+                }
+            }
+        })();
+        match launched {
+            Ok((exec_id, pid)) => Ok((
+                Fixed {
+                    exec_id,
+                    pid,
+                    pause: true,
+                    cgroup,
+                    spec: spec.clone(),
+                    rootfs: PathBuf::new(),
+                },
+                Life {
+                    started: false,
+                    paused: false,
+                    start: None,
+                    report: None,
+                },
+            )),
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    if let Err(ce) = cg.remove() {
+                        alog!(Warn, "removing the cgroup of a failed pause: {ce}");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn create_inner(&self, req: &CreateContainer) -> Result<(Fixed, Life), Failure> {
+        if req.builtin_pause {
+            return self.create_pause(req);
+        }
+        let spec = &req.spec;
+        let rootfs = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .ok_or_else(|| SpecError::new("root", "is missing"))?;
+        self.ensure_share(&rootfs)?;
+        let plan = plan::create(spec, req.stdio.tty.is_some())?;
+        let cgroup = self.make_cgroup(req)?;
         let ctx = Context::of_create(&plan, spec);
         let launched = self.launch_init(&plan, cgroup.as_ref(), &req.stdio, &ctx);
         match launched {
@@ -549,6 +764,7 @@ impl Containers {
                 Fixed {
                     exec_id,
                     pid,
+                    pause: false,
                     cgroup,
                     spec: spec.clone(),
                     rootfs,
@@ -631,6 +847,11 @@ impl Containers {
                         "container {id:?} is not in the created state"
                     )));
                 }
+                if c.fixed.pause {
+                    // It runs already.
+                    life.started = true;
+                    return Ok(());
+                }
                 let (Some(start), Some(report)) = (life.start.take(), life.report.take()) else {
                     return Err(invalid_state(format!("container {id:?} has no start pipe")));
                 };
@@ -662,6 +883,12 @@ impl Containers {
         let id = req.container_id.as_str();
         let c = self.table.get(id, deadline)?;
         let fixed = &c.fixed;
+        if fixed.pause {
+            return Err(Failure::new(
+                ErrorKind::InvalidRequest,
+                format!("container {id:?} is a pod sandbox running rtv's built-in pause: nothing can be exec'd in it"),
+            ));
+        }
         let (_turn, ()) = c.share(deadline, |life| {
             if self.status(fixed, life) != ContainerStatus::Running {
                 return Err(invalid_state(format!("container {id:?} is not running")));
@@ -688,21 +915,19 @@ impl Containers {
             ns.iter().map(|(t, fd)| (*t, fd.as_raw_fd())).collect();
         let stdio = prepare_stdio(&req.stdio)?;
         let (report_r, report_w) = pipe()?;
-        let (exec_id, child_pid) = on_own_thread(|| {
-            let argv = pointers(&plan.argv);
-            let envp = pointers(&plan.env);
-            self.procs.fork_registered(stdio, |stdio| {
-                let fds = ChildFds {
-                    stdio: stdio.child_fds(),
-                    tty: stdio.is_tty(),
-                    report: report_w.as_raw_fd(),
-                    start: None,
-                };
-                fork_in(&pid_ns, || {
-                    child::exec_in(&plan, &raw_ns, procs_file.as_ref(), &fds, &argv, &envp)
-                })
+        let argv = pointers(&plan.argv);
+        let envp = pointers(&plan.env);
+        let (exec_id, child_pid) = self.procs.fork_registered(stdio, |stdio| {
+            let fds = ChildFds {
+                stdio: stdio.child_fds(),
+                tty: stdio.is_tty(),
+                report: report_w.as_raw_fd(),
+                start: None,
+            };
+            vfork_in(&pid_ns, &mut || {
+                child::exec_in(&plan, &raw_ns, procs_file.as_ref(), &fds, &argv, &envp)
             })
-        })??;
+        })?;
         drop(report_w);
         drop(ns);
         let mut report_r = report_r;

@@ -624,6 +624,130 @@ fn open_ns(field: &str, path: &Path) -> Result<OwnedFd, SpecError> {
         .map_err(|e| SpecError::new(field, format!("{}: {e}", path.display())))
 }
 
+/// What a container's init gets of the pod's sharing: its namespaces (new
+/// and joined), hostname and domainname, sysctls and OOM score; for every
+/// container, and all a built-in pause gets ([`pause`]).
+#[derive(Debug)]
+pub struct PodPart {
+    /// The namespaces the spec asks for.
+    pub ns: Namespaces,
+    /// Namespaces to join, with their CLONE_NEW* type (not the pid one).
+    pub join: Vec<(libc::c_int, OwnedFd)>,
+    /// The pid namespace.
+    pub pid_ns: PidNs,
+    /// hostname.
+    pub hostname: Option<CString>,
+    /// domainname.
+    pub domainname: Option<CString>,
+    /// linux.sysctl as (key, file under /proc/sys, value), sorted by key.
+    pub sysctl: Vec<(String, CString, CString)>,
+    /// process.oomScoreAdj, as text.
+    pub oom_score_adj: Option<CString>,
+}
+
+fn pod_part(
+    spec: &Spec,
+    linux: &oci_spec::runtime::Linux,
+    p: &oci_spec::runtime::Process,
+) -> Result<PodPart, SpecError> {
+    let ns = namespaces(spec)?;
+    let mut join = Vec::new();
+    let mut pid_ns = if ns.new & libc::CLONE_NEWPID != 0 {
+        PidNs::New
+    } else {
+        PidNs::Shared
+    };
+    for (i, (t, path)) in ns.join.iter().enumerate() {
+        let fd = open_ns(&format!("linux.namespaces[{i}].path"), path)?;
+        if *t == libc::CLONE_NEWPID {
+            pid_ns = PidNs::Join(fd);
+        } else {
+            join.push((*t, fd));
+        }
+    }
+    let hostname = match spec.hostname() {
+        Some(h) if !h.is_empty() => {
+            if ns.new & libc::CLONE_NEWUTS == 0 {
+                return Err(SpecError::new(
+                    "hostname",
+                    "needs a new uts namespace in linux.namespaces",
+                ));
+            }
+            Some(cstring("hostname", h)?)
+        }
+        _ => None,
+    };
+    let domainname = match spec.domainname() {
+        Some(h) if !h.is_empty() => {
+            if ns.new & libc::CLONE_NEWUTS == 0 {
+                return Err(SpecError::new(
+                    "domainname",
+                    "needs a new uts namespace in linux.namespaces",
+                ));
+            }
+            Some(cstring("domainname", h)?)
+        }
+        _ => None,
+    };
+    let mut sysctl = Vec::new();
+    if let Some(map) = linux.sysctl() {
+        let mut keys: Vec<_> = map.keys().collect();
+        keys.sort();
+        for key in keys {
+            let field = format!("linux.sysctl.{key}");
+            let valid = !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                && !key.contains("..");
+            if !valid {
+                return Err(SpecError::new(field, "is not a sysctl name"));
+            }
+            sysctl_allowed(key, ns.new).map_err(|m| SpecError::new(&field, m))?;
+            let file = format!("/proc/sys/{}", key.replace('.', "/"));
+            let value = map.get(key).map(String::as_str).unwrap_or_default();
+            sysctl.push((
+                key.clone(),
+                cstring(&field, &file)?,
+                cstring(&field, value)?,
+            ));
+        }
+    }
+    let oom_score_adj = match p.oom_score_adj() {
+        Some(v) if !(-1000..=1000).contains(&v) => {
+            return Err(SpecError::new(
+                "process.oomScoreAdj",
+                format!("{v} is outside -1000..=1000"),
+            ))
+        }
+        Some(v) => Some(cstring("process.oomScoreAdj", &v.to_string())?),
+        None => None,
+    };
+    Ok(PodPart {
+        ns,
+        join,
+        pid_ns,
+        hostname,
+        domainname,
+        sysctl,
+        oom_score_adj,
+    })
+}
+
+/// The plan of a CRI pod sandbox's built-in pause: [`PodPart`] of its spec,
+/// nothing of its root file system, mounts or process.
+pub fn pause(spec: &Spec) -> Result<PodPart, SpecError> {
+    let linux = spec
+        .linux()
+        .as_ref()
+        .ok_or_else(|| SpecError::new("linux", "is missing"))?;
+    let p = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| SpecError::new("process", "is missing"))?;
+    pod_part(spec, linux, p)
+}
+
 /// Checks a container's spec and prepares its creation.
 pub fn create(spec: &Spec, tty: bool) -> Result<CreatePlan, SpecError> {
     let root = spec
@@ -683,45 +807,15 @@ pub fn create(spec: &Spec, tty: bool) -> Result<CreatePlan, SpecError> {
             ));
         }
     }
-    let ns = namespaces(spec)?;
-    let mut join = Vec::new();
-    let mut pid_ns = if ns.new & libc::CLONE_NEWPID != 0 {
-        PidNs::New
-    } else {
-        PidNs::Shared
-    };
-    for (i, (t, path)) in ns.join.iter().enumerate() {
-        let fd = open_ns(&format!("linux.namespaces[{i}].path"), path)?;
-        if *t == libc::CLONE_NEWPID {
-            pid_ns = PidNs::Join(fd);
-        } else {
-            join.push((*t, fd));
-        }
-    }
-    let hostname = match spec.hostname() {
-        Some(h) if !h.is_empty() => {
-            if ns.new & libc::CLONE_NEWUTS == 0 {
-                return Err(SpecError::new(
-                    "hostname",
-                    "needs a new uts namespace in linux.namespaces",
-                ));
-            }
-            Some(cstring("hostname", h)?)
-        }
-        _ => None,
-    };
-    let domainname = match spec.domainname() {
-        Some(h) if !h.is_empty() => {
-            if ns.new & libc::CLONE_NEWUTS == 0 {
-                return Err(SpecError::new(
-                    "domainname",
-                    "needs a new uts namespace in linux.namespaces",
-                ));
-            }
-            Some(cstring("domainname", h)?)
-        }
-        _ => None,
-    };
+    let PodPart {
+        ns,
+        join,
+        pid_ns,
+        hostname,
+        domainname,
+        sysctl,
+        oom_score_adj,
+    } = pod_part(spec, linux, p)?;
     let root_propagation = match linux.rootfs_propagation().as_deref() {
         None | Some("") => libc::MS_SLAVE | libc::MS_REC,
         Some(p) => propagation_flag(p).ok_or_else(|| {
@@ -798,40 +892,6 @@ pub fn create(spec: &Spec, tty: bool) -> Result<CreatePlan, SpecError> {
     };
     let masked = abs_list("linux.maskedPaths", linux.masked_paths())?;
     let readonly = abs_list("linux.readonlyPaths", linux.readonly_paths())?;
-    let mut sysctl = Vec::new();
-    if let Some(map) = linux.sysctl() {
-        let mut keys: Vec<_> = map.keys().collect();
-        keys.sort();
-        for key in keys {
-            let field = format!("linux.sysctl.{key}");
-            let valid = !key.is_empty()
-                && key
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-                && !key.contains("..");
-            if !valid {
-                return Err(SpecError::new(field, "is not a sysctl name"));
-            }
-            sysctl_allowed(key, ns.new).map_err(|m| SpecError::new(&field, m))?;
-            let file = format!("/proc/sys/{}", key.replace('.', "/"));
-            let value = map.get(key).map(String::as_str).unwrap_or_default();
-            sysctl.push((
-                key.clone(),
-                cstring(&field, &file)?,
-                cstring(&field, value)?,
-            ));
-        }
-    }
-    let oom_score_adj = match p.oom_score_adj() {
-        Some(v) if !(-1000..=1000).contains(&v) => {
-            return Err(SpecError::new(
-                "process.oomScoreAdj",
-                format!("{v} is outside -1000..=1000"),
-            ))
-        }
-        Some(v) => Some(cstring("process.oomScoreAdj", &v.to_string())?),
-        None => None,
-    };
     let process = process("process", p, rootfs, spec)?;
     Ok(CreatePlan {
         rootfs: cstring("root.path", &rootfs.to_string_lossy())?,

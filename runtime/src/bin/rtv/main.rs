@@ -144,17 +144,31 @@ async fn pod_of(store: &Store, rec: &ContainerRecord) -> Result<Pod> {
         .with_context(|| format!("container {}", rec.id))
 }
 
+/// Whether the container has ended, as the host alone knows it: its
+/// waiter recorded the exit, or is gone.
+fn ended(store: &Store, rec: &ContainerRecord) -> bool {
+    store.exit(&rec.id).is_some() || !alive(rec.waiter_pid, rec.waiter_start)
+}
+
+/// A container's status through its (opened) pod.
+async fn status_in(pod: &Pod, store: &Store, rec: &ContainerRecord) -> ContainerStatus {
+    if ended(store, rec) {
+        return ContainerStatus::Stopped;
+    }
+    match pod.state(&rec.id).await {
+        Ok(s) => s.status,
+        Err(_) => ContainerStatus::Stopped,
+    }
+}
+
 /// A container's status: from its waiter's record once it ended, else
 /// from the agent.
 async fn status(store: &Store, rec: &ContainerRecord) -> ContainerStatus {
-    if store.exit(&rec.id).is_some() || !alive(rec.waiter_pid, rec.waiter_start) {
+    if ended(store, rec) {
         return ContainerStatus::Stopped;
     }
     match pod_of(store, rec).await {
-        Ok(pod) => match pod.state(&rec.id).await {
-            Ok(s) => s.status,
-            Err(_) => ContainerStatus::Stopped,
-        },
+        Ok(pod) => status_in(&pod, store, rec).await,
         Err(_) => ContainerStatus::Stopped,
     }
 }
@@ -379,13 +393,16 @@ fn cmd_start(cli: &Cli, id: &str, rt: &tokio::runtime::Runtime) -> Result<()> {
     let store = Store::open(&cli.root)?;
     let rec = store.load(id)?;
     rt.block_on(async {
-        match status(&store, &rec).await {
+        if ended(&store, &rec) {
+            bail!("cannot start a container that has stopped");
+        }
+        let pod = pod_of(&store, &rec).await?;
+        match status_in(&pod, &store, &rec).await {
             ContainerStatus::Created => {}
             ContainerStatus::Stopped => bail!("cannot start a container that has stopped"),
             other => bail!("cannot start an already {} container", status_name(other)),
         }
         let hooks = hooks_of(&store, &rec).ok_or_else(|| anyhow!("container {id}: no spec"))?;
-        let pod = pod_of(&store, &rec).await?;
         Ok(pod.start_container(&hooks, rec.waiter_pid).await?)
     })
 }
@@ -401,7 +418,7 @@ fn cmd_kill(
     let rec = store.load(id)?;
     let sig = parse_signal(signal.unwrap_or("SIGTERM"))?;
     rt.block_on(async {
-        if status(&store, &rec).await == ContainerStatus::Stopped {
+        if ended(&store, &rec) {
             bail!("container not running");
         }
         let pod = pod_of(&store, &rec).await?;
@@ -437,15 +454,15 @@ fn cmd_delete(cli: &Cli, id: &str, force: bool, rt: &tokio::runtime::Runtime) ->
     let hooks = hooks_of(&store, &rec);
     let pod_dir = store.sandbox_dir(&rec.sandbox_id);
     rt.block_on(async {
-        let st = status(&store, &rec).await;
-        if matches!(st, ContainerStatus::Running | ContainerStatus::Paused) && !force {
-            bail!(
-                "cannot delete container {id} that is not stopped: {}",
-                status_name(st)
-            );
-        }
         match Pod::open(&pod_dir).await {
             Ok(pod) => {
+                let st = status_in(&pod, &store, &rec).await;
+                if matches!(st, ContainerStatus::Running | ContainerStatus::Paused) && !force {
+                    bail!(
+                        "cannot delete container {id} that is not stopped: {}",
+                        status_name(st)
+                    );
+                }
                 if pod.delete_container(id, hooks.as_ref()).await? {
                     // The last container of the pod: the VM ends.
                     pod.stop().await;
@@ -551,12 +568,14 @@ fn exec_process(store: &Store, a: &ExecArgs) -> Result<Process> {
     serde_json::from_value(v).context("the exec's process")
 }
 
-fn cmd_exec(cli: &Cli, a: &ExecArgs, rt: &tokio::runtime::Runtime) -> Result<i32> {
+fn cmd_exec(cli: &Cli, a: &ExecArgs) -> Result<i32> {
     let store = Store::open(&cli.root)?;
     let rec = store.load(&a.id)?;
     let process = exec_process(&store, a)?;
     let tty = process.terminal().unwrap_or(false) || a.tty;
-    if rt.block_on(status(&store, &rec)) != ContainerStatus::Running {
+    // The agent refuses an exec in a container that does not run; only
+    // an end the host knows of is checked here.
+    if ended(&store, &rec) {
         bail!("cannot exec in a container that is not running");
     }
     let console = match (tty, &a.console_socket) {
@@ -672,7 +691,7 @@ fn cmd_ps(cli: &Cli, id: &str, format: &str, rt: &tokio::runtime::Runtime) -> Re
     let store = Store::open(&cli.root)?;
     let rec = store.load(id)?;
     let guest = rt.block_on(async {
-        if status(&store, &rec).await == ContainerStatus::Stopped {
+        if ended(&store, &rec) {
             return Ok(Vec::new());
         }
         Ok::<_, anyhow::Error>(pod_of(&store, &rec).await?.pids(id).await?)
@@ -755,7 +774,7 @@ fn cmd_events(
                 return Ok(());
             }
             tokio::time::sleep(interval).await;
-            if status(&store, &rec).await == ContainerStatus::Stopped {
+            if status_in(&pod, &store, &rec).await == ContainerStatus::Stopped {
                 return Ok(());
             }
         }
@@ -771,10 +790,14 @@ fn cmd_pause(cli: &Cli, id: &str, pause: bool, rt: &tokio::runtime::Runtime) -> 
         } else {
             ContainerStatus::Paused
         };
-        if status(&store, &rec).await != want {
+        if ended(&store, &rec) {
             bail!("container not {}", status_name(want));
         }
-        Ok(pod_of(&store, &rec).await?.pause(id, pause).await?)
+        let pod = pod_of(&store, &rec).await?;
+        if status_in(&pod, &store, &rec).await != want {
+            bail!("container not {}", status_name(want));
+        }
+        Ok(pod.pause(id, pause).await?)
     })
 }
 
@@ -956,7 +979,7 @@ fn run(cli: &Cli) -> Result<i32> {
             }
             Ok(code)
         }
-        Cmd::Exec(a) => cmd_exec(cli, a, &rt),
+        Cmd::Exec(a) => cmd_exec(cli, a),
         Cmd::List { format, quiet } => cmd_list(cli, format, *quiet, &rt).map(|()| 0),
         Cmd::Ps { format, id, .. } => cmd_ps(cli, id, format, &rt).map(|()| 0),
         Cmd::Spec { bundle, .. } => cmd_spec(bundle.as_deref()).map(|()| 0),
@@ -995,6 +1018,11 @@ fn main() -> ExitCode {
     }
     if let Cmd::Waiter(w) = &cli.command {
         return waiter::waiter(&cli, w);
+    }
+    if cli.debug && std::env::var_os(rtv_runtime::pod::PROFILE_ENV).is_none() {
+        // --debug profiles the guest of every pod this rtv starts, into
+        // <root>/profiles/<pod>/ (still single-threaded here).
+        std::env::set_var(rtv_runtime::pod::PROFILE_ENV, cli.root.join("profiles"));
     }
     match run(&cli) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
