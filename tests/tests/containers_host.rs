@@ -71,7 +71,9 @@ async fn concurrent_requests_on_the_host_are_ordered() {
     let cfg = StressConfig {
         containers: 4,
         execs: 6,
-        hang: Duration::from_secs(60),
+        // Well below the agent's 30 s WaitOom recheck: a missed wake-up
+        // fails the test.
+        hang: Duration::from_secs(20),
         // The host's cgroup2 has no controllers to limit.
         update: LinuxResources::default(),
     };

@@ -607,10 +607,14 @@ impl ArmedWatch {
         Ok(())
     }
 
-    /// Waits until one of the files changes after the last read (or
-    /// `timeout` passes), then reads them again. A cgroup removed
-    /// meanwhile reads as not populated.
-    pub fn wait(&mut self, timeout: Duration) -> Result<(), CgroupError> {
+    /// Waits until one of the files changes after the last read, `also`
+    /// becomes readable (or `timeout` passes), then reads them again. A
+    /// cgroup removed meanwhile reads as not populated.
+    pub fn wait(
+        &mut self,
+        timeout: Duration,
+        also: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<(), CgroupError> {
         use std::os::fd::AsRawFd as _;
         let mut fds: Vec<libc::pollfd> = std::iter::once(&self.events)
             .chain(self.memory.as_ref())
@@ -619,6 +623,11 @@ impl ArmedWatch {
                 events: libc::POLLPRI,
                 revents: 0,
             })
+            .chain(also.map(|fd| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }))
             .collect();
         let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
         // SAFETY: `fds` holds initialised pollfd structures whose

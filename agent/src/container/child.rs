@@ -352,6 +352,15 @@ fn ensure_path(
         );
     }
     let last = path.steps.len() - 1;
+    // Most targets exist (the image has them): one lookup then, the walk
+    // that creates what is missing only when the path is not there.
+    let fd = openat2(root, &path.steps[last].0, libc::O_PATH);
+    if fd >= 0 {
+        return Ok(fd);
+    }
+    if Errno::last().0 != libc::ENOENT {
+        return Err(fail(step, index));
+    }
     for (i, (prefix, name)) in path.steps.iter().enumerate() {
         let fd = openat2(root, prefix, libc::O_PATH);
         if fd >= 0 {

@@ -13,7 +13,7 @@ pub mod user;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -354,6 +354,17 @@ fn fork_in(pid_ns: &PidNs, child: impl FnOnce()) -> std::io::Result<i32> {
     }
 }
 
+/// A new eventfd.
+fn eventfd() -> Result<OwnedFd, Failure> {
+    // SAFETY: eventfd(2) with constant flags; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(Failure::io("eventfd", &std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// The child's stack size for [`vfork_in`].
 const VFORK_STACK: usize = 256 * 1024;
 
@@ -475,6 +486,10 @@ fn on_own_thread<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T, Failure> {
 struct Fixed {
     exec_id: u64,
     pid: i32,
+    /// Readable once the container is deleted: wakes its `WaitOom`s (the
+    /// kernel's notification of the emptied cgroup may be lost when the
+    /// delete removes the cgroup right after).
+    deleted: OwnedFd,
     /// The built-in pause of a pod sandbox.
     pause: bool,
     cgroup: Option<Cgroup>,
@@ -668,6 +683,7 @@ impl Containers {
     fn create_pause(&self, req: &CreateContainer) -> Result<(Fixed, Life), Failure> {
         let spec = &req.spec;
         let part = plan::pause(spec)?;
+        let deleted = eventfd()?;
         let cgroup = self.make_cgroup(req)?;
         let ctx = Context::of_pause(&part);
         let launched = (|| {
@@ -721,6 +737,7 @@ impl Containers {
                 Fixed {
                     exec_id,
                     pid,
+                    deleted,
                     pause: true,
                     cgroup,
                     spec: spec.clone(),
@@ -756,6 +773,7 @@ impl Containers {
             .ok_or_else(|| SpecError::new("root", "is missing"))?;
         self.ensure_share(&rootfs)?;
         let plan = plan::create(spec, req.stdio.tty.is_some())?;
+        let deleted = eventfd()?;
         let cgroup = self.make_cgroup(req)?;
         let ctx = Context::of_create(&plan, spec);
         let launched = self.launch_init(&plan, cgroup.as_ref(), &req.stdio, &ctx);
@@ -764,6 +782,7 @@ impl Containers {
                 Fixed {
                     exec_id,
                     pid,
+                    deleted,
                     pause: false,
                     cgroup,
                     spec: spec.clone(),
@@ -1025,7 +1044,7 @@ impl Containers {
                     ..state
                 });
             }
-            armed.wait(WAIT_OOM_RECHECK)?;
+            armed.wait(WAIT_OOM_RECHECK, Some(c.fixed.deleted.as_fd()))?;
         }
     }
 
@@ -1128,7 +1147,12 @@ impl Containers {
         }
         self.procs.forget(fixed.exec_id);
         change.delete();
+        drop(change);
         self.table.remove(&c);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes to our eventfd (it never blocks: it is
+        // written once).
+        unsafe { libc::write(fixed.deleted.as_raw_fd(), one.as_ptr().cast(), one.len()) };
         Ok(())
     }
 }
