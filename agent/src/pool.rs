@@ -18,6 +18,8 @@ struct State {
     jobs: VecDeque<Job>,
     /// Workers waiting for a job.
     idle: usize,
+    /// Workers alive.
+    live: usize,
 }
 
 struct Inner {
@@ -55,6 +57,7 @@ impl Pool {
                 state: Mutex::new(State {
                     jobs: VecDeque::new(),
                     idle: 0,
+                    live: 0,
                 }),
                 wake: Condvar::new(),
             }),
@@ -93,10 +96,17 @@ impl Pool {
 
     fn spawn_worker(&self) -> std::io::Result<()> {
         let pool = self.clone();
-        std::thread::Builder::new()
+        self.lock().live += 1;
+        let spawned = std::thread::Builder::new()
             .name(self.inner.name.into())
-            .spawn(move || pool.work())
-            .map(drop)
+            .spawn(move || {
+                pool.work();
+                pool.lock().live -= 1;
+            });
+        if spawned.is_err() {
+            self.lock().live -= 1;
+        }
+        spawned.map(drop)
     }
 
     fn work(&self) {
@@ -121,10 +131,11 @@ impl Pool {
         }
     }
 
-    /// Idle workers now (for tests).
+    /// Idle and live workers now (for tests).
     #[cfg(test)]
-    fn idle(&self) -> usize {
-        self.lock().idle
+    fn counts(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.idle, st.live)
     }
 }
 
@@ -134,14 +145,18 @@ mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
 
-    fn settle(pool: &Pool, idle: usize) {
-        for _ in 0..500 {
-            if pool.idle() == idle {
+    /// Waits until `n` workers live, all idle.
+    fn settle(pool: &Pool, n: usize) {
+        for _ in 0..1000 {
+            if pool.counts() == (n, n) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        panic!("{} idle workers, wanted {idle}", pool.idle());
+        panic!(
+            "(idle, live) workers {:?}, wanted {n} of each",
+            pool.counts()
+        );
     }
 
     #[test]
@@ -192,8 +207,7 @@ mod tests {
         .unwrap();
         rx.recv_timeout(Duration::from_secs(5)).unwrap();
         // The retired worker does not come back: a new job gets a new one.
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(pool.idle(), 0);
+        settle(&pool, 0);
         let (tx, rx) = mpsc::channel();
         pool.run(move || tx.send(()).unwrap()).unwrap();
         rx.recv_timeout(Duration::from_secs(5)).unwrap();
