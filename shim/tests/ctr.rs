@@ -798,7 +798,7 @@ impl Drop for EventStream {
 }
 
 /// A kill by the OOM killer is published (`/tasks/oom`) while the task
-/// goes on running: the shell survives its `dd`, which the 32 MiB limit
+/// goes on running: the shell survives its `dd`, which the 8 MiB limit
 /// kills. The shim hears of it from the agent (`WaitOom`), not at exit.
 #[test]
 fn ctr_oom_kill_is_published_while_the_task_runs() {
@@ -809,14 +809,14 @@ fn ctr_oom_kill_is_published_while_the_task_runs() {
         let events = EventStream::start(c)?;
         let result = (|| {
             let flags = flags(c);
-            let mut args = vec!["run", "-d", "--memory-limit", "33554432"];
+            let mut args = vec!["run", "-d", "--memory-limit", "8388608"];
             args.extend(strs(&flags));
             args.extend([
                 image.as_str(),
                 &id,
                 "sh",
                 "-c",
-                "exec 2>/dev/null; dd if=/dev/zero of=/dev/null bs=64M count=1; sleep 1000",
+                "exec 2>/dev/null; dd if=/dev/zero of=/dev/null bs=16M count=1; sleep 1000",
             ]);
             let out = c.ctr(&args, CTR_TIMEOUT)?;
             ensure!(out.status.success(), "ctr run -d: {}", describe(&out));

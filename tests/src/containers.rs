@@ -635,9 +635,9 @@ async fn oom_reported(c: &AgentClient, place: &Place) -> Result<()> {
         &base_spec(&[
             "sh",
             "-c",
-            "exec 2>/dev/null; dd if=/dev/zero of=/dev/null bs=64M count=1; sleep 60",
+            "exec 2>/dev/null; dd if=/dev/zero of=/dev/null bs=16M count=1; sleep 60",
         ]),
-        serde_json::json!({"linux": {"resources": {"memory": {"limit": 33554432}}}}),
+        serde_json::json!({"linux": {"resources": {"memory": {"limit": 8388608}}}}),
     )?;
     let exec_id = create(c, place, id, &spec).await?;
     let result = async {
@@ -672,8 +672,8 @@ async fn oom_reported(c: &AgentClient, place: &Place) -> Result<()> {
 pub async fn cgroup_limits(c: &AgentClient, place: &Place) -> Result<()> {
     // Memory: a process over the limit is OOM-killed (137), the VM goes on.
     let spec = patched(
-        &base_spec(&["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]),
-        serde_json::json!({"linux": {"resources": {"memory": {"limit": 33554432}}}}),
+        &base_spec(&["dd", "if=/dev/zero", "of=/dev/null", "bs=16M", "count=1"]),
+        serde_json::json!({"linux": {"resources": {"memory": {"limit": 8388608}}}}),
     )?;
     let r = run(c, place, "oom", &spec).await?;
     ensure!(r.status.code() == 137, "over the memory limit: {r:?}");
