@@ -13,6 +13,8 @@ usage: scripts/bench.sh [SUBCOMMAND] [OPTIONS]   (default: boot)
   cri       [-n N] [--idle S]               pods through containerd's CRI plugin on the runc, crun and
                                             rtv handlers: RunPodSandbox to the first container running,
                                             and a pod's host memory and idle CPU beside its container
+  flamegraph -o OUT.svg [--title T] N.folded...   one flame graph of several parts of a guest profile
+                                            (RTV_PROFILE_DIR=DIR or `rtv --debug`: DIR/<pod>/parts.txt)
   fs        [-n N] [--mem MIB]              virtio-fs against the host: a 256 MiB sequential read
                                             and find + stat over 5,000 files, cold and host-warm
                                             (one boot; each VM run takes minutes under PVM)
