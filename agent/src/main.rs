@@ -28,6 +28,9 @@ fn main() -> ExitCode {
     if argv0 == rtv_protocol::PAUSE_ARGV0 {
         pause::run();
     }
+    if argv0 == container::stub::INIT_ARGV0 {
+        container::stub::run();
+    }
     if std::process::id() == 1 {
         return init::run();
     }

@@ -124,6 +124,43 @@ pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
     Ok(target.join("debug").join(bin))
 }
 
+/// The guest agent as the guest runs it, for running on the host: the
+/// statically linked build the initramfs packs (`rootfs-builder/build.sh`
+/// builds it; built here if needed, with the same flags). Static because a
+/// container's init is set up by the agent exec'ing its own binary inside
+/// the container's root, where no dynamic loader exists. `$RTV_BIN_RTV_AGENT`
+/// wins.
+pub fn agent_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("RTV_BIN_RTV_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = repo_root();
+            let triple = "x86_64-unknown-linux-gnu";
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "--profile", "agent", "--target", triple])
+                .args(["-p", "rtv-agent"])
+                .env(
+                    "RUSTFLAGS",
+                    "-C target-feature=+crt-static -C relocation-model=static",
+                )
+                .current_dir(&root)
+                .status()
+                .map_err(|e| format!("running cargo: {e}"))?;
+            if !status.success() {
+                return Err(format!("building the static rtv-agent failed ({status})"));
+            }
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            Ok(target.join(triple).join("agent").join("rtv-agent"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 /// The `rtv-vmm` binary: `$RTV_VMM`, or the workspace's release build.
 pub fn vmm_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("RTV_VMM") {

@@ -7,7 +7,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use rtv_runtime::{AgentClient, ClientError, Endpoint};
-use rtv_tests::{scenarios, workspace_binary};
+use rtv_tests::scenarios;
 
 struct Agent {
     child: Child,
@@ -27,7 +27,7 @@ fn start_agent(tag: &str) -> (Agent, Endpoint) {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("agent.sock");
-    let child = Command::new(workspace_binary("rtv-agent", "rtv-agent").unwrap())
+    let child = Command::new(rtv_tests::agent_binary().unwrap())
         .arg("--listen")
         .arg(format!("unix:{}", sock.display()))
         .spawn()

@@ -13,7 +13,6 @@ use oci_spec::runtime::LinuxResources;
 use rtv_runtime::{AgentClient, Endpoint};
 use rtv_tests::containers::{self, Place};
 use rtv_tests::stress::{self, CpuHog, StressConfig};
-use rtv_tests::workspace_binary;
 
 /// An agent on the host with a busybox rootfs, in a directory of its own.
 struct Agent {
@@ -28,7 +27,7 @@ impl Agent {
         std::fs::create_dir_all(dir.join("scratch")).unwrap();
         containers::busybox_rootfs(&dir.join("rootfs")).unwrap();
         let sock = dir.join("agent.sock");
-        let child = Command::new(workspace_binary("rtv-agent", "rtv-agent").unwrap())
+        let child = Command::new(rtv_tests::agent_binary().unwrap())
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
             .spawn()

@@ -19,7 +19,7 @@ use rtv_runtime::{
     AgentClient, ClientError, Endpoint, Origin, Sandbox, SandboxConfig, TemplateCache,
     TemplateError,
 };
-use rtv_tests::{kernel, test_initramfs, vmm_binary, workspace_binary, BOOT_TIMEOUT};
+use rtv_tests::{kernel, test_initramfs, vmm_binary, BOOT_TIMEOUT};
 use tokio::io::AsyncReadExt;
 
 /// Tests in this file that use the shared cache; the last one to finish
@@ -437,7 +437,7 @@ async fn set_identity_is_refused_by_an_agent_on_the_host() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("agent.sock");
-    let mut agent = Command::new(workspace_binary("rtv-agent", "rtv-agent").unwrap())
+    let mut agent = Command::new(rtv_tests::agent_binary().unwrap())
         .arg("--listen")
         .arg(format!("unix:{}", sock.display()))
         .spawn()

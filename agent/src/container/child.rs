@@ -145,7 +145,7 @@ pub struct ChildFds {
 const REPORT_FD: RawFd = 3;
 const START_FD: RawFd = 4;
 const FIRST_EXTRA_FD: RawFd = 5;
-const MAX_EXTRA: usize = 8;
+const MAX_EXTRA: usize = 10;
 
 /// Moves the descriptors the child needs to fixed numbers (0-2 stdio, 3
 /// report, 4 start, 5.. `extra`) and closes every other one, so the child
@@ -837,31 +837,43 @@ fn exec(p: &ProcessPlan, candidate: usize, argv: &[*const c_char], envp: &[*cons
     fail(Step::Exec, candidate)
 }
 
-/// The child side of a container's creation. Never returns.
+/// What the child of a create execs once set up: the agent's binary (an
+/// O_PATH descriptor opened before `pivot_root`) as the init stub, with
+/// the handover memfd (see stub.rs).
+#[derive(Debug, Clone, Copy)]
+pub struct StubFds {
+    /// The agent's binary.
+    pub exe: RawFd,
+    /// The handover memfd.
+    pub handover: RawFd,
+}
+
+/// The child side of a container's creation, spawned with CLONE_VM |
+/// CLONE_VFORK (see `vfork_in`: nothing here may touch memory the agent
+/// uses, nor state the processes sharing an mm share, such as
+/// oom_score_adj, which the agent writes itself): namespaces, cgroup, root
+/// file system and identity, then the agent's binary as the init stub
+/// (`stub_argv[candidate]`), which waits for the start. Never returns.
 pub fn create(
     plan: &CreatePlan,
     cgroup_procs: Option<&CString>,
     fds: &ChildFds,
-    argv: &[*const c_char],
-    envp: &[*const c_char],
+    stub: StubFds,
+    stub_argv: &[[*const c_char; 3]],
 ) -> ! {
     let mut extra = [-1; MAX_EXTRA];
-    let n = plan.join.len().min(MAX_EXTRA);
+    let n = plan.join.len().min(MAX_EXTRA - 2);
     for (slot, (_, fd)) in extra.iter_mut().zip(plan.join.iter()) {
         *slot = std::os::fd::AsRawFd::as_raw_fd(fd);
     }
+    // The handover before the binary: its place after arrange_fds is at or
+    // above HANDOVER_FD, where it moves, and the binary's is above that.
+    extra[n] = stub.handover;
+    extra[n + 1] = stub.exe;
     let result = (|| {
-        let moved = arrange_fds(fds, &extra[..n])?;
+        let moved = arrange_fds(fds, &extra[..n + 2])?;
         reset_signals()?;
         session(fds.tty)?;
-        if let Some(adj) = &plan.oom_score_adj {
-            write_file(
-                c"/proc/self/oom_score_adj",
-                adj.as_bytes(),
-                Step::OomScoreAdj,
-                0,
-            )?;
-        }
         join_cgroup(cgroup_procs.map(CString::as_c_str))?;
         // The terminal lives on the agent's devpts, in the agent's mount
         // namespace: take a detached copy of it now, to mount on the
@@ -894,20 +906,41 @@ pub fn create(
         }
         setup_rootfs(plan, console_tree)?;
         let candidate = setup_process(&plan.process)?;
-        report(Report {
-            kind: REPORT_READY,
-            ..Default::default()
-        });
-        let mut byte = 0u8;
-        // SAFETY: reading one byte into a local from the start pipe.
-        let n = unsafe { libc::read(START_FD, (&mut byte as *mut u8).cast(), 1) };
-        if n != 1 {
-            // The agent gave up on this container (delete before start).
-            // SAFETY: _exit(2) ends the child.
-            unsafe { libc::_exit(0) };
+        let (handover, exe) = (moved[n], moved[n + 1]);
+        // The stub's descriptors: the report and start pipes stay at 3 and
+        // 4, the handover goes to 5 (a namespace descriptor, used by now,
+        // may have been there); all three survive the exec.
+        if handover != super::stub::HANDOVER_FD {
+            check(
+                // SAFETY: dup2 between descriptors of this child.
+                unsafe { libc::dup2(handover, super::stub::HANDOVER_FD) },
+                Step::Fds,
+                0,
+            )?;
         }
-        close(START_FD);
-        Err(exec(&plan.process, candidate, argv, envp))
+        for fd in [REPORT_FD, START_FD, super::stub::HANDOVER_FD] {
+            // SAFETY: F_SETFD on a descriptor of this child.
+            check(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, Step::Fds, 0)?;
+        }
+        let argv =
+            stub_argv
+                .get(candidate)
+                .ok_or((Step::Exec, candidate as u32, Errno(libc::EINVAL)))?;
+        let envp: [*const c_char; 1] = [std::ptr::null()];
+        // SAFETY: execveat(2) of the agent's binary by descriptor with an
+        // empty path, NUL-terminated, null-ended argument arrays the
+        // parent prepared.
+        unsafe {
+            libc::syscall(
+                libc::SYS_execveat,
+                exe,
+                c"".as_ptr(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        };
+        Err(fail(Step::Exec, candidate))
     })();
     match result {
         Err(f) => die(f),
@@ -915,9 +948,9 @@ pub fn create(
     }
 }
 
-/// The child side of a built-in pause (see `CreateContainer::builtin_pause`):
-/// the pod's namespaces, cgroup, hostname, domainname, sysctls and OOM
-/// score, then `exe` (the agent's own binary) as `argv` (the pause).
+/// The child side of a built-in pause (see `CreateContainer::builtin_pause`),
+/// spawned as [`create`]'s: the pod's namespaces, cgroup, hostname,
+/// domainname and sysctls (the agent writes the OOM score), then `exe` (the agent's own binary) as `argv` (the pause).
 /// Never returns.
 pub fn pause(
     part: &super::plan::PodPart,
@@ -936,14 +969,6 @@ pub fn pause(
         let moved = arrange_fds(fds, &extra[..n])?;
         reset_signals()?;
         session(false)?;
-        if let Some(adj) = &part.oom_score_adj {
-            write_file(
-                c"/proc/self/oom_score_adj",
-                adj.as_bytes(),
-                Step::OomScoreAdj,
-                0,
-            )?;
-        }
         join_cgroup(cgroup_procs.map(CString::as_c_str))?;
         for (i, (t, _)) in part.join.iter().enumerate().take(n) {
             // SAFETY: setns(2) on a namespace descriptor we hold.

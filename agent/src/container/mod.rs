@@ -8,6 +8,7 @@ mod child;
 mod plan;
 pub mod rlimit;
 pub mod seccomp;
+pub mod stub;
 mod table;
 pub mod user;
 
@@ -321,39 +322,6 @@ fn pointers(strings: &[std::ffi::CString]) -> Vec<*const libc::c_char> {
         .collect()
 }
 
-/// Forks in the calling thread (after it entered `pid_ns`) and runs `child`
-/// in the child. Returns the child's pid.
-fn fork_in(pid_ns: &PidNs, child: impl FnOnce()) -> std::io::Result<i32> {
-    match pid_ns {
-        PidNs::New => {
-            // SAFETY: unshare(CLONE_NEWPID) only changes the namespace of
-            // this thread's future children; the thread ends after the fork.
-            if unsafe { libc::unshare(libc::CLONE_NEWPID) } < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        PidNs::Join(fd) => {
-            // SAFETY: setns on a pid namespace descriptor we hold; it only
-            // affects this thread's future children.
-            if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        PidNs::Shared => {}
-    }
-    // SAFETY: fork(2). In the child only `child` runs, which makes system
-    // calls on prepared data and never returns (see child.rs).
-    match unsafe { libc::fork() } {
-        -1 => Err(std::io::Error::last_os_error()),
-        0 => {
-            child();
-            // SAFETY: _exit(2) in the child if `child` ever returned.
-            unsafe { libc::_exit(127) }
-        }
-        pid => Ok(pid),
-    }
-}
-
 /// A new eventfd.
 fn eventfd() -> Result<OwnedFd, Failure> {
     // SAFETY: eventfd(2) with constant flags; the result is checked.
@@ -363,6 +331,60 @@ fn eventfd() -> Result<OwnedFd, Failure> {
     }
     // SAFETY: a new descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What the child of a create needs to exec the init stub (stub.rs): the
+/// agent's binary (O_PATH), the handover memfd, and for each candidate
+/// path of the program the stub's arguments (`rtv-init`, the index).
+type StubLaunch = (
+    OwnedFd,
+    OwnedFd,
+    Vec<(std::ffi::CString, std::ffi::CString)>,
+);
+
+fn stub_launch(p: &ProcessPlan) -> Result<StubLaunch, Failure> {
+    let bytes = |v: &[std::ffi::CString]| v.iter().map(|s| s.as_bytes().to_vec()).collect();
+    let handover = stub::Handover {
+        argv: bytes(&p.argv),
+        env: bytes(&p.env),
+        candidates: bytes(&p.candidates),
+        seccomp: p.seccomp.as_ref().map(seccomp::Filter::parts),
+    }
+    .memfd()
+    .map_err(|e| Failure::io("the init stub's handover", &e))?;
+    // SAFETY: open(2) of our own binary as O_PATH; checked.
+    let exe = unsafe { libc::open(c"/proc/self/exe".as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    if exe < 0 {
+        return Err(Failure::io(
+            "/proc/self/exe",
+            &std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: a new descriptor we own.
+    let exe = unsafe { OwnedFd::from_raw_fd(exe) };
+    let name = std::ffi::CString::new(stub::INIT_ARGV0)
+        .map_err(|_| Failure::new(ErrorKind::Other, "the stub's name"))?;
+    let args = (0..p.candidates.len().max(1))
+        .map(|i| {
+            let index = std::ffi::CString::new(i.to_string()).unwrap_or_default();
+            (name.clone(), index)
+        })
+        .collect();
+    Ok((exe, handover, args))
+}
+
+/// Writes process `pid`'s oom_score_adj from the agent (a child that
+/// shares the agent's memory must not: the kernel applies it to every
+/// process of the mm, the agent included).
+fn set_oom_score_adj(pid: i32, adj: Option<&std::ffi::CStr>) -> Result<(), Failure> {
+    let Some(adj) = adj else { return Ok(()) };
+    let path = format!("/proc/{pid}/oom_score_adj");
+    std::fs::write(&path, adj.to_bytes()).map_err(|e| {
+        Failure::new(
+            ErrorKind::InvalidRequest,
+            format!("process.oomScoreAdj: {path}: {e}"),
+        )
+    })
 }
 
 /// The child's stack size for [`vfork_in`].
@@ -467,19 +489,6 @@ fn vfork_in(pid_ns: &PidNs, child: &mut dyn FnMut()) -> std::io::Result<i32> {
         }
     }
     spawned
-}
-
-/// Runs `f` on a thread of its own: namespaces entered for a fork must not
-/// stick to a thread that serves other requests.
-fn on_own_thread<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T, Failure> {
-    std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .name("fork".into())
-            .spawn_scoped(s, f)
-            .map_err(|e| Failure::io("starting a thread", &e))?
-            .join()
-            .map_err(|_| Failure::new(ErrorKind::Other, "the fork thread panicked"))
-    })
 }
 
 /// What never changes once a container exists.
@@ -718,7 +727,12 @@ impl Containers {
             })?;
             drop(report_w);
             let mut report_r = report_r;
-            match read_report(&mut report_r) {
+            match read_report(&mut report_r).and_then(|r| {
+                if r.is_none() {
+                    set_oom_score_adj(pid, part.oom_score_adj.as_deref())?;
+                }
+                Ok(r)
+            }) {
                 Ok(None) => Ok((exec_id, pid)),
                 other => {
                     let failure = match other {
@@ -818,25 +832,36 @@ impl Containers {
         let (start_r, start_w) = pipe()?;
         let (report_r, report_w) = pipe()?;
         let procs_file = cgroup.map(Cgroup::procs_file);
-        let (exec_id, pid) = on_own_thread(|| {
-            let argv = pointers(&plan.process.argv);
-            let envp = pointers(&plan.process.env);
-            self.procs.fork_registered(stdio, |stdio| {
-                let fds = ChildFds {
-                    stdio: stdio.child_fds(),
-                    tty: stdio.is_tty(),
-                    report: report_w.as_raw_fd(),
-                    start: Some(start_r.as_raw_fd()),
-                };
-                fork_in(&plan.pid_ns, || {
-                    child::create(plan, procs_file.as_ref(), &fds, &argv, &envp)
-                })
+        let (exe, handover, stub_args) = stub_launch(&plan.process)?;
+        let stub_argv: Vec<[*const libc::c_char; 3]> = stub_args
+            .iter()
+            .map(|i| [stub_args[0].0.as_ptr(), i.1.as_ptr(), std::ptr::null()])
+            .collect();
+        let (exec_id, pid) = self.procs.fork_registered(stdio, |stdio| {
+            let fds = ChildFds {
+                stdio: stdio.child_fds(),
+                tty: stdio.is_tty(),
+                report: report_w.as_raw_fd(),
+                start: Some(start_r.as_raw_fd()),
+            };
+            let stub = child::StubFds {
+                exe: exe.as_raw_fd(),
+                handover: handover.as_raw_fd(),
+            };
+            vfork_in(&plan.pid_ns, &mut || {
+                child::create(plan, procs_file.as_ref(), &fds, stub, &stub_argv)
             })
-        })??;
-        drop(report_w);
-        drop(start_r);
+        })?;
+        drop((report_w, start_r, exe, handover));
         let mut report_r = report_r;
-        match read_report(&mut report_r) {
+        let ready = read_report(&mut report_r).and_then(|r| match r {
+            Some(r) if r.kind == REPORT_READY => {
+                set_oom_score_adj(pid, plan.oom_score_adj.as_deref())?;
+                Ok(Some(r))
+            }
+            other => Ok(other),
+        });
+        match ready {
             Ok(Some(r)) if r.kind == REPORT_READY => Ok((exec_id, pid, start_w, report_r)),
             other => {
                 let failure = match other {

@@ -87,7 +87,33 @@ impl std::fmt::Debug for Filter {
     }
 }
 
+/// One BPF instruction as (code, jt, jf, k).
+pub type Insn = (u16, u8, u8, u32);
+
 impl Filter {
+    /// The program's instructions (code, jt, jf, k) and the flags, to hand
+    /// over to another process.
+    pub fn parts(&self) -> (Vec<Insn>, u64) {
+        (
+            self.program
+                .iter()
+                .map(|i| (i.code, i.jt, i.jf, i.k))
+                .collect(),
+            self.flags,
+        )
+    }
+
+    /// A filter from [`Filter::parts`].
+    pub fn from_parts(program: &[Insn], flags: u64) -> Filter {
+        Filter {
+            program: program
+                .iter()
+                .map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k })
+                .collect(),
+            flags: flags as libc::c_ulong,
+        }
+    }
+
     /// CHILD: installs the filter on the calling thread with
     /// `seccomp(SECCOMP_SET_MODE_FILTER, flags, &prog)`.
     ///

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use rtv_protocol::{ExecRequest, StreamKind};
 use rtv_runtime::{AgentClient, Endpoint};
-use rtv_tests::workspace_binary;
 use tokio::io::AsyncReadExt;
 
 use anyhow::{Context, Result};
@@ -392,7 +391,7 @@ fn agent(runs: usize) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("rtv-bench-agent-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let sock = dir.join("agent.sock");
-    let mut host_agent = Command::new(workspace_binary("rtv-agent", "rtv-agent")?)
+    let mut host_agent = Command::new(rtv_tests::agent_binary()?)
         .arg("--listen")
         .arg(format!("unix:{}", sock.display()))
         .stderr(std::process::Stdio::null())
