@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Build (or fetch from the cache) rtv's guest kernel.
 #
-#   KERNEL=$(guest-kernel/build.sh)
+#   KERNEL=$(guest-kernel/build.sh)          # SMP (any number of vCPUs)
+#   KERNEL_UP=$(guest-kernel/build.sh --up)  # uniprocessor: VMs with one vCPU
 #
 # stdout: only the absolute path of the vmlinux (PVH-bootable ELF), last line.
 # stderr: progress.
 #
 # Source: Debian's linux-source-6.1 package (/usr/src/linux-source-6.1.tar.xz)
-# + patches/*.patch + `make tinyconfig` + config.fragment + `make olddefconfig`.
+# + patches/*.patch + `make tinyconfig` + config.fragment (+ config-up.fragment
+# with --up, whose options override) + `make olddefconfig`.
 # Cache: ${RTV_CACHE_DIR:-$HOME/.cache/rtv}/kernel/<key>/{vmlinux,System.map,config,.config}, where
 # <key> = sha256 over the linux-source package version, config.fragment,
-# patches/* and this script. A cache entry counts only with both vmlinux and
+# patches/* and this script (and, with --up, config-up.fragment). A cache entry counts only with both vmlinux and
 # System.map (rtv-vmm --profile symbolizes with it). Concurrent invocations
 # serialise on a flock.
 #
@@ -28,10 +30,19 @@ SRC_TARBALL=/usr/src/linux-source-6.1.tar.xz
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
 FRAGMENT="$HERE/config.fragment"
+UP_FRAGMENT="$HERE/config-up.fragment"
 PATCH_DIR="$HERE/patches"
 
 log() { printf 'guest-kernel: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+
+# The fragments merged over tinyconfig, later ones overriding earlier ones.
+fragments=("$FRAGMENT")
+case "${1:-}" in
+"") ;;
+--up) fragments+=("$UP_FRAGMENT") ;;
+*) die "usage: build.sh [--up]" ;;
+esac
 
 # ---------------------------------------------------------------- deps
 need_pkgs=()
@@ -63,6 +74,9 @@ key="$(
             printf 'patch %s %s\n' "$(basename "$p")" "$(sha256sum <"$p" | cut -d' ' -f1)"
         done
         printf 'build.sh %s\n' "$(sha256sum <"$SELF" | cut -d' ' -f1)"
+        for f in "${fragments[@]:1}"; do
+            printf 'fragment %s %s\n' "$(basename "$f")" "$(sha256sum <"$f" | cut -d' ' -f1)"
+        done
     } | sha256sum | cut -c1-32
 )"
 
@@ -121,10 +135,21 @@ export KBUILD_BUILD_USER=rtv KBUILD_BUILD_HOST=rtv
 export KBUILD_BUILD_TIMESTAMP="$src_version"
 MAKE=(make -C "$BUILD" ARCH=x86_64)
 
-log "[3/5] configuring: tinyconfig + config.fragment + olddefconfig"
+log "[3/5] configuring: tinyconfig + $(for f in "${fragments[@]}"; do printf '%s + ' "$(basename "$f")"; done)olddefconfig"
 "${MAKE[@]}" tinyconfig >>"$LOGFILE" 2>&1
-(cd "$BUILD" && scripts/kconfig/merge_config.sh -m .config "$FRAGMENT") >>"$LOGFILE" 2>&1
+(cd "$BUILD" && scripts/kconfig/merge_config.sh -m .config "${fragments[@]}") >>"$LOGFILE" 2>&1
 "${MAKE[@]}" olddefconfig >>"$LOGFILE" 2>&1
+
+# The options the fragments ask for, the last fragment's line for each symbol.
+REQUIRED="$BUILD/.rtv-required-config"
+cat "${fragments[@]}" | awk '
+    /^CONFIG_[A-Za-z0-9_]*=/ { sym = $0; sub(/=.*/, "", sym) }
+    /^# CONFIG_[A-Za-z0-9_]* is not set$/ { sym = $2 }
+    /^CONFIG_[A-Za-z0-9_]*=/ || /^# CONFIG_[A-Za-z0-9_]* is not set$/ {
+        if (!(sym in line)) order[n++] = sym
+        line[sym] = $0
+    }
+    END { for (i = 0; i < n; i++) print line[order[i]] }' >"$REQUIRED"
 
 # Verify: olddefconfig silently drops options whose dependencies are unmet.
 missing=()
@@ -141,12 +166,12 @@ while IFS= read -r line; do
         fi
         ;;
     esac
-done <"$FRAGMENT"
+done <"$REQUIRED"
 if [ "${#missing[@]}" -gt 0 ]; then
     for m in "${missing[@]}"; do log "config option not as required: $m"; done
     die "${#missing[@]} required config option(s) missing from the final .config"
 fi
-log "  all $(grep -cE '^(CONFIG_|# CONFIG_.* is not set)' "$FRAGMENT") fragment options verified"
+log "  all $(wc -l <"$REQUIRED") fragment options verified"
 
 # ---------------------------------------------------------------- build
 jobs="${RTV_KERNEL_JOBS:-$(nproc)}"

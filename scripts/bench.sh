@@ -29,6 +29,6 @@ case "${1:-}" in
 esac
 root=$(cd "$(dirname "$0")/.." && pwd)
 eval "$(bash "$root/scripts/build.sh")"
-export RTV_KERNEL RTV_INITRAMFS RTV_TEST_INITRAMFS RTV_VMM
+export RTV_KERNEL RTV_KERNEL_UP RTV_INITRAMFS RTV_TEST_INITRAMFS RTV_VMM
 cd "$root"
 exec cargo run --quiet --release -p rtv-tests --bin rtv-bench -- "${@:-boot}"

@@ -6,7 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 eval "$(bash scripts/build.sh)"
-export RTV_KERNEL RTV_INITRAMFS RTV_TEST_INITRAMFS RTV_VMM
+export RTV_KERNEL RTV_KERNEL_UP RTV_INITRAMFS RTV_TEST_INITRAMFS RTV_VMM
 echo "[test] cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "[test] cargo clippy" >&2

@@ -1,7 +1,8 @@
 //! Where rtv's parts are on the host, decided in one place for every front
-//! end: the guest kernel, the initramfs and the VMM binary (from
-//! `$RTV_KERNEL`, `$RTV_INITRAMFS` and `$RTV_VMM`, else next to the running
-//! binary, where `scripts/build.sh` links them), and the template cache.
+//! end: the guest kernels, the initramfs and the VMM binary (from
+//! `$RTV_KERNEL`, `$RTV_KERNEL_UP`, `$RTV_INITRAMFS` and `$RTV_VMM`, else
+//! next to the running binary, where `scripts/build.sh` links them), and the
+//! template cache.
 
 use std::path::{Path, PathBuf};
 
@@ -19,11 +20,15 @@ pub struct ArtifactError {
     pub exe: String,
 }
 
-/// The guest kernel, the initramfs and the VMM binary.
+/// The guest kernels, the initramfs and the VMM binary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Artifacts {
-    /// The guest kernel (ELF vmlinux).
+    /// The guest kernel (ELF vmlinux), SMP: for any number of vCPUs.
     pub kernel: PathBuf,
+    /// The same kernel built without SMP (`guest-kernel/build.sh --up`), for
+    /// VMs with one vCPU, when there is one: no per-cgroup load tracking,
+    /// Tiny RCU, no spinlocks (guest-kernel/README.md measures it).
+    pub kernel_up: Option<PathBuf>,
     /// The initramfs with the agent as /init.
     pub initramfs: PathBuf,
     /// `rtv-vmm`.
@@ -31,17 +36,30 @@ pub struct Artifacts {
 }
 
 impl Artifacts {
-    /// The guest kernel's `System.map`, for the guest profiler: beside the
-    /// kernel (its symlinks followed: the kernel cache keeps it there).
-    pub fn system_map(&self) -> Option<PathBuf> {
-        let kernel = std::fs::canonicalize(&self.kernel).ok()?;
+    /// The kernel a VM with `vcpus` vCPUs boots: the uniprocessor one for
+    /// one vCPU when there is one, else the SMP kernel.
+    pub fn kernel_for(&self, vcpus: u8) -> &Path {
+        match &self.kernel_up {
+            Some(up) if vcpus == 1 => up,
+            _ => &self.kernel,
+        }
+    }
+
+    /// The `System.map` of [`Artifacts::kernel_for`], for the guest
+    /// profiler: beside the kernel (its symlinks followed: the kernel cache
+    /// keeps it there).
+    pub fn system_map_for(&self, vcpus: u8) -> Option<PathBuf> {
+        let kernel = std::fs::canonicalize(self.kernel_for(vcpus)).ok()?;
         let map = kernel.with_file_name("System.map");
         map.exists().then_some(map)
     }
 
     /// Finds them: each from its variable when set and not empty, else
-    /// `rtv-vmlinux`, `rtv-initramfs.cpio` and `rtv-vmm` next to the running
-    /// binary. A missing one is an error naming its variable.
+    /// `rtv-vmlinux`, `rtv-vmlinux-up`, `rtv-initramfs.cpio` and `rtv-vmm`
+    /// next to the running binary. A missing one is an error naming its
+    /// variable; the uniprocessor kernel is optional, and when `$RTV_KERNEL`
+    /// names a kernel it is looked for only in `$RTV_KERNEL_UP` (a chosen
+    /// kernel is not mixed with the one next to the binary).
     pub fn find() -> Result<Artifacts, ArtifactError> {
         let exe = std::env::current_exe().ok();
         let exe_dir = exe
@@ -70,8 +88,19 @@ impl Artifacts {
                 })
             }
         };
+        let kernel = find("RTV_KERNEL", "rtv-vmlinux")?;
+        let kernel_chosen = std::env::var_os("RTV_KERNEL").is_some_and(|v| !v.is_empty());
+        let up_chosen = std::env::var_os("RTV_KERNEL_UP").is_some_and(|v| !v.is_empty());
+        let kernel_up = if up_chosen {
+            Some(find("RTV_KERNEL_UP", "rtv-vmlinux-up")?)
+        } else if kernel_chosen {
+            None
+        } else {
+            find("RTV_KERNEL_UP", "rtv-vmlinux-up").ok()
+        };
         Ok(Artifacts {
-            kernel: find("RTV_KERNEL", "rtv-vmlinux")?,
+            kernel,
+            kernel_up,
             initramfs: find("RTV_INITRAMFS", "rtv-initramfs.cpio")?,
             vmm: find("RTV_VMM", "rtv-vmm")?,
         })
@@ -89,4 +118,23 @@ pub fn template_dir() -> PathBuf {
         return PathBuf::from(h).join(".cache/rtv/templates");
     }
     PathBuf::from("/var/cache/rtv/templates")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_vcpu_boots_the_uniprocessor_kernel_when_there_is_one() {
+        let mut a = Artifacts {
+            kernel: "/k/smp".into(),
+            kernel_up: Some("/k/up".into()),
+            initramfs: "/i".into(),
+            vmm: "/v".into(),
+        };
+        assert_eq!(a.kernel_for(1), Path::new("/k/up"));
+        assert_eq!(a.kernel_for(2), Path::new("/k/smp"));
+        a.kernel_up = None;
+        assert_eq!(a.kernel_for(1), Path::new("/k/smp"));
+    }
 }

@@ -285,6 +285,7 @@ impl PodConfig {
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| id.chars().take(63).collect());
         let artifacts = Artifacts::find()?;
+        let size = vm_size(spec, crate::spec::host_cpus());
         let profile = std::env::var_os(PROFILE_ENV)
             .filter(|d| !d.is_empty())
             .map(|d| Profile {
@@ -293,14 +294,14 @@ impl PodConfig {
                     .ok()
                     .and_then(|h| h.parse().ok())
                     .unwrap_or(99),
-                system_map: artifacts.system_map(),
+                system_map: artifacts.system_map_for(size.vcpus),
             });
         Ok(PodConfig {
             id: id.to_owned(),
             dir: dir.to_path_buf(),
             artifacts,
             template_dir: crate::artifacts::template_dir(),
-            size: vm_size(spec, crate::spec::host_cpus()),
+            size,
             hostname,
             detached: false,
             host_cgroup: spec
@@ -500,7 +501,7 @@ impl Pod {
     async fn start_in(cfg: &PodConfig, share_dir: &Path) -> Result<Pod, PodError> {
         let a = &cfg.artifacts;
         let mut sb = SandboxConfig::new(
-            &a.kernel,
+            a.kernel_for(cfg.size.vcpus),
             &a.initramfs,
             &a.vmm,
             &cfg.dir,

@@ -8,11 +8,11 @@
 use std::path::Path;
 
 use rtv_tests::containerd::CriRuntime;
-use rtv_tests::{cri, initramfs, kernel, one_vm_at_a_time, vmm_binary};
+use rtv_tests::{cri, initramfs, one_vm_at_a_time, vmm_binary};
 
 #[test]
 fn a_pod_of_two_containers_through_cri() {
-    std::env::set_var("RTV_KERNEL", kernel().expect("guest kernel"));
+    rtv_tests::export_kernels().expect("guest kernels");
     std::env::set_var("RTV_INITRAMFS", initramfs().expect("initramfs"));
     std::env::set_var("RTV_VMM", vmm_binary().expect("rtv-vmm"));
     let shim = Path::new(env!("CARGO_BIN_EXE_containerd-shim-rtv-v2"));

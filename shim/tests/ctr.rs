@@ -14,7 +14,7 @@ use rtv_tests::containerd::{
     with_containerd, Containerd, CTR_TIMEOUT, RTV_SHIM_STATE_ROOT,
 };
 use rtv_tests::containers::busybox_rootfs;
-use rtv_tests::{initramfs, kernel, one_vm_at_a_time, vmm_binary};
+use rtv_tests::{initramfs, one_vm_at_a_time, vmm_binary};
 use serde_json::{json, Value};
 
 const RUNTIME: &str = "io.containerd.rtv.v2";
@@ -22,7 +22,7 @@ const RUNTIME: &str = "io.containerd.rtv.v2";
 /// Puts the shim first on the PATH that containerd (and so the shim)
 /// inherits, with the guest kernel, initramfs and VMM in the environment.
 fn setup() {
-    std::env::set_var("RTV_KERNEL", kernel().expect("guest kernel"));
+    rtv_tests::export_kernels().expect("guest kernels");
     std::env::set_var("RTV_INITRAMFS", initramfs().expect("initramfs"));
     std::env::set_var("RTV_VMM", vmm_binary().expect("rtv-vmm"));
     let shim = Path::new(env!("CARGO_BIN_EXE_containerd-shim-rtv-v2"));

@@ -31,11 +31,14 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Runs one of the repo's build scripts; its last stdout line is a path.
+/// Runs one of the repo's build scripts (with arguments after a space);
+/// its last stdout line is a path.
 fn script_output(script: &str) -> Result<PathBuf> {
-    let path = repo_root().join(script);
+    let mut words = script.split(' ');
+    let path = repo_root().join(words.next().unwrap_or_default());
     let out = Command::new("bash")
         .arg(&path)
+        .args(words)
         .stderr(Stdio::inherit())
         .output()
         .with_context(|| format!("running {}", path.display()))?;
@@ -66,6 +69,38 @@ pub fn kernel() -> Result<PathBuf> {
     })
     .clone()
     .map_err(anyhow::Error::msg)
+}
+
+/// The uniprocessor guest kernel, for VMs with one vCPU: `$RTV_KERNEL_UP`,
+/// or built (or taken from the cache) by `guest-kernel/build.sh --up`.
+pub fn kernel_up() -> Result<PathBuf> {
+    static K: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    K.get_or_init(|| {
+        from_env_or("RTV_KERNEL_UP", "guest-kernel/build.sh --up").map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// Points rtv (its library, the `rtv` binary and the shim, which read
+/// them) at the guest kernels of the build: `RTV_KERNEL` and
+/// `RTV_KERNEL_UP` in this process's environment.
+pub fn export_kernels() -> Result<()> {
+    let (smp, up) = (kernel()?, kernel_up()?);
+    std::env::set_var("RTV_KERNEL", smp);
+    std::env::set_var("RTV_KERNEL_UP", up);
+    Ok(())
+}
+
+/// rtv's parts as this build has them: both kernels, the production
+/// initramfs and the VMM.
+pub fn artifacts() -> Result<rtv_runtime::Artifacts> {
+    Ok(rtv_runtime::Artifacts {
+        kernel: kernel()?,
+        kernel_up: Some(kernel_up()?),
+        initramfs: initramfs()?,
+        vmm: vmm_binary()?,
+    })
 }
 
 /// The initramfs: `$RTV_INITRAMFS`, or built by rootfs-builder/build.sh.
@@ -405,6 +440,10 @@ pub struct BootSpec {
     pub protocol: &'static str,
     /// Extra kernel arguments.
     pub append: String,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// The uniprocessor kernel instead of the SMP one.
+    pub up: bool,
 }
 
 impl Default for BootSpec {
@@ -413,6 +452,8 @@ impl Default for BootSpec {
             mem_mib: 128,
             protocol: "auto",
             append: "rtv.poweroff".into(),
+            vcpus: 1,
+            up: false,
         }
     }
 }
@@ -426,10 +467,11 @@ pub fn rtv_vmm_command(spec: &BootSpec) -> Result<Command> {
 pub fn rtv_vmm_command_with_initrd(spec: &BootSpec, initrd: &Path) -> Result<Command> {
     let mut cmd = Command::new(vmm_binary()?);
     cmd.arg("--kernel")
-        .arg(kernel()?)
+        .arg(if spec.up { kernel_up()? } else { kernel()? })
         .arg("--initrd")
         .arg(initrd)
         .args(["--mem", &spec.mem_mib.to_string(), "--boot", spec.protocol])
+        .args(["--vcpus", &spec.vcpus.to_string()])
         .args(["--append", &spec.append]);
     Ok(cmd)
 }

@@ -4,14 +4,14 @@
 //! `$RTV_CONFORMANCE_ONLY` (comma-separated scenario names) runs a subset.
 
 use rtv_tests::conformance::{busybox_bundle, run_suite, Runtime, SuiteOptions};
-use rtv_tests::{initramfs, kernel, one_vm_at_a_time, vmm_binary, workspace_binary};
+use rtv_tests::{initramfs, one_vm_at_a_time, vmm_binary, workspace_binary};
 
 #[test]
 fn rtv_passes_the_conformance_suite() {
     let rtv = workspace_binary("rtv-runtime", "rtv").expect("building rtv");
     // rtv finds the guest and the VMM through these (as a deployment
     // would put them next to the binary).
-    std::env::set_var("RTV_KERNEL", kernel().expect("guest kernel"));
+    rtv_tests::export_kernels().expect("guest kernels");
     std::env::set_var("RTV_INITRAMFS", initramfs().expect("initramfs"));
     std::env::set_var("RTV_VMM", vmm_binary().expect("rtv-vmm"));
     let root =

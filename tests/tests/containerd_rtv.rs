@@ -7,12 +7,12 @@
 use std::path::PathBuf;
 
 use rtv_tests::containerd::{self, with_containerd};
-use rtv_tests::{initramfs, kernel, one_vm_at_a_time, vmm_binary, workspace_binary};
+use rtv_tests::{initramfs, one_vm_at_a_time, vmm_binary, workspace_binary};
 
 /// The rtv binary, with the guest kernel, initramfs and VMM in the
 /// environment that containerd, its shim and rtv inherit.
 fn rtv() -> PathBuf {
-    std::env::set_var("RTV_KERNEL", kernel().expect("guest kernel"));
+    rtv_tests::export_kernels().expect("guest kernels");
     std::env::set_var("RTV_INITRAMFS", initramfs().expect("initramfs"));
     std::env::set_var("RTV_VMM", vmm_binary().expect("rtv-vmm"));
     workspace_binary("rtv-runtime", "rtv").expect("building rtv")

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rtv_runtime::pod::{Pod, PodConfig};
 use rtv_runtime::spec::{self, vm_size};
-use rtv_runtime::{Artifacts, Share};
+use rtv_runtime::Share;
 use rtv_tests::containers::{self, Place};
 use rtv_tests::one_vm_at_a_time;
 use rtv_tests::stress::{self, CpuHog, StressConfig};
@@ -46,11 +46,7 @@ fn every_container_scenario_in_a_vm() {
     let cfg = PodConfig {
         id: "ctr-vm".into(),
         dir: dir.join("pod"),
-        artifacts: Artifacts {
-            kernel: rtv_tests::kernel().unwrap(),
-            initramfs: rtv_tests::initramfs().unwrap(),
-            vmm: rtv_tests::vmm_binary().unwrap(),
-        },
+        artifacts: rtv_tests::artifacts().unwrap(),
         template_dir: rtv_runtime::template_dir(),
         size,
         hostname: "ctr-vm".into(),

@@ -135,7 +135,6 @@ fn name(n: u32) -> String {
 
 /// The capability numbers in a mask, as names `CAP_...` in ascending order
 /// (for tests and logs).
-#[cfg(test)]
 pub fn names(mask: u64) -> Vec<String> {
     (0..64u32)
         .filter(|n| mask & (1u64 << n) != 0)

@@ -591,6 +591,20 @@ pub fn process(
         .and_then(|l| l.seccomp().as_ref())
         .map(seccomp::compile)
         .transpose()?;
+    let mut caps =
+        caps::parse(p.capabilities().as_ref()).map_err(|e| prefix_field(e, "process", field))?;
+    // An ambient capability must be permitted and inheritable, or the
+    // kernel refuses to raise it. runc warns and goes on (`runc spec`
+    // writes ambient capabilities without inheritable ones), so does rtv.
+    let unraisable = caps.ambient & !(caps.permitted & caps.inheritable);
+    if unraisable != 0 {
+        crate::alog!(
+            Warn,
+            "{field}.capabilities.ambient: not raised, not both permitted and inheritable: {}",
+            caps::names(unraisable).join(", ")
+        );
+        caps.ambient &= !unraisable;
+    }
     Ok(ProcessPlan {
         argv,
         env,
@@ -598,8 +612,7 @@ pub fn process(
         program,
         cwd: cstring(&format!("{field}.cwd"), &cwd.to_string_lossy())?,
         identity,
-        caps: caps::parse(p.capabilities().as_ref())
-            .map_err(|e| prefix_field(e, "process", field))?,
+        caps,
         cap_last_cap: caps::cap_last_cap(),
         rlimits: rlimit::parse(p.rlimits().as_ref())
             .map_err(|e| prefix_field(e, "process", field))?,
@@ -1009,6 +1022,21 @@ mod tests {
             r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"bogus"}]}}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn ambient_capabilities_need_permitted_and_inheritable() {
+        // `runc spec`'s process: ambient capabilities, no inheritable set.
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","process":{"cwd":"/","args":["sh"],"user":{"uid":0,"gid":0},
+                "capabilities":{"bounding":["CAP_KILL","CAP_CHOWN"],"effective":["CAP_KILL","CAP_CHOWN"],
+                "permitted":["CAP_KILL","CAP_CHOWN"],"inheritable":["CAP_CHOWN"],
+                "ambient":["CAP_KILL","CAP_CHOWN"]}}}"#,
+        );
+        let p = s.process().as_ref().unwrap();
+        let plan = process("process", p, Path::new("/nonexistent-rootfs"), &s).unwrap();
+        assert_eq!(caps::names(plan.caps.ambient), ["CAP_CHOWN"]);
+        assert_eq!(caps::names(plan.caps.permitted), ["CAP_CHOWN", "CAP_KILL"]);
     }
 
     #[test]

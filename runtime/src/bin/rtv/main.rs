@@ -904,14 +904,28 @@ fn cmd_check() -> Result<bool> {
     match Artifacts::find() {
         Ok(a) => {
             line("guest kernel", true, a.kernel.display().to_string());
+            line(
+                "guest kernel, 1 vCPU",
+                true,
+                match &a.kernel_up {
+                    Some(up) => up.display().to_string(),
+                    None => "none (the SMP kernel boots every VM)".into(),
+                },
+            );
             line("initramfs", true, a.initramfs.display().to_string());
             line("rtv-vmm", true, a.vmm.display().to_string());
             let size = vm_size(
                 &rtv_runtime::spec::default_spec(),
                 rtv_runtime::spec::host_cpus(),
             );
-            let mut cfg =
-                SandboxConfig::new(&a.kernel, &a.initramfs, &a.vmm, "/nonexistent", "check", 3);
+            let mut cfg = SandboxConfig::new(
+                a.kernel_for(size.vcpus),
+                &a.initramfs,
+                &a.vmm,
+                "/nonexistent",
+                "check",
+                3,
+            );
             cfg.mem_mib = size.mem_mib;
             cfg.vcpus = size.vcpus;
             cfg.shared_dir = Some(PathBuf::from("/"));

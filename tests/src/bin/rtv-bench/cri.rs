@@ -14,7 +14,7 @@ use rtv_tests::containerd::{self, Containerd, CriRuntime};
 use rtv_tests::cri::{self, CriClient};
 
 use super::{
-    host_type, initramfs, kernel, mem_usage, oci_bundle, oci_crun, oci_loadavg, oci_rtv_binary,
+    host_type, initramfs, mem_usage, oci_bundle, oci_crun, oci_loadavg, oci_rtv_binary,
     oci_wait_for_quiet_host, print_runtime_header, rss_pss, seconds,
 };
 
@@ -309,7 +309,7 @@ pub(crate) fn cri_bench(runs: usize, idle: Duration, max_wait: Duration) -> Resu
         None => rtv.with_file_name("rtv-vmm"),
     };
     // containerd, and the shims it starts, inherit these.
-    std::env::set_var("RTV_KERNEL", kernel()?);
+    rtv_tests::export_kernels()?;
     std::env::set_var("RTV_INITRAMFS", initramfs()?);
     std::env::set_var("RTV_VMM", &vmm);
     let work = std::env::temp_dir().join(format!("rtv-bench-cri-{}", std::process::id()));

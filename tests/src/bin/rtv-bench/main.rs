@@ -283,11 +283,13 @@ fn boot(runs: usize, mem: u64, no_qemu: bool) -> Result<()> {
                     mem_mib: mem,
                     protocol: "pvh",
                     append: String::new(),
+                    ..Default::default()
                 })?,
                 "rtv-vmm (64-bit)" => rtv_vmm_command(&BootSpec {
                     mem_mib: mem,
                     protocol: "linux64",
                     append: String::new(),
+                    ..Default::default()
                 })?,
                 _ => qemu_command(mem, &cmdline)?,
             };
@@ -1350,7 +1352,7 @@ fn oci_bench(runs: usize, no_containerd: bool, max_wait: Duration) -> Result<()>
             .map(|d| d.join("rtv-vmm"))
             .context("rtv's directory")?,
     };
-    std::env::set_var("RTV_KERNEL", kernel()?);
+    rtv_tests::export_kernels()?;
     std::env::set_var("RTV_INITRAMFS", initramfs()?);
     std::env::set_var("RTV_VMM", &vmm);
     let work = std::env::temp_dir().join(format!("rtv-bench-oci-{}", std::process::id()));
