@@ -8,6 +8,7 @@ pub mod containerd;
 pub mod containers;
 pub mod cri;
 pub mod pod;
+pub mod profile;
 pub mod scenarios;
 pub mod stress;
 

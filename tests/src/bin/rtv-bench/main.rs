@@ -133,38 +133,9 @@ enum What {
     },
 }
 
-/// Adds up the stacks of `files` (Brendan Gregg's folded format) and draws
-/// them with inferno.
+/// One flame graph of several parts of a guest profile.
 fn flamegraph(out: &std::path::Path, title: &str, files: &[std::path::PathBuf]) -> Result<()> {
-    let mut stacks: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
-    for f in files {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        for (i, line) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let (stack, count) = line
-                .rsplit_once(' ')
-                .and_then(|(s, c)| Some((s, c.parse::<u64>().ok()?)))
-                .with_context(|| format!("{}:{}: not `stack count`", f.display(), i + 1))?;
-            *stacks.entry(stack.to_owned()).or_default() += count;
-        }
-    }
-    let total: u64 = stacks.values().sum();
-    anyhow::ensure!(total > 0, "no samples in {files:?}");
-    let lines: Vec<String> = stacks.iter().map(|(s, c)| format!("{s} {c}")).collect();
-    let mut options = inferno::flamegraph::Options::default();
-    options.title = title.to_owned();
-    options.subtitle = Some(format!("{total} samples from {} part(s)", files.len()));
-    options.count_name = "samples".into();
-    options.hash = true;
-    options.deterministic = true;
-    let mut svg = Vec::new();
-    inferno::flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), &mut svg)
-        .context("drawing the flame graph")?;
-    std::fs::write(out, svg).with_context(|| format!("writing {}", out.display()))?;
+    let total = rtv_tests::profile::flamegraph(out, title, files)?;
     eprintln!("{total} samples: {}", out.display());
     Ok(())
 }
