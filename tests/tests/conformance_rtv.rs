@@ -114,6 +114,18 @@ fn debug_profiles_each_phase_of_a_pod() {
             named > 0,
             "no system call named in the create's {samples} samples: {create:?}"
         );
+        // Samples are attributed to the guest's tasks (this pod's VM runs
+        // the uniprocessor kernel, whose `current_task` is no per-cpu
+        // offset).
+        let unknown: u64 = create
+            .iter()
+            .filter(|(s, _)| s.starts_with("[unknown task]"))
+            .map(|(_, c)| c)
+            .sum();
+        anyhow::ensure!(
+            unknown * 10 < samples,
+            "{unknown} of the create's {samples} samples have no task: {create:?}"
+        );
         let files: Vec<_> = (1..=3)
             .map(|n| profile.join(format!("{n}.folded")))
             .collect();

@@ -734,13 +734,18 @@ impl VcpuSampler {
         let mut stack = String::with_capacity(256);
         let comm = layout.and_then(|layout| {
             let symbols = shared.symbols.as_ref()?;
-            let offset = symbols.known().current_task.or(symbols.known().pcpu_hot)?;
-            let base = if cpu.cpl == 0 && is_kernel_address(cpu.gs_base) {
-                cpu.gs_base
+            let at = symbols.known().current_task.or(symbols.known().pcpu_hot)?;
+            // An SMP kernel's per-cpu variables are offsets from the CPU's
+            // per-cpu base; a uniprocessor kernel's are plain variables at
+            // kernel addresses.
+            let address = if is_kernel_address(at) {
+                at
+            } else if cpu.cpl == 0 && is_kernel_address(cpu.gs_base) {
+                cpu.gs_base.wrapping_add(at)
             } else {
-                kernel_gs_base()?
+                kernel_gs_base()?.wrapping_add(at)
             };
-            let task = view.read_u64(base.wrapping_add(offset))?;
+            let task = view.read_u64(address)?;
             if !is_kernel_address(task) || task & 7 != 0 {
                 return None;
             }

@@ -108,6 +108,26 @@ fn a_kernel_sample_is_the_task_and_its_call_chain() {
 }
 
 #[test]
+fn a_uniprocessor_kernel_has_current_task_at_its_own_address() {
+    // CONFIG_SMP=n: no per-cpu base; `current_task` is a plain variable.
+    let mut img = guest();
+    let current = KBASE + 0x21_8000;
+    img.w64(current, TASK);
+    let map = system_map().replace(
+        &format!("{CURRENT_TASK:016x} D current_task"),
+        &format!("{current:016x} D current_task"),
+    );
+    let s = sampler(&map);
+    let mut cpu = kernel_cpu(TEXT + 0x205);
+    cpu.gs_base = 0;
+    let stack = s.stack(img.0.as_slice(), &cpu, || None);
+    assert_eq!(stack, "spinner;main;outer;spin");
+    cpu.cpl = 3;
+    let stack = s.stack(img.0.as_slice(), &cpu, || None);
+    assert_eq!(stack, "spinner;[user]");
+}
+
+#[test]
 fn a_user_sample_is_the_task_found_through_kernel_gs_base() {
     let img = guest();
     let s = sampler(&system_map());

@@ -216,13 +216,18 @@ async fn waiter_run(w: &WaiterArgs, sync: &mut Option<File>) -> Result<ExitStatu
         }
         (None, None) => bail!("the waiter needs --exec-id or --exec-process"),
     };
-    let stdin = client.attach(exec_id, StreamKind::Stdin).await?;
-    let stdout = client.attach(exec_id, StreamKind::Stdout).await?;
-    let stderr = if w.tty {
-        None
-    } else {
-        Some(client.attach(exec_id, StreamKind::Stderr).await?)
-    };
+    // The streams' connections are made at once: each is a round trip
+    // through the guest's vsock.
+    let (stdin, stdout, stderr) = tokio::try_join!(
+        client.attach(exec_id, StreamKind::Stdin),
+        client.attach(exec_id, StreamKind::Stdout),
+        async {
+            match w.tty {
+                true => Ok(None),
+                false => client.attach(exec_id, StreamKind::Stderr).await.map(Some),
+            }
+        },
+    )?;
     if let Some(mut s) = sync.take() {
         writeln!(s, "ok").context("reporting to rtv")?;
     }
