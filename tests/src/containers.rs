@@ -421,6 +421,68 @@ pub async fn seccomp(c: &AgentClient, place: &Place) -> Result<()> {
     ensure!(!r.out.contains("made"), "{r:?}");
     ensure!(r.err.contains("Operation not permitted"), "{r:?}");
     ensure!(r.out.contains("after"), "{r:?}");
+
+    // Docker's shape (and Kubernetes' RuntimeDefault): a filter,
+    // noNewPrivileges off, no CAP_SYS_ADMIN. The kernel takes the filter
+    // only before the capabilities drop; the process then runs under it
+    // without no_new_privs, and so does an exec in it (whose process has no
+    // capabilities at all).
+    let docker_caps = serde_json::json!([
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
+        "CAP_AUDIT_WRITE"
+    ]);
+    let probe =
+        "mkdir /tmp/d && echo made; grep -E '^(NoNewPrivs|Seccomp|CapEff):' /proc/self/status";
+    let docker = patched(
+        &spec,
+        serde_json::json!({"process": {
+            "args": ["sh", "-c", format!("{probe}; sleep 600")],
+            "noNewPrivileges": false,
+            "capabilities": {"bounding": docker_caps, "effective": docker_caps,
+                "permitted": docker_caps}
+        }}),
+    )?;
+    create(c, place, "seccomp-nnp-off", &docker).await?;
+    let result = async {
+        c.start_container("seccomp-nnp-off").await?;
+        let e = exec_sh(c, "seccomp-nnp-off", probe).await?;
+        ensure!(e.status == ExitStatus::Code(0), "exec: {e:?}");
+        ensure!(!e.out.contains("made"), "exec: {e:?}");
+        ensure!(e.err.contains("Operation not permitted"), "exec: {e:?}");
+        ensure!(e.out.contains("NoNewPrivs:\t0"), "exec: {e:?}");
+        ensure!(e.out.contains("Seccomp:\t2"), "exec: {e:?}");
+        ensure!(e.out.contains("CapEff:\t0000000000000000"), "exec: {e:?}");
+        Ok(())
+    }
+    .await;
+    let deleted = c.delete_container("seccomp-nnp-off", true).await;
+    place.remove("seccomp-nnp-off");
+    result?;
+    deleted?;
+    // The container's own process, run to its end.
+    let once = patched(
+        &docker,
+        serde_json::json!({"process": {"args": ["sh", "-c", probe]}}),
+    )?;
+    let r = run(c, place, "seccomp-nnp-off", &once).await?;
+    expect_ok(&r)?;
+    ensure!(!r.out.contains("made"), "{r:?}");
+    ensure!(r.err.contains("Operation not permitted"), "{r:?}");
+    ensure!(r.out.contains("NoNewPrivs:\t0"), "{r:?}");
+    ensure!(r.out.contains("Seccomp:\t2"), "{r:?}");
+    ensure!(r.out.contains("CapEff:\t00000000a80425fb"), "{r:?}");
     Ok(())
 }
 

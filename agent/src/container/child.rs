@@ -787,10 +787,24 @@ fn identity_step(s: IdentityStep) -> Step {
 }
 
 /// Limits, identity, working directory, program lookup, no_new_privs:
-/// everything of the process but seccomp and the exec. Returns the index
-/// of the candidate path to execute.
+/// everything of the process but the exec, and its seccomp filter when
+/// `noNewPrivileges` is set. Returns the index of the candidate path to
+/// execute.
+///
+/// The seccomp filter goes where runc puts it: without no_new_privs the
+/// kernel takes a filter only from a task with CAP_SYS_ADMIN, so it is
+/// installed here, before the identity and capabilities change (Docker's
+/// default and Kubernetes' RuntimeDefault have it so); with no_new_privs,
+/// as late as possible, just before the program's execve (see
+/// [`seccomp_at_exec`]), so that fewer of the runtime's own system calls
+/// run under it.
 fn setup_process(p: &ProcessPlan) -> Result<usize, Fail> {
     rlimit::apply(&p.rlimits).map_err(|(i, e)| (Step::Rlimit, i as u32, e))?;
+    if !p.no_new_privs {
+        if let Some(f) = &p.seccomp {
+            f.install().map_err(|e| (Step::Seccomp, 0, e))?;
+        }
+    }
     caps::switch_identity(&p.identity, &p.caps, p.cap_last_cap)
         .map_err(|(s, e)| (identity_step(s), 0, e))?;
     // SAFETY: chdir to a valid path, as the container's user.
@@ -819,8 +833,14 @@ fn setup_process(p: &ProcessPlan) -> Result<usize, Fail> {
     Ok(found)
 }
 
+/// The seccomp filter to install just before the program's execve: only
+/// with no_new_privs (without it [`setup_process`] installed it already).
+pub fn seccomp_at_exec(p: &ProcessPlan) -> Option<&super::seccomp::Filter> {
+    p.seccomp.as_ref().filter(|_| p.no_new_privs)
+}
+
 fn exec(p: &ProcessPlan, candidate: usize, argv: &[*const c_char], envp: &[*const c_char]) -> Fail {
-    if let Some(f) = &p.seccomp {
+    if let Some(f) = seccomp_at_exec(p) {
         if let Err(e) = f.install() {
             return (Step::Seccomp, 0, e);
         }

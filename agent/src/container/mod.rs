@@ -348,7 +348,7 @@ fn stub_launch(p: &ProcessPlan) -> Result<StubLaunch, Failure> {
         argv: bytes(&p.argv),
         env: bytes(&p.env),
         candidates: bytes(&p.candidates),
-        seccomp: p.seccomp.as_ref().map(seccomp::Filter::parts),
+        seccomp: child::seccomp_at_exec(p).map(seccomp::Filter::parts),
     }
     .memfd()
     .map_err(|e| Failure::io("the init stub's handover", &e))?;
