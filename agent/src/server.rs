@@ -325,7 +325,11 @@ fn handle_request(agent: &Agent, body: RequestBody, deadline: Deadline) -> Respo
                 "started {:?} as exec {exec_id} (pid {pid})",
                 req.argv
             );
-            ResponseBody::Started { exec_id, pid }
+            ResponseBody::Started {
+                exec_id,
+                pid,
+                not_applied: Vec::new(),
+            }
         }),
         RequestBody::Wait { exec_id } => procs.wait(exec_id).map(ResponseBody::Exited),
         RequestBody::Signal { exec_id, signal } => {
@@ -343,16 +347,28 @@ fn handle_request(agent: &Agent, body: RequestBody, deadline: Deadline) -> Respo
             alog!(Info, "identity set: hostname {:?}", id.hostname);
             ResponseBody::Ok
         }),
-        RequestBody::CreateContainer(req) => containers.create(&req).map(|(exec_id, pid)| {
-            alog!(Info, "created container {} (pid {pid})", req.container_id);
-            ResponseBody::Started { exec_id, pid }
-        }),
+        RequestBody::CreateContainer(req) => {
+            containers.create(&req).map(|(exec_id, pid, not_applied)| {
+                alog!(Info, "created container {} (pid {pid})", req.container_id);
+                ResponseBody::Started {
+                    exec_id,
+                    pid,
+                    not_applied,
+                }
+            })
+        }
         RequestBody::StartContainer { container_id } => containers
             .start(&container_id, deadline)
             .map(|()| ResponseBody::Ok),
-        RequestBody::ExecInContainer(req) => containers
-            .exec(&req, deadline)
-            .map(|(exec_id, pid)| ResponseBody::Started { exec_id, pid }),
+        RequestBody::ExecInContainer(req) => {
+            containers
+                .exec(&req, deadline)
+                .map(|(exec_id, pid, not_applied)| ResponseBody::Started {
+                    exec_id,
+                    pid,
+                    not_applied,
+                })
+        }
         RequestBody::SignalContainer {
             container_id,
             signal,

@@ -503,12 +503,19 @@ pub enum ResponseBody {
         /// Agent build version.
         agent: String,
     },
-    /// For `Exec`: the process started.
+    /// For `Exec`, `CreateContainer` and `ExecInContainer`: the process
+    /// started.
     Started {
         /// Its handle for later requests.
         exec_id: u64,
         /// Its pid in the guest.
         pid: i32,
+        /// Fields of the spec that were accepted but not applied in the
+        /// guest, each with the reason (an AppArmor profile of the host,
+        /// a kernel memory limit cgroup v2 does not have, ...), for the
+        /// runtime's log.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        not_applied: Vec<String>,
     },
     /// For `Wait`.
     Exited(ExitStatus),

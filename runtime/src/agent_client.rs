@@ -209,6 +209,18 @@ async fn dial(
 
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<ResponseBody>>>>>;
 
+/// A container's process started by the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    /// Its handle for later requests.
+    pub exec_id: u64,
+    /// Its pid in the guest.
+    pub pid: i32,
+    /// The spec's fields the agent accepted but did not apply, each with
+    /// the reason, for the log.
+    pub not_applied: Vec<String>,
+}
+
 /// The answer to a request sent with [`AgentClient::send`], to come.
 pub struct Reply(oneshot::Receiver<ResponseBody>);
 
@@ -392,7 +404,7 @@ impl AgentClient {
     /// Starts a process; returns its exec id and guest pid.
     pub async fn exec(&self, req: ExecRequest) -> Result<(u64, i32), ClientError> {
         match self.call(RequestBody::Exec(req)).await? {
-            ResponseBody::Started { exec_id, pid } => Ok((exec_id, pid)),
+            ResponseBody::Started { exec_id, pid, .. } => Ok((exec_id, pid)),
             other => Self::unexpected(other),
         }
     }
@@ -442,13 +454,22 @@ impl AgentClient {
         self.expect_ok(RequestBody::Shutdown).await
     }
 
-    /// Creates a container; returns its init process's exec id and pid.
-    pub async fn create_container(&self, req: CreateContainer) -> Result<(u64, i32), ClientError> {
+    /// Creates a container; returns its init process's exec id and pid,
+    /// and the spec's fields the agent accepted but did not apply.
+    pub async fn create_container(&self, req: CreateContainer) -> Result<Started, ClientError> {
         match self
             .call(RequestBody::CreateContainer(Box::new(req)))
             .await?
         {
-            ResponseBody::Started { exec_id, pid } => Ok((exec_id, pid)),
+            ResponseBody::Started {
+                exec_id,
+                pid,
+                not_applied,
+            } => Ok(Started {
+                exec_id,
+                pid,
+                not_applied,
+            }),
             other => Self::unexpected(other),
         }
     }
@@ -462,12 +483,20 @@ impl AgentClient {
     }
 
     /// Runs another process in a running container.
-    pub async fn exec_in_container(&self, req: ExecInContainer) -> Result<(u64, i32), ClientError> {
+    pub async fn exec_in_container(&self, req: ExecInContainer) -> Result<Started, ClientError> {
         match self
             .call(RequestBody::ExecInContainer(Box::new(req)))
             .await?
         {
-            ResponseBody::Started { exec_id, pid } => Ok((exec_id, pid)),
+            ResponseBody::Started {
+                exec_id,
+                pid,
+                not_applied,
+            } => Ok(Started {
+                exec_id,
+                pid,
+                not_applied,
+            }),
             other => Self::unexpected(other),
         }
     }

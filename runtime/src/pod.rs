@@ -270,6 +270,9 @@ pub struct PodConfig {
     /// The host cgroup the VMM joins (the spec's `linux.cgroupsPath`:
     /// containerd and the kubelet account the pod by it).
     pub host_cgroup: Option<String>,
+    /// The host CPUs (and memory nodes) the VMM is pinned to, in its host
+    /// cgroup: the spec's `linux.resources.cpu.cpus`.
+    pub host_cpuset: Option<host_cgroup::Cpuset>,
     /// Profile the pod's guest (see [`Pod::mark`]).
     pub profile: Option<Profile>,
 }
@@ -309,6 +312,7 @@ impl PodConfig {
                 .as_ref()
                 .and_then(|l| l.cgroups_path().as_ref())
                 .map(|p| p.to_string_lossy().into_owned()),
+            host_cpuset: host_cgroup::Cpuset::of(spec),
             profile,
         })
     }
@@ -366,6 +370,19 @@ impl Drop for RecordLock {
     fn drop(&mut self) {
         // SAFETY: flock(2) on a descriptor we own.
         unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// Logs, as one warning, the fields of container `id`'s spec that the
+/// agent accepted but did not apply (the host's LSM labels, cgroup fields
+/// cgroup v2 does not have), each with the reason.
+fn log_not_applied(id: &str, notes: &[String]) {
+    if !notes.is_empty() {
+        tracing::warn!(
+            id,
+            "accepted, not applied in the guest: {}",
+            notes.join("; ")
+        );
     }
 }
 
@@ -538,7 +555,12 @@ impl Pod {
         };
         let recorded = (|| {
             if let Some(path) = &cfg.host_cgroup {
-                pod.host_cgroups = host_cgroup::join(path, vmm_pid)?;
+                host_cgroup::join(
+                    path,
+                    vmm_pid,
+                    cfg.host_cpuset.as_ref(),
+                    &mut pod.host_cgroups,
+                )?;
             }
             write_record(
                 &pod.dir,
@@ -859,8 +881,9 @@ impl Pod {
             Err(e) => return Err(e.into()),
         };
         creating.in_share = true;
-        let spec = guest_spec(shared, c.id, c.guest_pid).map_err(|e| in_file(&e))?;
-        let (exec_id, guest_pid) = self
+        let spec =
+            guest_spec(shared, c.id, c.guest_pid, self.size.vcpus).map_err(|e| in_file(&e))?;
+        let started = self
             .client
             .create_container(CreateContainer {
                 container_id: c.id.to_owned(),
@@ -876,8 +899,9 @@ impl Pod {
                 source,
             })?;
         creating.in_guest = true;
-        creating.exec_id = exec_id;
-        creating.guest_pid = guest_pid;
+        creating.exec_id = started.exec_id;
+        creating.guest_pid = started.pid;
+        log_not_applied(c.id, &started.not_applied);
         self.mark(&format!("create {}", c.id)).await;
         Ok(())
     }
@@ -942,7 +966,8 @@ impl Pod {
             })
             .await?;
         self.mark(&format!("exec in {id}")).await;
-        Ok(started)
+        log_not_applied(id, &started.not_applied);
+        Ok((started.exec_id, started.pid))
     }
 
     /// Sends `signal` to container `id`'s init, or to all its processes.

@@ -134,17 +134,39 @@ pub struct GuestSpecError {
 /// each other namespace path `/proc/<pid>/ns/<type>` mapped by `guest_pid`
 /// (the pid a runtime reported for a container of the same pod) to the
 /// guest's `/proc/<guest pid>/ns/<type>`. A path `guest_pid` does not know
-/// is refused with the field named.
+/// is refused with the field named. A cpuset (host CPUs, to which the
+/// pod's VMM is pinned on the host) becomes the same number of the VM's
+/// `vcpus` in the guest (see [`guest_cpuset`]).
 pub fn guest_spec(
     mut spec: Spec,
     id: &str,
     guest_pid: impl Fn(i32) -> Option<i32>,
+    vcpus: u8,
 ) -> Result<Spec, GuestSpecError> {
     spec.set_hooks(None);
     let Some(linux) = spec.linux_mut() else {
         return Ok(spec);
     };
     linux.set_cgroups_path(Some(std::path::PathBuf::from(format!("rtv/{id}"))));
+    if let Some(cpu) = linux
+        .resources_mut()
+        .as_mut()
+        .and_then(|r| r.cpu_mut().as_mut())
+    {
+        let cpus = cpu.cpus().clone().filter(|c| !c.trim().is_empty());
+        let mems = cpu.mems().clone().filter(|m| !m.trim().is_empty());
+        if let Some(host) = cpus {
+            let guest = guest_cpuset(&host, vcpus).ok_or_else(|| GuestSpecError {
+                field: "linux.resources.cpu.cpus".into(),
+                message: format!("{host:?} is not a list of CPUs such as \"0-2,4\""),
+            })?;
+            cpu.set_cpus(guest);
+        }
+        // The guest has one memory node.
+        if mems.is_some() {
+            cpu.set_mems((vcpus > 1).then(|| "0".to_owned()));
+        }
+    }
     let Some(nss) = linux.namespaces_mut() else {
         return Ok(spec);
     };
@@ -185,6 +207,34 @@ pub fn guest_spec(
         }
     }
     Ok(spec)
+}
+
+/// The guest's cpuset for a container whose spec names the host CPUs
+/// `host` (a list such as "2-3,6"): the first n of the VM's `vcpus`, n
+/// being the number of host CPUs (at most `vcpus`); `Some(None)` with one
+/// vCPU: the whole guest (whose kernel has no cpuset controller). `None`
+/// if `host` does not parse.
+pub fn guest_cpuset(host: &str, vcpus: u8) -> Option<Option<String>> {
+    let mut count: u64 = 0;
+    for range in host.trim().split(',') {
+        let (a, b) = match range.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?),
+            None => {
+                let n = range.trim().parse::<u64>().ok()?;
+                (n, n)
+            }
+        };
+        if b < a {
+            return None;
+        }
+        count = count.saturating_add(b - a + 1);
+    }
+    let n = count.min(u64::from(vcpus));
+    Some(match n {
+        0 | 1 if vcpus <= 1 => None,
+        1 => Some("0".to_owned()),
+        n => Some(format!("0-{}", n - 1)),
+    })
 }
 
 /// The host's CPUs, for sizing VMs.
@@ -289,6 +339,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(vm_size(&s, 2).mem_mib, 2 + 64);
+    }
+
+    #[test]
+    fn a_host_cpuset_becomes_as_many_vcpus() {
+        assert_eq!(guest_cpuset("2-3", 2), Some(Some("0-1".into())));
+        assert_eq!(guest_cpuset("5", 2), Some(Some("0".into())));
+        assert_eq!(guest_cpuset("0-3,8", 4), Some(Some("0-3".into())));
+        assert_eq!(guest_cpuset("0-3", 1), Some(None));
+        for bad in ["", "a", "3-1", "1,,2"] {
+            assert_eq!(guest_cpuset(bad, 2), None, "{bad:?}");
+        }
+        let mut spec = default_spec();
+        let host: oci_spec::runtime::LinuxResources =
+            serde_json::from_str(r#"{"cpu": {"cpus": "6-7", "mems": "1"}}"#).unwrap();
+        spec.linux_mut().as_mut().unwrap().set_resources(Some(host));
+        let cpu = |s: &Spec| {
+            let c = s.linux().as_ref().unwrap().resources().as_ref().unwrap();
+            let c = c.cpu().as_ref().unwrap();
+            (c.cpus().clone(), c.mems().clone())
+        };
+        let two = guest_spec(spec.clone(), "c", |_| None, 2).unwrap();
+        assert_eq!(cpu(&two), (Some("0-1".into()), Some("0".into())));
+        let one = guest_spec(spec.clone(), "c", |_| None, 1).unwrap();
+        assert_eq!(cpu(&one), (None, None));
+        let mut bad = spec;
+        let r: oci_spec::runtime::LinuxResources =
+            serde_json::from_str(r#"{"cpu": {"cpus": "x"}}"#).unwrap();
+        bad.linux_mut().as_mut().unwrap().set_resources(Some(r));
+        let err = guest_spec(bad, "c", |_| None, 2).unwrap_err();
+        assert_eq!(err.field, "linux.resources.cpu.cpus");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use oci_spec::runtime::{Process, Spec};
 use rtv_protocol::{
     ContainerStatus, CreateContainer, ErrorKind, ExecInContainer, ExitStatus, Stdio, StreamKind,
 };
+use rtv_runtime::agent_client::Started;
 use rtv_runtime::{AgentClient, ClientError, Share};
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
@@ -19,6 +20,7 @@ use tokio::net::UnixStream;
 const APPLETS: &[&str] = &[
     "sh", "ls", "id", "cat", "echo", "hostname", "sleep", "ps", "mkdir", "touch", "grep", "head",
     "dd", "true", "false", "env", "pwd", "stat", "find", "wc", "tty", "mount", "rm", "ln",
+    "unshare",
 ];
 
 /// Builds a busybox root file system (from Debian's busybox-static) in
@@ -168,7 +170,7 @@ pub async fn create(c: &AgentClient, place: &Place, id: &str, spec: &Spec) -> Re
         })
         .await;
     match created {
-        Ok((exec_id, _)) => Ok(exec_id),
+        Ok(Started { exec_id, .. }) => Ok(exec_id),
         Err(e) => {
             place.remove(id);
             Err(e.into())
@@ -201,7 +203,7 @@ pub async fn exec_sh(c: &AgentClient, id: &str, script: &str) -> Result<Ran> {
         "args": ["sh", "-c", script], "cwd": "/", "env": ["PATH=/bin"],
         "user": {"uid": 0, "gid": 0}
     }))?;
-    let (exec_id, _) = c
+    let Started { exec_id, .. } = c
         .exec_in_container(ExecInContainer {
             container_id: id.into(),
             process,
@@ -619,7 +621,7 @@ pub async fn builtin_pause(c: &AgentClient, place: &Place) -> Result<()> {
             "linux": {"sysctl": {"kernel.shm_rmid_forced": "1"}}}),
     )?;
     let spec = place.spec_for("sandbox", &spec)?;
-    let (exec_id, pid) = c
+    let Started { exec_id, pid, .. } = c
         .create_container(CreateContainer {
             container_id: "sandbox".into(),
             spec,
@@ -664,7 +666,7 @@ pub async fn terminal(c: &AgentClient, place: &Place) -> Result<()> {
     let spec = base_spec(&["sh", "-c", "test -t 0 && test -t 1 && echo is-a-tty; tty"]);
     let spec = patched(&spec, serde_json::json!({"process": {"terminal": true}}))?;
     let spec = place.spec_for("tty", &spec)?;
-    let (exec_id, _) = c
+    let Started { exec_id, .. } = c
         .create_container(CreateContainer {
             container_id: "tty".into(),
             spec,

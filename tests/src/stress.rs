@@ -15,6 +15,7 @@ use oci_spec::runtime::{LinuxResources, Process};
 use rtv_protocol::{
     ContainerStatus, CreateContainer, ErrorKind, ExecInContainer, ExitStatus, Stdio,
 };
+use rtv_runtime::agent_client::Started;
 use rtv_runtime::{AgentClient, ClientError};
 
 use crate::containers::{base_spec, Place};
@@ -157,7 +158,7 @@ async fn execs(
     let mut outcomes = Vec::new();
     for r in futures_join_all(calls).await {
         let (checked, v) = r?;
-        if let Some((exec_id, _)) = v {
+        if let Some(Started { exec_id, .. }) = v {
             started.push(exec_id);
         }
         outcomes.push(checked);
@@ -218,7 +219,7 @@ async fn batch(attempts: Vec<Attempt<'_>>) -> Result<Vec<Checked>> {
 async fn one_container(c: &AgentClient, place: &Place, id: &str, cfg: &StressConfig) -> Result<()> {
     use ErrorKind::{InvalidState, NoSuchContainer};
     let spec = place.spec_for(id, &base_spec(&["sleep", "1000"]))?;
-    let (init, _) = c
+    let Started { exec_id: init, .. } = c
         .create_container(CreateContainer {
             container_id: id.into(),
             spec,

@@ -144,3 +144,206 @@ fn debug_profiles_each_phase_of_a_pod() {
         panic!("{e:#}");
     }
 }
+
+/// The specs real hosts write (tests/fixtures/specs, see generate.py there)
+/// run under `rtv run` and their controls take effect in the guest:
+/// Docker 20.10's default (seccomp without no-new-privileges, AppArmor,
+/// blockIO weight 0, memory+swap twice the memory) and with
+/// no-new-privileges; containerd CRI's RuntimeDefault with hugepage
+/// limits, a cpuset and a blkio weight, whose VMM is pinned on the host.
+/// The fields only the host can mean are named in rtv's log.
+#[test]
+fn specs_real_hosts_write_run() {
+    let rtv = workspace_binary("rtv-runtime", "rtv").expect("building rtv");
+    rtv_tests::export_kernels().expect("guest kernels");
+    std::env::set_var("RTV_INITRAMFS", initramfs().expect("initramfs"));
+    std::env::set_var("RTV_VMM", vmm_binary().expect("rtv-vmm"));
+    let dir = std::env::temp_dir().join(format!("rtv-host-specs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("the test's directory");
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/specs");
+    let root = dir.join("root");
+    let cgroup_parent = format!("rtv-host-specs-{}", std::process::id());
+    let _one = one_vm_at_a_time();
+    // Output to files: a detached container keeps the stdio it was given
+    // (as with runc), so pipes would stay open.
+    let seq = std::cell::Cell::new(0);
+    let rtv_cmd = |log: &std::path::Path, args: &[&str]| {
+        seq.set(seq.get() + 1);
+        let out = dir.join(format!("out-{}", seq.get()));
+        let err = dir.join(format!("err-{}", seq.get()));
+        let status = std::process::Command::new(&rtv)
+            .arg("--log")
+            .arg(log)
+            .arg("--root")
+            .arg(&root)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("stdout file"))
+            .stderr(std::fs::File::create(&err).expect("stderr file"))
+            .status()
+            .expect("running rtv");
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+        (status, read(&out), read(&err))
+    };
+    let bundle = |name: &str, script: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let b = dir.join(name);
+        rtv_tests::containers::busybox_rootfs(&b.join("rootfs"))?;
+        let text = std::fs::read(fixtures.join(format!("{name}.json")))?;
+        let mut spec: serde_json::Value = serde_json::from_slice(&text)?;
+        spec["process"]["args"] = serde_json::json!(["sh", "-c", script]);
+        spec["linux"]["cgroupsPath"] = format!("/{cgroup_parent}/{name}").into();
+        edit(&mut spec);
+        std::fs::write(b.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
+        anyhow::Ok(b)
+    };
+    let check = || -> anyhow::Result<()> {
+        // Docker: what the container reports of itself.
+        let script = "grep -E '^(NoNewPrivs|Seccomp|CapEff):' /proc/self/status; \
+             cg=$(sed -n 's/^0:://p' /proc/self/cgroup); \
+             echo memory.max $(cat /sys/fs/cgroup$cg/memory.max); \
+             unshare -U true 2>&1; echo unshare $?";
+        for (name, nnp) in [("docker-20.10-run", "0"), ("docker-20.10-nnp", "1")] {
+            let b = bundle(name, script, &|_| {})?;
+            let log = dir.join(format!("{name}.log"));
+            let (status, out, err) = rtv_cmd(
+                &log,
+                &[
+                    "run",
+                    "--bundle",
+                    &b.to_string_lossy(),
+                    &format!("hs-{name}"),
+                ],
+            );
+            anyhow::ensure!(status.success(), "{name}: rtv run: {status}: {out}{err}");
+            for want in [
+                format!("NoNewPrivs:\t{nnp}"),
+                "Seccomp:\t2".to_owned(),
+                // Docker's 14 default capabilities.
+                "CapEff:\t00000000a80425fb".to_owned(),
+                "memory.max 67108864".to_owned(),
+                // unshare(2) is not in the profile's allowlist: EPERM.
+                "Operation not permitted".to_owned(),
+                "unshare 1".to_owned(),
+            ] {
+                anyhow::ensure!(out.contains(&want), "{name}: no {want:?} in {out:?}");
+            }
+            let logged = std::fs::read_to_string(&log)?;
+            for want in [
+                "process.apparmorProfile",
+                "docker-default",
+                "linux.resources.memory.swap: the guest has no swap",
+            ] {
+                anyhow::ensure!(
+                    logged.contains(want),
+                    "{name}: the log does not name {want:?}: {logged}"
+                );
+            }
+        }
+
+        // CRI: the controls in the guest, and the VMM pinned on the host.
+        // One host CPU (CPU 1) for a two-vCPU VM: the guest's cpuset is
+        // vCPU 0.
+        let name = "cri-runtime-default";
+        let b = bundle(name, "sleep 1000", &|s| {
+            s["linux"]["resources"]["cpu"]["cpus"] = "1".into();
+        })?;
+        let id = "hs-cri";
+        let log = dir.join(format!("{name}.log"));
+        let (status, out, err) =
+            rtv_cmd(&log, &["run", "-d", "--bundle", &b.to_string_lossy(), id]);
+        anyhow::ensure!(status.success(), "{name}: rtv run -d: {status}: {out}{err}");
+        let inside = (|| {
+            let (status, out, err) = rtv_cmd(
+                &log,
+                &[
+                    "exec",
+                    id,
+                    "sh",
+                    "-c",
+                    "cd /sys/fs/cgroup; for f in cpuset.cpus.effective cpuset.mems.effective \
+                     hugetlb.2MB.max io.weight cpu.max; do echo $f: $(cat $f); done; \
+                     grep -c ^processor /proc/cpuinfo; grep Seccomp: /proc/self/status",
+                ],
+            );
+            anyhow::ensure!(status.success(), "exec: {status}: {out}{err}");
+            for want in [
+                "cpuset.cpus.effective: 0\n",
+                "cpuset.mems.effective: 0\n",
+                "hugetlb.2MB.max: 0\n",
+                // blkio 300 as io.weight, converted as runc does.
+                "io.weight: default 2930\n",
+                "cpu.max: 200000 100000\n",
+                "\n2\n",
+                "Seccomp:\t2\n",
+            ] {
+                anyhow::ensure!(out.contains(want), "no {want:?} in {out:?}");
+            }
+            // The VMM (the pod's) is in the spec's host cgroup, pinned to
+            // host CPU 1.
+            let host = std::path::Path::new("/sys/fs/cgroup/cpuset")
+                .join(&cgroup_parent)
+                .join(name);
+            let cpus = std::fs::read_to_string(host.join("cpuset.cpus"))?;
+            anyhow::ensure!(cpus.trim() == "1", "host cpuset.cpus {cpus:?}");
+            let tasks = std::fs::read_to_string(host.join("cgroup.procs"))?;
+            let mut vmm = None;
+            for pid in tasks.lines() {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.trim() == "rtv-vmm" {
+                    vmm = Some(pid.to_owned());
+                }
+            }
+            let vmm =
+                vmm.ok_or_else(|| anyhow::anyhow!("no rtv-vmm in {}: {tasks:?}", host.display()))?;
+            let status = std::fs::read_to_string(format!("/proc/{vmm}/status"))?;
+            anyhow::ensure!(
+                status.contains("Cpus_allowed_list:\t1\n"),
+                "the VMM is not pinned: {status}"
+            );
+            let logged = std::fs::read_to_string(&log)?;
+            for want in ["cri-containerd.apparmor.d", "the guest has no 1GB pages"] {
+                anyhow::ensure!(
+                    logged.contains(want),
+                    "the log does not name {want:?}: {logged}"
+                );
+            }
+            Ok(())
+        })();
+        let (status, out, err) = rtv_cmd(&log, &["delete", "--force", id]);
+        inside?;
+        anyhow::ensure!(status.success(), "delete: {status}: {out}{err}");
+        Ok(())
+    };
+    let result = check();
+    for name in [
+        "docker-20.10-run",
+        "docker-20.10-nnp",
+        "cri-runtime-default",
+    ] {
+        let _ = rtv_cmd(
+            &dir.join("cleanup.log"),
+            &["delete", "--force", &format!("hs-{name}")],
+        );
+    }
+    let _ = rtv_cmd(&dir.join("cleanup.log"), &["delete", "--force", "hs-cri"]);
+    let mut left = Vec::new();
+    for h in rtv_runtime::host_cgroup::hierarchies() {
+        let parent = h.join(&cgroup_parent);
+        for name in [
+            "docker-20.10-run",
+            "docker-20.10-nnp",
+            "cri-runtime-default",
+        ] {
+            if parent.join(name).exists() {
+                left.push(parent.join(name));
+            }
+        }
+        let _ = std::fs::remove_dir(&parent);
+    }
+    let _ = rtv_runtime::remove_tree(&dir);
+    if let Err(e) = result {
+        panic!("{e:#}");
+    }
+    assert!(left.is_empty(), "host cgroups left: {left:?}");
+}

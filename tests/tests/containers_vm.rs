@@ -52,6 +52,7 @@ fn every_container_scenario_in_a_vm() {
         hostname: "ctr-vm".into(),
         detached: false,
         host_cgroup: None,
+        host_cpuset: None,
         profile: None,
     };
     let _one = one_vm_at_a_time();

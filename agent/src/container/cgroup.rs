@@ -2,12 +2,18 @@
 //! guest's cgroup2 mount, with the limits of `linux.resources` mapped the
 //! way runc (libcontainer/cgroups/fs2) and crun map them.
 //!
-//! The guest kernel has the memory, cpu (with CFS bandwidth) and pids
-//! controllers and the cgroup v2 core (freezer, `cgroup.kill`); it has no
-//! cpuset, io, hugetlb, rdma or BPF (so no device controller) and no swap.
-//! A field that needs something the guest lacks is a [`SpecError`] naming
-//! it, found before anything is created, rather than a silently ignored
-//! limit.
+//! The guest kernel has the memory, cpu (with CFS bandwidth), pids,
+//! cpuset (in its SMP build), hugetlb and io controllers and the cgroup v2
+//! core (freezer, `cgroup.kill`); it has no rdma or BPF (so no device
+//! controller) and no swap. A field that needs something the guest lacks
+//! is a [`SpecError`] naming it, found before anything is created, rather
+//! than a silently ignored limit. Fields that runc on cgroup v2 accepts
+//! and ignores (kernel memory, net_cls and net_prio, a swap limit where
+//! there is no swap) are accepted here too and listed by [`not_applied`].
+//!
+//! Only cpu, memory and pids are enabled for every container; cpuset,
+//! hugetlb and io are enabled on the path to a container that sets them
+//! (each enabled controller adds files to every cgroup made below it).
 //!
 //! `linux.resources.devices` is accepted and NOT enforced: cgroup v2 device
 //! control is a BPF program and the guest kernel has no BPF. The boundary is
@@ -151,15 +157,20 @@ fn is_cgroup2(path: &Path) -> bool {
     is
 }
 
-/// Enables every controller of `root`'s cgroup.controllers in its
-/// cgroup.subtree_control, for PID 1 of the guest right after it mounts
-/// cgroup2. Tries them all; returns the first failure.
+/// Enables the controllers every container gets ([`BASE_CONTROLLERS`])
+/// that `root` has in its cgroup.subtree_control, for PID 1 of the guest
+/// right after it mounts cgroup2. Tries them all; returns the first
+/// failure.
 pub fn enable_controllers(root: &Path) -> Result<(), CgroupError> {
     let available = read_set(&root.join("cgroup.controllers"))?;
     let control = root.join("cgroup.subtree_control");
     let enabled = read_set(&control)?;
     let mut first_error = None;
-    for c in available.difference(&enabled) {
+    let base: BTreeSet<String> = BASE_CONTROLLERS.iter().map(|c| c.to_string()).collect();
+    for c in available
+        .intersection(&base)
+        .filter(|c| !enabled.contains(*c))
+    {
         if let Err(e) = write_file(&control, &format!("+{c}")) {
             first_error.get_or_insert(CgroupError::Io {
                 path: control.clone(),
@@ -173,6 +184,10 @@ pub fn enable_controllers(root: &Path) -> Result<(), CgroupError> {
 /// A container's cgroup.
 #[derive(Debug)]
 pub struct Cgroup {
+    /// The cgroup2 root it was made under.
+    root: PathBuf,
+    /// Its directory below `root`.
+    components: Vec<String>,
     /// Its directory.
     path: PathBuf,
     /// `<path>/cgroup.procs`, ready for a forked child.
@@ -210,7 +225,12 @@ impl Cgroup {
         let needed = plan.controllers();
         let mut created = Vec::new();
         let result = make_path(root, &components, &needed, &mut created).and_then(|()| {
-            let cgroup = Cgroup { path, procs };
+            let cgroup = Cgroup {
+                root: root.to_path_buf(),
+                components: components.iter().map(|c| c.to_string()).collect(),
+                path,
+                procs,
+            };
             cgroup.apply(&plan)?;
             Ok(cgroup)
         });
@@ -236,13 +256,20 @@ impl Cgroup {
         self.procs.clone()
     }
 
-    /// Applies `resources` (for `update`): the same validation (against the
-    /// controllers enabled for this cgroup) and writes as `create`; fields
-    /// left out are unchanged, and so is the period of `cpu.max` when only
-    /// the quota is given (and the reverse). Honours
-    /// `memory.checkBeforeUpdate`.
+    /// Applies `resources` (for `update`): the same validation and writes
+    /// as `create` (a controller the cgroup did not need so far is enabled
+    /// on its path first); fields left out are unchanged, and so is the
+    /// period of `cpu.max` when only the quota is given (and the reverse).
+    /// Honours `memory.checkBeforeUpdate`.
     pub fn update(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
         let plan = Plan::new(resources)?;
+        plan.check_controllers(&read_set(&self.root.join("cgroup.controllers"))?)?;
+        let needed = plan.controllers();
+        let mut dir = self.root.clone();
+        for c in &self.components {
+            enable_in(&dir, &needed)?;
+            dir.push(c);
+        }
         plan.check_controllers(&read_set(&self.path.join("cgroup.controllers"))?)?;
         self.apply(&plan)
     }
@@ -383,6 +410,32 @@ impl Cgroup {
                 }
             }
         }
+        // cpuset first, as in runc: the other controllers do not depend on
+        // it, but a process moved in later lands on the right CPUs.
+        if let Some(v) = &plan.cpuset_cpus {
+            self.write_limit("linux.resources.cpu.cpus", "cpuset.cpus", v)?;
+        }
+        if let Some(v) = &plan.cpuset_mems {
+            self.write_limit("linux.resources.cpu.mems", "cpuset.mems", v)?;
+        }
+        if let Some(weight) = plan.io_weight {
+            // BFQ's own weight takes the blkio range as it is; io.weight
+            // (blk-iocost) the cgroup v2 range, converted as runc does.
+            if self.path.join("io.bfq.weight").exists() {
+                self.write_limit(
+                    "linux.resources.blockIO.weight",
+                    "io.bfq.weight",
+                    &weight.to_string(),
+                )?;
+            } else {
+                self.write_limit(
+                    "linux.resources.blockIO.weight",
+                    "io.weight",
+                    &blkio_to_io_weight(weight).to_string(),
+                )?;
+            }
+        }
+        self.apply_hugetlb(plan)?;
         if let Some(v) = &plan.memory_max {
             self.write_limit("linux.resources.memory.limit", "memory.max", v)?;
         }
@@ -411,6 +464,25 @@ impl Cgroup {
             // per line.
             for line in value.lines().filter(|l| !l.trim().is_empty()) {
                 self.write_limit(&field, key, line)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes hugetlb.<size>.max (and .rsvd.max where the kernel has it) of
+    /// each page size the guest has; a size it does not have is left out
+    /// (no process in the guest can use such pages: see [`not_applied`]).
+    fn apply_hugetlb(&self, plan: &Plan) -> Result<(), CgroupError> {
+        for (i, (size, limit)) in plan.hugetlb.iter().enumerate() {
+            let field = format!("linux.resources.hugepageLimits[{i}].limit");
+            let max = format!("hugetlb.{size}.max");
+            if !self.path.join(&max).exists() {
+                continue;
+            }
+            self.write_limit(&field, &max, &limit.to_string())?;
+            let rsvd = format!("hugetlb.{size}.rsvd.max");
+            if self.path.join(&rsvd).exists() {
+                self.write_limit(&field, &rsvd, &limit.to_string())?;
             }
         }
         Ok(())
@@ -827,10 +899,111 @@ fn shares_to_weight(shares: u64) -> u64 {
     1 + ((shares - 2) * 9999) / 262_142
 }
 
+/// runc's conversion of a blkio weight ([10, 1000]) to cgroup v2's
+/// io.weight ([1, 10000]).
+fn blkio_to_io_weight(weight: u16) -> u64 {
+    1 + (u64::from(weight.clamp(10, 1000)) - 10) * 9999 / 990
+}
+
+/// The fields of `res` that are accepted but not applied in the guest, as
+/// runc on cgroup v2 accepts and ignores them, each with the reason.
+pub fn not_applied(res: &LinuxResources) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(m) = res.memory() {
+        let limit = m.limit().unwrap_or(0);
+        if m.swap().is_some_and(|s| limit > 0 && s > limit) {
+            notes.push(
+                "linux.resources.memory.swap: the guest has no swap; memory.limit bounds the container"
+                    .to_owned(),
+            );
+        }
+        if m.kernel().is_some_and(|k| k != 0) {
+            notes.push(
+                "linux.resources.memory.kernel: kernel memory limits do not exist in cgroup v2 (runc ignores them too)"
+                    .to_owned(),
+            );
+        }
+        if m.kernel_tcp().is_some_and(|k| k != 0) {
+            notes.push(
+                "linux.resources.memory.kernelTCP: kernel TCP memory limits do not exist in cgroup v2 (runc ignores them too)"
+                    .to_owned(),
+            );
+        }
+        if m.swappiness().is_some_and(|s| s != 0) {
+            notes.push(
+                "linux.resources.memory.swappiness: does not exist in cgroup v2, and the guest has no swap"
+                    .to_owned(),
+            );
+        }
+        if m.disable_oom_killer() == Some(true) {
+            notes.push(
+                "linux.resources.memory.disableOOMKiller: the OOM killer cannot be disabled in cgroup v2 (runc ignores it too)"
+                    .to_owned(),
+            );
+        }
+    }
+    if res.network().as_ref().is_some_and(|n| {
+        n.class_id().is_some() || n.priorities().as_ref().is_some_and(|p| !p.is_empty())
+    }) {
+        notes.push(
+            "linux.resources.network: network classes and priorities (net_cls, net_prio) do not exist in cgroup v2 (runc ignores them too)"
+                .to_owned(),
+        );
+    }
+    if res
+        .block_io()
+        .as_ref()
+        .is_some_and(|b| b.leaf_weight().is_some_and(|w| w != 0))
+    {
+        notes.push(
+            "linux.resources.blockIO.leafWeight: does not exist in cgroup v2 (runc ignores it too)"
+                .to_owned(),
+        );
+    }
+    for (i, h) in res.hugepage_limits().iter().flatten().enumerate() {
+        if !hugepage_size_in_guest(h.page_size()) {
+            notes.push(format!(
+                "linux.resources.hugepageLimits[{i}]: the guest has no {} pages, so no process in it can use them",
+                h.page_size()
+            ));
+        }
+    }
+    notes
+}
+
+/// Whether the running kernel has huge pages of `size` ("2MB", "1GB").
+fn hugepage_size_in_guest(size: &str) -> bool {
+    page_size_kib(size).is_some_and(|kib| {
+        Path::new(&format!("/sys/kernel/mm/hugepages/hugepages-{kib}kB")).exists()
+    })
+}
+
+/// A hugetlb page size as the cgroup file names write it ("64KB", "2MB",
+/// "1GB") in KiB.
+fn page_size_kib(size: &str) -> Option<u64> {
+    let (number, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = number.parse().ok()?;
+    let shift = match unit {
+        "KB" => 0,
+        "MB" => 10,
+        "GB" => 20,
+        _ => return None,
+    };
+    n.checked_shl(shift).filter(|&k| k > 0)
+}
+
 /// The files `linux.resources` writes, validated; `None` leaves a file
 /// alone.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Plan {
+    /// cpuset.cpus (from cpu.cpus).
+    cpuset_cpus: Option<String>,
+    /// cpuset.mems (from cpu.mems).
+    cpuset_mems: Option<String>,
+    /// The blkio weight (io.bfq.weight, or io.weight converted).
+    io_weight: Option<u16>,
+    /// hugetlb.<size>.max: (page size, limit in bytes).
+    hugetlb: Vec<(String, u64)>,
     /// memory.max (from memory.limit).
     memory_max: Option<String>,
     /// memory.low (from memory.reservation).
@@ -870,29 +1043,21 @@ impl Plan {
                 p.limit().to_string()
             });
         }
-        if res
-            .hugepage_limits()
-            .as_ref()
-            .is_some_and(|h| !h.is_empty())
-        {
-            return Err(SpecError::new(
-                "linux.resources.hugepageLimits",
-                "the guest kernel has no hugetlb controller",
-            ));
+        for (i, h) in res.hugepage_limits().iter().flatten().enumerate() {
+            if page_size_kib(h.page_size()).is_none() {
+                return Err(SpecError::new(
+                    format!("linux.resources.hugepageLimits[{i}].pageSize"),
+                    format!(
+                        "{:?} is not a page size such as \"2MB\" or \"1GB\"",
+                        h.page_size()
+                    ),
+                ));
+            }
+            plan.hugetlb
+                .push((h.page_size().clone(), h.limit().max(0) as u64));
         }
-        if res.block_io().as_ref().is_some_and(block_io_set) {
-            return Err(SpecError::new(
-                "linux.resources.blockIO",
-                "the guest kernel has no io controller",
-            ));
-        }
-        if res.network().as_ref().is_some_and(|n| {
-            n.class_id().is_some() || n.priorities().as_ref().is_some_and(|p| !p.is_empty())
-        }) {
-            return Err(SpecError::new(
-                "linux.resources.network",
-                "network classes and priorities (net_cls, net_prio) do not exist in cgroup v2",
-            ));
+        if let Some(b) = res.block_io() {
+            plan.block_io(b)?;
         }
         if res.rdma().as_ref().is_some_and(|r| !r.is_empty()) {
             return Err(SpecError::new(
@@ -916,45 +1081,72 @@ impl Plan {
 
     /// linux.resources.memory. As in runc, a limit or reservation of 0 is
     /// unset and -1 is "max". `useHierarchy` is ignored: cgroup v2 is
-    /// always hierarchical.
+    /// always hierarchical. Kernel memory, swappiness and disableOOMKiller
+    /// are accepted and ignored, as runc on cgroup v2 does ([`not_applied`]
+    /// names them).
     fn memory(&mut self, m: &LinuxMemory) -> Result<(), SpecError> {
         let field = |name: &str| format!("linux.resources.memory.{name}");
         let limit = m.limit().unwrap_or(0);
         self.memory_max = limit_value(&field("limit"), limit)?;
         self.memory_low = limit_value(&field("reservation"), m.reservation().unwrap_or(0))?;
-        // There is no swap in the guest: memory+swap can only equal the
-        // memory limit (swap.max 0), or be unlimited or unset.
-        if let Some(swap) = m.swap() {
-            if swap != 0 && swap != -1 && swap != limit {
+        // memory+swap: runc's checks. There is no swap in the guest, so a
+        // valid value limits nothing beyond memory.limit.
+        match m.swap() {
+            None | Some(0) | Some(-1) => {}
+            Some(_) if limit == 0 || limit == -1 => {
                 return Err(SpecError::new(
                     field("swap"),
-                    "the guest has no swap: memory+swap must be unset, -1 or equal to memory.limit",
+                    "a memory+swap limit needs a memory limit",
+                ))
+            }
+            Some(swap) if swap < limit => {
+                return Err(SpecError::new(
+                    field("swap"),
+                    format!("memory+swap ({swap}) must be at least memory.limit ({limit})"),
+                ))
+            }
+            Some(_) => {}
+        }
+        self.memory_check_before_update = m.check_before_update() == Some(true);
+        Ok(())
+    }
+
+    /// linux.resources.blockIO. A weight of 0 is unset (Docker writes
+    /// `"weight": 0` into every spec); leafWeight does not exist in cgroup
+    /// v2. Per-device weights and throttles name the host's block devices,
+    /// which the guest does not have: its I/O is the VMM's, on the host.
+    fn block_io(&mut self, b: &LinuxBlockIo) -> Result<(), SpecError> {
+        let field = |name: &str| format!("linux.resources.blockIO.{name}");
+        match b.weight() {
+            None | Some(0) => {}
+            Some(w) if (10..=1000).contains(&w) => self.io_weight = Some(w),
+            Some(w) => {
+                return Err(SpecError::new(
+                    field("weight"),
+                    format!("{w} is not between 10 and 1000"),
+                ))
+            }
+        }
+        fn any<T>(devices: &Option<Vec<T>>) -> bool {
+            devices.as_ref().is_some_and(|d| !d.is_empty())
+        }
+        for (name, set) in [
+            ("weightDevice", any(b.weight_device())),
+            ("throttleReadBpsDevice", any(b.throttle_read_bps_device())),
+            ("throttleWriteBpsDevice", any(b.throttle_write_bps_device())),
+            ("throttleReadIOPSDevice", any(b.throttle_read_iops_device())),
+            (
+                "throttleWriteIOPSDevice",
+                any(b.throttle_write_iops_device()),
+            ),
+        ] {
+            if set {
+                return Err(SpecError::new(
+                    field(name),
+                    "names host block devices, which the guest does not have (a container's I/O is done by its VMM on the host); per-device limits are not applied yet, and accepting them would leave the I/O unlimited",
                 ));
             }
         }
-        let refuse = |name: &str, message: &str| Err(SpecError::new(field(name), message));
-        if m.kernel().is_some_and(|k| k != 0) {
-            return refuse("kernel", "kernel memory limits do not exist in cgroup v2");
-        }
-        if m.kernel_tcp().is_some_and(|k| k != 0) {
-            return refuse(
-                "kernelTCP",
-                "kernel TCP memory limits do not exist in cgroup v2",
-            );
-        }
-        if m.swappiness().is_some_and(|s| s != 0) {
-            return refuse(
-                "swappiness",
-                "swappiness does not exist in cgroup v2 (and the guest has no swap)",
-            );
-        }
-        if m.disable_oom_killer() == Some(true) {
-            return refuse(
-                "disableOOMKiller",
-                "the OOM killer cannot be disabled in cgroup v2",
-            );
-        }
-        self.memory_check_before_update = m.check_before_update() == Some(true);
         Ok(())
     }
 
@@ -962,17 +1154,26 @@ impl Plan {
     /// unset.
     fn cpu(&mut self, c: &LinuxCpu) -> Result<(), SpecError> {
         let field = |name: &str| format!("linux.resources.cpu.{name}");
-        if c.cpus().as_ref().is_some_and(|s| !s.trim().is_empty()) {
-            return Err(SpecError::new(
-                field("cpus"),
-                "the guest kernel has no cpuset controller",
-            ));
-        }
-        if c.mems().as_ref().is_some_and(|s| !s.trim().is_empty()) {
-            return Err(SpecError::new(
-                field("mems"),
-                "the guest kernel has no cpuset controller",
-            ));
+        // The guest's own CPU and memory node numbers: the runtime maps a
+        // host cpuset onto the VM's vCPUs before the spec gets here.
+        for (name, value, out) in [
+            ("cpus", c.cpus(), &mut self.cpuset_cpus),
+            ("mems", c.mems(), &mut self.cpuset_mems),
+        ] {
+            let Some(v) = value.as_ref().map(|s| s.trim()).filter(|s| !s.is_empty()) else {
+                continue;
+            };
+            if !v.split(',').all(|r| {
+                !r.is_empty()
+                    && r.split('-').all(|n| n.parse::<u32>().is_ok())
+                    && r.split('-').count() <= 2
+            }) {
+                return Err(SpecError::new(
+                    field(name),
+                    format!("{v:?} is not a list such as \"0-2,4\""),
+                ));
+            }
+            *out = Some(v.to_owned());
         }
         let rt = "real-time CPU bandwidth does not exist in cgroup v2";
         if c.realtime_runtime().is_some_and(|r| r != 0) {
@@ -1033,6 +1234,18 @@ impl Plan {
         if self.pids_max.is_some() {
             needs.push(("linux.resources.pids".to_owned(), "pids"));
         }
+        if self.cpuset_cpus.is_some() {
+            needs.push(("linux.resources.cpu.cpus".to_owned(), "cpuset"));
+        }
+        if self.cpuset_mems.is_some() {
+            needs.push(("linux.resources.cpu.mems".to_owned(), "cpuset"));
+        }
+        if self.io_weight.is_some() {
+            needs.push(("linux.resources.blockIO.weight".to_owned(), "io"));
+        }
+        if !self.hugetlb.is_empty() {
+            needs.push(("linux.resources.hugepageLimits".to_owned(), "hugetlb"));
+        }
         for (key, _) in &self.unified {
             if let Some((controller, _)) = key.split_once('.') {
                 if controller != "cgroup" {
@@ -1068,20 +1281,6 @@ fn limit_value(field: &str, value: i64) -> Result<Option<String>, SpecError> {
         v if v > 0 => Ok(Some(v.to_string())),
         _ => Err(SpecError::new(field, "must be -1 (no limit) or positive")),
     }
-}
-
-/// Whether blockIO asks for anything.
-fn block_io_set(b: &LinuxBlockIo) -> bool {
-    fn any<T>(devices: &Option<Vec<T>>) -> bool {
-        devices.as_ref().is_some_and(|d| !d.is_empty())
-    }
-    b.weight().is_some()
-        || b.leaf_weight().is_some()
-        || any(b.weight_device())
-        || any(b.throttle_read_bps_device())
-        || any(b.throttle_write_bps_device())
-        || any(b.throttle_read_iops_device())
-        || any(b.throttle_write_iops_device())
 }
 
 /// A `unified` key must be a file name CONTROLLER.PARAMETER that the agent
@@ -1301,6 +1500,7 @@ mod tests {
                     ("cgroup.max.depth".into(), "2".into()),
                     ("memory.high".into(), "900000000".into()),
                 ],
+                ..Plan::default()
             }
         );
         assert_eq!(
@@ -1333,10 +1533,78 @@ mod tests {
     }
 
     #[test]
+    fn cgroup_fields_runc_ignores_are_accepted_and_named() {
+        // What Docker 20.10 writes for `docker run -m 64m` (weight 0 is
+        // unset, memory+swap twice the memory), with the fields runc on
+        // cgroup v2 ignores.
+        let r = resources(
+            r#"{
+                "memory": {"limit": 67108864, "swap": 134217728, "kernel": 1048576,
+                           "kernelTCP": 1048576, "swappiness": 60, "disableOOMKiller": true},
+                "blockIO": {"weight": 0, "leafWeight": 10},
+                "network": {"classID": 1, "priorities": [{"name": "eth0", "priority": 1}]},
+                "hugepageLimits": [{"pageSize": "2MB", "limit": 0}, {"pageSize": "16GB", "limit": 0}]
+            }"#,
+        );
+        let plan = Plan::new(&r).unwrap();
+        assert_eq!(plan.memory_max.as_deref(), Some("67108864"));
+        assert_eq!(plan.io_weight, None);
+        assert_eq!(
+            plan.hugetlb,
+            [("2MB".to_owned(), 0), ("16GB".to_owned(), 0)]
+        );
+        let notes = not_applied(&r);
+        for field in [
+            "memory.swap:",
+            "memory.kernel:",
+            "memory.kernelTCP:",
+            "memory.swappiness:",
+            "memory.disableOOMKiller:",
+            "blockIO.leafWeight:",
+            "linux.resources.network:",
+            "hugepageLimits[1]: the guest has no 16GB pages",
+        ] {
+            assert!(
+                notes.iter().any(|n| n.contains(field)),
+                "{field} not in {notes:#?}"
+            );
+        }
+        // swap equal to the limit, or unlimited, is no note.
+        let r = resources(r#"{"memory": {"limit": 67108864, "swap": 67108864}}"#);
+        assert!(not_applied(&r).is_empty());
+        let r = resources(r#"{"memory": {"limit": 67108864, "swap": -1}}"#);
+        assert!(not_applied(&r).is_empty());
+    }
+
+    #[test]
+    fn cgroup_blkio_weights_and_page_sizes_convert_as_runc() {
+        assert_eq!(blkio_to_io_weight(10), 1);
+        assert_eq!(blkio_to_io_weight(500), 4950);
+        assert_eq!(blkio_to_io_weight(1000), 10000);
+        assert_eq!(page_size_kib("2MB"), Some(2048));
+        assert_eq!(page_size_kib("1GB"), Some(1 << 20));
+        assert_eq!(page_size_kib("64KB"), Some(64));
+        for bad in ["", "MB", "2", "2mb", "0MB", "2 MB"] {
+            assert_eq!(page_size_kib(bad), None, "{bad:?}");
+        }
+        let plan = Plan::new(&resources(
+            r#"{"cpu": {"cpus": "0-1,3", "mems": "0"}, "blockIO": {"weight": 300}}"#,
+        ))
+        .unwrap();
+        assert_eq!(plan.cpuset_cpus.as_deref(), Some("0-1,3"));
+        assert_eq!(plan.cpuset_mems.as_deref(), Some("0"));
+        assert_eq!(plan.io_weight, Some(300));
+        assert_eq!(
+            plan.controllers().into_iter().collect::<Vec<_>>(),
+            ["cpuset", "io"]
+        );
+    }
+
+    #[test]
     fn cgroup_validation_names_the_field() {
         let cases = [
             (
-                r#"{"memory": {"limit": 1000000, "swap": 2000000}}"#,
+                r#"{"memory": {"limit": 2000000, "swap": 1000000}}"#,
                 "linux.resources.memory.swap",
             ),
             (
@@ -1344,27 +1612,16 @@ mod tests {
                 "linux.resources.memory.swap",
             ),
             (
+                r#"{"memory": {"limit": -1, "swap": 2000000}}"#,
+                "linux.resources.memory.swap",
+            ),
+            (
                 r#"{"memory": {"limit": -2}}"#,
                 "linux.resources.memory.limit",
             ),
-            (
-                r#"{"memory": {"kernel": 1000000}}"#,
-                "linux.resources.memory.kernel",
-            ),
-            (
-                r#"{"memory": {"kernelTCP": 1000000}}"#,
-                "linux.resources.memory.kernelTCP",
-            ),
-            (
-                r#"{"memory": {"swappiness": 60}}"#,
-                "linux.resources.memory.swappiness",
-            ),
-            (
-                r#"{"memory": {"disableOOMKiller": true}}"#,
-                "linux.resources.memory.disableOOMKiller",
-            ),
-            (r#"{"cpu": {"cpus": "0-1"}}"#, "linux.resources.cpu.cpus"),
-            (r#"{"cpu": {"mems": "0"}}"#, "linux.resources.cpu.mems"),
+            (r#"{"cpu": {"cpus": "0-1-2"}}"#, "linux.resources.cpu.cpus"),
+            (r#"{"cpu": {"cpus": "0,,1"}}"#, "linux.resources.cpu.cpus"),
+            (r#"{"cpu": {"mems": "zero"}}"#, "linux.resources.cpu.mems"),
             (
                 r#"{"cpu": {"realtimeRuntime": 950000}}"#,
                 "linux.resources.cpu.realtimeRuntime",
@@ -1379,16 +1636,22 @@ mod tests {
                 "linux.resources.cpu.period",
             ),
             (r#"{"cpu": {"idle": 2}}"#, "linux.resources.cpu.idle"),
-            (r#"{"blockIO": {"weight": 500}}"#, "linux.resources.blockIO"),
+            (
+                r#"{"blockIO": {"weight": 5}}"#,
+                "linux.resources.blockIO.weight",
+            ),
             (
                 r#"{"blockIO": {"throttleReadBpsDevice": [{"major": 8, "minor": 0, "rate": 1}]}}"#,
-                "linux.resources.blockIO",
+                "linux.resources.blockIO.throttleReadBpsDevice",
             ),
             (
-                r#"{"hugepageLimits": [{"pageSize": "2MB", "limit": 1}]}"#,
-                "linux.resources.hugepageLimits",
+                r#"{"blockIO": {"weightDevice": [{"major": 8, "minor": 0, "weight": 100}]}}"#,
+                "linux.resources.blockIO.weightDevice",
             ),
-            (r#"{"network": {"classID": 1}}"#, "linux.resources.network"),
+            (
+                r#"{"hugepageLimits": [{"pageSize": "2MB", "limit": 1}, {"pageSize": "huge", "limit": 1}]}"#,
+                "linux.resources.hugepageLimits[1].pageSize",
+            ),
             (
                 r#"{"rdma": {"mlx5_1": {"hcaHandles": 3}}}"#,
                 "linux.resources.rdma",
@@ -1472,7 +1735,7 @@ mod tests {
         let _cleanup = Cleanup(vec![path.clone()]);
         let cases = [
             r#"{"cpu": {"cpus": "0"}}"#,
-            r#"{"memory": {"limit": 1000000, "swap": 3000000}}"#,
+            r#"{"memory": {"limit": 3000000, "swap": 1000000}}"#,
             r#"{"unified": {"..": "1"}}"#,
             r#"{"blockIO": {"weight": 10}}"#,
         ];
@@ -1519,6 +1782,19 @@ mod tests {
                 "50000 100000",
             ),
             ("pids", r#"{"pids": {"limit": 64}}"#, "pids.max", "64"),
+            (
+                "hugetlb",
+                r#"{"hugepageLimits": [{"pageSize": "2MB", "limit": 4194304}]}"#,
+                "hugetlb.2MB.max",
+                "4194304",
+            ),
+            ("cpuset", r#"{"cpu": {"cpus": "0"}}"#, "cpuset.cpus", "0"),
+            (
+                "io",
+                r#"{"blockIO": {"weight": 500}}"#,
+                "io.weight",
+                "default 4950",
+            ),
             (
                 "memory",
                 r#"{"unified": {"memory.high": "104857600"}}"#,
@@ -1710,7 +1986,7 @@ mod tests {
     }
 
     #[test]
-    fn cgroup_enable_controllers_enables_what_is_available() {
+    fn cgroup_enable_controllers_enables_the_base_ones_available() {
         let Some(root) = test_root() else { return };
         let path = root.join(unique("enable"));
         let _cleanup = Cleanup(vec![path.clone()]);
@@ -1718,6 +1994,29 @@ mod tests {
         enable_controllers(&path).unwrap();
         let available = read_set(&path.join("cgroup.controllers")).unwrap();
         let enabled = read_set(&path.join("cgroup.subtree_control")).unwrap();
-        assert_eq!(available, enabled);
+        let base: BTreeSet<String> = BASE_CONTROLLERS.iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            enabled,
+            available
+                .intersection(&base)
+                .cloned()
+                .collect::<BTreeSet<_>>()
+        );
+        // The others are enabled on the way to a container that needs
+        // them (hugetlb is what a hybrid host's cgroup2 has).
+        if available.contains("hugetlb") {
+            let r = resources(r#"{"hugepageLimits": [{"pageSize": "2MB", "limit": 0}]}"#);
+            let cgroup = Cgroup::create(&path, "c", Some(&r)).unwrap();
+            assert!(read_set(&path.join("cgroup.subtree_control"))
+                .unwrap()
+                .contains("hugetlb"));
+            assert_eq!(
+                fs::read_to_string(cgroup.path().join("hugetlb.2MB.max"))
+                    .unwrap()
+                    .trim(),
+                "0"
+            );
+            cgroup.remove().unwrap();
+        }
     }
 }

@@ -640,14 +640,20 @@ impl Containers {
     }
 
     /// Creates a container: its init process is set up and waits for start.
-    /// Requests on the id meanwhile wait for the create to end.
-    pub fn create(&self, req: &CreateContainer) -> Result<(u64, i32), Failure> {
+    /// Requests on the id meanwhile wait for the create to end. Returns the
+    /// init's exec id and pid, and the spec's fields that were accepted
+    /// but not applied (see [`plan::not_applied`]).
+    pub fn create(&self, req: &CreateContainer) -> Result<(u64, i32, Vec<String>), Failure> {
         let id = req.container_id.as_str();
         check_id(id)?;
         self.table.reserve(id)?;
         match self.create_inner(req) {
             Ok((fixed, life)) => {
-                let r = (fixed.exec_id, fixed.pid);
+                let notes = plan::not_applied(&req.spec);
+                for n in &notes {
+                    alog!(Warn, "container {id}: not applied: {n}");
+                }
+                let r = (fixed.exec_id, fixed.pid, notes);
                 self.table
                     .created(id, Some(Arc::new(table::Entry::new(id, fixed, life))));
                 Ok(r)
@@ -923,7 +929,13 @@ impl Containers {
 
     /// Runs another process in a running container. Changes to the
     /// container wait until the process has been set up (or has failed).
-    pub fn exec(&self, req: &ExecInContainer, deadline: Deadline) -> Result<(u64, i32), Failure> {
+    /// Returns its exec id and pid, and the process's fields that were
+    /// accepted but not applied.
+    pub fn exec(
+        &self,
+        req: &ExecInContainer,
+        deadline: Deadline,
+    ) -> Result<(u64, i32, Vec<String>), Failure> {
         let id = req.container_id.as_str();
         let c = self.table.get(id, deadline)?;
         let fixed = &c.fixed;
@@ -976,7 +988,11 @@ impl Containers {
         drop(ns);
         let mut report_r = report_r;
         match read_report(&mut report_r)? {
-            None => Ok((exec_id, child_pid)),
+            None => Ok((
+                exec_id,
+                child_pid,
+                plan::process_not_applied("process", &req.process),
+            )),
             Some(r) => {
                 let _ = self.procs.wait(exec_id);
                 self.procs.forget(exec_id);

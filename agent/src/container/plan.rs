@@ -501,6 +501,45 @@ fn sysctl_allowed(key: &str, new_ns: libc::c_int) -> Result<(), String> {
     Err("is not a namespaced sysctl".into())
 }
 
+/// The fields of a process that are accepted but not applied in the
+/// guest, with the reason: the LSM labels of the host's policy.
+pub fn process_not_applied(field: &str, p: &Process) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(profile) = p.apparmor_profile() {
+        notes.push(format!(
+            "{field}.apparmorProfile {profile:?}: the guest has no AppArmor (the VM is the container's boundary)"
+        ));
+    }
+    if let Some(label) = p.selinux_label() {
+        notes.push(format!(
+            "{field}.selinuxLabel {label:?}: the guest has no SELinux (the VM is the container's boundary)"
+        ));
+    }
+    notes
+}
+
+/// The fields of a container's spec that are accepted but not applied in
+/// the guest, each with the reason, for the runtime's log: the host's LSM
+/// labels, and the cgroup fields that runc on cgroup v2 ignores too.
+pub fn not_applied(spec: &Spec) -> Vec<String> {
+    let mut notes = spec
+        .process()
+        .as_ref()
+        .map(|p| process_not_applied("process", p))
+        .unwrap_or_default();
+    if let Some(linux) = spec.linux() {
+        if let Some(label) = linux.mount_label() {
+            notes.push(format!(
+                "linux.mountLabel {label:?}: the guest has no SELinux (the VM is the container's boundary)"
+            ));
+        }
+        if let Some(r) = linux.resources() {
+            notes.extend(super::cgroup::not_applied(r));
+        }
+    }
+    notes
+}
+
 /// Checks and prepares a process (`field` is where it sits: "process").
 pub fn process(
     field: &str,
@@ -523,8 +562,6 @@ pub fn process(
         ));
     }
     for (name, set) in [
-        ("apparmorProfile", p.apparmor_profile().is_some()),
-        ("selinuxLabel", p.selinux_label().is_some()),
         ("ioPriority", p.io_priority().is_some()),
         ("scheduler", p.scheduler().is_some()),
         ("execCPUAffinity", p.exec_cpu_affinity().is_some()),
@@ -806,7 +843,6 @@ pub fn create(spec: &Spec, tty: bool) -> Result<CreatePlan, SpecError> {
             "gidMappings",
             linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty()),
         ),
-        ("mountLabel", linux.mount_label().is_some()),
         ("intelRdt", linux.intel_rdt().is_some()),
         ("memoryPolicy", linux.memory_policy().is_some()),
         ("personality", linux.personality().is_some()),

@@ -348,16 +348,23 @@ async fn create_in(
         // The waiter goes in the cgroup the spec names (containerd and the
         // kubelet account the container by it); the pod's VMM joined the
         // pod's.
-        let host_cgroups = match b
+        let mut host_cgroups = Vec::new();
+        if let Some(path) = b
             .spec
             .linux()
             .as_ref()
             .and_then(|l| l.cgroups_path().as_ref())
         {
-            Some(path) => rtv_runtime::host_cgroup::join(&path.to_string_lossy(), waiter_pid)
-                .with_context(|| format!("{}", b.config.display()))?,
-            None => Vec::new(),
-        };
+            if let Err(e) = rtv_runtime::host_cgroup::join(
+                &path.to_string_lossy(),
+                waiter_pid,
+                None,
+                &mut host_cgroups,
+            ) {
+                rtv_runtime::host_cgroup::remove(&host_cgroups);
+                return Err(e).with_context(|| format!("{}", b.config.display()));
+            }
+        }
         let rec = ContainerRecord {
             id: a.id.clone(),
             bundle: b.dir.clone(),

@@ -459,7 +459,9 @@ async fn template_bench(runs: usize, cold: usize, idle: usize, mem: u64) -> Resu
     let work = std::env::temp_dir().join(format!("rtv-bench-tmpl-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let (kernel, initrd, vmm) = (kernel()?, initramfs()?, rtv_tests::vmm_binary()?);
+    // One vCPU: the kernel rtv boots for it (the uniprocessor build).
+    let kernel = rtv_tests::artifacts()?.kernel_for(1).to_path_buf();
+    let (initrd, vmm) = (initramfs()?, rtv_tests::vmm_binary()?);
     let next = std::sync::atomic::AtomicU32::new(0);
     let config = |tag: &str, use_template: bool| {
         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
