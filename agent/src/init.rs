@@ -2,6 +2,7 @@
 
 use std::ffi::CString;
 use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -115,6 +116,36 @@ fn container_cgroups() -> Option<std::path::PathBuf> {
         alog!(Warn, "cgroup2 controllers: {e}");
     }
     Some(root)
+}
+
+/// Brings the guest's loopback interface up (the kernel then gives it
+/// 127.0.0.1/8), as runc's containers find it: containers share the VM's
+/// network namespace. Done before the readiness line, so a template has it.
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a socket we just made and own.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS and SIOCSIFFLAGS read and write the ifreq we
+    // pass, on our socket.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Makes PID 1's root a bind mount of the initramfs, mounted on it, so
@@ -254,6 +285,9 @@ pub fn run() -> ExitCode {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if let Some(level) = param(&cmdline, "rtv.log") {
         log::set_level(level);
+    }
+    if let Err(e) = loopback_up() {
+        alog!(Warn, "cannot bring up lo: {e}");
     }
     let listener = Listener::vsock()
         .map_err(|e| alog!(Warn, "no vsock listener (is there a vsock device?): {e}"))

@@ -1892,6 +1892,13 @@ pub fn scenario_tty(c: &Containerd, runtime: &Path) -> Result<()> {
             && lines.contains(&"size=40 100"),
         "ctr run -t: want tty-ok, a /dev/pts name or /dev/console, size=40 100 and exit 5; got {status}, {text:?}"
     );
+    // With runc each line ends "\r\r\n" here: the container's terminal and
+    // the test's own pty each turn "\n" into "\r\n". A runtime that put a
+    // second cooked pty on the way would add a third "\r".
+    ensure!(
+        text.contains("tty-ok\r\r\n") && !text.contains("\r\r\r\n"),
+        "ctr run -t: lines should end \"\\r\\r\\n\" as with runc; got {text:?}"
+    );
     Ok(())
 }
 

@@ -202,7 +202,8 @@ fn specs_real_hosts_write_run() {
         let script = "grep -E '^(NoNewPrivs|Seccomp|CapEff):' /proc/self/status; \
              cg=$(sed -n 's/^0:://p' /proc/self/cgroup); \
              echo memory.max $(cat /sys/fs/cgroup$cg/memory.max); \
-             unshare -U true 2>&1; echo unshare $?";
+             unshare -U true 2>&1; echo unshare $?; \
+             echo lo flags $(cat /sys/class/net/lo/flags)";
         for (name, nnp) in [("docker-20.10-run", "0"), ("docker-20.10-nnp", "1")] {
             let b = bundle(name, script, &|_| {})?;
             let log = dir.join(format!("{name}.log"));
@@ -225,6 +226,9 @@ fn specs_real_hosts_write_run() {
                 // unshare(2) is not in the profile's allowlist: EPERM.
                 "Operation not permitted".to_owned(),
                 "unshare 1".to_owned(),
+                // `--network none`: lo is up (IFF_UP | IFF_LOOPBACK), as
+                // with runc.
+                "lo flags 0x9".to_owned(),
             ] {
                 anyhow::ensure!(out.contains(&want), "{name}: no {want:?} in {out:?}");
             }

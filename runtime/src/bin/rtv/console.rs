@@ -31,6 +31,25 @@ pub fn open_pty() -> Result<(File, File)> {
         // SAFETY: F_SETFD on a descriptor we own.
         unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     }
+    // The container's terminal is the guest's pty, whose line discipline
+    // echoes, edits lines, makes signals of ^C and turns "\n" into "\r\n".
+    // This one only carries bytes to and from it: raw, or every line would
+    // end "\r\r\n" and every key typed would be echoed twice.
+    // SAFETY: an all-zero termios is valid; tcgetattr fills it in.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr, cfmakeraw and tcsetattr on our terminal with a
+    // valid termios pointer.
+    let rc = unsafe {
+        if libc::tcgetattr(s.as_raw_fd(), &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(s.as_raw_fd(), libc::TCSANOW, &t)
+        } else {
+            -1
+        }
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).context("making the pseudo-terminal raw");
+    }
     Ok((m, s))
 }
 
