@@ -9,6 +9,7 @@ packages=(
   busybox-static                                                    # test guests' user space
   containerd runc crun                                              # containerd 1.6 and the reference OCI runtimes for rtv's tests
   python3-grpcio python3-protobuf protobuf-compiler                 # the CRI test client (tests/cri/cri.py, run by /usr/bin/python3)
+  docker.io podman                                                  # Docker 20.10 and Podman 4.3 as clients in the tests (started by the harness only)
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -17,6 +18,15 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[deps] installing: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
+  # No package may start its service (dockerd would rewire the host's
+  # network namespace: bridges, iptables); the tests start their own,
+  # inside namespaces they make. policy-rc.d exit 101 = "not allowed".
+  policy=/usr/sbin/policy-rc.d
+  made_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made_policy=1
+  fi
+  trap '[ "$made_policy" = 1 ] && rm -f "$policy"' EXIT
   apt-get update -qq >&2
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 else

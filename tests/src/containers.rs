@@ -542,6 +542,13 @@ pub async fn bad_specs(c: &AgentClient, place: &Place) -> Result<()> {
             serde_json::json!({"process": {"args": ["no-such-program"]}}),
             "process.args[0]",
         ),
+        // Not executable: refused at create, as runc does (Docker cannot
+        // clean up after a start that fails).
+        (
+            "not-executable",
+            serde_json::json!({"process": {"args": ["/etc/passwd"]}}),
+            "process.args[0]: cannot execute \"/etc/passwd\": permission denied",
+        ),
     ];
     for (id, patch, field) in cases {
         let spec = patched(&base_spec(&["true"]), patch)?;

@@ -7,6 +7,7 @@ pub mod conformance;
 pub mod containerd;
 pub mod containers;
 pub mod cri;
+pub mod docker;
 pub mod pod;
 pub mod profile;
 pub mod scenarios;

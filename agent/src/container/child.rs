@@ -809,7 +809,12 @@ fn setup_process(p: &ProcessPlan) -> Result<usize, Fail> {
         .map_err(|(s, e)| (identity_step(s), 0, e))?;
     // SAFETY: chdir to a valid path, as the container's user.
     check(unsafe { libc::chdir(p.cwd.as_ptr()) }, Step::Cwd, 0)?;
+    // The program's lookup as runc's (Go's exec.LookPath): the first
+    // regular file with an execute bit; a regular file without one is
+    // skipped and, if nothing else is found, is "permission denied" now,
+    // at create, rather than a failed start.
     let mut found = None;
+    let mut denied = false;
     for (i, c) in p.candidates.iter().enumerate() {
         // SAFETY: an all-zero stat is a valid out-value.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -817,11 +822,19 @@ fn setup_process(p: &ProcessPlan) -> Result<usize, Fail> {
         if unsafe { libc::stat(c.as_ptr(), &mut st) } == 0
             && st.st_mode & libc::S_IFMT == libc::S_IFREG
         {
+            if st.st_mode & 0o111 == 0 {
+                denied = true;
+                continue;
+            }
             found = Some(i);
             break;
         }
     }
-    let found = found.ok_or((Step::ExecNotFound, 0, Errno(libc::ENOENT)))?;
+    let found = match found {
+        Some(i) => i,
+        None if denied => return Err((Step::Exec, 0, Errno(libc::EACCES))),
+        None => return Err((Step::ExecNotFound, 0, Errno(libc::ENOENT))),
+    };
     if p.no_new_privs {
         check(
             // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) with constant arguments.

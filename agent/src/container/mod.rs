@@ -250,11 +250,13 @@ impl Context {
                 | Step::IdentityAmbient),
             ) => format!("{f}.user / {f}.capabilities: {s:?}: {err}"),
             Some(Step::Cwd) => format!("{f}.cwd: {}: {err}", self.cwd),
+            // Docker turns runc's "executable file not found" into exit
+            // code 127 and "permission denied" into 126 by these words.
             Some(Step::ExecNotFound) => {
                 return Failure::new(
                     ErrorKind::NotFound,
                     format!(
-                        "{f}.args[0]: executable {:?} not found in the container (PATH of {f}.env)",
+                        "{f}.args[0]: {:?}: executable file not found in the container (PATH of {f}.env)",
                         self.program
                     ),
                 )
@@ -267,9 +269,14 @@ impl Context {
                 } else {
                     ErrorKind::Other
                 };
+                let why = if r.errno == libc::EACCES {
+                    "permission denied".to_owned()
+                } else {
+                    err.to_string()
+                };
                 return Failure::new(
                     kind,
-                    format!("{f}.args[0]: cannot execute {:?}: {err}", self.program),
+                    format!("{f}.args[0]: cannot execute {:?}: {why}", self.program),
                 );
             }
             Some(

@@ -1,0 +1,694 @@
+//! Docker (Debian's docker.io 20.10) and Podman (4.3) as clients of a
+//! runtime, each started by the test with its own data, exec and run roots
+//! under a temporary directory.
+//!
+//! dockerd runs inside a network namespace the harness makes (`ip netns
+//! add`), so nothing it does touches the host's interfaces, routes or
+//! iptables; `ip netns exec` gives it a private mount namespace with a
+//! fresh /sys, where the harness mounts the host's cgroup hierarchies again
+//! before dockerd starts. dockerd starts its own containerd under its exec
+//! root. Containers get their host cgroups under a parent of their own
+//! (`--cgroup-parent`). Podman runs in the same network namespace
+//! (`nsenter --net`), with `--root`/`--runroot`/`--tmpdir` of its own.
+//!
+//! [`Dockerd::stop`] stops dockerd and checks that nothing of the instance
+//! is left: no process whose command line names its directory, no host
+//! cgroup under its parent, and it removes the namespace and the directory.
+//! The scenarios are checked against runc first (tests/tests/docker.rs),
+//! then against rtv.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::containerd::{describe, run_on_pty};
+
+/// Debian's Docker client (the one that matches dockerd 20.10; a newer
+/// client elsewhere on PATH may be there too).
+const DOCKER: &str = "/usr/bin/docker";
+const DOCKERD: &str = "/usr/sbin/dockerd";
+const PODMAN: &str = "/usr/bin/podman";
+/// The image the scenarios run, made with `docker import`.
+pub const IMAGE: &str = "rtv-busybox:test";
+/// How long one client command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A dockerd of the test's own.
+pub struct Dockerd {
+    dir: PathBuf,
+    netns: String,
+    sock: PathBuf,
+    cgroup_parent: String,
+    child: Option<Child>,
+}
+
+/// The host's cgroup mounts: (mount point, fstype, super options).
+fn cgroup_mounts() -> Result<Vec<(String, String, String)>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut r = right.split(' ');
+        let (fstype, _source, opts) = (
+            r.next().unwrap_or_default(),
+            r.next().unwrap_or_default(),
+            r.next().unwrap_or_default(),
+        );
+        if fstype == "cgroup" || fstype == "cgroup2" {
+            let mount = left.split(' ').nth(4).unwrap_or_default();
+            out.push((mount.to_owned(), fstype.to_owned(), opts.to_owned()));
+        }
+    }
+    Ok(out)
+}
+
+fn run_with_timeout(mut cmd: Command, input: Option<&[u8]>, timeout: Duration) -> Result<Output> {
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("running {cmd:?}"))?;
+    if let (Some(bytes), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(bytes)?;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            bail!("{cmd:?} did not end within {timeout:?}: {}", describe(&out));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Dockerd {
+    /// Starts dockerd in a network namespace of its own with `rtv` as the
+    /// runtime `rtv` (`--add-runtime`); waits until it answers.
+    pub fn start(name: &str, rtv: &Path) -> Result<Dockerd> {
+        for b in [DOCKER, DOCKERD] {
+            ensure!(
+                Path::new(b).exists(),
+                "{b} is missing: scripts/install-deps.sh installs docker.io"
+            );
+        }
+        let tag = format!("{name}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("rtv-docker-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let netns = format!("rtv-dk-{tag}");
+        let status = Command::new("ip").args(["netns", "add", &netns]).status()?;
+        ensure!(status.success(), "ip netns add {netns}: {status}");
+        let mut d = Dockerd {
+            sock: dir.join("docker.sock"),
+            cgroup_parent: format!("rtv-docker-{tag}"),
+            dir,
+            netns,
+            child: None,
+        };
+        // A failure from here on leaves cleanup to Drop.
+        let mut script =
+            String::from("set -e\nmount -t tmpfs -o mode=755 rtv-cgroup-root /sys/fs/cgroup\n");
+        for (mount, fstype, opts) in cgroup_mounts()? {
+            let opts: Vec<&str> = opts
+                .split(',')
+                .filter(|o| *o != "rw" && *o != "ro")
+                .collect();
+            script.push_str(&format!("mkdir -p '{mount}'\n"));
+            if fstype == "cgroup2" {
+                script.push_str(&format!("mount -t cgroup2 none '{mount}'\n"));
+            } else {
+                script.push_str(&format!(
+                    "mount -t cgroup -o '{}' cgroup '{mount}'\n",
+                    opts.join(",")
+                ));
+            }
+        }
+        script.push_str("ip link set lo up\n");
+        let dir = d.dir.display().to_string();
+        script.push_str(&format!(
+            "exec {DOCKERD} --data-root '{dir}/data' --exec-root '{dir}/exec' \
+             --pidfile '{dir}/docker.pid' -H 'unix://{dir}/docker.sock' \
+             --bridge none --iptables=false --ip6tables=false --ip-masq=false \
+             --userland-proxy=false --cgroup-parent '{cg}' \
+             --add-runtime 'rtv={rtv}' --log-level warn\n",
+            cg = d.cgroup_parent,
+            rtv = rtv.display()
+        ));
+        std::fs::write(d.dir.join("start.sh"), script)?;
+        let log = std::fs::File::create(d.dir.join("dockerd.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &d.netns, "sh"])
+            .arg(d.dir.join("start.sh"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting dockerd")?;
+        d.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(c) = d.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!("dockerd exited ({status}): {}", d.log_tail());
+                }
+            }
+            if d.sock.exists() && d.docker(&["version"]).is_ok_and(|o| o.status.success()) {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "dockerd did not answer within 60 s: {}",
+                d.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(d)
+    }
+
+    /// The instance's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The end of dockerd's log.
+    pub fn log_tail(&self) -> String {
+        let bytes = std::fs::read(self.dir.join("dockerd.log")).unwrap_or_default();
+        let start = bytes.len().saturating_sub(4000);
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(DOCKER);
+        c.arg("-H").arg(format!("unix://{}", self.sock.display()));
+        c
+    }
+
+    /// `docker ARGS`.
+    pub fn docker(&self, args: &[&str]) -> Result<Output> {
+        let mut c = self.command();
+        c.args(args);
+        run_with_timeout(c, None, COMMAND_TIMEOUT)
+    }
+
+    /// `docker ARGS` with `input` on its stdin.
+    pub fn docker_input(&self, args: &[&str], input: &[u8]) -> Result<Output> {
+        let mut c = self.command();
+        c.args(args);
+        run_with_timeout(c, Some(input), COMMAND_TIMEOUT)
+    }
+
+    /// `docker ARGS`, which must succeed; its stdout.
+    pub fn docker_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.docker(args)?;
+        ensure!(out.status.success(), "docker {args:?}: {}", describe(&out));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `docker ARGS` on a terminal of `rows` x `cols`: its status and output.
+    pub fn docker_tty(&self, args: &[&str]) -> Result<(std::process::ExitStatus, String)> {
+        let mut c = self.command();
+        c.args(args);
+        run_on_pty(c, 24, 80, COMMAND_TIMEOUT)
+    }
+
+    /// Imports a busybox root file system as [`IMAGE`] (`docker import`).
+    pub fn import_busybox(&self) -> Result<()> {
+        let tar = busybox_tar(&self.dir)?;
+        self.docker_ok(&[
+            "import",
+            "-c",
+            "ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "-c",
+            "CMD [\"sh\"]",
+            &tar.to_string_lossy(),
+            IMAGE,
+        ])?;
+        Ok(())
+    }
+
+    /// Podman, in dockerd's network namespace, with roots of its own under
+    /// the instance's directory and `runtime` as its OCI runtime.
+    pub fn podman(&self, runtime: &Path, args: &[&str]) -> Result<Output> {
+        ensure!(
+            Path::new(PODMAN).exists(),
+            "{PODMAN} is missing: scripts/install-deps.sh installs podman"
+        );
+        let p = self.dir.join("podman");
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(PODMAN)
+            .arg("--root")
+            .arg(p.join("root"))
+            .arg("--runroot")
+            .arg(p.join("run"))
+            .arg("--tmpdir")
+            .arg(p.join("tmp"))
+            .arg("--runtime")
+            .arg(runtime)
+            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"])
+            .args(["--storage-driver", "overlay"]);
+        match args.split_first() {
+            Some((&"run", rest)) => {
+                // Podman raises RLIMIT_NOFILE and RLIMIT_NPROC beyond this
+                // machine's hard limits for root, which lacks
+                // CAP_SYS_RESOURCE here and cannot (runc fails alike):
+                // limits below them instead.
+                c.args([
+                    "run",
+                    "--ulimit",
+                    "nofile=1024:1024",
+                    "--ulimit",
+                    "nproc=4096:4096",
+                ]);
+                c.args(rest);
+            }
+            _ => {
+                c.args(args);
+            }
+        }
+        run_with_timeout(c, None, COMMAND_TIMEOUT)
+    }
+
+    /// Host cgroup directories left under the instance's parent.
+    pub fn cgroups_left(&self) -> Vec<PathBuf> {
+        let mut left = Vec::new();
+        for h in rtv_runtime::host_cgroup::hierarchies() {
+            let parent = h.join(&self.cgroup_parent);
+            if let Ok(entries) = std::fs::read_dir(&parent) {
+                left.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.path().is_dir())
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        left
+    }
+
+    /// Processes whose command line names the instance's directory (the
+    /// runtime's, its shims, its VMMs), dockerd and its containerd aside.
+    pub fn processes_left(&self, with_daemon: bool) -> Vec<String> {
+        let dir = self.dir.display().to_string();
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == std::process::id() {
+                continue;
+            }
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if !cmd.contains(&dir) {
+                continue;
+            }
+            let daemon = cmd.starts_with(DOCKERD)
+                || cmd.starts_with("containerd --config")
+                || cmd.starts_with("ip netns exec")
+                || cmd.starts_with("sh ") && cmd.contains("start.sh");
+            if with_daemon || !daemon {
+                out.push(format!("{pid}: {cmd}"));
+            }
+        }
+        out
+    }
+
+    /// Stops dockerd (SIGTERM, then its exit), then checks that nothing of
+    /// the instance is left and removes it.
+    pub fn stop(mut self) -> Result<()> {
+        let result = self.stop_inner();
+        self.cleanup();
+        result
+    }
+
+    fn stop_inner(&mut self) -> Result<()> {
+        let leftover = self.processes_left(false);
+        if let Some(pid) = std::fs::read_to_string(self.dir.join("docker.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) on the pid dockerd wrote.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while c.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    bail!("dockerd did not stop within 30 s: {}", self.log_tail());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        // dockerd's containerd and shims end with it.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.processes_left(true).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let after = self.processes_left(true);
+        let cgroups = self.cgroups_left();
+        let mounts = self.mounts_left();
+        ensure!(
+            leftover.is_empty() && after.is_empty() && cgroups.is_empty() && mounts.is_empty(),
+            "left behind: processes while dockerd ran {leftover:#?}, after it stopped {after:#?}, cgroups {cgroups:#?}, mounts {mounts:#?}"
+        );
+        Ok(())
+    }
+
+    /// Mounts under the instance's directory in the test's mount namespace
+    /// (Podman's; dockerd's are in its own namespace, gone with it).
+    pub fn mounts_left(&self) -> Vec<String> {
+        let dir = self.dir.display().to_string();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&dir))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for p in self.processes_left(true) {
+            if let Some(pid) = p.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill(2) of a leftover process of this instance.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        for m in self.mounts_left().iter().rev() {
+            let _ = Command::new("umount").args(["-l", m]).status();
+        }
+        for h in rtv_runtime::host_cgroup::hierarchies() {
+            let parent = h.join(&self.cgroup_parent);
+            if let Ok(entries) = std::fs::read_dir(&parent) {
+                for e in entries.flatten() {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&parent);
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.netns])
+            .status();
+        let _ = rtv_runtime::remove_tree(&self.dir);
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if self.child.is_some() || self.dir.exists() {
+            self.cleanup();
+        }
+    }
+}
+
+/// A tar of a busybox root file system (tests' usual applets), for
+/// `docker import` and `podman import`.
+pub fn busybox_tar(dir: &Path) -> Result<PathBuf> {
+    let rootfs = dir.join("image-rootfs");
+    crate::containers::busybox_rootfs(&rootfs)?;
+    let tar = dir.join("busybox.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()?;
+    ensure!(status.success(), "tar of the busybox rootfs: {status}");
+    Ok(tar)
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A shell line printing the container's own cgroup v2 file `f` (the
+/// guest's, under rtv) or, on a cgroup v1 host (runc here), `v1`.
+fn cgroup_file(v1: &str, f: &str) -> String {
+    format!(
+        "cat /sys/fs/cgroup/{v1} 2>/dev/null || cat /sys/fs/cgroup$(busybox sed -n 's/^0:://p' /proc/self/cgroup)/{f}"
+    )
+}
+
+/// Every Docker scenario with `--runtime runtime`, each with no wrapper
+/// and no extra `--security-opt` (Docker's default spec: its seccomp
+/// profile, AppArmor, no no-new-privileges).
+pub fn docker_scenarios(d: &Dockerd, runtime: &str) -> Result<()> {
+    let rt = ["--runtime", runtime, "--network", "none"];
+    let run = |extra: &[&str], cmd: &[&str]| -> Result<Output> {
+        let mut args = vec!["run", "--rm"];
+        args.extend(rt);
+        args.extend(extra);
+        args.push(IMAGE);
+        args.extend(cmd);
+        d.docker(&args)
+    };
+
+    // run --rm: output and exit code; the default spec's security.
+    let out = run(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "echo hello; grep -E '^(NoNewPrivs|Seccomp|CapEff):' /proc/self/status; \
+             cat /sys/class/net/lo/flags; exit 3",
+        ],
+    )?;
+    let o = text(&out);
+    ensure!(
+        out.status.code() == Some(3)
+            && o.starts_with("hello\n")
+            && o.contains("CapEff:\t00000000a80425fb")
+            && o.contains("NoNewPrivs:\t0")
+            && o.contains("Seccomp:\t2")
+            // --network none: lo up, as runc leaves it.
+            && o.contains("0x9\n"),
+        "run --rm: {}",
+        describe(&out)
+    );
+
+    // -i with piped stdin.
+    let mut args = vec!["run", "--rm", "-i"];
+    args.extend(rt);
+    args.extend([IMAGE, "sh", "-c", "read a; read b; echo \"got $a $b\""]);
+    let out = d.docker_input(&args, b"one\ntwo\n")?;
+    ensure!(
+        out.status.success() && text(&out) == "got one two\n",
+        "run -i: {}",
+        describe(&out)
+    );
+
+    // -t: a terminal, lines as runc's.
+    let mut args = vec!["run", "--rm", "-t"];
+    args.extend(rt);
+    args.extend([
+        IMAGE,
+        "sh",
+        "-c",
+        "test -t 1 && echo tty-ok; sleep 0.3; exit 4",
+    ]);
+    let (status, t) = d.docker_tty(&args)?;
+    ensure!(
+        status.code() == Some(4) && t.contains("tty-ok\r") && !t.contains("\r\r\r\n"),
+        "run -t: {status}, {t:?}"
+    );
+
+    // -d, exec, pause/unpause, stop, rm.
+    let mut args = vec!["run", "-d"];
+    args.extend(rt);
+    args.extend([IMAGE, "sleep", "1000"]);
+    let id = d.docker_ok(&args)?.trim().to_owned();
+    let lifecycle = (|| -> Result<()> {
+        let out = d.docker(&["exec", &id, "sh", "-c", "echo exec-ok; exit 5"])?;
+        ensure!(
+            out.status.code() == Some(5) && text(&out) == "exec-ok\n",
+            "exec: {}",
+            describe(&out)
+        );
+        let state = |want: &str| -> Result<()> {
+            let s = d.docker_ok(&["inspect", "-f", "{{.State.Status}}", &id])?;
+            ensure!(s.trim() == want, "state {s:?}, want {want}");
+            Ok(())
+        };
+        d.docker_ok(&["pause", &id])?;
+        state("paused")?;
+        d.docker_ok(&["unpause", &id])?;
+        state("running")?;
+        // sleep ignores SIGTERM as PID 1: stop kills it after -t.
+        d.docker_ok(&["stop", "-t", "1", &id])?;
+        state("exited")?;
+        let code = d.docker_ok(&["inspect", "-f", "{{.State.ExitCode}}", &id])?;
+        ensure!(code.trim() == "137", "exit code after stop: {code}");
+        d.docker_ok(&["rm", &id])?;
+        Ok(())
+    })();
+    if lifecycle.is_err() {
+        let _ = d.docker(&["rm", "-f", &id]);
+    }
+    lifecycle.context("run -d / exec / pause / unpause / stop / rm")?;
+
+    // -m 64m: a process over the limit is killed; the limit is there.
+    let script = format!(
+        "{}; dd if=/dev/zero of=/dev/null bs=100M count=1 2>/dev/null; echo dd=$?",
+        cgroup_file("memory/memory.limit_in_bytes", "memory.max")
+    );
+    let out = run(&["-m", "64m"], &["sh", "-c", &script])?;
+    let o = text(&out);
+    ensure!(
+        out.status.success() && o.starts_with("67108864\n") && o.contains("dd=137"),
+        "run -m 64m: {}",
+        describe(&out)
+    );
+
+    // --cpus 1: a quota of one CPU.
+    let script = cgroup_file("cpu/cpu.cfs_quota_us", "cpu.max");
+    let out = run(&["--cpus", "1"], &["sh", "-c", &script])?;
+    ensure!(
+        out.status.success() && text(&out).starts_with("100000"),
+        "run --cpus 1: {}",
+        describe(&out)
+    );
+
+    // A volume written in the container, read on the host.
+    let vol = d.dir().join(format!("volume-{runtime}"));
+    std::fs::create_dir_all(&vol)?;
+    let bind = format!("{}:/data", vol.display());
+    let out = run(
+        &["-v", &bind],
+        &["sh", "-c", "echo written-inside > /data/f"],
+    )?;
+    let got = std::fs::read_to_string(vol.join("f")).unwrap_or_default();
+    ensure!(
+        out.status.success() && got == "written-inside\n",
+        "run -v: {}; the file holds {got:?}",
+        describe(&out)
+    );
+
+    // Starts that fail: exit codes as Docker gives them for runc (126 not
+    // executable, 127 not found), and nothing left behind.
+    for (cmd, code) in [("/etc/passwd", 126), ("/no/such/program", 127)] {
+        let out = run(&[], &[cmd])?;
+        ensure!(
+            out.status.code() == Some(code),
+            "run {cmd}: want exit {code}: {}",
+            describe(&out)
+        );
+    }
+    let ps = d.docker_ok(&["ps", "-aq"])?;
+    ensure!(ps.trim().is_empty(), "containers left: {ps}");
+    wait_until_clean(d)?;
+    Ok(())
+}
+
+/// Waits (up to 20 s) until no process of the instance but the daemons
+/// runs and no host cgroup is left under its parent.
+fn wait_until_clean(d: &Dockerd) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (p, c) = (d.processes_left(false), d.cgroups_left());
+        if p.is_empty() && c.is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "left behind: processes {p:#?}, cgroups {c:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Links the guest kernels and the initramfs the tests use next to the
+/// rtv binary `rtv` (`rtv-vmlinux`, `rtv-vmlinux-up`,
+/// `rtv-initramfs.cpio`), where rtv looks for them without environment
+/// variables, as `scripts/build.sh` does for the release build: Podman's
+/// conmon starts the runtime with an environment of its own.
+pub fn link_artifacts_beside(rtv: &Path) -> Result<()> {
+    let dir = rtv.parent().context("the rtv binary's directory")?;
+    let a = crate::artifacts()?;
+    let mut links = vec![
+        (a.kernel.clone(), "rtv-vmlinux"),
+        (a.initramfs.clone(), "rtv-initramfs.cpio"),
+    ];
+    if let Some(up) = &a.kernel_up {
+        links.push((up.clone(), "rtv-vmlinux-up"));
+    }
+    for (target, name) in links {
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&target, &tmp)?;
+        std::fs::rename(&tmp, dir.join(name))?;
+    }
+    Ok(())
+}
+
+/// Podman with `--runtime runtime`: run, then -d / exec / stop / rm.
+pub fn podman_scenarios(d: &Dockerd, runtime: &Path) -> Result<()> {
+    let tar = busybox_tar(d.dir())?;
+    let p = |args: &[&str]| d.podman(runtime, args);
+    let ok = |args: &[&str]| -> Result<String> {
+        let out = p(args)?;
+        ensure!(out.status.success(), "podman {args:?}: {}", describe(&out));
+        Ok(text(&out))
+    };
+    ok(&[
+        "import",
+        "--change",
+        "ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        &tar.to_string_lossy(),
+        IMAGE,
+    ])?;
+    let out = p(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo podman-ok; exit 6",
+    ])?;
+    ensure!(
+        out.status.code() == Some(6) && text(&out) == "podman-ok\n",
+        "podman run: {}",
+        describe(&out)
+    );
+    let id = ok(&["run", "-d", "--network", "none", IMAGE, "sleep", "1000"])?
+        .trim()
+        .to_owned();
+    let lifecycle = (|| -> Result<()> {
+        let o = ok(&["exec", &id, "echo", "podman-exec-ok"])?;
+        ensure!(o == "podman-exec-ok\n", "podman exec: {o:?}");
+        ok(&["stop", "-t", "1", &id])?;
+        ok(&["rm", &id])?;
+        Ok(())
+    })();
+    if lifecycle.is_err() {
+        let _ = p(&["rm", "-f", &id]);
+    }
+    lifecycle.context("podman run -d / exec / stop / rm")?;
+    let left = ok(&["ps", "-aq"])?;
+    ensure!(left.trim().is_empty(), "podman containers left: {left}");
+    Ok(())
+}
