@@ -3,10 +3,13 @@
 //! runc interprets it, on cgroup v1 (every mounted controller hierarchy)
 //! or v2 (the unified hierarchy). Limits are applied inside the guest; on
 //! the host the cgroup groups and accounts the processes, as containerd
-//! and the kubelet expect. The one exception is a cpuset: it names host
-//! CPUs, so the VMM's cgroup gets it (its vCPU threads run only there),
-//! and the guest gets the same number of vCPUs (see
-//! [`crate::spec::guest_spec`]).
+//! and the kubelet expect. The exceptions name host resources: a cpuset
+//! names host CPUs, so the VMM's cgroup gets it (its vCPU threads run only
+//! there) and the guest gets the same number of vCPUs (see
+//! [`crate::spec::guest_spec`]); per-device blkio weights and throttles
+//! name host block devices, which only the VMM uses (the guest has none:
+//! its file I/O is the VMM's, through virtio-fs), so the VMM's cgroup gets
+//! them ([`DeviceIo`]).
 
 use std::path::{Component, Path, PathBuf};
 
@@ -39,6 +42,93 @@ pub enum HostCgroupError {
     /// The spec asks for a cpuset and no host hierarchy has one.
     #[error("linux.resources.cpu.cpus: the host has no cpuset controller to pin the VMM to {0:?}")]
     NoCpuset(String),
+    /// A per-device blkio limit could not be given to the VMM's cgroup.
+    #[error("linux.resources.blockIO.{field}: {message}")]
+    DeviceIo {
+        /// The spec's field.
+        field: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The per-device entries of `linux.resources.blockIO`: host block devices.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceIo {
+    /// One write per entry, in the spec's order.
+    pub writes: Vec<DeviceIoWrite>,
+}
+
+/// One per-device limit, as each cgroup version writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIoWrite {
+    /// The spec's field, e.g. `throttleReadBpsDevice[0]`.
+    pub field: String,
+    /// The cgroup v1 blkio file and line.
+    pub v1: (&'static str, String),
+    /// The cgroup v2 io file and line.
+    pub v2: (&'static str, String),
+}
+
+impl DeviceIo {
+    /// The per-device entries of `spec`'s blockIO, if any.
+    pub fn of(spec: &oci_spec::runtime::Spec) -> Option<DeviceIo> {
+        let b = spec
+            .linux()
+            .as_ref()?
+            .resources()
+            .as_ref()?
+            .block_io()
+            .as_ref()?;
+        let mut writes = Vec::new();
+        for (i, w) in b.weight_device().iter().flatten().enumerate() {
+            if let Some(weight) = w.weight() {
+                let dev = format!("{}:{}", w.major(), w.minor());
+                writes.push(DeviceIoWrite {
+                    field: format!("weightDevice[{i}]"),
+                    v1: ("blkio.weight_device", format!("{dev} {weight}")),
+                    v2: ("io.bfq.weight", format!("{dev} {weight}")),
+                });
+            }
+        }
+        let throttles = [
+            (
+                "throttleReadBpsDevice",
+                b.throttle_read_bps_device(),
+                "blkio.throttle.read_bps_device",
+                "rbps",
+            ),
+            (
+                "throttleWriteBpsDevice",
+                b.throttle_write_bps_device(),
+                "blkio.throttle.write_bps_device",
+                "wbps",
+            ),
+            (
+                "throttleReadIOPSDevice",
+                b.throttle_read_iops_device(),
+                "blkio.throttle.read_iops_device",
+                "riops",
+            ),
+            (
+                "throttleWriteIOPSDevice",
+                b.throttle_write_iops_device(),
+                "blkio.throttle.write_iops_device",
+                "wiops",
+            ),
+        ];
+        for (name, list, v1, key) in throttles {
+            for (i, t) in list.iter().flatten().enumerate() {
+                let dev = format!("{}:{}", t.major(), t.minor());
+                writes.push(DeviceIoWrite {
+                    field: format!("{name}[{i}]"),
+                    v1: (v1, format!("{dev} {}", t.rate())),
+                    v2: ("io.max", format!("{dev} {key}={}", t.rate())),
+                });
+            }
+        }
+        (!writes.is_empty()).then_some(DeviceIo { writes })
+    }
 }
 
 /// A cpuset of the host (`linux.resources.cpu.cpus` and `.mems`).
@@ -145,10 +235,12 @@ pub fn join(
     cgroups_path: &str,
     pid: i32,
     cpuset: Option<&Cpuset>,
+    device_io: Option<&DeviceIo>,
     dirs: &mut Vec<PathBuf>,
 ) -> Result<(), HostCgroupError> {
     let rel = relative_path(cgroups_path)?;
     let mut pinned = false;
+    let mut io_done = vec![false; device_io.map_or(0, |d| d.writes.len())];
     for h in hierarchies() {
         let dir = h.join(&rel);
         std::fs::create_dir_all(&dir).map_err(|source| HostCgroupError::Io {
@@ -169,16 +261,45 @@ pub fn join(
                 pinned = true;
             }
         }
+        if let Some(io) = device_io {
+            let v2 = h.join("cgroup.controllers").exists();
+            if v2 {
+                enable_v2(&h, &rel, "io");
+            }
+            for (w, done) in io.writes.iter().zip(io_done.iter_mut()) {
+                let (file, line) = if v2 { &w.v2 } else { &w.v1 };
+                let path = dir.join(file);
+                if !path.exists() {
+                    continue;
+                }
+                std::fs::write(&path, line).map_err(|e| HostCgroupError::DeviceIo {
+                    field: w.field.clone(),
+                    message: format!("cannot write {line:?} to {}: {e}", path.display()),
+                })?;
+                *done = true;
+            }
+        }
         let procs = dir.join("cgroup.procs");
         std::fs::write(&procs, pid.to_string()).map_err(|source| HostCgroupError::Io {
             path: procs,
             source,
         })?;
     }
-    match cpuset {
-        Some(set) if !pinned => Err(HostCgroupError::NoCpuset(set.cpus.clone())),
-        _ => Ok(()),
+    if let Some(set) = cpuset.filter(|_| !pinned) {
+        return Err(HostCgroupError::NoCpuset(set.cpus.clone()));
     }
+    if let Some(io) = device_io {
+        if let Some((w, _)) = io.writes.iter().zip(&io_done).find(|(_, done)| !**done) {
+            return Err(HostCgroupError::DeviceIo {
+                field: w.field.clone(),
+                message: format!(
+                    "the host's cgroups have no {} (or {}) for the VMM's cgroup (runc fails alike)",
+                    w.v1.0, w.v2.0
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Writes cpuset.<field> of `dir`.
@@ -195,12 +316,18 @@ fn write_cpuset(dir: &Path, field: &'static str, value: &str) -> Result<(), Host
 /// On a cgroup v2 hierarchy, enables cpuset on the way to `rel` (a
 /// failure shows as a missing cpuset.cpus).
 fn enable_cpuset_v2(hierarchy: &Path, rel: &Path) {
+    enable_v2(hierarchy, rel, "cpuset");
+}
+
+/// On a cgroup v2 hierarchy, enables `controller` on the way to `rel` (a
+/// failure shows as a missing file).
+fn enable_v2(hierarchy: &Path, rel: &Path, controller: &str) {
     if !hierarchy.join("cgroup.controllers").exists() {
         return;
     }
     let mut dir = hierarchy.to_path_buf();
     for c in rel.components() {
-        let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+cpuset");
+        let _ = std::fs::write(dir.join("cgroup.subtree_control"), format!("+{controller}"));
         dir.push(c);
     }
 }
@@ -264,9 +391,9 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
-        let path = format!("/rtv-test/join-{}", std::process::id());
+        let path = format!("/rtv-test-join-{}", std::process::id());
         let mut dirs = Vec::new();
-        join(&path, child.id() as i32, None, &mut dirs).unwrap();
+        join(&path, child.id() as i32, None, None, &mut dirs).unwrap();
         assert!(!dirs.is_empty(), "no cgroup hierarchy found");
         for d in &dirs {
             let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
@@ -281,7 +408,6 @@ mod tests {
         remove(&dirs);
         for d in &dirs {
             assert!(!d.exists(), "{} left", d.display());
-            let _ = std::fs::remove_dir(d.parent().unwrap());
         }
     }
 
@@ -292,13 +418,13 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
-        let path = format!("/rtv-test/cpuset-{}", std::process::id());
+        let path = format!("/rtv-test-cpuset-{}", std::process::id());
         let set = Cpuset {
             cpus: "0".into(),
             mems: Some("0".into()),
         };
         let mut dirs = Vec::new();
-        join(&path, pid, Some(&set), &mut dirs).unwrap();
+        join(&path, pid, Some(&set), None, &mut dirs).unwrap();
         let cpuset_dir = dirs
             .iter()
             .find(|d| d.join("cpuset.cpus").exists())
@@ -326,7 +452,7 @@ mod tests {
             mems: None,
         };
         let mut dirs = Vec::new();
-        let err = join(&path, child.id() as i32, Some(&bad), &mut dirs).unwrap_err();
+        let err = join(&path, child.id() as i32, Some(&bad), None, &mut dirs).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("linux.resources.cpu.cpus: cannot write \"4000\""),
@@ -337,7 +463,75 @@ mod tests {
         remove(&dirs);
         for d in &dirs {
             assert!(!d.exists(), "{} left", d.display());
-            let _ = std::fs::remove_dir(d.parent().unwrap());
+        }
+    }
+
+    #[test]
+    fn per_device_io_goes_to_the_cgroup_or_is_refused_by_name() {
+        // The host's first disk (not a loop or RAM device).
+        let disk = std::fs::read_dir("/sys/block")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                !n.starts_with("loop") && !n.starts_with("ram") && !n.starts_with("zram")
+            })
+            .find_map(|e| std::fs::read_to_string(e.path().join("dev")).ok())
+            .expect("a block device")
+            .trim()
+            .to_owned();
+        let (major, minor) = disk.split_once(':').unwrap();
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "linux": {"resources": {"blockIO": {"weight": 0, "throttleReadBpsDevice": [
+                {"major": major.parse::<i64>().unwrap(), "minor": minor.parse::<i64>().unwrap(), "rate": 1048576}
+            ]}}}
+        }))
+        .unwrap();
+        let io = DeviceIo::of(&spec).expect("per-device entries");
+        assert_eq!(io.writes.len(), 1);
+        assert_eq!(
+            io.writes[0].v1,
+            ("blkio.throttle.read_bps_device", format!("{disk} 1048576"))
+        );
+        assert_eq!(io.writes[0].v2, ("io.max", format!("{disk} rbps=1048576")));
+
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let path = format!("/rtv-test-device-io-{}", std::process::id());
+        let mut dirs = Vec::new();
+        let throttling = hierarchies().iter().any(|h| {
+            h.join("blkio.throttle.read_bps_device").exists() || h.join("io.max").exists()
+        });
+        let result = join(&path, child.id() as i32, None, Some(&io), &mut dirs);
+        if throttling {
+            result.unwrap();
+            let written = dirs.iter().any(|d| {
+                ["blkio.throttle.read_bps_device", "io.max"]
+                    .iter()
+                    .any(|f| {
+                        std::fs::read_to_string(d.join(f))
+                            .is_ok_and(|t| t.contains(&disk) && t.contains("1048576"))
+                    })
+            });
+            assert!(written, "no throttle in {dirs:?}");
+        } else {
+            // A host kernel without blkio throttling (this one): refused
+            // with the field named, as runc fails.
+            let err = result.unwrap_err().to_string();
+            assert!(
+                err.starts_with("linux.resources.blockIO.throttleReadBpsDevice[0]: "),
+                "{err}"
+            );
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        remove(&dirs);
+        for d in &dirs {
+            assert!(!d.exists(), "{} left", d.display());
         }
     }
 }

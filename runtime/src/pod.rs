@@ -273,6 +273,10 @@ pub struct PodConfig {
     /// The host CPUs (and memory nodes) the VMM is pinned to, in its host
     /// cgroup: the spec's `linux.resources.cpu.cpus`.
     pub host_cpuset: Option<host_cgroup::Cpuset>,
+    /// The spec's per-device blkio weights and throttles (host block
+    /// devices), given to the VMM's host cgroup: all of the guest's I/O is
+    /// the VMM's.
+    pub host_device_io: Option<host_cgroup::DeviceIo>,
     /// Profile the pod's guest (see [`Pod::mark`]).
     pub profile: Option<Profile>,
 }
@@ -313,6 +317,7 @@ impl PodConfig {
                 .and_then(|l| l.cgroups_path().as_ref())
                 .map(|p| p.to_string_lossy().into_owned()),
             host_cpuset: host_cgroup::Cpuset::of(spec),
+            host_device_io: host_cgroup::DeviceIo::of(spec),
             profile,
         })
     }
@@ -559,6 +564,7 @@ impl Pod {
                     path,
                     vmm_pid,
                     cfg.host_cpuset.as_ref(),
+                    cfg.host_device_io.as_ref(),
                     &mut pod.host_cgroups,
                 )?;
             }
@@ -875,6 +881,19 @@ impl Pod {
         let config = c.bundle.join("config.json");
         let in_file =
             |e: &dyn std::fmt::Display| PodError::Invalid(format!("{}: {e}", config.display()));
+        // Per-device blkio limits are the VMM's (its host cgroup got those
+        // of the container that made the pod); another container's would
+        // limit the whole pod's I/O.
+        if c.id != self.id {
+            if let Some(w) =
+                host_cgroup::DeviceIo::of(c.spec).and_then(|d| d.writes.first().cloned())
+            {
+                return Err(in_file(&format_args!(
+                    "linux.resources.blockIO.{}: per-device limits apply to the pod's VMM, which does the I/O of all its containers: set them on the pod's sandbox container",
+                    w.field
+                )));
+            }
+        }
         let shared = match self.share.add_container(c.id, c.rootfs, c.spec) {
             Ok(s) => s,
             Err(e @ ShareError::Spec { .. }) => return Err(in_file(&e)),

@@ -148,6 +148,19 @@ pub fn guest_spec(
         return Ok(spec);
     };
     linux.set_cgroups_path(Some(std::path::PathBuf::from(format!("rtv/{id}"))));
+    // Per-device blkio entries name host block devices: the pod's VMM's
+    // host cgroup has them (see host_cgroup::DeviceIo).
+    if let Some(b) = linux
+        .resources_mut()
+        .as_mut()
+        .and_then(|r| r.block_io_mut().as_mut())
+    {
+        b.set_weight_device(None);
+        b.set_throttle_read_bps_device(None);
+        b.set_throttle_write_bps_device(None);
+        b.set_throttle_read_iops_device(None);
+        b.set_throttle_write_iops_device(None);
+    }
     if let Some(cpu) = linux
         .resources_mut()
         .as_mut()

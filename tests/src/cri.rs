@@ -600,7 +600,13 @@ pub fn container_config(name: &str, cmd: &[&str], envs: &[(&str, &str)]) -> Valu
         "envs": envs,
         "log_path": format!("{name}.log"),
         "labels": {"rtv-test-container": name},
-        "linux": {"security_context": {"namespace_options": namespace_options()}},
+        // The kubelet's `seccompProfile: RuntimeDefault` (containerd's
+        // default profile, no no-new-privileges: allowPrivilegeEscalation
+        // is left at its default).
+        "linux": {"security_context": {
+            "namespace_options": namespace_options(),
+            "seccomp": {"profile_type": "RuntimeDefault"},
+        }},
     })
 }
 
@@ -758,7 +764,8 @@ pub fn scenario_pod_lifecycle(
     let worker_cmd = [
         "sh",
         "-c",
-        "echo worker-started; trap 'echo worker-stopping; exit 7' TERM; \
+        "echo worker-started; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; \
+         trap 'echo worker-stopping; exit 7' TERM; \
          while :; do sleep 3600 & wait; done",
     ];
     let exiter_cmd = [
@@ -903,7 +910,14 @@ pub fn scenario_pod_lifecycle(
     );
     let lines = stdout_log_lines(&log_dir.join("worker.log"))?;
     ensure!(
-        lines == ["worker-started", "worker-stopping"],
+        // RuntimeDefault: the filter is on, no_new_privs off.
+        lines
+            == [
+                "worker-started",
+                "NoNewPrivs:\t0",
+                "Seccomp:\t2",
+                "worker-stopping"
+            ],
         "worker's log: {lines:?}"
     );
 

@@ -53,6 +53,7 @@ fn every_container_scenario_in_a_vm() {
         detached: false,
         host_cgroup: None,
         host_cpuset: None,
+        host_device_io: None,
         profile: None,
     };
     let _one = one_vm_at_a_time();

@@ -1114,7 +1114,9 @@ impl Plan {
     /// linux.resources.blockIO. A weight of 0 is unset (Docker writes
     /// `"weight": 0` into every spec); leafWeight does not exist in cgroup
     /// v2. Per-device weights and throttles name the host's block devices,
-    /// which the guest does not have: its I/O is the VMM's, on the host.
+    /// which the guest does not have: its I/O is the VMM's, on the host,
+    /// and rtv's runtime takes them out of the guest's spec for the VMM's
+    /// host cgroup.
     fn block_io(&mut self, b: &LinuxBlockIo) -> Result<(), SpecError> {
         let field = |name: &str| format!("linux.resources.blockIO.{name}");
         match b.weight() {
@@ -1143,7 +1145,7 @@ impl Plan {
             if set {
                 return Err(SpecError::new(
                     field(name),
-                    "names host block devices, which the guest does not have (a container's I/O is done by its VMM on the host); per-device limits are not applied yet, and accepting them would leave the I/O unlimited",
+                    "names host block devices, which the guest does not have (a container's I/O is done by its VMM on the host): the runtime gives them to the VMM's host cgroup, the agent cannot apply them",
                 ));
             }
         }

@@ -359,6 +359,7 @@ async fn create_in(
                 &path.to_string_lossy(),
                 waiter_pid,
                 None,
+                None,
                 &mut host_cgroups,
             ) {
                 rtv_runtime::host_cgroup::remove(&host_cgroups);
