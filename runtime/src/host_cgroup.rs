@@ -302,6 +302,56 @@ pub fn join(
     Ok(())
 }
 
+/// Pins the processes of the cgroups `dirs` (the VMM's, made by [`join`])
+/// to the host CPUs `cpus`: cpuset.cpus of the one that has it.
+pub fn set_cpus(dirs: &[PathBuf], cpus: &str) -> Result<(), HostCgroupError> {
+    match dirs.iter().find(|d| d.join("cpuset.cpus").exists()) {
+        Some(dir) => write_cpuset(dir, "cpus", cpus),
+        None => Err(HostCgroupError::NoCpuset(cpus.to_owned())),
+    }
+}
+
+/// The CPUs of a list such as "0-2,4", or `None` if it does not parse.
+pub fn parse_cpu_list(list: &str) -> Option<std::collections::BTreeSet<u32>> {
+    let mut set = std::collections::BTreeSet::new();
+    for range in list.trim().split(',') {
+        let (a, b) = match range.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?),
+            None => {
+                let n = range.trim().parse::<u32>().ok()?;
+                (n, n)
+            }
+        };
+        if b < a || b - a > 65_535 {
+            return None;
+        }
+        set.extend(a..=b);
+    }
+    Some(set)
+}
+
+/// The union of two CPU lists, as a list ("0-3,6"); `None` if either does
+/// not parse.
+pub fn cpu_list_union(a: &str, b: &str) -> Option<String> {
+    let mut set = parse_cpu_list(a)?;
+    set.extend(parse_cpu_list(b)?);
+    let mut out: Vec<String> = Vec::new();
+    let mut iter = set.into_iter().peekable();
+    while let Some(start) = iter.next() {
+        let mut end = start;
+        while iter.peek() == Some(&(end + 1)) {
+            end += 1;
+            iter.next();
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+    }
+    Some(out.join(","))
+}
+
 /// Writes cpuset.<field> of `dir`.
 fn write_cpuset(dir: &Path, field: &'static str, value: &str) -> Result<(), HostCgroupError> {
     let path = dir.join(format!("cpuset.{field}"));
@@ -532,6 +582,22 @@ mod tests {
         remove(&dirs);
         for d in &dirs {
             assert!(!d.exists(), "{} left", d.display());
+        }
+    }
+
+    #[test]
+    fn cpu_lists_parse_and_unite() {
+        assert_eq!(
+            parse_cpu_list("0-2,4")
+                .unwrap()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            [0, 1, 2, 4]
+        );
+        assert_eq!(cpu_list_union("1", "0").as_deref(), Some("0-1"));
+        assert_eq!(cpu_list_union("0-1,6", "3,2,7").as_deref(), Some("0-3,6-7"));
+        for bad in ["", "a", "3-1", "1,,2", "0-99999999"] {
+            assert_eq!(parse_cpu_list(bad), None, "{bad:?}");
         }
     }
 }

@@ -349,6 +349,10 @@ pub struct PodRecord {
     /// The profile's parts cut so far ([`Pod::mark`]).
     #[serde(default)]
     pub profile_parts: u32,
+    /// The host CPUs the VMM is pinned to, once a spec named some: the
+    /// union of its containers' cpusets.
+    #[serde(default)]
+    pub vmm_cpus: Option<String>,
 }
 
 /// An exclusive flock, released when dropped.
@@ -581,6 +585,7 @@ impl Pod {
                     stopping: false,
                     profile: cfg.profile.as_ref().map(|p| p.dir.clone()),
                     profile_parts: 0,
+                    vmm_cpus: cfg.host_cpuset.as_ref().map(|c| c.cpus.clone()),
                 },
             )
         })();
@@ -657,6 +662,7 @@ impl Pod {
                 stopping: false,
                 profile: None,
                 profile_parts: 0,
+                vmm_cpus: None,
             },
         )?;
         Ok(Pod {
@@ -894,6 +900,14 @@ impl Pod {
                 )));
             }
         }
+        // A member's cpuset (kubelet's static CPU manager sets them on the
+        // app containers, not the sandbox) pins the VMM too: to the union
+        // of its containers' cpusets.
+        if c.id != self.id {
+            if let Some(set) = host_cgroup::Cpuset::of(c.spec) {
+                self.pin_vmm(&set).map_err(|e| in_file(&e))?;
+            }
+        }
         let shared = match self.share.add_container(c.id, c.rootfs, c.spec) {
             Ok(s) => s,
             Err(e @ ShareError::Spec { .. }) => return Err(in_file(&e)),
@@ -923,6 +937,29 @@ impl Pod {
         log_not_applied(c.id, &started.not_applied);
         self.mark(&format!("create {}", c.id)).await;
         Ok(())
+    }
+
+    /// Pins the VMM to `set`'s host CPUs as well as those it was pinned to
+    /// (the first cpuset named pins it; later ones widen it). The pod's
+    /// record keeps the union.
+    fn pin_vmm(&self, set: &host_cgroup::Cpuset) -> Result<(), PodError> {
+        change_record(&self.dir, |rec| {
+            if rec.vmm_pid == 0 {
+                return Ok(()); // the agent on the host: no VMM
+            }
+            let cpus = match &rec.vmm_cpus {
+                Some(old) => host_cgroup::cpu_list_union(old, &set.cpus).ok_or_else(|| {
+                    PodError::Invalid(format!(
+                        "linux.resources.cpu.cpus: {:?} is not a list of CPUs",
+                        set.cpus
+                    ))
+                })?,
+                None => set.cpus.clone(),
+            };
+            host_cgroup::set_cpus(&rec.host_cgroups, &cpus)?;
+            rec.vmm_cpus = Some(cpus);
+            Ok(())
+        })
     }
 
     /// Removes container `id` from the guest (killing it) and the share.
@@ -1327,6 +1364,7 @@ mod tests {
             stopping: false,
             profile: None,
             profile_parts: 0,
+            vmm_cpus: None,
         };
         write_record(&dir, &rec).unwrap();
         join_members(&dir, "a").unwrap();

@@ -186,17 +186,19 @@ fn specs_real_hosts_write_run() {
         let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
         (status, read(&out), read(&err))
     };
-    let bundle = |name: &str, script: &str, edit: &dyn Fn(&mut serde_json::Value)| {
-        let b = dir.join(name);
-        rtv_tests::containers::busybox_rootfs(&b.join("rootfs"))?;
-        let text = std::fs::read(fixtures.join(format!("{name}.json")))?;
-        let mut spec: serde_json::Value = serde_json::from_slice(&text)?;
-        spec["process"]["args"] = serde_json::json!(["sh", "-c", script]);
-        spec["linux"]["cgroupsPath"] = format!("/{cgroup_parent}/{name}").into();
-        edit(&mut spec);
-        std::fs::write(b.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
-        anyhow::Ok(b)
-    };
+    // A bundle `name` from the fixture `fixture`.
+    let bundle =
+        |fixture: &str, name: &str, script: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+            let b = dir.join(name);
+            rtv_tests::containers::busybox_rootfs(&b.join("rootfs"))?;
+            let text = std::fs::read(fixtures.join(format!("{fixture}.json")))?;
+            let mut spec: serde_json::Value = serde_json::from_slice(&text)?;
+            spec["process"]["args"] = serde_json::json!(["sh", "-c", script]);
+            spec["linux"]["cgroupsPath"] = format!("/{cgroup_parent}/{name}").into();
+            edit(&mut spec);
+            std::fs::write(b.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
+            anyhow::Ok(b)
+        };
     let check = || -> anyhow::Result<()> {
         // Docker: what the container reports of itself.
         let script = "grep -E '^(NoNewPrivs|Seccomp|CapEff):' /proc/self/status; \
@@ -205,7 +207,7 @@ fn specs_real_hosts_write_run() {
              unshare -U true 2>&1; echo unshare $?; \
              echo lo flags $(cat /sys/class/net/lo/flags)";
         for (name, nnp) in [("docker-20.10-run", "0"), ("docker-20.10-nnp", "1")] {
-            let b = bundle(name, script, &|_| {})?;
+            let b = bundle(name, name, script, &|_| {})?;
             let log = dir.join(format!("{name}.log"));
             let (status, out, err) = rtv_cmd(
                 &log,
@@ -249,7 +251,7 @@ fn specs_real_hosts_write_run() {
         // One host CPU (CPU 1) for a two-vCPU VM: the guest's cpuset is
         // vCPU 0.
         let name = "cri-runtime-default";
-        let b = bundle(name, "sleep 1000", &|s| {
+        let b = bundle(name, name, "sleep 1000", &|s| {
             s["linux"]["resources"]["cpu"]["cpus"] = "1".into();
         })?;
         let id = "hs-cri";
@@ -317,6 +319,58 @@ fn specs_real_hosts_write_run() {
         let (status, out, err) = rtv_cmd(&log, &["delete", "--force", id]);
         inside?;
         anyhow::ensure!(status.success(), "delete: {status}: {out}{err}");
+
+        // A CRI pod as kubelet's static CPU manager makes it: no cpuset on
+        // the sandbox, one on the app container. The VMM (in the
+        // sandbox's host cgroup) is pinned to the app container's CPUs.
+        let sandbox = bundle(name, "cri-sandbox", "sleep 1000", &|s| {
+            s["annotations"] = serde_json::json!({"io.kubernetes.cri.container-type": "sandbox"});
+            s["linux"]["resources"] = serde_json::json!({});
+            s["linux"]["cgroupsPath"] = format!("/{cgroup_parent}/cri-sandbox").into();
+        })?;
+        let app = bundle(name, "cri-member", "sleep 1000", &|s| {
+            s["annotations"] = serde_json::json!({
+                "io.kubernetes.cri.container-type": "container",
+                "io.kubernetes.cri.sandbox-id": "hs-sb",
+            });
+            s["linux"]["resources"]["cpu"]["cpus"] = "1".into();
+            s["linux"]["resources"]["cpu"]["quota"] = serde_json::Value::Null;
+            s["linux"]["cgroupsPath"] = format!("/{cgroup_parent}/cri-member").into();
+        })?;
+        let log = dir.join("cri-pod.log");
+        let pod = (|| {
+            for (b, id) in [(&sandbox, "hs-sb"), (&app, "hs-app")] {
+                let (status, out, err) =
+                    rtv_cmd(&log, &["run", "-d", "--bundle", &b.to_string_lossy(), id]);
+                anyhow::ensure!(status.success(), "{id}: rtv run -d: {status}: {out}{err}");
+            }
+            let host = std::path::Path::new("/sys/fs/cgroup/cpuset")
+                .join(&cgroup_parent)
+                .join("cri-sandbox");
+            let cpus = std::fs::read_to_string(host.join("cpuset.cpus"))?;
+            anyhow::ensure!(
+                cpus.trim() == "1",
+                "the sandbox's host cpuset.cpus {cpus:?}"
+            );
+            let procs = std::fs::read_to_string(host.join("cgroup.procs"))?;
+            let vmm = procs
+                .lines()
+                .find(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim() == "rtv-vmm")
+                })
+                .ok_or_else(|| anyhow::anyhow!("no rtv-vmm in {}", host.display()))?;
+            let status = std::fs::read_to_string(format!("/proc/{vmm}/status"))?;
+            anyhow::ensure!(
+                status.contains("Cpus_allowed_list:\t1\n"),
+                "the pod's VMM is not pinned: {status}"
+            );
+            Ok(())
+        })();
+        for id in ["hs-app", "hs-sb"] {
+            let _ = rtv_cmd(&log, &["delete", "--force", id]);
+        }
+        pod?;
         Ok(())
     };
     let result = check();
@@ -330,7 +384,9 @@ fn specs_real_hosts_write_run() {
             &["delete", "--force", &format!("hs-{name}")],
         );
     }
-    let _ = rtv_cmd(&dir.join("cleanup.log"), &["delete", "--force", "hs-cri"]);
+    for id in ["hs-cri", "hs-app", "hs-sb"] {
+        let _ = rtv_cmd(&dir.join("cleanup.log"), &["delete", "--force", id]);
+    }
     let mut left = Vec::new();
     for h in rtv_runtime::host_cgroup::hierarchies() {
         let parent = h.join(&cgroup_parent);
