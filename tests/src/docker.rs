@@ -428,6 +428,11 @@ impl Drop for Dockerd {
 pub fn busybox_tar(dir: &Path) -> Result<PathBuf> {
     let rootfs = dir.join("image-rootfs");
     crate::containers::busybox_rootfs(&rootfs)?;
+    // Executable, but its interpreter does not exist: the lookup at create
+    // passes and the execve at start fails.
+    let bad = rootfs.join("bin/bad-interpreter");
+    std::fs::write(&bad, "#!/no/such/interpreter\n")?;
+    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let tar = dir.join("busybox.tar");
     let status = Command::new("tar")
         .arg("-C")
@@ -596,6 +601,16 @@ pub fn docker_scenarios(d: &Dockerd, runtime: &str) -> Result<()> {
             describe(&out)
         );
     }
+    // A program whose execve fails after the lookup (its interpreter is
+    // missing): with runc the container starts, says why on its stderr and
+    // exits 1.
+    let out = run(&[], &["/bin/bad-interpreter"])?;
+    ensure!(
+        out.status.code() == Some(1)
+            && String::from_utf8_lossy(&out.stderr).contains("/bin/bad-interpreter"),
+        "run /bin/bad-interpreter: want exit 1 and the reason: {}",
+        describe(&out)
+    );
     let ps = d.docker_ok(&["ps", "-aq"])?;
     ensure!(ps.trim().is_empty(), "containers left: {ps}");
     wait_until_clean(d)?;

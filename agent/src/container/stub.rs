@@ -180,6 +180,23 @@ fn report(step: Step, index: u32, errno: Errno) -> ! {
     std::process::exit(127)
 }
 
+/// A failure once the container has been started: as with runc, the start
+/// has succeeded, so the container's init says why on its stderr and exits
+/// 1 (`exec /bin/x: no such file or directory`, runc's words).
+fn fail_started(what: &str, errno: Errno) -> ! {
+    let text = std::io::Error::from_raw_os_error(errno.0).to_string();
+    let text = text.split(" (os error").next().unwrap_or_default();
+    let mut chars = text.chars();
+    let text: String = chars
+        .next()
+        .map(|c| c.to_lowercase().chain(chars).collect())
+        .unwrap_or_default();
+    let line = format!("{what}: {text}\n");
+    // SAFETY: write(2) of a buffer we own to the container's stderr.
+    unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+    std::process::exit(1)
+}
+
 /// Runs the stub (the agent's binary started as `rtv-init <candidate>`).
 /// Never returns.
 pub fn run() -> ! {
@@ -216,7 +233,9 @@ pub fn run() -> ! {
         std::process::exit(0);
     }
     drop(start);
-    // The report pipe closes when the program is exec'd: that is success.
+    // Started: from here the report pipe only closes, at the program's
+    // exec or at the stub's exit; a failure is the container's own
+    // (`fail_started`), as in runc.
     // SAFETY: F_SETFD on the report pipe.
     unsafe { libc::fcntl(REPORT_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
     // Rust's runtime ignores SIGPIPE; the program must not inherit that.
@@ -225,7 +244,7 @@ pub fn run() -> ! {
     if let Some((program, flags)) = &h.seccomp {
         let filter = Filter::from_parts(program, *flags);
         if let Err(e) = filter.install() {
-            report(Step::Seccomp, 0, e);
+            fail_started("installing the seccomp filter (linux.seccomp)", e);
         }
     }
     let cstrings = |list: &[Vec<u8>]| -> Option<Vec<CString>> {
@@ -238,7 +257,7 @@ pub fn run() -> ! {
             .get(candidate)
             .and_then(|p| CString::new(p.clone()).ok()),
     ) else {
-        report(Step::Exec, candidate as u32, Errno(libc::EINVAL));
+        fail_started("exec", Errno(libc::EINVAL));
     };
     let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
         v.iter()
@@ -250,7 +269,7 @@ pub fn run() -> ! {
     // SAFETY: NUL-terminated strings and null-ended pointer arrays that
     // live across the call.
     unsafe { libc::execve(path.as_ptr(), argv_p.as_ptr(), env_p.as_ptr()) };
-    report(Step::Exec, candidate as u32, Errno::last())
+    fail_started(&format!("exec {}", path.to_string_lossy()), Errno::last())
 }
 
 #[cfg(test)]
