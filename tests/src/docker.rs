@@ -281,10 +281,20 @@ impl Dockerd {
         run_with_timeout(c, None, COMMAND_TIMEOUT)
     }
 
+    /// Every host cgroup hierarchy (named and hybrid ones too: runc joins
+    /// them all).
+    fn all_hierarchies() -> Vec<PathBuf> {
+        cgroup_mounts()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(m, _, _)| PathBuf::from(m))
+            .collect()
+    }
+
     /// Host cgroup directories left under the instance's parent.
     pub fn cgroups_left(&self) -> Vec<PathBuf> {
         let mut left = Vec::new();
-        for h in rtv_runtime::host_cgroup::hierarchies() {
+        for h in Self::all_hierarchies() {
             let parent = h.join(&self.cgroup_parent);
             if let Ok(entries) = std::fs::read_dir(&parent) {
                 left.extend(
@@ -399,10 +409,10 @@ impl Dockerd {
         for m in self.mounts_left().iter().rev() {
             let _ = Command::new("umount").args(["-l", m]).status();
         }
-        for h in rtv_runtime::host_cgroup::hierarchies() {
+        for h in Self::all_hierarchies() {
             let parent = h.join(&self.cgroup_parent);
             if let Ok(entries) = std::fs::read_dir(&parent) {
-                for e in entries.flatten() {
+                for e in entries.flatten().filter(|e| e.path().is_dir()) {
                     let _ = std::fs::remove_dir(e.path());
                 }
             }
