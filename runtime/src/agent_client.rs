@@ -461,13 +461,9 @@ impl AgentClient {
         }
     }
 
-    /// Creates a container; returns its init process's exec id and pid,
-    /// and the spec's fields the agent accepted but did not apply.
-    pub async fn create_container(&self, req: CreateContainer) -> Result<Started, ClientError> {
-        match self
-            .call(RequestBody::CreateContainer(Box::new(req)))
-            .await?
-        {
+    /// A `Started` answer, or an unexpected one.
+    fn started(body: ResponseBody) -> Result<Started, ClientError> {
+        match body {
             ResponseBody::Started {
                 exec_id,
                 pid,
@@ -479,6 +475,15 @@ impl AgentClient {
             }),
             other => Self::unexpected(other),
         }
+    }
+
+    /// Creates a container; returns its init process's exec id and pid,
+    /// and the spec's fields the agent accepted but did not apply.
+    pub async fn create_container(&self, req: CreateContainer) -> Result<Started, ClientError> {
+        Self::started(
+            self.call(RequestBody::CreateContainer(Box::new(req)))
+                .await?,
+        )
     }
 
     /// Starts a created container.
@@ -491,21 +496,10 @@ impl AgentClient {
 
     /// Runs another process in a running container.
     pub async fn exec_in_container(&self, req: ExecInContainer) -> Result<Started, ClientError> {
-        match self
-            .call(RequestBody::ExecInContainer(Box::new(req)))
-            .await?
-        {
-            ResponseBody::Started {
-                exec_id,
-                pid,
-                not_applied,
-            } => Ok(Started {
-                exec_id,
-                pid,
-                not_applied,
-            }),
-            other => Self::unexpected(other),
-        }
+        Self::started(
+            self.call(RequestBody::ExecInContainer(Box::new(req)))
+                .await?,
+        )
     }
 
     /// Signals a container's init, or all its processes.

@@ -249,7 +249,7 @@ pub fn join(
         })?;
         dirs.push(dir.clone());
         if cpuset.is_some() {
-            enable_cpuset_v2(&h, &rel);
+            enable_v2(&h, &rel, "cpuset");
         }
         init_cpuset(&h, &rel)?;
         if let Some(set) = cpuset {
@@ -363,12 +363,6 @@ fn write_cpuset(dir: &Path, field: &'static str, value: &str) -> Result<(), Host
     })
 }
 
-/// On a cgroup v2 hierarchy, enables cpuset on the way to `rel` (a
-/// failure shows as a missing cpuset.cpus).
-fn enable_cpuset_v2(hierarchy: &Path, rel: &Path) {
-    enable_v2(hierarchy, rel, "cpuset");
-}
-
 /// On a cgroup v2 hierarchy, enables `controller` on the way to `rel` (a
 /// failure shows as a missing file).
 fn enable_v2(hierarchy: &Path, rel: &Path, controller: &str) {
@@ -418,6 +412,24 @@ pub fn remove(dirs: &[PathBuf]) {
 mod tests {
     use super::*;
 
+    /// A process to put in cgroups.
+    fn sleeper() -> std::process::Child {
+        std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap()
+    }
+
+    /// Ends `child`, removes `dirs` and checks they are gone.
+    fn end(mut child: std::process::Child, dirs: &[PathBuf]) {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        remove(dirs);
+        for d in dirs {
+            assert!(!d.exists(), "{} left", d.display());
+        }
+    }
+
     #[test]
     fn paths_as_runc_reads_them() {
         assert_eq!(
@@ -437,10 +449,7 @@ mod tests {
 
     #[test]
     fn a_process_joins_and_leaves() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let child = sleeper();
         let path = format!("/rtv-test-join-{}", std::process::id());
         let mut dirs = Vec::new();
         join(&path, child.id() as i32, None, None, &mut dirs).unwrap();
@@ -453,20 +462,12 @@ mod tests {
                 d.display()
             );
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        remove(&dirs);
-        for d in &dirs {
-            assert!(!d.exists(), "{} left", d.display());
-        }
+        end(child, &dirs);
     }
 
     #[test]
     fn a_cpuset_pins_the_process_and_a_bad_one_is_named() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let child = sleeper();
         let pid = child.id() as i32;
         let path = format!("/rtv-test-cpuset-{}", std::process::id());
         let set = Cpuset {
@@ -487,16 +488,11 @@ mod tests {
             allowed.lines().any(|l| l == "Cpus_allowed_list:\t0"),
             "{allowed}"
         );
-        child.kill().unwrap();
-        child.wait().unwrap();
-        remove(&dirs);
+        end(child, &dirs);
 
         // CPUs the host does not have: the error names the field, and the
         // directories made so far are there for the caller to remove.
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let child = sleeper();
         let bad = Cpuset {
             cpus: "4000".into(),
             mems: None,
@@ -508,12 +504,7 @@ mod tests {
                 .starts_with("linux.resources.cpu.cpus: cannot write \"4000\""),
             "{err}"
         );
-        child.kill().unwrap();
-        child.wait().unwrap();
-        remove(&dirs);
-        for d in &dirs {
-            assert!(!d.exists(), "{} left", d.display());
-        }
+        end(child, &dirs);
     }
 
     #[test]
@@ -547,10 +538,7 @@ mod tests {
         );
         assert_eq!(io.writes[0].v2, ("io.max", format!("{disk} rbps=1048576")));
 
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let child = sleeper();
         let path = format!("/rtv-test-device-io-{}", std::process::id());
         let mut dirs = Vec::new();
         let throttling = hierarchies().iter().any(|h| {
@@ -577,12 +565,7 @@ mod tests {
                 "{err}"
             );
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        remove(&dirs);
-        for d in &dirs {
-            assert!(!d.exists(), "{} left", d.display());
-        }
+        end(child, &dirs);
     }
 
     #[test]

@@ -228,20 +228,7 @@ pub fn guest_spec(
 /// vCPU: the whole guest (whose kernel has no cpuset controller). `None`
 /// if `host` does not parse.
 pub fn guest_cpuset(host: &str, vcpus: u8) -> Option<Option<String>> {
-    let mut count: u64 = 0;
-    for range in host.trim().split(',') {
-        let (a, b) = match range.split_once('-') {
-            Some((a, b)) => (a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?),
-            None => {
-                let n = range.trim().parse::<u64>().ok()?;
-                (n, n)
-            }
-        };
-        if b < a {
-            return None;
-        }
-        count = count.saturating_add(b - a + 1);
-    }
+    let count = crate::host_cgroup::parse_cpu_list(host)?.len() as u64;
     let n = count.min(u64::from(vcpus));
     Some(match n {
         0 | 1 if vcpus <= 1 => None,

@@ -17,14 +17,13 @@
 //! The scenarios are checked against runc first (tests/tests/docker.rs),
 //! then against rtv.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::containerd::{describe, run_on_pty};
+use crate::containerd::{describe, run_on_pty, run_with_timeout};
 
 /// Debian's Docker client (the one that matches dockerd 20.10; a newer
 /// client elsewhere on PATH may be there too).
@@ -65,32 +64,6 @@ fn cgroup_mounts() -> Result<Vec<(String, String, String)>> {
         }
     }
     Ok(out)
-}
-
-fn run_with_timeout(mut cmd: Command, input: Option<&[u8]>, timeout: Duration) -> Result<Output> {
-    cmd.stdin(if input.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().with_context(|| format!("running {cmd:?}"))?;
-    if let (Some(bytes), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin.write_all(bytes)?;
-    }
-    let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(child.wait_with_output()?);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output()?;
-            bail!("{cmd:?} did not end within {timeout:?}: {}", describe(&out));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 impl Dockerd {

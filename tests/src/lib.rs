@@ -105,6 +105,16 @@ pub fn artifacts() -> Result<rtv_runtime::Artifacts> {
     })
 }
 
+/// The `rtv` binary, built, with the guest kernels, the initramfs and the
+/// VMM it runs exported to it (`RTV_KERNEL`, `RTV_KERNEL_UP`,
+/// `RTV_INITRAMFS`, `RTV_VMM`), as a deployment would put them next to it.
+pub fn rtv_with_artifacts() -> Result<PathBuf> {
+    export_kernels()?;
+    std::env::set_var("RTV_INITRAMFS", initramfs()?);
+    std::env::set_var("RTV_VMM", vmm_binary()?);
+    workspace_binary("rtv-runtime", "rtv")
+}
+
 /// The initramfs: `$RTV_INITRAMFS`, or built by rootfs-builder/build.sh.
 pub fn initramfs() -> Result<PathBuf> {
     static I: OnceLock<Result<PathBuf, String>> = OnceLock::new();

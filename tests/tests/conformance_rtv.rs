@@ -4,16 +4,11 @@
 //! `$RTV_CONFORMANCE_ONLY` (comma-separated scenario names) runs a subset.
 
 use rtv_tests::conformance::{busybox_bundle, run_suite, Runtime, SuiteOptions};
-use rtv_tests::{initramfs, one_vm_at_a_time, vmm_binary, workspace_binary};
+use rtv_tests::one_vm_at_a_time;
 
 #[test]
 fn rtv_passes_the_conformance_suite() {
-    let rtv = workspace_binary("rtv-runtime", "rtv").expect("building rtv");
-    // rtv finds the guest and the VMM through these (as a deployment
-    // would put them next to the binary).
-    rtv_tests::export_kernels().expect("guest kernels");
-    std::env::set_var("RTV_INITRAMFS", initramfs().expect("initramfs"));
-    std::env::set_var("RTV_VMM", vmm_binary().expect("rtv-vmm"));
+    let rtv = rtv_tests::rtv_with_artifacts().expect("building rtv and its guest");
     let root =
         std::env::temp_dir().join(format!("rtv-conformance-rtv-root-{}", std::process::id()));
     let options = SuiteOptions {
@@ -58,10 +53,7 @@ fn rtv_passes_the_conformance_suite() {
 /// kernel's System.map, and a flame graph of the parts drawn from them.
 #[test]
 fn debug_profiles_each_phase_of_a_pod() {
-    let rtv = workspace_binary("rtv-runtime", "rtv").expect("building rtv");
-    rtv_tests::export_kernels().expect("guest kernels");
-    std::env::set_var("RTV_INITRAMFS", initramfs().expect("initramfs"));
-    std::env::set_var("RTV_VMM", vmm_binary().expect("rtv-vmm"));
+    let rtv = rtv_tests::rtv_with_artifacts().expect("building rtv and its guest");
     let dir = std::env::temp_dir().join(format!("rtv-debug-profile-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let bundle = dir.join("bundle");
@@ -154,10 +146,7 @@ fn debug_profiles_each_phase_of_a_pod() {
 /// The fields only the host can mean are named in rtv's log.
 #[test]
 fn specs_real_hosts_write_run() {
-    let rtv = workspace_binary("rtv-runtime", "rtv").expect("building rtv");
-    rtv_tests::export_kernels().expect("guest kernels");
-    std::env::set_var("RTV_INITRAMFS", initramfs().expect("initramfs"));
-    std::env::set_var("RTV_VMM", vmm_binary().expect("rtv-vmm"));
+    let rtv = rtv_tests::rtv_with_artifacts().expect("building rtv and its guest");
     let dir = std::env::temp_dir().join(format!("rtv-host-specs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("the test's directory");

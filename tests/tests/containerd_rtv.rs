@@ -7,15 +7,12 @@
 use std::path::PathBuf;
 
 use rtv_tests::containerd::{self, with_containerd};
-use rtv_tests::{initramfs, one_vm_at_a_time, vmm_binary, workspace_binary};
+use rtv_tests::one_vm_at_a_time;
 
 /// The rtv binary, with the guest kernel, initramfs and VMM in the
 /// environment that containerd, its shim and rtv inherit.
 fn rtv() -> PathBuf {
-    rtv_tests::export_kernels().expect("guest kernels");
-    std::env::set_var("RTV_INITRAMFS", initramfs().expect("initramfs"));
-    std::env::set_var("RTV_VMM", vmm_binary().expect("rtv-vmm"));
-    workspace_binary("rtv-runtime", "rtv").expect("building rtv")
+    rtv_tests::rtv_with_artifacts().expect("building rtv and its guest")
 }
 
 #[test]

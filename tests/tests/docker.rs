@@ -4,13 +4,10 @@
 //! nothing is left when it stops.
 
 use rtv_tests::docker::{docker_scenarios, podman_scenarios, Dockerd};
-use rtv_tests::{initramfs, one_vm_at_a_time, vmm_binary, workspace_binary};
+use rtv_tests::one_vm_at_a_time;
 
 fn rtv() -> std::path::PathBuf {
-    rtv_tests::export_kernels().expect("guest kernels");
-    std::env::set_var("RTV_INITRAMFS", initramfs().expect("initramfs"));
-    std::env::set_var("RTV_VMM", vmm_binary().expect("rtv-vmm"));
-    workspace_binary("rtv-runtime", "rtv").expect("building rtv")
+    rtv_tests::rtv_with_artifacts().expect("building rtv and its guest")
 }
 
 fn with_dockerd(name: &str, f: impl FnOnce(&Dockerd) -> anyhow::Result<()>) {
