@@ -1956,6 +1956,12 @@ pub fn with_containerd_opts(
     let log = c.log_tail(3000);
     let t2 = Instant::now();
     let shutdown = c.shutdown();
+    // Containers' cgroups are /<namespace>/<id> (ctr's default path); the
+    // runtimes leave the namespace's parent, empty, in each hierarchy
+    // (runc does too). It goes unless another instance still uses it.
+    for (mount, _, _) in crate::docker::cgroup_mounts().unwrap_or_default() {
+        let _ = std::fs::remove_dir(Path::new(&mount).join(NAMESPACE));
+    }
     let stopped = t2.elapsed();
     eprintln!(
         "[{name}] containerd up in {:.0} ms, scenario {:.0} ms, cleanup {:.0} ms",

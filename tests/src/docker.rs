@@ -45,7 +45,7 @@ pub struct Dockerd {
 }
 
 /// The host's cgroup mounts: (mount point, fstype, super options).
-fn cgroup_mounts() -> Result<Vec<(String, String, String)>> {
+pub(crate) fn cgroup_mounts() -> Result<Vec<(String, String, String)>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     let mut out = Vec::new();
     for line in info.lines() {
