@@ -10,6 +10,7 @@ packages=(
   containerd runc crun                                              # containerd 1.6 and the reference OCI runtimes for rtv's tests
   python3-grpcio python3-protobuf protobuf-compiler                 # the CRI test client (tests/cri/cri.py, run by /usr/bin/python3)
   docker.io podman                                                  # Docker 20.10 and Podman 4.3 as clients in the tests (started by the harness only)
+  containernetworking-plugins iptables                              # CNI plugins (/usr/lib/cni) for the CRI pod-network tests, which run them in namespaces of their own
 )
 missing=()
 for p in "${packages[@]}"; do

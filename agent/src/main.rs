@@ -10,6 +10,7 @@ mod container;
 mod identity;
 mod init;
 mod log;
+mod net;
 mod pause;
 mod pool;
 mod process;

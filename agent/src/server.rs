@@ -16,9 +16,9 @@ use rtv_protocol::{
 
 use crate::alog;
 use crate::container::{Containers, Deadline, OomWatch};
-use crate::identity;
 use crate::pool::Pool;
 use crate::process::{Failure, Processes, StreamEnd};
+use crate::{identity, net};
 
 /// What the server serves: processes and containers.
 pub struct Agent {
@@ -407,6 +407,15 @@ fn handle_request(agent: &Agent, body: RequestBody, deadline: Deadline) -> Respo
         } => containers
             .delete(&container_id, force, deadline)
             .map(|()| ResponseBody::Ok),
+        RequestBody::ConfigureNetwork(config) => net::configure(&config).map(|()| {
+            alog!(
+                Info,
+                "network configured: {} interface(s), {} route(s)",
+                config.interfaces.len(),
+                config.routes.len()
+            );
+            ResponseBody::Ok
+        }),
     };
     result.unwrap_or_else(failure)
 }

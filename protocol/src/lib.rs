@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol. Peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 /// Largest frame either side accepts.
@@ -398,7 +398,112 @@ pub enum RequestBody {
         /// Kill it if it runs.
         force: bool,
     },
+    /// Configure the guest's network from the pod's network namespace on
+    /// the host: each NIC's MAC, MTU and addresses, then the routes and
+    /// neighbour entries. Only PID 1 of a guest does this; an agent on the
+    /// host refuses (`InvalidRequest`). Answered with `Ok`.
+    ConfigureNetwork(NetworkConfig),
 }
+
+/// The guest's network, as the pod's network namespace on the host has it
+/// (see [`RequestBody::ConfigureNetwork`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    /// The NICs to configure.
+    pub interfaces: Vec<NetInterface>,
+    /// Routes, added in order after every interface is up (the sender puts
+    /// routes without a gateway before routes through one).
+    pub routes: Vec<NetRoute>,
+    /// Neighbour (ARP/NDP) entries to seed, such as the gateway's.
+    pub neighbours: Vec<NetNeighbour>,
+}
+
+/// One guest NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInterface {
+    /// The MAC the VMM gave the NIC (a template's placeholder): how the
+    /// agent finds it.
+    pub device_mac: String,
+    /// Its name in the guest (`eth0`).
+    pub name: String,
+    /// The MAC it takes: the host-side interface's, which the pod's network
+    /// (a bridge) has learned.
+    pub mac: String,
+    /// Its MTU.
+    pub mtu: u32,
+    /// Its addresses.
+    pub addresses: Vec<IpNet>,
+}
+
+/// An address with its prefix length (`10.88.0.5/16`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpNet {
+    /// The address.
+    pub addr: std::net::IpAddr,
+    /// The prefix length (at most 32 for IPv4, 128 for IPv6).
+    pub prefix_len: u8,
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// A route in the guest's main table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetRoute {
+    /// The destination; `None` is the default route of the gateway's
+    /// family.
+    pub dest: Option<IpNet>,
+    /// The next hop, for a route through a gateway.
+    pub gateway: Option<std::net::IpAddr>,
+    /// The guest interface (by its name in [`NetInterface::name`]).
+    pub interface: String,
+    /// The preferred source address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<std::net::IpAddr>,
+    /// The route's metric (priority).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<u32>,
+}
+
+/// A permanent neighbour entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetNeighbour {
+    /// The neighbour's address.
+    pub ip: std::net::IpAddr,
+    /// Its MAC.
+    pub mac: String,
+    /// The guest interface (by name).
+    pub interface: String,
+}
+
+/// Parses a MAC written `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Writes a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The MAC of the NIC in rtv's VM templates, until the agent gives it the
+/// pod's (locally administered: `02:` then "rtv" and 1).
+pub const PLACEHOLDER_MAC: &str = "02:72:74:76:00:01";
 
 /// A sandbox's identity, set by [`RequestBody::SetIdentity`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -671,6 +776,54 @@ mod tests {
         let old = r#"{"kernel":"6.1","mem_total_kib":1,"uptime_secs":1.5,"agent_version":"0.1.0"}"#;
         let info: GuestInfo = decode(old.as_bytes()).unwrap();
         assert_eq!(info.unix_time_ns, 0);
+    }
+
+    #[test]
+    fn network_config_round_trips_and_macs_parse() {
+        let req = Request {
+            wait_ms: None,
+            id: 4,
+            body: RequestBody::ConfigureNetwork(NetworkConfig {
+                interfaces: vec![NetInterface {
+                    device_mac: PLACEHOLDER_MAC.into(),
+                    name: "eth0".into(),
+                    mac: "0a:58:0a:58:00:05".into(),
+                    mtu: 1500,
+                    addresses: vec![IpNet {
+                        addr: "10.88.0.5".parse().unwrap(),
+                        prefix_len: 16,
+                    }],
+                }],
+                routes: vec![NetRoute {
+                    dest: None,
+                    gateway: Some("10.88.0.1".parse().unwrap()),
+                    interface: "eth0".into(),
+                    source: None,
+                    metric: None,
+                }],
+                neighbours: vec![],
+            }),
+        };
+        let back: Request = read_frame(&mut Cursor::new(encode(&req).unwrap())).unwrap();
+        assert_eq!(back, req);
+        assert_eq!(
+            parse_mac("0a:58:0A:58:00:05"),
+            Some([0x0a, 0x58, 0x0a, 0x58, 0, 5])
+        );
+        assert_eq!(
+            format_mac(&[0x0a, 0x58, 0x0a, 0x58, 0, 5]),
+            "0a:58:0a:58:00:05"
+        );
+        for bad in [
+            "",
+            "0a:58",
+            "0a:58:0a:58:00:05:01",
+            "0a:58:0a:58:00:5",
+            "zz:58:0a:58:00:05",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+        assert!(parse_mac(PLACEHOLDER_MAC).is_some());
     }
 
     #[test]

@@ -486,6 +486,14 @@ impl AgentClient {
         )
     }
 
+    /// Configures the guest's network (its NIC, routes and neighbours).
+    pub async fn configure_network(
+        &self,
+        config: rtv_protocol::NetworkConfig,
+    ) -> Result<(), ClientError> {
+        self.expect_ok(RequestBody::ConfigureNetwork(config)).await
+    }
+
     /// Starts a created container.
     pub async fn start_container(&self, container_id: &str) -> Result<(), ClientError> {
         self.expect_ok(RequestBody::StartContainer {

@@ -6,6 +6,7 @@ pub mod agent_client;
 pub mod artifacts;
 pub mod hooks;
 pub mod host_cgroup;
+pub mod net;
 pub mod pod;
 pub mod random;
 pub mod sandbox;

@@ -39,6 +39,7 @@ use crate::agent_client::{AgentClient, ClientError, Endpoint};
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::hooks::{self, HookError, Stage};
 use crate::host_cgroup::{self, HostCgroupError};
+use crate::net::{self, NetError, Netns, NetworkMode, PodInterface};
 use crate::sandbox::{Origin, Sandbox, SandboxConfig, SandboxError, VSOCK_FILE};
 use crate::share::{Share, ShareError};
 use crate::spec::{guest_spec, vm_size, VmSize};
@@ -162,6 +163,9 @@ pub enum PodError {
     /// The pod's host cgroup could not be joined.
     #[error("linux.cgroupsPath: {0}")]
     HostCgroup(#[from] HostCgroupError),
+    /// The pod's network could not be set up.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// The pod is not in a state for the request (stopping, gone).
     #[error("pod {pod}: {message}")]
     Pod {
@@ -199,6 +203,10 @@ impl PodError {
         match self {
             PodError::Artifact(_) => ErrorClass::Unavailable,
             PodError::Invalid(_) | PodError::HostCgroup(_) => ErrorClass::InvalidArgument,
+            PodError::Net(NetError::Namespace { .. } | NetError::Unsupported { .. }) => {
+                ErrorClass::InvalidArgument
+            }
+            PodError::Net(_) => ErrorClass::Internal,
             PodError::Share(ShareError::Spec { .. }) => ErrorClass::InvalidArgument,
             PodError::Share(_) | PodError::Io { .. } | PodError::Hook(_) => ErrorClass::Internal,
             PodError::Start(_) => ErrorClass::Internal,
@@ -279,6 +287,8 @@ pub struct PodConfig {
     pub host_device_io: Option<host_cgroup::DeviceIo>,
     /// Profile the pod's guest (see [`Pod::mark`]).
     pub profile: Option<Profile>,
+    /// The pod's network: the spec's network namespace.
+    pub network: NetworkMode,
 }
 
 impl PodConfig {
@@ -319,6 +329,7 @@ impl PodConfig {
             host_cpuset: host_cgroup::Cpuset::of(spec),
             host_device_io: host_cgroup::DeviceIo::of(spec),
             profile,
+            network: NetworkMode::of(spec),
         })
     }
 }
@@ -353,6 +364,20 @@ pub struct PodRecord {
     /// union of its containers' cpusets.
     #[serde(default)]
     pub vmm_cpus: Option<String>,
+    /// The pod's network namespace and interface that rtv wired to the
+    /// VM's tap, when the namespace is named by a lasting path (removed
+    /// again when the pod stops).
+    #[serde(default)]
+    pub network: Option<NetRecord>,
+}
+
+/// What rtv added to a pod's network namespace (see [`crate::net`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetRecord {
+    /// The namespace's path.
+    pub netns: PathBuf,
+    /// The interface wired to the tap.
+    pub interface: String,
 }
 
 /// An exclusive flock, released when dropped.
@@ -487,6 +512,71 @@ enum Vmm {
     HostAgent,
 }
 
+/// The network a starting pod's VM is given (see [`crate::net`]).
+#[derive(Default)]
+struct StartNet {
+    /// The tap for the VM's NIC.
+    tap: Option<Arc<std::os::fd::OwnedFd>>,
+    /// The interface wired to it, whose configuration the guest gets.
+    iface: Option<PodInterface>,
+    /// What to undo, for the record.
+    record: Option<NetRecord>,
+    /// The namespace rtv made.
+    own: Option<Arc<Netns>>,
+}
+
+impl StartNet {
+    /// Opens or makes the pod's namespace, makes the tap, and wires it to
+    /// the interface the namespace has. Blocks.
+    fn prepare(mode: &NetworkMode) -> Result<StartNet, NetError> {
+        match mode {
+            NetworkMode::Loopback => Ok(StartNet::default()),
+            NetworkMode::New => {
+                let ns = Netns::create("being started")?;
+                let tap = net::create_tap(&ns)?;
+                Ok(StartNet {
+                    tap: Some(Arc::new(tap)),
+                    own: Some(Arc::new(ns)),
+                    ..StartNet::default()
+                })
+            }
+            NetworkMode::Path(path) => {
+                let ns = Netns::open(path)?;
+                let Some(iface) = net::find_interface(&ns)? else {
+                    tracing::info!(
+                        "{}: no interface with addresses: the pod's VM has loopback only",
+                        path.display()
+                    );
+                    return Ok(StartNet::default());
+                };
+                let tap = net::create_tap(&ns)?;
+                if let Err(e) = net::wire(&ns, &iface) {
+                    let _ = net::unwire(path, &iface.name);
+                    return Err(e);
+                }
+                let record = net::lasting_path(path).then(|| NetRecord {
+                    netns: path.clone(),
+                    interface: iface.name.clone(),
+                });
+                Ok(StartNet {
+                    tap: Some(Arc::new(tap)),
+                    iface: Some(iface),
+                    record,
+                    own: None,
+                })
+            }
+        }
+    }
+
+    /// Undoes [`Self::prepare`] after a failed start.
+    async fn undo(self) {
+        drop(self.tap);
+        if let Some(r) = self.record {
+            let _ = tokio::task::spawn_blocking(move || net::unwire(&r.netns, &r.interface)).await;
+        }
+    }
+}
+
 /// A running pod: its VM, its agent, its share.
 pub struct Pod {
     id: String,
@@ -496,6 +586,12 @@ pub struct Pod {
     vmm: std::sync::Mutex<Option<Vmm>>,
     host_cgroups: Vec<PathBuf>,
     size: VmSize,
+    /// The namespace rtv made for the pod (a spec asking for a new one),
+    /// while this process holds it: front ends start processes that must
+    /// be in it (the waiter whose pid prestart hooks configure), and the
+    /// first container's create looks for an interface in it once its
+    /// hooks ran ([`Creating::finish`]).
+    own_netns: std::sync::Mutex<Option<Arc<Netns>>>,
 }
 
 impl std::fmt::Debug for Pod {
@@ -517,14 +613,29 @@ impl Pod {
         crate::remove_tree(&cfg.dir)?;
         let share_dir = cfg.dir.join(SHARE_DIR);
         std::fs::create_dir_all(&share_dir).map_err(PodError::io(&share_dir))?;
-        let started = Self::start_in(&cfg, &share_dir).await;
+        let network = cfg.network.clone();
+        let net = match tokio::task::spawn_blocking(move || StartNet::prepare(&network)).await {
+            Ok(Ok(net)) => net,
+            Ok(Err(e)) => {
+                let _ = crate::remove_tree(&cfg.dir);
+                return Err(e.into());
+            }
+            Err(e) => {
+                let _ = crate::remove_tree(&cfg.dir);
+                return Err(PodError::Invalid(format!(
+                    "preparing the pod's network: {e}"
+                )));
+            }
+        };
+        let started = Self::start_in(&cfg, &share_dir, &net).await;
         if started.is_err() {
+            net.undo().await;
             let _ = crate::remove_tree(&cfg.dir);
         }
         started
     }
 
-    async fn start_in(cfg: &PodConfig, share_dir: &Path) -> Result<Pod, PodError> {
+    async fn start_in(cfg: &PodConfig, share_dir: &Path, net: &StartNet) -> Result<Pod, PodError> {
         let a = &cfg.artifacts;
         let mut sb = SandboxConfig::new(
             a.kernel_for(cfg.size.vcpus),
@@ -540,6 +651,7 @@ impl Pod {
         sb.template_dir = Some(cfg.template_dir.clone());
         sb.detached = cfg.detached;
         sb.profile = cfg.profile.clone();
+        sb.net_tap = net.tap.clone();
         let sandbox = Sandbox::start(sb).await.map_err(PodError::Start)?;
         tracing::info!(
             pod = %cfg.id,
@@ -561,6 +673,7 @@ impl Pod {
             vmm: std::sync::Mutex::new(Some(Vmm::Owned(Box::new(sandbox)))),
             host_cgroups: Vec::new(),
             size: cfg.size,
+            own_netns: std::sync::Mutex::new(net.own.clone()),
         };
         let recorded = (|| {
             if let Some(path) = &cfg.host_cgroup {
@@ -586,9 +699,14 @@ impl Pod {
                     profile: cfg.profile.as_ref().map(|p| p.dir.clone()),
                     profile_parts: 0,
                     vmm_cpus: cfg.host_cpuset.as_ref().map(|c| c.cpus.clone()),
+                    network: net.record.clone(),
                 },
             )
         })();
+        let recorded = match (recorded, &net.iface) {
+            (Ok(()), Some(iface)) => pod.configure_guest_network(iface).await,
+            (r, _) => r,
+        };
         match recorded {
             Ok(()) => {
                 pod.mark("the pod's VM starts (restore or boot)").await;
@@ -632,6 +750,7 @@ impl Pod {
                 mem_mib: rec.mem_mib,
                 vcpus: rec.vcpus,
             },
+            own_netns: std::sync::Mutex::new(None),
         })
     }
 
@@ -663,6 +782,7 @@ impl Pod {
                 profile: None,
                 profile_parts: 0,
                 vmm_cpus: None,
+                network: None,
             },
         )?;
         Ok(Pod {
@@ -673,6 +793,7 @@ impl Pod {
             vmm: std::sync::Mutex::new(Some(Vmm::HostAgent)),
             host_cgroups: Vec::new(),
             size,
+            own_netns: std::sync::Mutex::new(None),
         })
     }
 
@@ -694,6 +815,74 @@ impl Pod {
     /// Its VM's size.
     pub fn size(&self) -> VmSize {
         self.size
+    }
+
+    fn own_netns_lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Netns>>> {
+        self.own_netns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The network namespace rtv made for this pod, while the process
+    /// that started the pod holds it: a front end starts the process
+    /// whose pid the prestart hooks see in it.
+    pub fn own_netns(&self) -> Option<Arc<Netns>> {
+        self.own_netns_lock().clone()
+    }
+
+    /// Gives the guest's NIC the pod interface's MAC, MTU, addresses and
+    /// routes.
+    async fn configure_guest_network(&self, iface: &PodInterface) -> Result<(), PodError> {
+        let config = iface.guest_config(rtv_protocol::PLACEHOLDER_MAC);
+        self.client
+            .configure_network(config)
+            .await
+            .map_err(|source| PodError::Agent {
+                context: Some(format!(
+                    "configuring the guest's NIC as {} ({})",
+                    iface.name,
+                    iface
+                        .addresses
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                source,
+            })?;
+        tracing::info!(
+            pod = %self.id,
+            interface = %iface.name,
+            addresses = ?iface.addresses,
+            "the guest's NIC is configured"
+        );
+        Ok(())
+    }
+
+    /// Once the create hooks ran: if rtv made the pod's namespace, wires
+    /// the interface the hooks put there (if any) to the VM's tap and
+    /// configures the guest's NIC. Done once per pod; later calls do
+    /// nothing.
+    async fn network_after_hooks(&self) -> Result<(), PodError> {
+        let Some(ns) = self.own_netns_lock().take() else {
+            return Ok(());
+        };
+        let scan = ns.clone();
+        let found = tokio::task::spawn_blocking(move || -> Result<_, NetError> {
+            let Some(iface) = net::find_interface(&scan)? else {
+                return Ok(None);
+            };
+            net::wire(&scan, &iface)?;
+            Ok(Some(iface))
+        })
+        .await
+        .map_err(|e| PodError::Invalid(format!("wiring the pod's network: {e}")))??;
+        // The namespace stays held by the processes in it and the VMM's tap.
+        match found {
+            Some(iface) => self.configure_guest_network(&iface).await,
+            None => {
+                tracing::debug!(pod = %self.id, "{}: no interface with addresses: loopback only", ns.name());
+                Ok(())
+            }
+        }
     }
 
     fn vmm(&self) -> std::sync::MutexGuard<'_, Option<Vmm>> {
@@ -782,11 +971,13 @@ impl Pod {
     /// mounts with it, and the host cgroups. Problems are logged: a pod
     /// is always gone afterwards; a second call does nothing.
     pub async fn stop(&self) {
-        if let Ok(rec) = read_record(&self.dir) {
+        let rec = read_record(&self.dir).ok();
+        if let Some(rec) = &rec {
             if let Some(profile) = &rec.profile {
                 let _ = label_part(profile, rec.profile_parts + 1, "until the VM stopped");
             }
         }
+        self.own_netns_lock().take();
         let vmm = self.vmm().take();
         match vmm {
             Some(Vmm::Owned(sandbox)) => match sandbox.stop(STOP_TIMEOUT).await {
@@ -804,7 +995,12 @@ impl Pod {
             Some(Vmm::HostAgent) => {}
             None => return,
         }
-        Self::remove_state(&self.id, &self.dir, &self.host_cgroups);
+        let (id, dir, cgroups) = (self.id.clone(), self.dir.clone(), self.host_cgroups.clone());
+        let network = rec.and_then(|r| r.network);
+        let _ = tokio::task::spawn_blocking(move || {
+            Self::remove_state(&id, &dir, &cgroups, network.as_ref())
+        })
+        .await;
     }
 
     /// Cleans up after a pod whose owner died: kills its VMM if the record
@@ -817,10 +1013,10 @@ impl Pod {
                 crate::vmm_process::stop(rec.vmm_pid, rec.vmm_start, Duration::ZERO);
             }
         }
-        let (id, cgroups) = rec
-            .map(|r| (r.id, r.host_cgroups))
-            .unwrap_or_else(|| (dir.display().to_string(), Vec::new()));
-        Self::remove_state(&id, dir, &cgroups);
+        let (id, cgroups, network) = rec
+            .map(|r| (r.id, r.host_cgroups, r.network))
+            .unwrap_or_else(|| (dir.display().to_string(), Vec::new(), None));
+        Self::remove_state(&id, dir, &cgroups, network.as_ref());
     }
 
     /// Removes container `id` from the pod in `dir` whose VM is gone (its
@@ -833,7 +1029,13 @@ impl Pod {
         leave_members(dir, id, true)
     }
 
-    fn remove_state(id: &str, dir: &Path, host_cgroups: &[PathBuf]) {
+    fn remove_state(id: &str, dir: &Path, host_cgroups: &[PathBuf], network: Option<&NetRecord>) {
+        // After the VMM, which held the tap, has gone.
+        if let Some(n) = network {
+            if let Err(e) = net::unwire(&n.netns, &n.interface) {
+                tracing::warn!(pod = %id, "{e}");
+            }
+        }
         if let Err(e) = crate::remove_tree(dir) {
             tracing::warn!(pod = %id, "{e}");
         }
@@ -1121,6 +1323,13 @@ impl Creating<'_> {
                 return Err(e);
             }
         }
+        // The hooks may have configured the namespace rtv made for the
+        // pod (Docker's libnetwork-setkey moves the container's veth in):
+        // the guest gets it before the container starts.
+        if let Err(e) = self.pod.network_after_hooks().await {
+            self.undo().await;
+            return Err(e);
+        }
         self.in_guest = false;
         self.in_share = false;
         self.id.clear();
@@ -1365,6 +1574,7 @@ mod tests {
             profile: None,
             profile_parts: 0,
             vmm_cpus: None,
+            network: None,
         };
         write_record(&dir, &rec).unwrap();
         join_members(&dir, "a").unwrap();

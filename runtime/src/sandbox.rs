@@ -23,6 +23,7 @@
 //! serves the sandbox's own directory.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::sync::Arc;
@@ -84,6 +85,9 @@ pub struct SandboxConfig {
     pub restore_timeout: Duration,
     /// Profile the guest (its restore or boot included).
     pub profile: Option<Profile>,
+    /// The tap the VM's NIC is attached to (the pod's network), if any;
+    /// without one the NIC has no backend (the guest has loopback only).
+    pub net_tap: Option<Arc<OwnedFd>>,
 }
 
 impl SandboxConfig {
@@ -113,6 +117,7 @@ impl SandboxConfig {
             boot_timeout: Duration::from_secs(300),
             restore_timeout: Duration::from_secs(120),
             profile: None,
+            net_tap: None,
         }
     }
 
@@ -594,6 +599,7 @@ async fn launch(cfg: &SandboxConfig, boot: Boot<'_>) -> Result<(Vmm, AgentClient
     if let Some(share) = &cfg.shared_dir {
         cmd = cmd.shared_dir(share);
     }
+    cmd = cmd.nic(cfg.net_tap.as_ref().map(|t| t.as_raw_fd()));
     if let Some(p) = &cfg.profile {
         cmd = cmd.profile(p);
     }

@@ -167,7 +167,7 @@ impl KeyInputs {
     pub fn key(&self) -> String {
         let mut h = Sha256::new();
         for part in [
-            "rtv-template-key-v1",
+            "rtv-template-key-v2-nic",
             &self.kernel_sha256,
             &self.initramfs_sha256,
             &self.vmm_version,
@@ -713,6 +713,7 @@ impl TemplateCache {
         let mut cmd = VmmCommand::cold_boot(&spec.vmm, &spec.kernel, &spec.initramfs)
             .machine(spec.mem_mib, spec.vcpus)
             .vsock(TEMPLATE_CID, &uds)
+            .nic(None)
             .snapshot_on_ready(&snapshot)
             .console(&tmp.join("make-console.log"));
         if spec.virtio_fs {

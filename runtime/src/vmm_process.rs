@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,7 +38,17 @@ pub struct VmmCommand {
     vmm: PathBuf,
     args: Vec<OsString>,
     lifetime: Lifetime,
+    restore: bool,
+    /// A descriptor the VMM inherits as [`TAP_FD`].
+    tap: Option<RawFd>,
 }
+
+/// The descriptor number a VMM gets its tap on.
+pub const TAP_FD: RawFd = 3;
+
+/// The MTU of the NIC every rtv VM has, as its config space offers it (the
+/// most the guest may set): the agent gives the NIC the pod's MTU.
+pub const NIC_MAX_MTU: u32 = 65535;
 
 impl VmmCommand {
     /// Boots `kernel` with `initramfs`.
@@ -50,6 +61,7 @@ impl VmmCommand {
     /// Restores the snapshot in `snapshot`.
     pub fn restore(vmm: &Path, snapshot: &Path) -> Self {
         let mut c = Self::new(vmm);
+        c.restore = true;
         c.arg("--restore").arg(snapshot);
         c
     }
@@ -59,6 +71,8 @@ impl VmmCommand {
             vmm: vmm.to_path_buf(),
             args: Vec::new(),
             lifetime: Lifetime::DiesWithParent,
+            restore: false,
+            tap: None,
         }
     }
 
@@ -88,6 +102,24 @@ impl VmmCommand {
     /// A virtio-fs device sharing `dir`.
     pub fn shared_dir(mut self, dir: &Path) -> Self {
         self.arg("--shared-dir").arg(dir);
+        self
+    }
+
+    /// The VM's NIC (every rtv VM has one, from its template), on the tap
+    /// `tap` when the pod has a network: a cold boot creates the NIC (with
+    /// the placeholder MAC and [`NIC_MAX_MTU`]), a restore attaches the
+    /// tap to the snapshot's. `tap` must stay open until [`Self::spawn`].
+    pub fn nic(mut self, tap: Option<RawFd>) -> Self {
+        self.tap = tap;
+        if !self.restore {
+            self.arg("--net-mtu").arg(NIC_MAX_MTU.to_string());
+            if tap.is_none() {
+                self.arg("--net");
+            }
+        }
+        if tap.is_some() {
+            self.arg("--net-tap-fd").arg(TAP_FD.to_string());
+        }
         self
     }
 
@@ -142,6 +174,25 @@ impl VmmCommand {
                     Ok(())
                 });
             },
+        }
+        if let Some(tap) = self.tap {
+            // SAFETY: dup2 and fcntl are async-signal-safe; the child gets
+            // the tap at TAP_FD without close-on-exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if tap == TAP_FD {
+                        let flags = libc::fcntl(tap, libc::F_GETFD);
+                        if flags < 0
+                            || libc::fcntl(tap, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(tap, TAP_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         cmd.spawn()
     }
@@ -243,19 +294,21 @@ mod tests {
             .machine(128, 2)
             .shared_dir(Path::new("/s"))
             .vsock(3, Path::new("/d/v.sock"))
+            .nic(Some(9))
             .console(Path::new("/d/c.log"));
         let args: Vec<_> = c.args().iter().map(|a| a.to_string_lossy()).collect();
         assert_eq!(
             args.join(" "),
             "--restore /t/snap --mem 128 --vcpus 2 --shared-dir /s --vsock-cid 3 \
-             --vsock-uds /d/v.sock --console /d/c.log"
+             --vsock-uds /d/v.sock --net-tap-fd 3 --console /d/c.log"
         );
         let c = VmmCommand::cold_boot(Path::new("/v"), Path::new("/k"), Path::new("/i"))
+            .nic(None)
             .snapshot_on_ready(Path::new("/o"));
         let args: Vec<_> = c.args().iter().map(|a| a.to_string_lossy()).collect();
         assert_eq!(
             args.join(" "),
-            "--kernel /k --initrd /i --snapshot-on-ready /o"
+            "--kernel /k --initrd /i --net-mtu 65535 --net --snapshot-on-ready /o"
         );
     }
 }

@@ -25,9 +25,16 @@
 //!   is shared by every instance using the namespace);
 //! - shims outlive containerd (they are reparented when containerd dies),
 //!   and containers outlive a killed shim: `Drop` deletes every task and
-//!   container through containerd first, then kills what is left.
+//!   container through containerd first, then kills what is left;
+//! - with [`ContainerdOptions::private_netns`], containerd runs in a
+//!   network namespace of the instance (`/run/netns/rtv-cni-<instance>`,
+//!   removed with it, and anything still in it killed); the CRI plugin
+//!   makes each pod's namespace under /var/run/netns and runs CNI in it
+//!   (the bridge and its iptables rules land in containerd's namespace):
+//!   the pods' namespaces the tests learnt ([`Containerd::remember_netns`])
+//!   are removed if CRI left them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -96,7 +103,87 @@ pub struct ContainerdOptions {
     /// looks for shim binaries such as `containerd-shim-rtv-v2`; the shims
     /// inherit it).
     pub path_prepend: Option<PathBuf>,
+    /// Runs containerd (and so its shims, the runtimes and the CNI plugins
+    /// it calls) in a fresh network namespace of the instance,
+    /// `/run/netns/rtv-cni-<instance>`, with only `lo` up, entered with
+    /// `nsenter --net` (containerd keeps the host's mount namespace, so
+    /// the pods' namespaces CRI mounts under /var/run/netns stay visible);
+    /// the namespace goes with the instance. containerd's `PATH` then also
+    /// has /usr/sbin and /sbin (the CNI plugins run `iptables`).
+    pub private_netns: bool,
+    /// With the CRI plugin: a CNI network written into the instance's
+    /// `cni/net.d` before containerd starts (needs `private_netns`: the
+    /// bridge, its routes and iptables rules go into containerd's network
+    /// namespace).
+    pub cni_network: Option<CniNetwork>,
 }
+
+/// A CNI network for CRI pods: containerd's canonical one, a bridge
+/// (gateway, IP masquerade) with host-local addresses on an IPv4 subnet,
+/// then portmap; host-local keeps its reservations in the instance's
+/// directory ([`Containerd::cni_ipam_dir`]), not in /var/lib/cni.
+#[derive(Debug, Clone)]
+pub struct CniNetwork {
+    /// The network's name (host-local's reservations are kept per name).
+    pub name: String,
+    /// The bridge's name.
+    pub bridge: String,
+    /// The pods' IPv4 subnet; host-local gives its first address to the
+    /// bridge (the pods' gateway).
+    pub subnet: String,
+}
+
+impl Default for CniNetwork {
+    /// `rtv-pods`: bridge `cni0` on 10.88.0.0/16 (inside a namespace of
+    /// the instance, any subnet is private).
+    fn default() -> Self {
+        CniNetwork {
+            name: "rtv-pods".into(),
+            bridge: "cni0".into(),
+            subnet: "10.88.0.0/16".into(),
+        }
+    }
+}
+
+impl CniNetwork {
+    /// The conflist: `bridge` (isGateway, ipMasq, host-local on
+    /// `subnet` with a default route, its reservations under `ipam_dir`),
+    /// then `portmap` (hostPorts). CRI adds `loopback` itself.
+    pub fn conflist(&self, ipam_dir: &Path) -> String {
+        let v = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": self.name,
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": self.bridge,
+                    "isGateway": true,
+                    "ipMasq": true,
+                    "promiscMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": self.subnet}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": ipam_dir.to_string_lossy(),
+                    },
+                },
+                {"type": "portmap", "capabilities": {"portMappings": true}},
+            ],
+        });
+        serde_json::to_string_pretty(&v).unwrap_or_default()
+    }
+
+    /// The conflist's file name in `cni/net.d` (CRI loads the first one in
+    /// lexical order).
+    pub fn file_name(&self) -> String {
+        format!("10-{}.conflist", self.name)
+    }
+}
+
+/// Where `ip netns` keeps named network namespaces.
+pub const NETNS_DIR: &str = "/run/netns";
+/// The prefix of the instances' network namespaces (`rtv-cni-<instance>`).
+pub const NETNS_PREFIX: &str = "rtv-cni-";
 
 /// Quotes `s` as a TOML basic string.
 fn toml_str(s: &str) -> String {
@@ -198,6 +285,8 @@ struct Launch {
     log_level: String,
     /// containerd's `PATH`, if not ours.
     path: Option<std::ffi::OsString>,
+    /// The network namespace (a file) containerd runs in, if not ours.
+    netns: Option<PathBuf>,
 }
 
 impl Launch {
@@ -207,7 +296,17 @@ impl Launch {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
-        let mut cmd = Command::new("containerd");
+        // nsenter execs containerd: the pid stays containerd's.
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg("containerd");
+                c
+            }
+            None => Command::new("containerd"),
+        };
         if let Some(path) = &self.path {
             cmd.env("PATH", path);
         }
@@ -238,6 +337,12 @@ pub struct Containerd {
     address: PathBuf,
     namespace: String,
     tag: String,
+    /// The network namespace containerd runs in (`/run/netns/<name>`), if
+    /// the instance has one.
+    netns: Option<String>,
+    /// The pods' network namespaces (files) CRI made, as the tests learnt
+    /// them ([`Containerd::remember_netns`]).
+    pod_netns: Mutex<BTreeMap<PathBuf, u64>>,
     ids: Mutex<BTreeSet<(String, String)>>,
     next_id: AtomicU32,
     busybox: OnceLock<Result<String, String>>,
@@ -279,41 +384,82 @@ impl Containerd {
             "socket path {} is too long for a Unix socket",
             address.display()
         );
+        ensure!(
+            options.cni_network.is_none() || options.private_netns,
+            "a CNI network needs a private network namespace (ContainerdOptions::private_netns): \
+             its bridge and iptables rules would go into the host's"
+        );
+        ensure!(
+            options.cni_network.is_none() || options.cri.is_some(),
+            "a CNI network needs the CRI plugin (ContainerdOptions::cri)"
+        );
         let config = dir.join("config.toml");
         std::fs::write(&config, config_toml(&dir, options.cri.as_ref()))
             .with_context(|| format!("writing {}", config.display()))?;
-        let path = match &options.path_prepend {
-            Some(first) => {
-                let rest = std::env::var_os("PATH").unwrap_or_default();
-                Some(
-                    std::env::join_paths(
-                        std::iter::once(first.clone()).chain(std::env::split_paths(&rest)),
-                    )
-                    .context("containerd's PATH")?,
-                )
+        if let Some(net) = &options.cni_network {
+            let conf_dir = options
+                .cri
+                .as_ref()
+                .and_then(|c| c.cni_conf_dir.clone())
+                .unwrap_or_else(|| dir.join("cni/net.d"));
+            let ipam = dir.join("cni/ipam");
+            std::fs::create_dir_all(&ipam)
+                .with_context(|| format!("creating {}", ipam.display()))?;
+            let file = conf_dir.join(net.file_name());
+            std::fs::write(&file, net.conflist(&ipam))
+                .with_context(|| format!("writing {}", file.display()))?;
+        }
+        let mut path_dirs: Vec<PathBuf> = options.path_prepend.iter().cloned().collect();
+        if options.path_prepend.is_some() || options.private_netns {
+            let rest = std::env::var_os("PATH").unwrap_or_default();
+            path_dirs.extend(std::env::split_paths(&rest));
+        }
+        if options.private_netns {
+            // The CNI plugins (bridge's ipMasq, portmap) run iptables.
+            for d in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
+                if !path_dirs.iter().any(|p| p == Path::new(d)) {
+                    path_dirs.push(d.into());
+                }
             }
-            None => None,
+        }
+        let path = if path_dirs.is_empty() {
+            None
+        } else {
+            Some(std::env::join_paths(path_dirs).context("containerd's PATH")?)
         };
+        let netns = options
+            .private_netns
+            .then(|| format!("{NETNS_PREFIX}{tag}"));
         let launch = Launch {
             config,
             log: dir.join("containerd.log"),
             log_level: options.log_level.clone().unwrap_or_else(|| "info".into()),
             path,
+            netns: netns.as_ref().map(|n| Path::new(NETNS_DIR).join(n)),
         };
-        let child = launch.spawn()?;
+        // Built before anything outside the directory is made: a failure
+        // from here on leaves the cleanup to `Drop`.
         let c = Containerd {
-            pid: AtomicU32::new(child.id()),
-            child: Mutex::new(Some(child)),
+            pid: AtomicU32::new(0),
+            child: Mutex::new(None),
             launch,
             dir,
             address,
             namespace: NAMESPACE.to_owned(),
             tag,
+            netns,
+            pod_netns: Mutex::new(BTreeMap::new()),
             ids: Mutex::new(BTreeSet::new()),
             next_id: AtomicU32::new(0),
             busybox: OnceLock::new(),
             torn_down: false,
         };
+        if let Some(ns) = &c.netns {
+            create_netns(ns)?;
+        }
+        let child = c.launch.spawn()?;
+        c.pid.store(child.id(), Ordering::Relaxed);
+        *c.child() = Some(child);
         c.wait_ready(Duration::from_secs(30))?;
         Ok(c)
     }
@@ -408,6 +554,56 @@ impl Containerd {
     /// Where ctr's FIFOs go (`--fifo-dir`).
     pub fn fifo_dir(&self) -> PathBuf {
         self.dir.join("fifo")
+    }
+
+    /// The name of the network namespace containerd runs in
+    /// ([`ContainerdOptions::private_netns`]), if the instance has one.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// The file of the network namespace containerd runs in
+    /// (`/run/netns/<name>`).
+    pub fn netns_path(&self) -> Result<PathBuf> {
+        let ns = self
+            .netns
+            .as_ref()
+            .context("this containerd runs in the test's network namespace (no private_netns)")?;
+        Ok(Path::new(NETNS_DIR).join(ns))
+    }
+
+    /// `nsenter --net=<containerd's namespace> -- <program>`: a command run
+    /// where containerd, the CNI bridge and its iptables rules are (the
+    /// node's network, as the pods see it).
+    pub fn in_netns(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let ns = self.netns_path()?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", ns.display()))
+            .arg("--")
+            .arg(program);
+        Ok(cmd)
+    }
+
+    /// Where host-local keeps the addresses it gave out (`dataDir` of the
+    /// [`CniNetwork`]): `<this>/<network name>/<ip>`.
+    pub fn cni_ipam_dir(&self) -> PathBuf {
+        self.dir.join("cni/ipam")
+    }
+
+    /// Remembers a pod's network namespace (a file under /var/run/netns
+    /// that CRI made), so that `Drop` removes it if CRI did not, and
+    /// [`Containerd::footprint`] checks that it is gone and that no
+    /// process is left in it.
+    pub fn remember_netns(&self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(path)
+            .with_context(|| format!("the network namespace {}", path.display()))?
+            .ino();
+        self.pod_netns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_owned(), ino);
+        Ok(())
     }
 
     /// The last `max` bytes of containerd's log.
@@ -547,11 +743,25 @@ impl Containerd {
         let mut ids: BTreeSet<(String, String)> =
             self.ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
         ids.extend(self.listed_containers());
+        let mut netns: Vec<(PathBuf, u64)> = self
+            .pod_netns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(p, i)| (p.clone(), *i))
+            .collect();
+        if let Some(ns) = &self.netns {
+            let path = Path::new(NETNS_DIR).join(ns);
+            if let Some(ino) = netns_inode(&path) {
+                netns.push((path, ino));
+            }
+        }
         Footprint {
             dir: self.dir.clone(),
             address: self.address.clone(),
             containerd_pid: self.pid(),
             ids: ids.into_iter().collect(),
+            netns,
         }
     }
 
@@ -643,6 +853,24 @@ impl Containerd {
         }
         let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
         problems.extend(clean_instance(&self.dir, &self.address, ids));
+        // The pods' namespaces CRI did not remove (a failed test), then
+        // containerd's own, with whatever still runs in them.
+        let mut namespaces: Vec<(PathBuf, u64)> = self
+            .pod_netns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(p, i)| (p.clone(), *i))
+            .collect();
+        if let Some(ns) = &self.netns {
+            let path = Path::new(NETNS_DIR).join(ns);
+            if let Some(ino) = netns_inode(&path) {
+                namespaces.push((path, ino));
+            }
+        }
+        for (path, ino) in namespaces {
+            problems.extend(remove_netns(&path, ino));
+        }
         problems
     }
 }
@@ -721,6 +949,84 @@ fn clean_instance(dir: &Path, address: &Path, mut ids: BTreeSet<(String, String)
     problems
 }
 
+/// `ip netns add <name>` and `lo` up in it.
+fn create_netns(name: &str) -> Result<()> {
+    for args in [
+        vec!["netns", "add", name],
+        vec!["-n", name, "link", "set", "lo", "up"],
+    ] {
+        let mut cmd = Command::new("ip");
+        cmd.args(&args);
+        let out = run_with_timeout(cmd, None, Duration::from_secs(20))?;
+        ensure!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            describe(&out)
+        );
+    }
+    Ok(())
+}
+
+/// The inode of a network namespace file (an nsfs bind mount), as
+/// `/proc/<pid>/ns/net` names it (`net:[<inode>]`).
+fn netns_inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// The inode of process `pid`'s network namespace.
+fn process_netns(pid: i32) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    link.to_str()?
+        .strip_prefix("net:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// Kills what runs in network namespace `ino` (but this process) and
+/// removes its file `path` (unmounts and unlinks it, as `ip netns delete`
+/// does), if `path` is still that namespace (a freed namespace's inode
+/// number may be another's now). Returns what could not be done.
+fn remove_netns(path: &Path, ino: u64) -> Vec<String> {
+    let mut problems = Vec::new();
+    if netns_inode(path) != Some(ino) {
+        return problems;
+    }
+    let me = std::process::id() as i32;
+    let inside: Vec<i32> = processes()
+        .iter()
+        .filter(|p| p.pid != me && p.state != 'Z' && process_netns(p.pid) == Some(ino))
+        .map(|p| p.pid)
+        .collect();
+    for pid in &inside {
+        // SAFETY: kill(2) with a pid and a signal number has no memory
+        // effects; the pids are processes left in the instance's namespace.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while inside.iter().any(|pid| alive(*pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in inside.iter().filter(|pid| alive(**pid)) {
+        problems.push(format!(
+            "process {pid} in netns {} survived SIGKILL",
+            path.display()
+        ));
+    }
+    if let Ok(c) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+    {
+        // SAFETY: umount2 reads the NUL-terminated path, which outlives the
+        // call.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    if let Err(e) = std::fs::remove_file(path) {
+        problems.push(format!("removing netns {}: {e}", path.display()));
+    }
+    problems
+}
+
 /// The (namespace, id) of every bundle in an instance's state directory.
 fn bundles(dir: &Path) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -759,6 +1065,24 @@ fn sweep_stale_instances() {
                 eprintln!("stale containerd {}: cleanup: {p}", dir.display());
             }
         }
+        // The network namespaces of dead instances.
+        for e in std::fs::read_dir(NETNS_DIR).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(tag) = name.strip_prefix(NETNS_PREFIX) else {
+                continue;
+            };
+            let pid = tag.rsplit('-').nth(1).and_then(|p| p.parse::<i32>().ok());
+            let Some(pid) = pid else { continue };
+            if pid as u32 == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let path = e.path();
+            if let Some(ino) = netns_inode(&path) {
+                for p in remove_netns(&path, ino) {
+                    eprintln!("stale netns {}: cleanup: {p}", path.display());
+                }
+            }
+        }
     });
 }
 
@@ -783,16 +1107,28 @@ pub struct Footprint {
     pub containerd_pid: u32,
     /// Every (namespace, container id) it knew of.
     pub ids: Vec<(String, String)>,
+    /// The network namespaces it made or knew (containerd's own and the
+    /// pods'): (file, inode).
+    pub netns: Vec<(PathBuf, u64)>,
 }
 
 impl Footprint {
     /// Everything of the instance still present: processes (containerd,
-    /// shims, runtimes, containers in the containers' cgroups), mounts
-    /// under its directory, the directory, and its shim sockets, runc state
-    /// and FIFOs under /run/containerd, and the containers' cgroups.
+    /// shims, runtimes, containers in the containers' cgroups, anything in
+    /// its network namespaces), mounts under its directory, the directory,
+    /// its network namespaces' files, its shim sockets, runc state and
+    /// FIFOs under /run/containerd, libcni's cached results of its pods,
+    /// and the containers' cgroups.
     pub fn leftovers(&self) -> Vec<String> {
         let mut left = Vec::new();
         let dir = format!("{}/", self.dir.display());
+        // Namespaces whose file is gone may be freed, and their inode
+        // numbers reused by other namespaces: only those still named count.
+        let live_netns: Vec<&(PathBuf, u64)> = self
+            .netns
+            .iter()
+            .filter(|(path, ino)| netns_inode(path) == Some(*ino))
+            .collect();
         for p in processes() {
             if p.pid == std::process::id() as i32 || p.state == 'Z' {
                 continue;
@@ -802,6 +1138,20 @@ impl Footprint {
                 || self.ids.iter().any(|(ns, id)| in_cgroup(&p, ns, id))
             {
                 left.push(format!("process {} {:?}", p.pid, p.cmdline.join(" ")));
+            } else if let Some((path, _)) =
+                process_netns(p.pid).and_then(|ino| live_netns.iter().find(|(_, i)| *i == ino))
+            {
+                left.push(format!(
+                    "process {} {:?} in netns {}",
+                    p.pid,
+                    p.cmdline.join(" "),
+                    path.display()
+                ));
+            }
+        }
+        for (path, _) in &self.netns {
+            if std::fs::symlink_metadata(path).is_ok() {
+                left.push(format!("netns {}", path.display()));
             }
         }
         for m in mounts_under(&self.dir) {
@@ -855,11 +1205,30 @@ pub fn shim_socket(address: &Path, ns: &str, id: &str) -> PathBuf {
     Path::new(SHIM_SOCKET_DIR).join(sha256_hex(key.to_string_lossy().as_bytes()))
 }
 
-/// What exists under /run/containerd for container `id`: its shim socket
-/// (and the debug socket beside it), runc state under the default root,
-/// and ctr FIFO directories in the default FIFO directory.
+/// Where libcni caches the result of each CNI ADD
+/// (`<network>-<sandbox id>-<interface>`) until its DEL: containerd 1.6
+/// has no setting for it. A pod whose sandbox is deleted without CRI (the
+/// instance's `Drop`) leaves its files there.
+pub const CNI_RESULTS_DIR: &str = "/var/lib/cni/results";
+
+/// libcni's cached results of pod sandbox `id` ([`CNI_RESULTS_DIR`]).
+fn cni_results(id: &str) -> Vec<PathBuf> {
+    let infix = format!("-{id}-");
+    std::fs::read_dir(CNI_RESULTS_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(&infix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// What exists outside the instance's directory for container `id`: its
+/// shim socket (and the debug socket beside it), runc state under the
+/// default root, and ctr FIFO directories in the default FIFO directory,
+/// under /run/containerd; libcni's cached results of a pod sandbox.
 fn run_containerd_paths(address: &Path, ns: &str, id: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
+    let mut out = cni_results(id);
     let sock = shim_socket(address, ns, id);
     let debug = PathBuf::from(format!("{}.debug", sock.display()));
     let runc = Path::new(DEFAULT_RUNC_ROOT).join(ns).join(id);
@@ -2044,6 +2413,41 @@ mod tests {
             "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.\"rtv\".options]"
         ));
         assert!(with.contains("BinaryName = \"/usr/bin/rtv\""));
+    }
+
+    #[test]
+    fn cni_conflist_is_bridge_host_local_portmap() {
+        let net = CniNetwork::default();
+        let v: serde_json::Value =
+            serde_json::from_str(&net.conflist(Path::new("/tmp/x/cni/ipam"))).unwrap();
+        assert_eq!(v["name"], "rtv-pods");
+        let plugins = v["plugins"].as_array().unwrap();
+        let types: Vec<&str> = plugins.iter().filter_map(|p| p["type"].as_str()).collect();
+        assert_eq!(types, ["bridge", "portmap"]);
+        let bridge = &plugins[0];
+        assert_eq!(bridge["bridge"], "cni0");
+        assert_eq!(bridge["isGateway"], true);
+        assert_eq!(bridge["ipMasq"], true);
+        assert_eq!(bridge["ipam"]["type"], "host-local");
+        assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.88.0.0/16");
+        assert_eq!(bridge["ipam"]["dataDir"], "/tmp/x/cni/ipam");
+        assert_eq!(plugins[1]["capabilities"]["portMappings"], true);
+        assert_eq!(net.file_name(), "10-rtv-pods.conflist");
+    }
+
+    #[test]
+    fn a_cni_network_needs_a_private_netns() {
+        let opts = ContainerdOptions {
+            cni_network: Some(CniNetwork::default()),
+            ..Default::default()
+        };
+        let err = Containerd::start_with("cni-no-netns", &opts)
+            .err()
+            .expect("a CNI network without a private netns must be refused");
+        assert!(
+            format!("{err:#}").contains("private network namespace"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio::net::UnixStream;
 const APPLETS: &[&str] = &[
     "sh", "ls", "id", "cat", "echo", "hostname", "sleep", "ps", "mkdir", "touch", "grep", "head",
     "dd", "true", "false", "env", "pwd", "stat", "find", "wc", "tty", "mount", "rm", "ln",
-    "unshare",
+    "unshare", "ip", "nc", "httpd", "wget", "ifconfig", "route", "ping",
 ];
 
 /// Builds a busybox root file system (from Debian's busybox-static) in

@@ -11,10 +11,16 @@
 //! A CRI pod needs its sandbox ("pause") image locally: [`pause_image_tar`]
 //! builds one from busybox (its Cmd blocks until SIGTERM) with the busybox
 //! image's builder, and [`import_cri_images`] imports it and the busybox
-//! image into containerd's `k8s.io` namespace. Pods use the node's network
-//! namespace (rtv has no pod networking yet), so no CNI plugin is needed;
+//! image into containerd's `k8s.io` namespace. The lifecycle scenarios'
+//! pods use the node's network namespace, so no CNI plugin is needed;
 //! their containers' cgroups are `/k8s.io/<id>` (the pod's
 //! `cgroup_parent`), where the harness looks for leftovers.
+//!
+//! [`run_net_scenario`] runs [`scenario_pod_network`]: pods with networks
+//! of their own through Debian's CNI plugins (bridge `cni0`, host-local,
+//! portmap, loopback), with containerd in a network namespace of the
+//! instance ([`cri_net_options`]), so the bridge, the veths and the
+//! iptables rules never touch the host's network.
 //!
 //! [`run_pod_scenario`] is what a runtime's test calls: a private
 //! containerd with the CRI plugin and one handler (and, for a shim v2
@@ -32,7 +38,8 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
 use crate::containerd::{
-    self, with_containerd_opts, Containerd, ContainerdOptions, CriConfig, CriRuntime, BUSYBOX_REF,
+    self, with_containerd_opts, CniNetwork, Containerd, ContainerdOptions, CriConfig, CriRuntime,
+    BUSYBOX_REF,
 };
 
 /// The containerd namespace of the CRI plugin.
@@ -287,7 +294,37 @@ impl<'a> CriClient<'a> {
         )?;
         let id = str_field(&r, "pod_sandbox_id")?;
         self.c.remember(CRI_NAMESPACE, &id);
+        // A pod with a network of its own (only an instance with a network
+        // namespace of its own has a CNI network): CRI made the pod's
+        // namespace (and ran CNI in it) before the sandbox; remembered for
+        // the cleanup.
+        if self.c.netns().is_some() {
+            if let Some(ns) = self.pod_netns_path(&id)? {
+                self.c.remember_netns(&ns)?;
+            }
+        }
         Ok(id)
+    }
+
+    /// The pod's network namespace file (`/var/run/netns/cni-<uuid>`) as
+    /// the sandbox's runtime spec names it (verbose `PodSandboxStatus`),
+    /// or `None` (a pod in the node's network).
+    pub fn pod_netns_path(&self, id: &str) -> Result<Option<PathBuf>> {
+        let st = self.pod_status(id)?;
+        let info = st["info"]["info"]
+            .as_str()
+            .with_context(|| format!("no verbose info of pod {id}: {st}"))?;
+        let info: Value = serde_json::from_str(info)
+            .with_context(|| format!("pod {id}'s verbose info {info:?}"))?;
+        let namespaces = info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .with_context(|| format!("no namespaces in pod {id}'s runtime spec: {info}"))?;
+        Ok(namespaces
+            .iter()
+            .find(|n| n["type"] == "network")
+            .and_then(|n| n["path"].as_str())
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from))
     }
 
     /// `PodSandboxStatus` (verbose): the whole response (`status`, `info`).
@@ -510,6 +547,21 @@ pub fn cri_options(runtimes: Vec<CriRuntime>, path_prepend: Option<PathBuf>) -> 
     }
 }
 
+/// [`cri_options`] for pods with networks of their own: containerd in a
+/// network namespace of the instance ([`ContainerdOptions::private_netns`])
+/// with the CNI network [`CniNetwork::default`] (bridge `cni0` on
+/// 10.88.0.0/16, portmap), Debian's CNI plugins from `/usr/lib/cni`.
+pub fn cri_net_options(
+    runtimes: Vec<CriRuntime>,
+    path_prepend: Option<PathBuf>,
+) -> ContainerdOptions {
+    ContainerdOptions {
+        private_netns: true,
+        cni_network: Some(CniNetwork::default()),
+        ..cri_options(runtimes, path_prepend)
+    }
+}
+
 /// Imports the pause and busybox images into the `k8s.io` namespace and
 /// waits until the CRI plugin lists both (it learns of images from
 /// containerd's events).
@@ -568,27 +620,65 @@ pub fn wait_cri_ready(cri: &CriClient, timeout: Duration) -> Result<()> {
 /// a PID namespace per container (as the kubelet asks), cgroups under
 /// [`CGROUP_PARENT`], and container logs in `<instance>/pods/<name>/`.
 pub fn pod_config(c: &Containerd, name: &str) -> Result<Value> {
+    pod_config_in(c, name, Network::Node)
+}
+
+/// A pod's network, as the kubelet asks for it (`NamespaceOption.network`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// `NODE`: `hostNetwork: true`.
+    Node,
+    /// `POD`: a network namespace of the pod's own, set up by CNI.
+    Pod,
+}
+
+impl Network {
+    fn mode(self) -> &'static str {
+        match self {
+            Network::Node => "NODE",
+            Network::Pod => "POD",
+        }
+    }
+}
+
+/// [`pod_config`] with the pod's network `network`; a pod with a network
+/// of its own gets its name as hostname, as the kubelet gives.
+pub fn pod_config_in(c: &Containerd, name: &str, network: Network) -> Result<Value> {
     let logs = c.dir().join("pods").join(name);
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    Ok(json!({
+    let mut cfg = json!({
         "metadata": {"name": name, "uid": format!("{name}-uid"), "namespace": "rtv-test", "attempt": 0},
         "log_directory": logs.to_string_lossy(),
         "labels": {"rtv-test": name},
         "linux": {
             "cgroup_parent": CGROUP_PARENT,
-            "security_context": {"namespace_options": namespace_options()},
+            "security_context": {"namespace_options": namespace_options(network)},
         },
-    }))
+    });
+    if network == Network::Pod {
+        cfg["hostname"] = json!(name);
+    }
+    Ok(cfg)
 }
 
-fn namespace_options() -> Value {
-    json!({"network": "NODE", "pid": "CONTAINER", "ipc": "POD"})
+fn namespace_options(network: Network) -> Value {
+    json!({"network": network.mode(), "pid": "CONTAINER", "ipc": "POD"})
 }
 
 /// A busybox container's configuration: `cmd` is its whole command line,
 /// its log is `<name>.log` in the pod's log directory, `envs` its
 /// environment.
 pub fn container_config(name: &str, cmd: &[&str], envs: &[(&str, &str)]) -> Value {
+    container_config_in(name, cmd, envs, Network::Node)
+}
+
+/// [`container_config`] for a pod whose network is `network`.
+pub fn container_config_in(
+    name: &str,
+    cmd: &[&str],
+    envs: &[(&str, &str)],
+    network: Network,
+) -> Value {
     let envs: Vec<Value> = envs
         .iter()
         .map(|(k, v)| json!({"key": k, "value": v}))
@@ -604,7 +694,7 @@ pub fn container_config(name: &str, cmd: &[&str], envs: &[(&str, &str)]) -> Valu
         // default profile, no no-new-privileges: allowPrivilegeEscalation
         // is left at its default).
         "linux": {"security_context": {
-            "namespace_options": namespace_options(),
+            "namespace_options": namespace_options(network),
             "seccomp": {"profile_type": "RuntimeDefault"},
         }},
     })
@@ -1064,7 +1154,8 @@ pub fn wait_nothing_left(c: &Containerd, cri: &CriClient, timeout: Duration) -> 
 }
 
 /// [`containerd::Footprint::leftovers`] of a running instance, less the
-/// instance itself (containerd's process and its directory) and the
+/// instance itself (containerd's process, its directory and its network
+/// namespace's file) and the
 /// processes `except` (e.g. the CRI client): the shims, processes, mounts,
 /// cgroups, sockets and runtime state of every container and pod the
 /// instance knew.
@@ -1074,11 +1165,668 @@ pub fn live_leftovers(c: &Containerd, except: &[u32]) -> Vec<String> {
         .map(|pid| format!("process {pid} "))
         .collect();
     let dir = format!("directory {}", c.dir().display());
+    let netns = c
+        .netns_path()
+        .map(|p| format!("netns {}", p.display()))
+        .unwrap_or_default();
     c.footprint()
         .leftovers()
         .into_iter()
-        .filter(|l| *l != dir && !own.iter().any(|p| l.starts_with(p.as_str())))
+        .filter(|l| *l != dir && *l != netns && !own.iter().any(|p| l.starts_with(p.as_str())))
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Pod networking.
+
+/// What a `hostNetwork` pod (`NamespaceOption.network = NODE`) of a runtime
+/// gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostNetwork {
+    /// The node's network namespace: containerd's (runc).
+    NodeNamespace,
+    /// A network of its own with loopback only: a VM runtime cannot give
+    /// a VM the node's namespace (Kata refuses such pods); no NIC is up,
+    /// no address but 127.0.0.1, the pods are not reachable.
+    LoopbackOnly,
+}
+
+/// The pod-network scenario's parameters ([`scenario_pod_network`]).
+#[derive(Debug, Clone)]
+pub struct NetScenario {
+    /// The handler under test: two pods with networks of their own, and a
+    /// `hostNetwork` one.
+    pub handler: String,
+    /// Another handler with a pod on the same bridge (runc, to check rtv
+    /// against), if any.
+    pub peer_handler: Option<String>,
+    /// What the handler's `hostNetwork` pod gets.
+    pub host_network: HostNetwork,
+}
+
+/// The port the pods' web servers listen on.
+const POD_PORT: u16 = 8080;
+/// Pod `a`'s hostPort (portmap), on the node's addresses.
+const HOST_PORT: u16 = 30080;
+/// The port of the node's web server, on the bridge's address.
+const NODE_PORT: u16 = 8081;
+/// The size of the file the pods serve, to move more than a segment.
+const BLOB_KIB: u32 = 2048;
+
+/// One pod of the scenario: its name, id, web container and address.
+struct NetPod {
+    name: String,
+    id: String,
+    ctr: String,
+    ip: String,
+    netns: Option<PathBuf>,
+}
+
+/// How long the phases of [`scenario_pod_network`] took.
+#[derive(Debug, Default, Clone)]
+pub struct NetTimings {
+    /// RunPodSandbox (with CNI) of each pod, by name.
+    pub run_pod: Vec<(String, Duration)>,
+    /// Every pod up, its web server answering.
+    pub setup: Duration,
+    /// The checks on the running pods.
+    pub checks: Duration,
+    /// StopPodSandbox + RemovePodSandbox of every pod and the checks after.
+    pub teardown: Duration,
+}
+
+impl std::fmt::Display for NetTimings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: &Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
+        let pods: Vec<String> = self
+            .run_pod
+            .iter()
+            .map(|(n, d)| format!("{n} {}", ms(d)))
+            .collect();
+        write!(
+            f,
+            "RunPodSandbox [{}], pods up {}, checks {}, teardown {}",
+            pods.join(", "),
+            ms(&self.setup),
+            ms(&self.checks),
+            ms(&self.teardown)
+        )
+    }
+}
+
+/// `ExecSync` of `cmd` in `id` (timeout 60 s), failing unless it exits 0;
+/// its stdout.
+fn exec_ok(cri: &CriClient, id: &str, cmd: &[&str]) -> Result<String> {
+    let r = cri.exec_sync(id, cmd, 60)?;
+    ensure!(
+        r.exit_code == 0,
+        "ExecSync {cmd:?} in {id}: exit {}, stdout {:?}, stderr {:?}",
+        r.exit_code,
+        r.stdout,
+        r.stderr
+    );
+    Ok(r.stdout)
+}
+
+/// Runs `program args` in containerd's network namespace (the node's
+/// network) and returns its stdout, failing unless it exits 0.
+fn node_ok(c: &Containerd, program: &str, args: &[&str]) -> Result<String> {
+    let mut cmd = c.in_netns(program)?;
+    cmd.args(args);
+    let out = containerd::run_with_timeout(cmd, None, Duration::from_secs(60))?;
+    ensure!(
+        out.status.success(),
+        "{program} {} in containerd's network namespace: {}",
+        args.join(" "),
+        containerd::describe(&out)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// An IPv4 subnet `a.b.c.d/n`.
+fn parse_subnet(s: &str) -> Result<(std::net::Ipv4Addr, u32)> {
+    let (ip, len) = s.split_once('/').with_context(|| format!("subnet {s:?}"))?;
+    let len: u32 = len.parse().with_context(|| format!("subnet {s:?}"))?;
+    ensure!(len <= 32, "subnet {s:?}");
+    Ok((ip.parse().with_context(|| format!("subnet {s:?}"))?, len))
+}
+
+fn in_subnet(ip: std::net::Ipv4Addr, (net, len): (std::net::Ipv4Addr, u32)) -> bool {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
+/// The IPv4 addresses `ip -o -4 addr` lists: (interface, address/prefix).
+fn ipv4_addrs(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let i = f.iter().position(|w| *w == "inet")?;
+            Some((f.get(1)?.to_string(), f.get(i + 1)?.to_string()))
+        })
+        .collect()
+}
+
+/// A pod's web server: `/www/id` holds the pod's name, `/www/blob`
+/// [`BLOB_KIB`] KiB of random bytes and `/www/blob.md5` their MD5;
+/// busybox httpd on [`POD_PORT`]; exits 0 on SIGTERM.
+fn web_command(name: &str) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "mkdir -p /www && echo {name} > /www/id && \
+             dd if=/dev/urandom of=/www/blob bs=1024 count={BLOB_KIB} 2>/dev/null && \
+             md5sum /www/blob | cut -d' ' -f1 > /www/blob.md5 || exit 1; \
+             trap 'exit 0' TERM; httpd -f -p {POD_PORT} -h /www & wait"
+        ),
+    ]
+}
+
+/// `wget` of `url` from container `from`: its body.
+fn fetch(cri: &CriClient, from: &str, url: &str) -> Result<String> {
+    exec_ok(cri, from, &["timeout", "20", "wget", "-q", "-O-", url])
+        .with_context(|| format!("fetching {url}"))
+}
+
+/// TCP from pod `from` to pod `to`'s address: `/id` names `to`, and
+/// `/blob` arrives whole (the MD5 `to` computed).
+fn check_tcp(cri: &CriClient, from: &NetPod, to: &NetPod) -> Result<()> {
+    let id = fetch(cri, &from.ctr, &format!("http://{}:{POD_PORT}/id", to.ip))
+        .with_context(|| format!("{} -> {}", from.name, to.name))?;
+    ensure!(
+        id.trim() == to.name,
+        "{} fetched {}'s /id at {} and got {id:?}",
+        from.name,
+        to.name,
+        to.ip
+    );
+    let want = exec_ok(cri, &to.ctr, &["cat", "/www/blob.md5"])?;
+    let script = format!(
+        "timeout 20 wget -q -O- http://{}:{POD_PORT}/blob | md5sum | cut -d' ' -f1",
+        to.ip
+    );
+    let got = exec_ok(cri, &from.ctr, &["sh", "-c", &script])?;
+    ensure!(
+        got.trim() == want.trim() && !want.trim().is_empty(),
+        "{} -> {}: /blob ({BLOB_KIB} KiB) has MD5 {got:?}, not {want:?}",
+        from.name,
+        to.name
+    );
+    Ok(())
+}
+
+/// A process of the test in containerd's network namespace, killed when
+/// dropped.
+struct NodeProcess(std::process::Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Pod networking through CRI with real CNI plugins, on a containerd from
+/// [`cri_net_options`] (bridge `cni0`, host-local, portmap, in a network
+/// namespace of the instance). Pods `a` and `b` on `s.handler` with their
+/// own networks (`a` with hostPort [`HOST_PORT`]), `r` on
+/// `s.peer_handler` if given, each serving files with busybox httpd, and
+/// `h`, a `hostNetwork` pod on `s.handler`:
+/// - each pod's IP from `PodSandboxStatus` (`status.network.ip`) is in the
+///   subnet, differs from the others', and is the address `ip -4 addr`
+///   shows inside its container, with the subnet's prefix length;
+/// - TCP both ways between `a` and `b`, and between `a` and `r`: the peer's
+///   name and a [`BLOB_KIB`] KiB file with the right MD5;
+/// - the pods' default route is through the bridge's address (the
+///   gateway, `cni0`'s in containerd's namespace); each pod reaches a web
+///   server of the test listening on it, and `ping`s it; the node (a
+///   command in containerd's namespace, as a kubelet probe) reaches `a`
+///   at its address and at hostPort [`HOST_PORT`] of the gateway address
+///   (portmap's DNAT);
+/// - `h` runs: per `s.host_network`, in containerd's own network namespace
+///   (and reaches `a`), or with loopback only (and does not);
+/// - after StopPodSandbox + RemovePodSandbox of every pod: the pods'
+///   network namespaces are gone from /var/run/netns, no veth is left in
+///   containerd's namespace, host-local holds no address (its reservations
+///   are in the instance's directory, none in /var/lib/cni), no CNI
+///   masquerade chain is left in its nat table, and nothing else of the
+///   pods is left ([`wait_nothing_left`]).
+pub fn scenario_pod_network(
+    c: &Containerd,
+    cri: &CriClient,
+    s: &NetScenario,
+) -> Result<NetTimings> {
+    let mut t = NetTimings::default();
+    let t0 = Instant::now();
+    let net = CniNetwork::default();
+    let subnet = parse_subnet(&net.subnet)?;
+    let st = cri.call("RuntimeService/Status", json!({}))?;
+    let conditions = st["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        conditions
+            .iter()
+            .any(|c| c["type"] == "NetworkReady" && c["status"] == true),
+        "the CRI plugin's network is not ready (the conflist in {}?): {st}",
+        c.dir().join("cni/net.d").display()
+    );
+
+    // The pods.
+    let mut specs: Vec<(&str, &str, Network)> = vec![
+        ("a", s.handler.as_str(), Network::Pod),
+        ("b", s.handler.as_str(), Network::Pod),
+    ];
+    if let Some(peer) = &s.peer_handler {
+        specs.push(("r", peer.as_str(), Network::Pod));
+    }
+    specs.push(("h", s.handler.as_str(), Network::Node));
+    let mut pods = Vec::new();
+    for (name, handler, network) in specs {
+        let mut cfg = pod_config_in(c, name, network)?;
+        if name == "a" {
+            cfg["port_mappings"] = json!([{
+                "protocol": "TCP", "container_port": POD_PORT, "host_port": HOST_PORT,
+            }]);
+        }
+        let started = Instant::now();
+        let id = cri
+            .run_pod(&cfg, handler)
+            .with_context(|| format!("RunPodSandbox of pod {name} on {handler}"))?;
+        t.run_pod
+            .push((format!("{name}/{handler}"), started.elapsed()));
+        let st = cri.pod_status(&id)?;
+        let status = &st["status"];
+        ensure!(
+            status["state"] == "SANDBOX_READY"
+                && status["runtime_handler"] == handler
+                && status["linux"]["namespaces"]["options"]["network"] == network.mode(),
+            "pod {name} after RunPodSandbox: {status}"
+        );
+        let ip = status["network"]["ip"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let netns = cri.pod_netns_path(&id)?;
+        if network == Network::Pod {
+            let addr: std::net::Ipv4Addr = ip
+                .parse()
+                .with_context(|| format!("pod {name}'s IP {ip:?} (status {status})"))?;
+            ensure!(
+                in_subnet(addr, subnet),
+                "pod {name}'s IP {ip} is not in the network's {}",
+                net.subnet
+            );
+            let ns = netns
+                .as_ref()
+                .with_context(|| format!("pod {name} has no network namespace path"))?;
+            ensure!(
+                ns.starts_with("/var/run/netns") || ns.starts_with("/run/netns"),
+                "pod {name}'s network namespace is {}",
+                ns.display()
+            );
+        } else {
+            eprintln!(
+                "hostNetwork pod {name} on {handler}: PodSandboxStatus network {}, netns {netns:?}",
+                status["network"]
+            );
+        }
+        let cmd: Vec<String> = if network == Network::Pod {
+            web_command(name)
+        } else {
+            PAUSE_CMD.iter().map(|a| a.to_string()).collect()
+        };
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        let ccfg = container_config_in("web", &cmd, &[], network);
+        let ctr = cri.create_container(&id, &ccfg, &cfg)?;
+        cri.start(&ctr)
+            .with_context(|| format!("StartContainer in pod {name}"))?;
+        pods.push(NetPod {
+            name: name.to_owned(),
+            id,
+            ctr,
+            ip,
+            netns,
+        });
+    }
+    let ips: Vec<&str> = pods
+        .iter()
+        .filter(|p| p.name != "h")
+        .map(|p| p.ip.as_str())
+        .collect();
+    let mut distinct = ips.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    ensure!(distinct.len() == ips.len(), "pods share addresses: {ips:?}");
+    // Every web server answers on its own loopback.
+    for p in pods.iter().filter(|p| p.name != "h") {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = cri.exec_sync(
+                &p.ctr,
+                &[
+                    "timeout",
+                    "5",
+                    "wget",
+                    "-q",
+                    "-O-",
+                    &format!("http://127.0.0.1:{POD_PORT}/id"),
+                ],
+                30,
+            )?;
+            if r.exit_code == 0 && r.stdout.trim() == p.name {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "pod {}'s web server does not answer on 127.0.0.1:{POD_PORT}: {r:?}; its log: {:?}",
+                p.name,
+                std::fs::read_to_string(c.dir().join("pods").join(&p.name).join("web.log"))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    t.setup = t0.elapsed();
+    let t1 = Instant::now();
+    let pod = |name: &str| pods.iter().find(|p| p.name == name);
+    let (a, b) = (pod("a").context("pod a")?, pod("b").context("pod b")?);
+    let h = pod("h").context("pod h")?;
+    let with_ip: Vec<&NetPod> = pods.iter().filter(|p| p.name != "h").collect();
+
+    // The pod's IP is its container's address.
+    for p in &with_ip {
+        let out = exec_ok(cri, &p.ctr, &["ip", "-o", "-4", "addr", "show"])?;
+        let addrs = ipv4_addrs(&out);
+        let want = format!("{}/{}", p.ip, subnet.1);
+        ensure!(
+            addrs.iter().any(|(_, a)| *a == want),
+            "pod {}: PodSandboxStatus says {}, `ip -4 addr` inside shows {addrs:?}",
+            p.name,
+            p.ip
+        );
+        let ifc = exec_ok(cri, &p.ctr, &["ifconfig"])?;
+        ensure!(
+            ifc.contains(&format!("inet addr:{} ", p.ip)),
+            "pod {}: ifconfig does not show {}: {ifc}",
+            p.name,
+            p.ip
+        );
+        eprintln!("pod {} ({}): {addrs:?}", p.name, p.ip);
+    }
+
+    // TCP between the pods.
+    check_tcp(cri, a, b)?;
+    check_tcp(cri, b, a)?;
+    if let Some(r) = pod("r") {
+        check_tcp(cri, a, r)?;
+        check_tcp(cri, r, a)?;
+    }
+
+    // The gateway: cni0's address in containerd's namespace.
+    let bridge = node_ok(c, "ip", &["-o", "-4", "addr", "show", "dev", &net.bridge])?;
+    let gw = ipv4_addrs(&bridge)
+        .first()
+        .and_then(|(_, a)| a.split('/').next().map(str::to_owned))
+        .with_context(|| format!("no IPv4 address on {}: {bridge:?}", net.bridge))?;
+    for p in &with_ip {
+        let route = exec_ok(cri, &p.ctr, &["ip", "-4", "route", "show", "default"])?;
+        ensure!(
+            route
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .windows(2)
+                .any(|w| w == ["via", gw.as_str()]),
+            "pod {}'s default route is not through the gateway {gw}: {route:?}",
+            p.name
+        );
+    }
+    let www = c.dir().join("node-www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("id"), "node\n")?;
+    let mut cmd = c.in_netns("busybox")?;
+    cmd.args(["httpd", "-f", "-p", &format!("{gw}:{NODE_PORT}"), "-h"])
+        .arg(&www)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let node_httpd = NodeProcess(
+        cmd.spawn()
+            .context("starting busybox httpd in containerd's namespace")?,
+    );
+    let node_url = format!("http://{gw}:{NODE_PORT}/id");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node_ok(
+        c,
+        "busybox",
+        &["timeout", "2", "busybox", "wget", "-q", "-O-", &node_url],
+    )
+    .is_err()
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "the node's httpd on {node_url} does not answer"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for p in &with_ip {
+        let body = fetch(cri, &p.ctr, &node_url)
+            .with_context(|| format!("pod {} -> the gateway {gw}", p.name))?;
+        ensure!(
+            body.trim() == "node",
+            "pod {} fetched {node_url}: {body:?}",
+            p.name
+        );
+        let ping = exec_ok(cri, &p.ctr, &["ping", "-c", "1", "-W", "10", &gw])
+            .with_context(|| format!("pod {} pings the gateway {gw}", p.name))?;
+        ensure!(
+            ping.contains("1 packets received"),
+            "pod {} ping {gw}: {ping}",
+            p.name
+        );
+    }
+    drop(node_httpd);
+    // The node reaches pod a at its address and at its hostPort.
+    for url in [
+        format!("http://{}:{POD_PORT}/id", a.ip),
+        format!("http://{gw}:{HOST_PORT}/id"),
+    ] {
+        let body = node_ok(
+            c,
+            "busybox",
+            &["timeout", "20", "busybox", "wget", "-q", "-O-", &url],
+        )
+        .with_context(|| format!("the node -> pod a at {url}"))?;
+        ensure!(body.trim() == "a", "the node fetched {url}: {body:?}");
+    }
+
+    // The hostNetwork pod.
+    let addr = exec_ok(cri, &h.ctr, &["ip", "addr"])?;
+    let links = exec_ok(cri, &h.ctr, &["ip", "-o", "link"])?;
+    eprintln!("hostNetwork pod h on {}: `ip addr`:\n{addr}", s.handler);
+    let to_a = cri.exec_sync(
+        &h.ctr,
+        &[
+            "timeout",
+            "5",
+            "wget",
+            "-q",
+            "-O-",
+            &format!("http://{}:{POD_PORT}/id", a.ip),
+        ],
+        60,
+    )?;
+    match s.host_network {
+        HostNetwork::NodeNamespace => {
+            let inside = exec_ok(cri, &h.ctr, &["readlink", "/proc/self/ns/net"])?;
+            let node = std::fs::read_link(format!("/proc/{}/ns/net", c.pid()))
+                .context("containerd's network namespace")?;
+            ensure!(
+                inside.trim() == node.to_string_lossy(),
+                "hostNetwork pod h is in {}, containerd in {}",
+                inside.trim(),
+                node.display()
+            );
+            ensure!(
+                to_a.exit_code == 0 && to_a.stdout.trim() == "a",
+                "hostNetwork pod h does not reach pod a: {to_a:?}"
+            );
+        }
+        HostNetwork::LoopbackOnly => {
+            let v4 = ipv4_addrs(&exec_ok(cri, &h.ctr, &["ip", "-o", "-4", "addr"])?);
+            ensure!(
+                v4 == [("lo".to_owned(), "127.0.0.1/8".to_owned())],
+                "hostNetwork pod h: want only 127.0.0.1/8 on lo, `ip -4 addr` shows {v4:?}"
+            );
+            for l in links.lines() {
+                let name = l.split(':').nth(1).unwrap_or_default().trim();
+                let flags = l
+                    .split('<')
+                    .nth(1)
+                    .and_then(|f| f.split('>').next())
+                    .unwrap_or_default();
+                let up = flags.split(',').any(|f| f == "UP");
+                ensure!(
+                    (name == "lo") == up,
+                    "hostNetwork pod h: want lo up and every other link down, got {links}"
+                );
+            }
+            ensure!(
+                to_a.exit_code != 0,
+                "hostNetwork pod h (loopback only) reached pod a: {to_a:?}"
+            );
+        }
+    }
+    t.checks = t1.elapsed();
+
+    // host-local's reservations are in the instance's directory.
+    let t2 = Instant::now();
+    let ipam = c.cni_ipam_dir().join(&net.name);
+    let reserved = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "lock" && !n.starts_with("last_reserved_ip"))
+            .collect()
+    };
+    let mut held = reserved(&ipam);
+    held.sort();
+    let mut want: Vec<String> = with_ip.iter().map(|p| p.ip.clone()).collect();
+    want.sort();
+    ensure!(
+        held == want,
+        "host-local's reservations in {}: {held:?}, want the pods' {want:?}",
+        ipam.display()
+    );
+    let netns: Vec<PathBuf> = pods.iter().filter_map(|p| p.netns.clone()).collect();
+    for p in &pods {
+        cri.stop_pod(&p.id)
+            .with_context(|| format!("StopPodSandbox of pod {}", p.name))?;
+        cri.remove_pod(&p.id)
+            .with_context(|| format!("RemovePodSandbox of pod {}", p.name))?;
+    }
+    let left: Vec<&PathBuf> = netns
+        .iter()
+        .filter(|p| std::fs::symlink_metadata(p).is_ok())
+        .collect();
+    ensure!(
+        left.is_empty(),
+        "the pods' network namespaces are left: {left:?}"
+    );
+    let veths = node_ok(c, "ip", &["-o", "link", "show", "type", "veth"])?;
+    ensure!(
+        veths.trim().is_empty(),
+        "veths left in containerd's namespace: {veths}"
+    );
+    let held = reserved(&ipam);
+    ensure!(
+        held.is_empty(),
+        "host-local still holds {held:?} in {}",
+        ipam.display()
+    );
+    let system = Path::new("/var/lib/cni/networks").join(&net.name);
+    ensure!(!system.exists(), "host-local wrote {}", system.display());
+    let nat = node_ok(c, "iptables", &["-t", "nat", "-S"])?;
+    let chains: Vec<&str> = nat
+        .lines()
+        .filter(|l| l.starts_with("-N CNI-") && !l.starts_with("-N CNI-HOSTPORT-"))
+        .collect();
+    ensure!(
+        chains.is_empty(),
+        "CNI chains left in the nat table: {chains:?}\n{nat}"
+    );
+    let hostports: Vec<&str> = nat
+        .lines()
+        .filter(|l| {
+            l.starts_with("-A CNI-DN-")
+                || (l.starts_with("-A CNI-HOSTPORT-DNAT") && l.contains("-j CNI-DN-"))
+        })
+        .collect();
+    ensure!(
+        hostports.is_empty(),
+        "hostPort rules left in the nat table: {hostports:?}"
+    );
+    wait_nothing_left(c, cri, Duration::from_secs(30))?;
+    t.teardown = t2.elapsed();
+    Ok(t)
+}
+
+/// The link names in the test's (the host's) network namespace.
+fn host_links() -> Result<Vec<String>> {
+    let out = containerd::run_with_timeout(
+        {
+            let mut c = Command::new("ip");
+            c.args(["-o", "link", "show"]);
+            c
+        },
+        None,
+        Duration::from_secs(20),
+    )?;
+    ensure!(
+        out.status.success(),
+        "ip -o link show: {}",
+        containerd::describe(&out)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or_default().to_owned())
+        .collect())
+}
+
+/// [`scenario_pod_network`] in a private containerd ([`cri_net_options`])
+/// with `runtimes` (`s`'s handlers among them), then the checks that
+/// nothing of the instance is left ([`with_cri`]: its network namespace
+/// too), and that the host's network namespace has no `cni0` and no veth
+/// it did not have before.
+pub fn run_net_scenario(
+    test: &str,
+    runtimes: Vec<CriRuntime>,
+    path_prepend: Option<PathBuf>,
+    s: &NetScenario,
+) {
+    let before = host_links().expect("the host's links");
+    let opts = cri_net_options(runtimes, path_prepend);
+    let t = Instant::now();
+    with_cri(test, &opts, |c, cri| {
+        let t = scenario_pod_network(c, cri, s)?;
+        eprintln!("[{test}] {t}");
+        Ok(())
+    });
+    eprintln!("[{test}] {:.1} s in all", t.elapsed().as_secs_f64());
+    let after = host_links().expect("the host's links");
+    let new: Vec<&String> = after
+        .iter()
+        .filter(|l| !before.contains(l) && (l.as_str() == "cni0" || l.starts_with("veth")))
+        .collect();
+    assert!(
+        new.is_empty() && !after.iter().any(|l| l == "cni0"),
+        "{test}: links in the host's network namespace: {new:?} (all: {after:?})"
+    );
 }
 
 #[cfg(test)]
@@ -1100,6 +1848,40 @@ mod tests {
         let lines = stdout_log_lines(&log).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(lines, ["hello world", ""]);
+    }
+
+    #[test]
+    fn subnets_and_ip_addr_output() {
+        let net = parse_subnet("10.88.0.0/16").unwrap();
+        assert!(in_subnet("10.88.3.4".parse().unwrap(), net));
+        assert!(!in_subnet("10.89.0.1".parse().unwrap(), net));
+        assert!(parse_subnet("10.88.0.0").is_err());
+        let out = "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever\n\
+                   2: eth0    inet 10.88.0.2/16 brd 10.88.255.255 scope global eth0\n";
+        assert_eq!(
+            ipv4_addrs(out),
+            [
+                ("lo".to_owned(), "127.0.0.1/8".to_owned()),
+                ("eth0".to_owned(), "10.88.0.2/16".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn pod_configs_ask_for_the_network() {
+        let net = container_config_in("x", &["true"], &[], Network::Pod);
+        assert_eq!(
+            net["linux"]["security_context"]["namespace_options"]["network"],
+            "POD"
+        );
+        let node = container_config("x", &["true"], &[]);
+        assert_eq!(
+            node["linux"]["security_context"]["namespace_options"]["network"],
+            "NODE"
+        );
+        let o = cri_net_options(Vec::new(), None);
+        assert!(o.private_netns);
+        assert_eq!(o.cni_network.unwrap().bridge, "cni0");
     }
 
     #[test]

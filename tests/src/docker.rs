@@ -35,6 +35,25 @@ pub const IMAGE: &str = "rtv-busybox:test";
 /// How long one client command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The private subnet of the default bridge (docker0) of a dockerd started
+/// with [`Network::Bridge`]; docker0 and the subnet live in dockerd's own
+/// network namespace only.
+pub const BRIDGE_IP: &str = "172.31.250.1";
+/// [`BRIDGE_IP`]'s prefix length.
+pub const BRIDGE_PREFIX: u8 = 24;
+
+/// dockerd's default network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Network {
+    /// `--bridge none`: containers get only `--network none` or `host`.
+    None,
+    /// Docker's default bridge, docker0, at [`BRIDGE_IP`]/[`BRIDGE_PREFIX`]
+    /// (`--bip`), still with `--iptables=false`: containers on one bridge
+    /// reach each other over L2 without NAT or filter rules, and the
+    /// namespace's empty tables accept all.
+    Bridge,
+}
+
 /// A dockerd of the test's own.
 pub struct Dockerd {
     dir: PathBuf,
@@ -68,8 +87,20 @@ pub(crate) fn cgroup_mounts() -> Result<Vec<(String, String, String)>> {
 
 impl Dockerd {
     /// Starts dockerd in a network namespace of its own with `rtv` as the
-    /// runtime `rtv` (`--add-runtime`); waits until it answers.
+    /// runtime `rtv` (`--add-runtime`) and no bridge (`--bridge none`);
+    /// waits until it answers.
     pub fn start(name: &str, rtv: &Path) -> Result<Dockerd> {
+        Self::start_with(name, rtv, Network::None)
+    }
+
+    /// [`Dockerd::start`] with Docker's default bridge network (docker0 at
+    /// [`BRIDGE_IP`], in dockerd's network namespace).
+    pub fn start_with_bridge(name: &str, rtv: &Path) -> Result<Dockerd> {
+        Self::start_with(name, rtv, Network::Bridge)
+    }
+
+    /// [`Dockerd::start`] with `network` as dockerd's default network.
+    pub fn start_with(name: &str, rtv: &Path, network: Network) -> Result<Dockerd> {
         for b in [DOCKER, DOCKERD] {
             ensure!(
                 Path::new(b).exists(),
@@ -110,10 +141,16 @@ impl Dockerd {
         }
         script.push_str("ip link set lo up\n");
         let dir = d.dir.display().to_string();
+        let bridge = match network {
+            Network::None => "--bridge none".to_owned(),
+            // No forwarding either: the bridge carries the containers'
+            // traffic at L2, and nothing leaves the namespace.
+            Network::Bridge => format!("--bip {BRIDGE_IP}/{BRIDGE_PREFIX} --ip-forward=false"),
+        };
         script.push_str(&format!(
             "exec {DOCKERD} --data-root '{dir}/data' --exec-root '{dir}/exec' \
              --pidfile '{dir}/docker.pid' -H 'unix://{dir}/docker.sock' \
-             --bridge none --iptables=false --ip6tables=false --ip-masq=false \
+             {bridge} --iptables=false --ip6tables=false --ip-masq=false \
              --userland-proxy=false --cgroup-parent '{cg}' \
              --add-runtime 'rtv={rtv}' --log-level warn\n",
             cg = d.cgroup_parent,
@@ -153,6 +190,78 @@ impl Dockerd {
     /// The instance's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The network namespace dockerd runs in (`ip netns` name).
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// `ip ARGS` in dockerd's network namespace (`nsenter --net`), which
+    /// must succeed; its stdout.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("ip")
+            .args(args);
+        let out = run_with_timeout(c, None, COMMAND_TIMEOUT)?;
+        ensure!(
+            out.status.success(),
+            "ip {args:?} in {}: {}",
+            self.netns,
+            describe(&out)
+        );
+        Ok(text(&out))
+    }
+
+    /// The addresses, links and routes of dockerd's network namespace.
+    pub fn net_state(&self) -> Result<NetState> {
+        let lines = |s: String| s.lines().map(str::to_owned).collect::<Vec<_>>();
+        Ok(NetState {
+            addrs: lines(self.ip(&["-o", "addr"])?)
+                .into_iter()
+                // The kernel gives docker0 its IPv6 link-local address the
+                // first time it has carrier (a port): dockerd's doing, not
+                // a runtime's, and there for good.
+                .filter(|l| !(l.contains(" docker0 ") && l.contains(" inet6 fe80::")))
+                .collect(),
+            links: lines(self.ip(&["-o", "link"])?),
+            routes: lines(self.ip(&["route"])?),
+        })
+    }
+
+    /// The ends of the runtime logs under dockerd's exec root: each
+    /// bundle's `log.json` (the shim's `--log`) and, under rtv's root,
+    /// each guest's `console.log`.
+    pub fn runtime_logs(&self) -> String {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let (p, t) = (e.path(), e.file_type());
+                if t.as_ref().is_ok_and(|t| t.is_dir()) {
+                    walk(&p, out);
+                } else if t.is_ok_and(|t| t.is_file())
+                    && matches!(
+                        p.file_name().and_then(|n| n.to_str()),
+                        Some("log.json" | "console.log")
+                    )
+                {
+                    out.push(p);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(&self.dir.join("exec"), &mut files);
+        let mut out = String::new();
+        for f in files {
+            let bytes = std::fs::read(&f).unwrap_or_default();
+            let start = bytes.len().saturating_sub(3000);
+            out.push_str(&format!(
+                "== {}:\n{}\n",
+                f.display(),
+                String::from_utf8_lossy(&bytes[start..])
+            ));
+        }
+        out
     }
 
     /// The end of dockerd's log.
@@ -406,11 +515,53 @@ impl Drop for Dockerd {
     }
 }
 
+/// The addresses (`ip -o addr`), links (`ip -o link`) and routes (`ip
+/// route`) of a network namespace, one line each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetState {
+    /// `ip -o addr`, without docker0's IPv6 link-local address.
+    pub addrs: Vec<String>,
+    /// `ip -o link`.
+    pub links: Vec<String>,
+    /// `ip route`.
+    pub routes: Vec<String>,
+}
+
+impl NetState {
+    /// What differs from `before`: lines gone (-) and lines new (+).
+    pub fn diff(&self, before: &NetState) -> String {
+        let mut out = String::new();
+        for (what, b, a) in [
+            ("addr", &before.addrs, &self.addrs),
+            ("link", &before.links, &self.links),
+            ("route", &before.routes, &self.routes),
+        ] {
+            for l in b.iter().filter(|l| !a.contains(l)) {
+                out.push_str(&format!("{what} - {l}\n"));
+            }
+            for l in a.iter().filter(|l| !b.contains(l)) {
+                out.push_str(&format!("{what} + {l}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// Applets the network scenarios use, linked in the image besides the
+/// usual ones.
+const NET_APPLETS: &[&str] = &["httpd", "wget", "timeout", "ip", "ifconfig", "nc", "sed"];
+
 /// A tar of a busybox root file system (tests' usual applets), for
 /// `docker import` and `podman import`.
 pub fn busybox_tar(dir: &Path) -> Result<PathBuf> {
     let rootfs = dir.join("image-rootfs");
     crate::containers::busybox_rootfs(&rootfs)?;
+    for a in NET_APPLETS {
+        let link = rootfs.join("bin").join(a);
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", link)?;
+        }
+    }
     // Executable, but its interpreter does not exist: the lookup at create
     // passes and the execve at start fails.
     let bad = rootfs.join("bin/bad-interpreter");
@@ -597,6 +748,285 @@ pub fn docker_scenarios(d: &Dockerd, runtime: &str) -> Result<()> {
     let ps = d.docker_ok(&["ps", "-aq"])?;
     ensure!(ps.trim().is_empty(), "containers left: {ps}");
     wait_until_clean(d)?;
+    Ok(())
+}
+
+/// A container on docker0 as Docker sees it (`docker inspect`).
+struct OnBridge {
+    name: &'static str,
+    ip: std::net::Ipv4Addr,
+    mac: String,
+}
+
+/// Docker's bridge network with `--runtime runtime` on a dockerd started
+/// with [`Network::Bridge`]: containers `net-a` and `net-b` of `runtime`
+/// and `net-c` of runc, each serving `/x` (`from-NAME`) with busybox httpd
+/// on port 8080;
+/// each has on eth0 the address, MAC and routes Docker gave it; they reach
+/// one another over TCP (a and b both ways, the runc container and a both
+/// ways); once they are removed dockerd's network namespace is as before
+/// (no veth left, no address moved into it) and nothing of them is left;
+/// `--network none` gives a container only loopback up.
+pub fn bridge_scenarios(d: &Dockerd, runtime: &str) -> Result<()> {
+    let before = d.net_state()?;
+    let bridge = format!("inet {BRIDGE_IP}/{BRIDGE_PREFIX} ");
+    ensure!(
+        before
+            .addrs
+            .iter()
+            .any(|l| l.contains(" docker0 ") && l.contains(&bridge)),
+        "docker0 with {BRIDGE_IP}/{BRIDGE_PREFIX} in dockerd's namespace: {before:#?}"
+    );
+
+    // On failure, the runtimes' logs and the guests' consoles, before the
+    // containers (and their bundles and state) go.
+    let traffic = bridge_traffic(d, runtime)
+        .map_err(|e| e.context(format!("the runtimes' logs:\n{}", d.runtime_logs())));
+    let rm = d.docker(&["rm", "-f", "net-a", "net-b", "net-c"]);
+    traffic?;
+    let rm = rm?;
+    ensure!(rm.status.success(), "docker rm -f: {}", describe(&rm));
+    let ps = d.docker_ok(&["ps", "-aq"])?;
+    ensure!(ps.trim().is_empty(), "containers left: {ps}");
+
+    // dockerd's namespace as before: the veths gone with the containers'
+    // namespaces, nothing of theirs configured here.
+    wait_for_net_state(d, &before).context("after docker rm -f of the bridge's containers")?;
+    wait_until_clean(d)?;
+
+    // --network none: loopback, up, is the only interface with an address
+    // and the only one up.
+    let out = d.docker(&[
+        "run",
+        "--rm",
+        "--runtime",
+        runtime,
+        "--network",
+        "none",
+        IMAGE,
+        "sh",
+        "-c",
+        "ip -o addr && echo --- && ip -o link",
+    ])?;
+    let o = text(&out);
+    let (addrs, links) = o.split_once("---\n").unwrap_or((&o, ""));
+    let not_lo: Vec<&str> = addrs
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) != Some("lo"))
+        .collect();
+    let up: Vec<&str> = links
+        .lines()
+        .filter(|l| link_flags(l).contains(&"UP"))
+        .filter_map(link_name)
+        .collect();
+    ensure!(
+        out.status.success()
+            && addrs.contains("inet 127.0.0.1/8")
+            && not_lo.is_empty()
+            && up == ["lo"],
+        "run --network none: want only lo with addresses and up: {}",
+        describe(&out)
+    );
+    eprintln!("{runtime}: ip -o addr / ip -o link with --network none:\n{o}");
+    wait_for_net_state(d, &before).context("after run --network none")?;
+    wait_until_clean(d)?;
+    Ok(())
+}
+
+/// Waits (up to 20 s) until dockerd's network namespace is as `before`.
+fn wait_for_net_state(d: &Dockerd, before: &NetState) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = d.net_state()?;
+        if now == *before {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "dockerd's network namespace {} differs from before the containers \
+             (- before only, + now only):\n{}",
+            d.netns(),
+            now.diff(before)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The interface an `ip -o link` line is about (`eth0` of `2: eth0@if7:
+/// <...>`).
+fn link_name(line: &str) -> Option<&str> {
+    let name = line.split_whitespace().nth(1)?.trim_end_matches(':');
+    name.split('@').next()
+}
+
+/// The flags of an `ip -o link` line (`<BROADCAST,MULTICAST,UP,...>`).
+fn link_flags(line: &str) -> Vec<&str> {
+    line.split_once('<')
+        .and_then(|(_, r)| r.split_once('>'))
+        .map(|(f, _)| f.split(',').collect())
+        .unwrap_or_default()
+}
+
+/// The containers and traffic of [`bridge_scenarios`]; leaves net-a, net-b
+/// and net-c for the caller to remove.
+fn bridge_traffic(d: &Dockerd, runtime: &str) -> Result<()> {
+    let subnet = |ip: std::net::Ipv4Addr| u32::from(ip) >> (32 - BRIDGE_PREFIX);
+    let gateway: std::net::Ipv4Addr = BRIDGE_IP.parse()?;
+    let mut on_bridge = Vec::new();
+    // (Docker wants names of two characters at least.)
+    for (name, rt) in [("net-a", runtime), ("net-b", runtime), ("net-c", "runc")] {
+        let serve =
+            format!("mkdir -p /www && echo from-{name} > /www/x && exec httpd -f -p 8080 -h /www");
+        d.docker_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            rt,
+            "--name",
+            name,
+            IMAGE,
+            "sh",
+            "-c",
+            &serve,
+        ])
+        .with_context(|| format!("starting {name} ({rt})"))?;
+        let inspect = d.docker_ok(&[
+            "inspect",
+            "-f",
+            "{{.NetworkSettings.IPAddress}} {{.NetworkSettings.IPPrefixLen}} \
+             {{.NetworkSettings.MacAddress}} {{.NetworkSettings.Gateway}}",
+            name,
+        ])?;
+        let f: Vec<&str> = inspect.split_whitespace().collect();
+        ensure!(f.len() == 4, "docker inspect {name}: {inspect:?}");
+        let ip: std::net::Ipv4Addr = f[0]
+            .parse()
+            .with_context(|| format!("{name}'s IP {inspect:?}"))?;
+        ensure!(
+            subnet(ip) == subnet(gateway)
+                && ip != gateway
+                && f[1] == BRIDGE_PREFIX.to_string()
+                && f[3] == BRIDGE_IP,
+            "{name} ({rt}): docker inspect gives {inspect:?}, not an address in docker0's \
+             {BRIDGE_IP}/{BRIDGE_PREFIX} with it as the gateway"
+        );
+        let c = OnBridge {
+            name,
+            ip,
+            mac: f[2].to_owned(),
+        };
+        check_eth0(d, &c).with_context(|| format!("{name} ({rt})"))?;
+        on_bridge.push(c);
+    }
+    let ips: Vec<_> = on_bridge.iter().map(|c| c.ip).collect();
+    ensure!(
+        ips[0] != ips[1] && ips[1] != ips[2] && ips[0] != ips[2],
+        "addresses not distinct: {ips:?}"
+    );
+    // Each server answers in its own container first (httpd may still be
+    // starting), then the others over docker0. (`timeout`, not wget's
+    // -T, which crashes Debian's static busybox 1.35.)
+    for c in &on_bridge {
+        let wait = "i=0; until timeout 5 wget -q -O- http://127.0.0.1:8080/x; do \
+                    i=$((i+1)); [ $i -lt 100 ] || exit 1; sleep 0.1; done";
+        let out = d.docker(&["exec", c.name, "sh", "-c", wait])?;
+        ensure!(
+            out.status.success() && text(&out) == format!("from-{}\n", c.name),
+            "{}'s httpd does not answer on 127.0.0.1:8080: {}; {}",
+            c.name,
+            describe(&out),
+            container_report(d, c.name)
+        );
+    }
+    let [a, b, c] = [&on_bridge[0], &on_bridge[1], &on_bridge[2]];
+    for (from, to) in [(a, b), (b, a), (c, a), (a, c)] {
+        let url = format!("http://{}:8080/x", to.ip);
+        let out = d.docker(&[
+            "exec", from.name, "timeout", "10", "wget", "-q", "-O-", &url,
+        ])?;
+        ensure!(
+            out.status.success() && text(&out) == format!("from-{}\n", to.name),
+            "{} fetching {url} from {}: {}",
+            from.name,
+            to.name,
+            describe(&out)
+        );
+    }
+    Ok(())
+}
+
+/// A container's state and output, for an error message.
+fn container_report(d: &Dockerd, name: &str) -> String {
+    let state = d
+        .docker(&["inspect", "-f", "{{json .State}}", name])
+        .map(|o| describe(&o))
+        .unwrap_or_else(|e| format!("{e:#}"));
+    let logs = d
+        .docker(&["logs", name])
+        .map(|o| describe(&o))
+        .unwrap_or_else(|e| format!("{e:#}"));
+    format!("its state: {state}; its logs: {logs}")
+}
+
+/// Inside `c`: eth0 up with Docker's MAC, Docker's address the only one
+/// besides loopback's, and the routes of docker0's subnet and the default
+/// through the bridge.
+fn check_eth0(d: &Dockerd, c: &OnBridge) -> Result<()> {
+    let out = d.docker(&[
+        "exec",
+        c.name,
+        "sh",
+        "-c",
+        "ip -o addr && echo --- && ip -o link && echo --- && ip route",
+    ])?;
+    let o = text(&out);
+    ensure!(
+        out.status.success(),
+        "ip in the container: {}",
+        describe(&out)
+    );
+    let parts: Vec<&str> = o.split("---\n").collect();
+    ensure!(parts.len() == 3, "ip in the container: {o:?}");
+    let (addrs, links, routes) = (parts[0], parts[1], parts[2]);
+    let mut inet: Vec<(String, String)> = addrs
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() > 3 && w[2] == "inet").then(|| (w[1].to_owned(), w[3].to_owned()))
+        })
+        .collect();
+    inet.sort();
+    let want = vec![
+        ("eth0".to_owned(), format!("{}/{BRIDGE_PREFIX}", c.ip)),
+        ("lo".to_owned(), "127.0.0.1/8".to_owned()),
+    ];
+    ensure!(
+        inet == want,
+        "IPv4 addresses {inet:?}, want {want:?} (docker inspect's): {o}"
+    );
+    let eth0 = links
+        .lines()
+        .find(|l| link_name(l) == Some("eth0"))
+        .with_context(|| format!("no eth0 in ip -o link: {o}"))?;
+    ensure!(
+        link_flags(eth0).contains(&"UP") && eth0.contains(&format!("link/ether {} ", c.mac)),
+        "eth0 not up with {} (docker inspect's MAC): {eth0}",
+        c.mac
+    );
+    let net = std::net::Ipv4Addr::from(u32::from(c.ip) & (u32::MAX << (32 - BRIDGE_PREFIX)));
+    let routes: Vec<String> = routes
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    ensure!(
+        routes
+            .iter()
+            .any(|r| r.starts_with(&format!("default via {BRIDGE_IP} dev eth0")))
+            && routes
+                .iter()
+                .any(|r| r.starts_with(&format!("{net}/{BRIDGE_PREFIX} dev eth0"))),
+        "routes {routes:?}: want the default via {BRIDGE_IP} and {net}/{BRIDGE_PREFIX} on eth0"
+    );
     Ok(())
 }
 

@@ -55,6 +55,7 @@ fn every_container_scenario_in_a_vm() {
         host_cpuset: None,
         host_device_io: None,
         profile: None,
+        network: rtv_runtime::net::NetworkMode::Loopback,
     };
     let _one = one_vm_at_a_time();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -2,8 +2,9 @@
 //! harness (tests/src/cri.rs) proven with Debian's runc: a pod's life
 //! through containerd 1.6's CRI plugin on a `runc` handler (runc's shim,
 //! `io.containerd.runc.v2`), in a private containerd each, each followed by
-//! the check that nothing is left behind. rtv's handler runs the same
-//! scenarios.
+//! the check that nothing is left behind; and pod networking through CNI
+//! (bridge, host-local, portmap) in a containerd of its own network
+//! namespace. rtv's handler runs the same scenarios (shim/tests/cri.rs).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -26,6 +27,24 @@ fn pod_lifecycle_on_the_runc_handler() {
     cri::run_pod_scenario("cri-runc", runc_handler(), None, "containerd-shim-runc-v2");
 }
 
+/// Pod networking with Debian's CNI plugins (bridge, host-local, portmap,
+/// loopback) in a containerd of its own network namespace: runc's pods get
+/// their addresses, talk TCP to each other, the gateway and the node, a
+/// hostNetwork pod shares containerd's namespace, and nothing is left.
+#[test]
+fn pod_network_on_the_runc_handler() {
+    cri::run_net_scenario(
+        "cri-net-runc",
+        vec![runc_handler()],
+        None,
+        &cri::NetScenario {
+            handler: "runc".into(),
+            peer_handler: None,
+            host_network: cri::HostNetwork::NodeNamespace,
+        },
+    );
+}
+
 #[test]
 fn removing_a_running_pod_on_runc_leaves_nothing() {
     let opts = cri::cri_options(vec![runc_handler()], None);
@@ -46,14 +65,26 @@ fn an_unknown_handler_is_refused() {
 #[test]
 fn drop_cleans_up_a_running_pod() {
     let opts = cri::cri_options(vec![runc_handler()], None);
-    let c = containerd::Containerd::start_with("cri-drop", &opts).expect("starting containerd");
+    drop_cleans_up("cri-drop", &opts, cri::Network::Node);
+}
+
+/// The same with a pod on the CNI network: the pod's network namespace,
+/// which CRI would remove at StopPodSandbox, and containerd's own go too.
+#[test]
+fn drop_cleans_up_a_running_pod_with_a_network() {
+    let opts = cri::cri_net_options(vec![runc_handler()], None);
+    drop_cleans_up("cri-drop-net", &opts, cri::Network::Pod);
+}
+
+fn drop_cleans_up(name: &str, opts: &containerd::ContainerdOptions, network: cri::Network) {
+    let c = containerd::Containerd::start_with(name, opts).expect("starting containerd");
     let footprint = {
         let cri = cri::CriClient::connect(&c).unwrap();
         cri::wait_cri_ready(&cri, std::time::Duration::from_secs(30)).unwrap();
         cri::import_cri_images(&c, &cri).unwrap();
-        let pod_cfg = cri::pod_config(&c, "left-running").unwrap();
+        let pod_cfg = cri::pod_config_in(&c, "left-running", network).unwrap();
         let pod = cri.run_pod(&pod_cfg, "runc").unwrap();
-        let cfg = cri::container_config("sleeper", &["sleep", "1000"], &[]);
+        let cfg = cri::container_config_in("sleeper", &["sleep", "1000"], &[], network);
         let id = cri.create_container(&pod, &cfg, &pod_cfg).unwrap();
         cri.start(&id).unwrap();
         assert!(!c.shims().is_empty(), "no shim for the running pod");
@@ -69,10 +100,18 @@ fn drop_cleans_up_a_running_pod() {
         "the pod and its container are not in the footprint: {:?}",
         footprint.ids
     );
+    // With a network: the pod's namespace and containerd's.
+    let want_netns = if network == cri::Network::Pod { 2 } else { 0 };
+    assert_eq!(
+        footprint.netns.len(),
+        want_netns,
+        "network namespaces in the footprint: {:?}",
+        footprint.netns
+    );
     let t = Instant::now();
     drop(c);
     eprintln!(
-        "[cri-drop] cleanup of a running pod: {:.0} ms",
+        "[{name}] cleanup of a running pod: {:.0} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
     let left = footprint.leftovers();

@@ -29,6 +29,7 @@ pub mod vm;
 
 pub use device_manager::DeviceConfig;
 pub use devices::virtio::fs::FsConfig;
+pub use devices::virtio::net::NetConfig;
 pub use devices::virtio::vsock::VsockConfig;
 pub use exit::VmExit;
 pub use linux::{BootProtocol, KernelConfig};

@@ -8,11 +8,12 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use rtv_vmm::device_manager::DeviceError;
+use rtv_vmm::devices::virtio::net::{self as net, NetError};
 use rtv_vmm::devices::virtio::vsock::{ConfigError, MIN_GUEST_CID};
 use rtv_vmm::platform::{self, PvmMode};
 use rtv_vmm::profile::{self, ProfileConfig, Profiler};
 use rtv_vmm::{
-    AfterSnapshot, BootProtocol, DeviceConfig, FsConfig, KernelConfig, MachineConfig,
+    AfterSnapshot, BootProtocol, DeviceConfig, FsConfig, KernelConfig, MachineConfig, NetConfig,
     RestoreConfig, Vm, VmExit, VsockConfig,
 };
 
@@ -29,7 +30,9 @@ struct Args {
     /// guest's memory size, vCPUs and devices come from the snapshot;
     /// --mem/--vcpus, if given, must match it). A snapshot with a vsock
     /// device needs --vsock-uds; --vsock-cid gives the guest a new CID. A
-    /// snapshot with a virtio-fs device needs --shared-dir.
+    /// snapshot with a virtio-fs device needs --shared-dir. A snapshot with
+    /// a virtio-net device takes --net-tap-fd (without it the NIC has no
+    /// backend and its link is down).
     #[arg(
         long,
         value_name = "DIR",
@@ -88,6 +91,27 @@ struct Args {
     /// snapshot is only taken while the guest has not mounted it).
     #[arg(long, value_name = "PATH")]
     shared_dir: Option<PathBuf>,
+    /// Give the guest a virtio-net NIC with no backend (link down, frames
+    /// it sends are dropped): for template VMs whose restores attach a tap
+    /// with --net-tap-fd. Not with --restore (the snapshot has its NIC or
+    /// not).
+    #[arg(long, conflicts_with_all = ["restore", "net_tap_fd"])]
+    net: bool,
+    /// An open tap fd inherited from the parent (opened with IFF_TAP,
+    /// IFF_NO_PI and IFF_VNET_HDR). On a boot: give the guest a virtio-net
+    /// NIC on it. With --restore: attach it to the snapshot's NIC (refused
+    /// if the snapshot has none). The VMM works on its own duplicate and
+    /// never closes FD itself.
+    #[arg(long, value_name = "FD")]
+    net_tap_fd: Option<i32>,
+    /// The NIC's MAC address (default 02:72:74:76:00:01); needs --net or
+    /// --net-tap-fd; not with --restore (the snapshot's MAC is kept).
+    #[arg(long, value_name = "MAC", conflicts_with = "restore")]
+    net_mac: Option<String>,
+    /// The NIC's MTU, told to the guest (68 to 65535, default 1500); needs
+    /// --net or --net-tap-fd; not with --restore.
+    #[arg(long, value_name = "N", conflicts_with = "restore")]
+    net_mtu: Option<u32>,
     /// Profile the guest: sample every vCPU --profile-hz times a second and
     /// write folded stacks and SVG flame graphs to DIR (created if missing;
     /// profile files of an earlier run there are removed): on SIGUSR1 the
@@ -192,6 +216,9 @@ fn profiler(args: ProfileArgs, kernel: Option<&Path>) -> anyhow::Result<Option<P
 
 fn restore(args: Args, dir: PathBuf) -> anyhow::Result<u8> {
     let profiler = profiler(ProfileArgs::of(&args), None)?;
+    if let Some(fd) = args.net_tap_fd {
+        net::tap::inspect(fd).map_err(|e| anyhow::anyhow!("--net-tap-fd {fd}: {e}"))?;
+    }
     if let (Some(cid), Some(uds)) = (args.vsock_cid, &args.vsock_uds) {
         vsock_config(Some(cid), Some(uds.clone()))?;
     }
@@ -203,6 +230,7 @@ fn restore(args: Args, dir: PathBuf) -> anyhow::Result<u8> {
         vsock_uds: args.vsock_uds,
         vsock_cid: args.vsock_cid,
         shared_dir: args.shared_dir,
+        net_tap_fd: args.net_tap_fd,
         stop_on_signals: true,
         expect_mem_mib: args.mem,
         expect_vcpus: args.vcpus,
@@ -239,16 +267,19 @@ fn run(args: Args) -> anyhow::Result<u8> {
     // Checked (and its directory made) after the VM's inputs, below.
     let profile_args = ProfileArgs::of(&args);
     let pvm = args.pvm.enabled();
-    // Slot order: the vsock device, then virtio-fs.
+    // Slot order: the vsock device, then virtio-fs, then the NIC (last, so
+    // the others' slots do not move).
     let vsock = vsock_config(args.vsock_cid, args.vsock_uds)?.map(DeviceConfig::Vsock);
     let fs = args
         .shared_dir
         .map(|dir| DeviceConfig::Fs(FsConfig::new(dir)));
+    let nic =
+        net_config(args.net, args.net_tap_fd, args.net_mac, args.net_mtu)?.map(DeviceConfig::Net);
     let machine = MachineConfig {
         mem_size_mib: args.mem.unwrap_or(128),
         vcpus: args.vcpus.unwrap_or(1),
         kvm_device: args.kvm_device,
-        devices: vsock.into_iter().chain(fs).collect(),
+        devices: vsock.into_iter().chain(fs).chain(nic).collect(),
         stop_on_signals: true,
         pvm,
     };
@@ -361,5 +392,46 @@ fn vsock_config(cid: Option<u64>, uds: Option<PathBuf>) -> anyhow::Result<Option
             u32::MAX
         ),
         Err(e @ ConfigError::Path { .. }) => anyhow::bail!("--vsock-uds: {e}"),
+    }
+}
+
+/// The NIC flags, checked with the flag named in every error: `None` when
+/// neither --net nor --net-tap-fd asks for a NIC.
+fn net_config(
+    no_backend: bool,
+    tap_fd: Option<i32>,
+    mac: Option<String>,
+    mtu: Option<u32>,
+) -> anyhow::Result<Option<NetConfig>> {
+    if !no_backend && tap_fd.is_none() {
+        if mac.is_some() {
+            anyhow::bail!("--net-mac needs a NIC: give --net or --net-tap-fd");
+        }
+        if mtu.is_some() {
+            anyhow::bail!("--net-mtu needs a NIC: give --net or --net-tap-fd");
+        }
+        return Ok(None);
+    }
+    let mut config = NetConfig {
+        tap_fd,
+        ..NetConfig::default()
+    };
+    if let Some(text) = mac {
+        config.mac = net::parse_mac(&text).map_err(|e| anyhow::anyhow!("--net-mac: {e}"))?;
+    }
+    if let Some(mtu) = mtu {
+        config.mtu = match u16::try_from(mtu) {
+            Ok(mtu) if mtu >= net::MIN_MTU => mtu,
+            _ => anyhow::bail!("--net-mtu {mtu}: must be between 68 and 65535"),
+        };
+    }
+    match config.validate() {
+        Ok(()) => Ok(Some(config)),
+        Err(e @ NetError::Mac { .. }) => anyhow::bail!("--net-mac: {e}"),
+        Err(e @ NetError::Mtu(_)) => anyhow::bail!("--net-mtu: {e}"),
+        Err(e) => match tap_fd {
+            Some(fd) => anyhow::bail!("--net-tap-fd {fd}: {e}"),
+            None => Err(e.into()),
+        },
     }
 }

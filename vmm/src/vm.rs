@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -224,6 +225,11 @@ pub struct RestoreConfig {
     /// snapshot has a virtio-fs device, refused otherwise). The snapshot
     /// holds no file system state, so this is the new VM's own share.
     pub shared_dir: Option<PathBuf>,
+    /// An open tap fd (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) for the
+    /// snapshot's virtio-net device (refused when the snapshot has none).
+    /// Without one, a snapshot's NIC is restored with no backend, its link
+    /// down. The fd stays the caller's: the device works on a duplicate.
+    pub net_tap_fd: Option<RawFd>,
     /// Stop the VM cleanly on SIGTERM and SIGINT (see [`MachineConfig`]).
     pub stop_on_signals: bool,
     /// Refuse a snapshot whose guest has another memory size (MiB).
@@ -239,6 +245,7 @@ impl Default for RestoreConfig {
             vsock_uds: None,
             vsock_cid: None,
             shared_dir: None,
+            net_tap_fd: None,
             stop_on_signals: false,
             expect_mem_mib: None,
             expect_vcpus: None,

@@ -920,7 +920,7 @@ fn hello(uds: &Path, json: &str) -> UnixStream {
 /// Runs `script` with `sh -c` in the guest; returns its output (stdout and
 /// stderr) and its exit code.
 fn run(uds: &Path, id: u64, script: &str) -> (String, i32) {
-    let mut c = hello(uds, r#"{"control":{"version":1}}"#);
+    let mut c = hello(uds, r#"{"control":{"version":2}}"#);
     let argv = serde_json::json!(["sh", "-c", format!("{script} 2>&1")]);
     send(
         &mut c,
@@ -934,7 +934,7 @@ fn run(uds: &Path, id: u64, script: &str) -> (String, i32) {
         .unwrap_or_else(|| panic!("exec failed: {started}"));
     let mut out = hello(
         uds,
-        &format!(r#"{{"stream":{{"version":1,"exec_id":{exec_id},"stream":"stdout"}}}}"#),
+        &format!(r#"{{"stream":{{"version":2,"exec_id":{exec_id},"stream":"stdout"}}}}"#),
     );
     let mut stdout = String::new();
     out.read_to_string(&mut stdout).unwrap();

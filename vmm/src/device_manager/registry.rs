@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::VirtioHandle;
 use crate::devices::virtio::fs::{FsConfig, FsError, VirtioFs};
+use crate::devices::virtio::net::{Net, NetConfig, NetError};
 use crate::devices::virtio::vsock::{self, Vsock, VsockConfig};
 use crate::vm::RestoreConfig;
 
@@ -23,6 +24,9 @@ pub enum DeviceConfig {
     /// virtio-fs: a host directory served in the VMM
     /// ([`crate::devices::virtio::fs`]).
     Fs(FsConfig),
+    /// virtio-net over a tap ([`crate::devices::virtio::net`]); in JSON
+    /// `{"kind": "net", "mac": [2, 114, 116, 118, 0, 1], "mtu": 1500}`.
+    Net(NetConfig),
 }
 
 impl DeviceConfig {
@@ -31,6 +35,7 @@ impl DeviceConfig {
         match self {
             Self::Vsock(_) => "vsock",
             Self::Fs(_) => "virtio-fs",
+            Self::Net(_) => "virtio-net",
         }
     }
 
@@ -39,6 +44,7 @@ impl DeviceConfig {
         match self {
             Self::Vsock(c) => c.validate()?,
             Self::Fs(c) => c.validate()?,
+            Self::Net(c) => c.validate()?,
         }
         Ok(())
     }
@@ -48,6 +54,7 @@ impl DeviceConfig {
         Ok(match self {
             Self::Vsock(c) => VirtioHandle::new(Vsock::new(c)?),
             Self::Fs(c) => VirtioHandle::new(VirtioFs::new(c)?),
+            Self::Net(c) => VirtioHandle::new(Net::new(c)?),
         })
     }
 
@@ -80,6 +87,11 @@ impl DeviceConfig {
                     tag: saved.tag.clone(),
                 }))
             }
+            // A NIC restored without a tap keeps its place, link down.
+            Self::Net(saved) => Ok(Self::Net(NetConfig {
+                tap_fd: restore.net_tap_fd,
+                ..saved.clone()
+            })),
         }
     }
 }
@@ -97,6 +109,10 @@ pub enum DeviceError {
     /// The virtio-fs device cannot be set up.
     #[error(transparent)]
     Fs(#[from] FsError),
+    /// The virtio-net configuration is not usable, or its tap cannot be set
+    /// up.
+    #[error(transparent)]
+    Net(#[from] NetError),
 }
 
 /// Refuses a host-side resource `restore` gives for a kind of device the
@@ -111,6 +127,9 @@ pub(super) fn refuse_unused(restore: &RestoreConfig, saved: &[DeviceConfig]) -> 
             "the snapshot has no virtio-fs device; a directory to share (--shared-dir) was given"
                 .into(),
         );
+    }
+    if restore.net_tap_fd.is_some() && !has(|d| matches!(d, DeviceConfig::Net(_))) {
+        return Err("the snapshot has no virtio-net device; a tap (--net-tap-fd) was given".into());
     }
     Ok(())
 }

@@ -335,7 +335,9 @@ async fn create_in(
         stand_in_dir: None,
         id: a.id.clone(),
     };
-    let mut waiter = match spawn_waiter(cli, &waiter_args, console) {
+    let netns = pod.own_netns();
+    let mut waiter = match spawn_waiter(cli, &waiter_args, console, netns.as_ref().map(|n| n.fd()))
+    {
         Ok(w) => w,
         Err(e) => {
             creating.abort().await;
@@ -613,6 +615,7 @@ fn cmd_exec(cli: &Cli, a: &ExecArgs) -> Result<i32> {
             id: a.id.clone(),
         },
         console,
+        None,
     );
     let _ = std::fs::remove_file(&pfile);
     let child = spawned?;

@@ -48,7 +48,16 @@ pub struct WaiterArgs {
 /// Starts `rtv waiter` with this process's stdio (or `tty`, the slave of
 /// the terminal sent to the console socket) and waits until it has
 /// attached to the process's streams.
-pub fn spawn_waiter(cli: &Cli, w: &WaiterArgs, tty: Option<File>) -> Result<std::process::Child> {
+///
+/// With `netns`, the waiter is started in that network namespace (the one
+/// rtv made for the pod): the pid hooks get in the state is then a process
+/// in the pod's namespace, never one in the caller's.
+pub fn spawn_waiter(
+    cli: &Cli,
+    w: &WaiterArgs,
+    tty: Option<File>,
+    netns: Option<&std::os::fd::OwnedFd>,
+) -> Result<std::process::Child> {
     // /proc/self/exe runs this very binary even if it was replaced since.
     let (mut sync_r, sync_w) = pipe()?;
     let mut cmd = Command::new("/proc/self/exe");
@@ -88,10 +97,16 @@ pub fn spawn_waiter(cli: &Cli, w: &WaiterArgs, tty: Option<File>) -> Result<std:
     }
     let sync_fd = sync_w.as_raw_fd();
     let make_ctty = tty.is_some();
-    // SAFETY: the closure only calls async-signal-safe functions (dup2,
-    // setsid, ioctl) on descriptors it was given.
+    let netns_fd = netns.map(|n| n.as_raw_fd());
+    // SAFETY: the closure only calls async-signal-safe functions (setns,
+    // dup2, setsid, ioctl) on descriptors it was given.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(ns) = netns_fd {
+                if libc::setns(ns, libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if libc::dup2(sync_fd, 3) < 0 {
                 return Err(std::io::Error::last_os_error());
             }

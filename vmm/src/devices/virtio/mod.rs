@@ -10,6 +10,7 @@
 pub mod activation;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -40,6 +41,8 @@ pub const INTERRUPT_USED_BUFFER: u32 = 1;
 /// Interrupt status bit: the configuration space changed.
 pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
 
+/// virtio device ID of a network card (virtio-net) device.
+pub const DEVICE_ID_NET: u32 = 1;
 /// virtio device ID of a socket (vsock) device.
 pub const DEVICE_ID_VSOCK: u32 = 19;
 /// virtio device ID of a file system (virtio-fs) device.
