@@ -173,13 +173,9 @@ pub enum NetError {
     },
 }
 
-/// Formats a MAC address as `02:72:74:76:00:01`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+/// Formats a MAC address as `02:72:74:76:00:01` (the protocol's writer,
+/// which the runtime and the agent use too).
+pub use rtv_protocol::format_mac;
 
 /// Parses `02:72:74:76:00:01` (or with `-`); checks only the syntax.
 pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {

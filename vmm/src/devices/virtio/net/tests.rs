@@ -1127,6 +1127,8 @@ fn mac_addresses_parse_and_print() {
     assert_eq!(parse_mac("02:72:74:76:00:01").unwrap(), DEFAULT_MAC);
     assert_eq!(parse_mac("02-72-74-76-00-01").unwrap(), DEFAULT_MAC);
     assert_eq!(format_mac(&DEFAULT_MAC), "02:72:74:76:00:01");
+    // The placeholder the runtime tells the agent to look for.
+    assert_eq!(format_mac(&DEFAULT_MAC), rtv_protocol::PLACEHOLDER_MAC);
     for bad in [
         "",
         "02:72:74:76:00",
