@@ -2,31 +2,69 @@
 //! (`runtime_type = "io.containerd.rtv.v2"`), driven by the CRI client kept
 //! in the repo (tests/cri/): RunPodSandbox, two containers in the pod's one
 //! VM, ExecSync, ContainerStatus with exit codes, StopPodSandbox,
-//! RemovePodSandbox, and nothing left behind. The same scenario passes with
-//! runc in tests/tests/cri_runc.rs.
+//! RemovePodSandbox, and nothing left behind; and pod networking through
+//! real CNI plugins (bridge, host-local, portmap) with rtv's pods beside a
+//! runc pod on the same bridge. The same scenarios pass with runc in
+//! tests/tests/cri_runc.rs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use rtv_tests::containerd::CriRuntime;
+use rtv_tests::containerd::{self, CriRuntime};
 use rtv_tests::{cri, initramfs, one_vm_at_a_time, vmm_binary};
 
-#[test]
-fn a_pod_of_two_containers_through_cri() {
+/// The guest kernels, initramfs and VMM in the environment containerd and
+/// the shim inherit; the directory of the shim, for containerd's `PATH`.
+fn setup() -> PathBuf {
     rtv_tests::export_kernels().expect("guest kernels");
     std::env::set_var("RTV_INITRAMFS", initramfs().expect("initramfs"));
     std::env::set_var("RTV_VMM", vmm_binary().expect("rtv-vmm"));
     let shim = Path::new(env!("CARGO_BIN_EXE_containerd-shim-rtv-v2"));
-    let dir = shim.parent().expect("the shim's directory").to_path_buf();
+    shim.parent().expect("the shim's directory").to_path_buf()
+}
+
+fn rtv_handler() -> CriRuntime {
+    CriRuntime {
+        name: "rtv".into(),
+        runtime_type: "io.containerd.rtv.v2".into(),
+        binary_name: None,
+        root: None,
+    }
+}
+
+#[test]
+fn a_pod_of_two_containers_through_cri() {
+    let dir = setup();
     let _one = one_vm_at_a_time();
     cri::run_pod_scenario(
         "cri-rtv",
-        CriRuntime {
-            name: "rtv".into(),
-            runtime_type: "io.containerd.rtv.v2".into(),
-            binary_name: None,
-            root: None,
-        },
+        rtv_handler(),
         Some(dir),
         "containerd-shim-rtv-v2",
+    );
+}
+
+/// Two rtv pods and a runc pod on one CNI bridge (in a containerd of its
+/// own network namespace): addresses, TCP between them, the gateway and
+/// the node, hostPort; a hostNetwork rtv pod gets loopback only; nothing
+/// is left after the pods are removed.
+#[test]
+fn pod_network_through_cri() {
+    let dir = setup();
+    let runc = CriRuntime {
+        name: "runc".into(),
+        runtime_type: containerd::RUNC_SHIM.into(),
+        binary_name: Some(containerd::find_binary("runc").expect("runc (apt-get install runc)")),
+        root: None,
+    };
+    let _one = one_vm_at_a_time();
+    cri::run_net_scenario(
+        "cri-net-rtv",
+        vec![rtv_handler(), runc],
+        Some(dir),
+        &cri::NetScenario {
+            handler: "rtv".into(),
+            peer_handler: Some("runc".into()),
+            host_network: cri::HostNetwork::LoopbackOnly,
+        },
     );
 }

@@ -1316,9 +1316,10 @@ fn web_command(name: &str) -> Vec<String> {
         "-c".into(),
         format!(
             "mkdir -p /www && echo {name} > /www/id && \
-             dd if=/dev/urandom of=/www/blob bs=1024 count={BLOB_KIB} 2>/dev/null && \
+             dd if=/dev/urandom of=/www/blob bs=64k count={} 2>/dev/null && \
              md5sum /www/blob | cut -d' ' -f1 > /www/blob.md5 || exit 1; \
-             trap 'exit 0' TERM; httpd -f -p {POD_PORT} -h /www & wait"
+             trap 'exit 0' TERM; httpd -f -p {POD_PORT} -h /www & wait",
+            BLOB_KIB / 64
         ),
     ]
 }
@@ -1519,13 +1520,16 @@ pub fn scenario_pod_network(
             if r.exit_code == 0 && r.stdout.trim() == p.name {
                 break;
             }
-            ensure!(
-                Instant::now() < deadline,
-                "pod {}'s web server does not answer on 127.0.0.1:{POD_PORT}: {r:?}; its log: {:?}",
-                p.name,
-                std::fs::read_to_string(c.dir().join("pods").join(&p.name).join("web.log"))
-                    .unwrap_or_default()
-            );
+            if Instant::now() >= deadline {
+                let ps = cri.exec_sync(&p.ctr, &["sh", "-c", "ps; ls -l /www"], 30);
+                bail!(
+                    "pod {}'s web server does not answer on 127.0.0.1:{POD_PORT}: {r:?}; \
+                     its log: {:?}; its processes and files: {ps:?}",
+                    p.name,
+                    std::fs::read_to_string(c.dir().join("pods").join(&p.name).join("web.log"))
+                        .unwrap_or_default()
+                );
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
