@@ -647,45 +647,77 @@ pub fn create_tap(ns: &Netns) -> Result<OwnedFd, NetError> {
 /// Wires the tap to `iface`: the tap takes its MTU; an ingress qdisc on
 /// each; every frame arriving on one is redirected out of the other. A
 /// qdisc that exists already (EEXIST) is refused: rtv does not take over
-/// another program's tc setup.
+/// another program's tc setup. On failure what this call added to `iface`
+/// is removed again (and only that: another program's qdisc stays); the
+/// tap's own qdisc and filters go with the tap when its descriptor closes.
 pub fn wire(ns: &Netns, iface: &PodInterface) -> Result<(), NetError> {
     let (name, index, mtu) = (iface.name.clone(), iface.index, iface.mtu);
     ns.run("wiring its tap", move |h| async move {
-        let tap = link_index(&h, TAP_NAME)
-            .await?
-            .ok_or_else(|| NetError::Netlink {
-                netns: String::new(),
-                what: format!("wiring {TAP_NAME} to {name}"),
-                message: "the tap is gone".into(),
-            })?;
-        h.link()
-            .set(LinkUnspec::new_with_index(tap).mtu(mtu).up().build())
+        let mut added = false;
+        let r = wire_in(&h, &name, index, mtu, &mut added).await;
+        if r.is_err() && added {
+            if let Err(e) = del_ingress(&h, index, &name).await {
+                tracing::warn!("undoing a failed wiring: {e}");
+            }
+        }
+        r
+    })
+}
+
+/// The steps of [`wire`]; `added` is set once `name`'s qdisc is ours.
+async fn wire_in(
+    h: &Handle,
+    name: &str,
+    index: u32,
+    mtu: u32,
+    added: &mut bool,
+) -> Result<(), NetError> {
+    let tap = link_index(h, TAP_NAME)
+        .await?
+        .ok_or_else(|| NetError::Netlink {
+            netns: String::new(),
+            what: format!("wiring {TAP_NAME} to {name}"),
+            message: "the tap is gone".into(),
+        })?;
+    h.link()
+        .set(LinkUnspec::new_with_index(tap).mtu(mtu).up().build())
+        .execute()
+        .await
+        .map_err(nl(format!("giving {TAP_NAME} the MTU {mtu} of {name}")))?;
+    add_ingress(h, index, name).await?;
+    *added = true;
+    add_ingress(h, tap, TAP_NAME).await?;
+    for (from, from_name, to, to_name) in
+        [(index, name, tap, TAP_NAME), (tap, TAP_NAME, index, name)]
+    {
+        h.traffic_filter(from as i32)
+            .add()
+            .parent(0xffff_0000)
+            .protocol(ETH_P_ALL.to_be())
+            .redirect(to)
+            .map_err(nl(format!(
+                "building the redirect {from_name} -> {to_name}"
+            )))?
             .execute()
             .await
-            .map_err(nl(format!("giving {TAP_NAME} the MTU {mtu} of {name}")))?;
-        for (dev, devname) in [(index, name.as_str()), (tap, TAP_NAME)] {
-            add_ingress(&h, dev, devname).await?;
-        }
-        for (from, from_name, to, to_name) in [
-            (index, name.as_str(), tap, TAP_NAME),
-            (tap, TAP_NAME, index, name.as_str()),
-        ] {
-            h.traffic_filter(from as i32)
-                .add()
-                .parent(0xffff_0000)
-                .protocol(ETH_P_ALL.to_be())
-                .redirect(to)
-                .map_err(nl(format!(
-                    "building the redirect {from_name} -> {to_name}"
-                )))?
-                .execute()
-                .await
-                .map_err(nl(format!(
-                    "adding the redirect {from_name} -> {to_name} (tc u32 + mirred)"
-                )))?;
-        }
-        Ok(())
-    })
+            .map_err(nl(format!(
+                "adding the redirect {from_name} -> {to_name} (tc u32 + mirred)"
+            )))?;
+    }
+    Ok(())
+}
+
+/// Removes the ingress qdisc (and with it its filters) of link `index`;
+/// one that is gone, or a link that is gone, is fine.
+async fn del_ingress(h: &Handle, index: u32, name: &str) -> Result<(), NetError> {
+    let mut del = h.qdisc().del(index as i32);
+    del.message_mut().header.parent = TcHandle::INGRESS;
+    del.message_mut().header.handle = TcHandle::from(0xffff_0000);
+    match del.execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(errno(&e), libc::ENOENT | libc::EINVAL | libc::ENODEV) => Ok(()),
+        Err(e) => Err(nl(format!("removing the ingress qdisc of {name}"))(e)),
+    }
 }
 
 async fn add_ingress(h: &Handle, dev: u32, name: &str) -> Result<(), NetError> {
@@ -726,16 +758,8 @@ pub fn unwire(path: &Path, iface: &str) -> Result<(), NetError> {
     let iface = iface.to_owned();
     ns.run("unwiring its tap", move |h| async move {
         for name in [iface.as_str(), TAP_NAME] {
-            let Some(index) = link_index(&h, name).await? else {
-                continue;
-            };
-            let mut del = h.qdisc().del(index as i32);
-            del.message_mut().header.parent = TcHandle::INGRESS;
-            del.message_mut().header.handle = TcHandle::from(0xffff_0000);
-            match del.execute().await {
-                Ok(()) => {}
-                Err(e) if matches!(errno(&e), libc::ENOENT | libc::EINVAL | libc::ENODEV) => {}
-                Err(e) => return Err(nl(format!("removing the ingress qdisc of {name}"))(e)),
+            if let Some(index) = link_index(&h, name).await? {
+                del_ingress(&h, index, name).await?;
             }
         }
         if let Some(tap) = link_index(&h, TAP_NAME).await? {
@@ -1058,5 +1082,62 @@ mod tests {
         let tap = create_tap(&ns).expect("tap");
         assert_eq!(find_interface(&ns).unwrap(), None);
         drop(tap);
+    }
+
+    /// An addressed veth `eth0` in `pod`, its peer in `peer`.
+    fn veth_pair(pod: &TestNs, peer: &TestNs) {
+        ip(
+            &pod.0,
+            &[
+                "link", "add", "eth0", "type", "veth", "peer", "name", "p0", "netns", &peer.0,
+            ],
+        );
+        ip(&pod.0, &["addr", "add", "10.77.0.2/24", "dev", "eth0"]);
+        ip(&pod.0, &["link", "set", "eth0", "up"]);
+    }
+
+    #[test]
+    fn another_programs_qdisc_is_refused_and_left_alone() {
+        let pod = TestNs::new("busy");
+        let peer = TestNs::new("busy-peer");
+        veth_pair(&pod, &peer);
+        tc(&pod.0, &["qdisc", "add", "dev", "eth0", "ingress"]);
+        tc(
+            &pod.0,
+            &[
+                "filter", "add", "dev", "eth0", "parent", "ffff:", "protocol", "ip", "u32",
+                "match", "u32", "0", "0", "flowid", "ffff:7",
+            ],
+        );
+        let ns = Netns::open(&pod.path()).expect("open");
+        let iface = find_interface(&ns).unwrap().expect("eth0");
+        let tap = create_tap(&ns).expect("tap");
+        let e = wire(&ns, &iface).unwrap_err().to_string();
+        assert!(e.contains("eth0") && e.contains("has one already"), "{e}");
+        drop(tap);
+        // The other program's qdisc and filter are as they were; no tap.
+        let f = tc(&pod.0, &["filter", "show", "dev", "eth0", "ingress"]);
+        assert!(f.contains("flowid ffff:7"), "{f}");
+        assert!(!ip(&pod.0, &["-o", "link"]).contains(TAP_NAME));
+    }
+
+    #[test]
+    fn an_interface_gone_before_wiring_is_named_and_nothing_is_left() {
+        let pod = TestNs::new("gone");
+        let peer = TestNs::new("gone-peer");
+        veth_pair(&pod, &peer);
+        let ns = Netns::open(&pod.path()).expect("open");
+        let iface = find_interface(&ns).unwrap().expect("eth0");
+        let tap = create_tap(&ns).expect("tap");
+        ip(&pod.0, &["link", "del", "eth0"]);
+        let e = wire(&ns, &iface).unwrap_err().to_string();
+        assert!(e.contains("eth0"), "{e}");
+        drop(tap);
+        assert_eq!(
+            ip(&pod.0, &["-o", "link"]).lines().count(),
+            1,
+            "only lo is left"
+        );
+        assert!(tc(&pod.0, &["qdisc", "show", "ingress"]).trim().is_empty());
     }
 }

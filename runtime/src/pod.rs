@@ -550,10 +550,8 @@ impl StartNet {
                     return Ok(StartNet::default());
                 };
                 let tap = net::create_tap(&ns)?;
-                if let Err(e) = net::wire(&ns, &iface) {
-                    let _ = net::unwire(path, &iface.name);
-                    return Err(e);
-                }
+                // A failed wiring undoes itself; the tap goes with `tap`.
+                net::wire(&ns, &iface)?;
                 let record = net::lasting_path(path).then(|| NetRecord {
                     netns: path.clone(),
                     interface: iface.name.clone(),
