@@ -68,3 +68,17 @@ fn pod_network_through_cri() {
         },
     );
 }
+
+/// A privileged container with containerd's defaults (the host's devices
+/// listed) runs with the guest's devices, every capability and no seccomp,
+/// and mounts; CAP_NET_ADMIN makes a bridge in the VM; a host device the
+/// guest lacks is refused by name.
+#[test]
+fn privileged_containers_and_devices_through_cri() {
+    let dir = setup();
+    let _one = one_vm_at_a_time();
+    let opts = rtv_tests::cri::cri_net_options(vec![rtv_handler()], Some(dir));
+    rtv_tests::cri::with_cri("cri-priv-rtv", &opts, |c, cri| {
+        cri::scenario_privileged(c, cri, "rtv", true)
+    });
+}

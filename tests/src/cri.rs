@@ -1053,6 +1053,127 @@ pub fn scenario_remove_running_pod(c: &Containerd, cri: &CriClient, handler: &st
     check_pod_gone(c, cri, &pod)
 }
 
+/// Privileged containers and devices on `handler`, in a privileged pod
+/// (host network: run it in a containerd of its own network namespace,
+/// [`cri_net_options`], so that the bridge below is made there on runc):
+/// - a privileged container (containerd's defaults: the host's devices
+///   listed, `privileged_without_host_devices` false) has every capability
+///   (0-37 in CapEff but CAP_SYS_RESOURCE, which containerd, as this host's
+///   root, does not have to give), no seccomp, /proc read-write, the kernel's
+///   `/dev/fuse` and `/dev/kmsg` (on rtv, the guest's: host devices the guest
+///   lacks are left out), and can mount a tmpfs;
+/// - a container given CAP_NET_ADMIN adds a bridge (`brctl addbr`) and
+///   removes it;
+/// - a container given the host's `/dev/kvm`: with runc it has the node;
+///   with `in_vm` (rtv) StartContainer fails with an error naming the device
+///   as a host device the VM does not have;
+/// - then the pod is removed and nothing of it is left.
+pub fn scenario_privileged(
+    c: &Containerd,
+    cri: &CriClient,
+    handler: &str,
+    in_vm: bool,
+) -> Result<()> {
+    let mut pod_cfg = pod_config(c, "privileged")?;
+    pod_cfg["linux"]["security_context"]["privileged"] = json!(true);
+    let pod = cri.run_pod(&pod_cfg, handler)?;
+    let result = (|| {
+        let mut priv_cfg = container_config("priv", &["sleep", "1000"], &[]);
+        priv_cfg["linux"]["security_context"] = json!({
+            "privileged": true,
+            "namespace_options": namespace_options(Network::Node),
+        });
+        let privileged = cri.create_container(&pod, &priv_cfg, &pod_cfg)?;
+        cri.start(&privileged)
+            .context("StartContainer of the privileged container")?;
+        let status = exec_ok(cri, &privileged, &["cat", "/proc/self/status"])?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let cap_eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap_or(0);
+        // Capabilities 0-37 but CAP_SYS_RESOURCE (24): containerd gives a
+        // privileged container the capabilities it has itself, and this
+        // host's root lacks that one.
+        let all_known = ((1u64 << 38) - 1) & !(1 << 24);
+        ensure!(
+            cap_eff & all_known == all_known && field("Seccomp:") == "0",
+            "privileged: want every capability and no seccomp: CapEff {:#x}, Seccomp {:?}",
+            cap_eff,
+            field("Seccomp:")
+        );
+        let mounts = exec_ok(cri, &privileged, &["cat", "/proc/mounts"])?;
+        ensure!(
+            mounts
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some("/proc") && l.contains(" rw,")),
+            "privileged: /proc is not read-write:\n{mounts}"
+        );
+        // (The CRI plugin asks for /sys read-only in a hostNetwork pod,
+        // privileged or not; runc and rtv both mount it as asked.)
+        exec_ok(
+            cri,
+            &privileged,
+            &[
+                "sh",
+                "-c",
+                "test -c /dev/fuse && test -c /dev/kmsg && mkdir -p /mnt/t && \
+                 mount -t tmpfs none /mnt/t && touch /mnt/t/x && umount /mnt/t",
+            ],
+        )
+        .context("privileged: the kernel's devices and a mount")?;
+
+        let mut admin_cfg = container_config("netadmin", &["sleep", "1000"], &[]);
+        admin_cfg["linux"]["security_context"]["capabilities"] =
+            json!({"add_capabilities": ["NET_ADMIN"]});
+        let admin = cri.create_container(&pod, &admin_cfg, &pod_cfg)?;
+        cri.start(&admin)
+            .context("StartContainer of the NET_ADMIN container")?;
+        exec_ok(
+            cri,
+            &admin,
+            &[
+                "sh",
+                "-c",
+                "brctl addbr rtvtestbr0 && ip link show rtvtestbr0 && brctl delbr rtvtestbr0",
+            ],
+        )
+        .context("CAP_NET_ADMIN: a bridge")?;
+
+        let mut kvm_cfg = container_config("hostdev", &["sleep", "1000"], &[]);
+        kvm_cfg["devices"] = json!([{
+            "container_path": "/dev/kvm", "host_path": "/dev/kvm", "permissions": "rw",
+        }]);
+        let kvm = cri.create_container(&pod, &kvm_cfg, &pod_cfg)?;
+        let started = cri.try_call(
+            "RuntimeService/StartContainer",
+            json!({"container_id": kvm}),
+            Duration::from_secs(120),
+        )?;
+        match (in_vm, started) {
+            (false, Ok(_)) => {
+                exec_ok(cri, &kvm, &["test", "-c", "/dev/kvm"]).context("runc: /dev/kvm")?;
+            }
+            (false, Err(e)) => bail!("runc: a container with /dev/kvm: {e}"),
+            (true, Ok(_)) => bail!("a container with the host's /dev/kvm started in the VM"),
+            (true, Err(e)) => ensure!(
+                e.message.contains("/dev/kvm")
+                    && e.message
+                        .contains("device of the host that the VM does not have"),
+                "a container with the host's /dev/kvm: want the device named as the host's: {e}"
+            ),
+        }
+        anyhow::Ok(())
+    })();
+    let stop = cri.stop_pod(&pod).and_then(|()| cri.remove_pod(&pod));
+    result?;
+    stop?;
+    check_pod_gone(c, cri, &pod)
+}
+
 /// `RunPodSandbox` on a handler containerd does not have fails, and
 /// leaves no pod.
 pub fn scenario_unknown_handler(c: &Containerd, cri: &CriClient) -> Result<()> {

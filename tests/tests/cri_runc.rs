@@ -45,6 +45,16 @@ fn pod_network_on_the_runc_handler() {
     );
 }
 
+/// Privileged containers, CAP_NET_ADMIN and a host device on runc (the
+/// harness's check for rtv's scenario), in containerd's own namespace.
+#[test]
+fn privileged_containers_and_devices_on_runc() {
+    let opts = cri::cri_net_options(vec![runc_handler()], None);
+    with_cri("cri-priv-runc", &opts, |c, cri| {
+        cri::scenario_privileged(c, cri, "runc", false)
+    });
+}
+
 #[test]
 fn removing_a_running_pod_on_runc_leaves_nothing() {
     let opts = cri::cri_options(vec![runc_handler()], None);

@@ -511,16 +511,11 @@ fn make_device(root: RawFd, d: &DevicePlan, i: usize) -> Result<(), Fail> {
     let Some((_, name)) = d.path.steps.last() else {
         return Err((Step::Device, i as u32, Errno(libc::EINVAL)));
     };
-    let n = d.path.steps.len();
-    if n < 2 {
+    if d.path.steps.len() < 2 {
         return Err((Step::Device, i as u32, Errno(libc::EINVAL)));
     }
-    let parent = &d.path.steps[n - 2].0;
-    let dir = check(
-        openat2(root, parent, libc::O_PATH | libc::O_DIRECTORY),
-        Step::Device,
-        i,
-    )?;
+    // Its directory, made when missing (runc makes it too).
+    let dir = ensure_path(root, &d.dir, TargetKind::Dir, Step::Device, i)?;
     // SAFETY: unlinking/creating a node below a directory descriptor we hold.
     unsafe { libc::unlinkat(dir, name.as_ptr(), 0) };
     // SAFETY: as above.

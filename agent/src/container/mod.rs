@@ -799,7 +799,16 @@ impl Containers {
             .map(|r| r.path().clone())
             .ok_or_else(|| SpecError::new("root", "is missing"))?;
         self.ensure_share(&rootfs)?;
-        let plan = plan::create(spec, req.stdio.tty.is_some())?;
+        let plan = plan::create(spec, req.stdio.tty.is_some(), &plan::RunningKernel)?;
+        if !plan.skipped_devices.is_empty() {
+            crate::alog!(
+                Info,
+                "container {}: every device is allowed (a privileged container): it gets the \
+                 guest's devices; the spec's host devices the guest does not have are left out: {}",
+                req.container_id,
+                plan.skipped_devices.join(", ")
+            );
+        }
         let deleted = eventfd()?;
         let cgroup = self.make_cgroup(req)?;
         let ctx = Context::of_create(&plan, spec);

@@ -110,10 +110,13 @@ pub struct MountPlan {
 /// A device node to create in the container's /dev.
 #[derive(Debug)]
 pub struct DevicePlan {
-    /// Its index in `linux.devices` (None for the standard nodes).
+    /// Its index in `linux.devices` (None for the standard nodes and the
+    /// kernel's own given to a container that may use every device).
     pub index: Option<usize>,
     /// Its path relative to the root.
     pub path: RelPath,
+    /// Its directory, made when missing (`/dev/cpu/0` of `/dev/cpu/0/cpuid`).
+    pub dir: RelPath,
     /// Type and permission bits for mknod(2).
     pub mode: libc::mode_t,
     /// Device number.
@@ -177,8 +180,14 @@ pub struct CreatePlan {
     pub root_propagation: libc::c_ulong,
     /// The spec's mounts, in order.
     pub mounts: Vec<MountPlan>,
-    /// Device nodes (the standard ones when /dev is a tmpfs, then linux.devices).
+    /// Device nodes (the standard ones when /dev is a tmpfs, then
+    /// linux.devices, then, for a container allowed every device, the
+    /// kernel's other nodes).
     pub devices: Vec<DevicePlan>,
+    /// linux.devices entries left out because the kernel has no such
+    /// device and the container may use every device (a privileged one,
+    /// whose spec lists the host's devices): "path (c major:minor)".
+    pub skipped_devices: Vec<String>,
     /// The symlinks of a populated /dev (target, link relative to root).
     pub dev_symlinks: Vec<(CString, RelPath)>,
     /// Bind the terminal onto /dev/console.
@@ -435,6 +444,114 @@ const STANDARD_DEVICES: &[(&str, u32, u32)] = &[
     ("/dev/tty", 5, 0),
 ];
 
+/// A device node of the kernel's /dev.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelNode {
+    /// Its absolute path (`/dev/...`).
+    pub path: PathBuf,
+    /// Type and permission bits.
+    pub mode: libc::mode_t,
+    /// Device number.
+    pub dev: libc::dev_t,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+}
+
+/// The devices of the kernel the containers run on (the guest's; the
+/// host's when the agent runs on the host in tests).
+pub trait Devices {
+    /// Whether the kernel has a device of `kind` (`S_IFCHR`, `S_IFBLK`)
+    /// numbered `dev`.
+    fn has(&self, kind: libc::mode_t, dev: libc::dev_t) -> bool;
+    /// Its device nodes.
+    fn nodes(&self) -> Vec<KernelNode>;
+}
+
+/// The running kernel's devices: `/sys/dev/{char,block}/MAJOR:MINOR` and
+/// the nodes of `/dev` (not of the file systems mounted below it, such as
+/// devpts, and not `/dev/console`, which is the container's terminal).
+pub struct RunningKernel;
+
+impl Devices for RunningKernel {
+    fn has(&self, kind: libc::mode_t, dev: libc::dev_t) -> bool {
+        let class = if kind == libc::S_IFBLK {
+            "block"
+        } else {
+            "char"
+        };
+        Path::new(&format!(
+            "/sys/dev/{class}/{}:{}",
+            libc::major(dev),
+            libc::minor(dev)
+        ))
+        .exists()
+    }
+
+    fn nodes(&self) -> Vec<KernelNode> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = Vec::new();
+        let Ok(top) = std::fs::metadata("/dev") else {
+            return out;
+        };
+        let mut dirs = vec![PathBuf::from("/dev")];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                let Ok(m) = std::fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                let kind = m.mode() & libc::S_IFMT;
+                if m.is_dir() {
+                    if m.dev() == top.dev() {
+                        dirs.push(path);
+                    }
+                } else if (kind == libc::S_IFCHR || kind == libc::S_IFBLK)
+                    && path != Path::new("/dev/console")
+                {
+                    out.push(KernelNode {
+                        path,
+                        mode: m.mode(),
+                        dev: m.rdev(),
+                        uid: m.uid(),
+                        gid: m.gid(),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        out
+    }
+}
+
+/// Whether `linux.resources.devices` ends up allowing every device: the
+/// last rule that matches all devices (no type or `a`, no numbers, access
+/// `rwm` or none) allows. Docker's and the CRI plugin's privileged
+/// containers have exactly that.
+fn all_devices_allowed(linux: &oci_spec::runtime::Linux) -> bool {
+    let rules = linux
+        .resources()
+        .as_ref()
+        .and_then(|r| r.devices().as_ref());
+    rules
+        .into_iter()
+        .flatten()
+        .rev()
+        .find(|r| {
+            matches!(r.typ(), None | Some(LinuxDeviceType::A))
+                && r.major().is_none()
+                && r.minor().is_none()
+                && r.access()
+                    .as_deref()
+                    .is_none_or(|a| a.contains('r') && a.contains('w') && a.contains('m'))
+        })
+        .is_some_and(|r| r.allow())
+}
+
 fn device_plan(index: Option<usize>, d: &LinuxDevice) -> Result<DevicePlan, SpecError> {
     let field = match index {
         Some(i) => format!("linux.devices[{i}]"),
@@ -452,6 +569,10 @@ fn device_plan(index: Option<usize>, d: &LinuxDevice) -> Result<DevicePlan, Spec
         }
     };
     let path = RelPath::new(&format!("{field}.path"), d.path())?;
+    let dir = RelPath::new(
+        &format!("{field}.path"),
+        d.path().parent().unwrap_or(Path::new("/dev")),
+    )?;
     if !d.path().starts_with("/dev/") {
         return Err(SpecError::new(
             format!("{field}.path"),
@@ -465,6 +586,7 @@ fn device_plan(index: Option<usize>, d: &LinuxDevice) -> Result<DevicePlan, Spec
     Ok(DevicePlan {
         index,
         path,
+        dir,
         mode: kind | (d.file_mode().unwrap_or(0o666) & 0o7777),
         dev: libc::makedev(major, minor),
         uid: d.uid().unwrap_or(0),
@@ -799,7 +921,7 @@ pub fn pause(spec: &Spec) -> Result<PodPart, SpecError> {
 }
 
 /// Checks a container's spec and prepares its creation.
-pub fn create(spec: &Spec, tty: bool) -> Result<CreatePlan, SpecError> {
+pub fn create(spec: &Spec, tty: bool, kernel: &dyn Devices) -> Result<CreatePlan, SpecError> {
     let root = spec
         .root()
         .as_ref()
@@ -894,6 +1016,7 @@ pub fn create(spec: &Spec, tty: bool) -> Result<CreatePlan, SpecError> {
             devices.push(DevicePlan {
                 index: None,
                 path: RelPath::new("linux.devices", Path::new(path))?,
+                dir: RelPath::new("linux.devices", Path::new("/dev"))?,
                 mode: libc::S_IFCHR | 0o666,
                 dev: libc::makedev(*major, *minor),
                 uid: 0,
@@ -916,10 +1039,60 @@ pub fn create(spec: &Spec, tty: bool) -> Result<CreatePlan, SpecError> {
             ));
         }
     }
+    let every_device = all_devices_allowed(linux);
+    let mut skipped_devices = Vec::new();
     for (i, d) in linux.devices().iter().flatten().enumerate() {
         let plan = device_plan(Some(i), d)?;
+        let kind = plan.mode & libc::S_IFMT;
+        if kind != libc::S_IFIFO && !kernel.has(kind, plan.dev) {
+            let what = format!(
+                "{} ({} {}:{})",
+                d.path().display(),
+                if kind == libc::S_IFBLK { "b" } else { "c" },
+                libc::major(plan.dev),
+                libc::minor(plan.dev)
+            );
+            if every_device {
+                skipped_devices.push(what);
+                continue;
+            }
+            return Err(SpecError::new(
+                format!("linux.devices[{i}]"),
+                format!(
+                    "{what} is a device of the host that the VM does not have: a container in \
+                     rtv's VM gets the guest kernel's devices, which has no such one, and host \
+                     devices are not passed into the VM; leave it out of the container's devices"
+                ),
+            ));
+        }
         devices.retain(|existing| existing.path.rel != plan.path.rel);
         devices.push(plan);
+    }
+    // A container allowed every device (a privileged one) gets the
+    // kernel's device nodes, as runc gives it the host's.
+    if every_device && dev_is_tmpfs {
+        for node in kernel.nodes() {
+            let Ok(path) = RelPath::new("linux.devices", &node.path) else {
+                continue;
+            };
+            let taken = devices.iter().any(|d| d.path.rel == path.rel)
+                || dev_symlinks.iter().any(|(_, l)| l.rel == path.rel);
+            if taken {
+                continue;
+            }
+            devices.push(DevicePlan {
+                index: None,
+                dir: RelPath::new(
+                    "linux.devices",
+                    node.path.parent().unwrap_or(Path::new("/dev")),
+                )?,
+                path,
+                mode: node.mode,
+                dev: node.dev,
+                uid: node.uid,
+                gid: node.gid,
+            });
+        }
     }
     let console = if tty && dev_is_tmpfs {
         Some(RelPath::new("process.terminal", Path::new("/dev/console"))?)
@@ -950,6 +1123,7 @@ pub fn create(spec: &Spec, tty: bool) -> Result<CreatePlan, SpecError> {
         root_propagation,
         mounts,
         devices,
+        skipped_devices,
         dev_symlinks,
         console,
         masked,
@@ -1081,5 +1255,138 @@ mod tests {
         assert!(sysctl_allowed("kernel.shmmax", 0).is_err());
         assert!(sysctl_allowed("net.ipv4.ip_forward", 0).is_ok());
         assert!(sysctl_allowed("vm.overcommit_memory", libc::CLONE_NEWIPC).is_err());
+    }
+
+    /// A kernel with the given devices (c or b, major, minor) and nodes.
+    struct FakeKernel {
+        has: Vec<(libc::mode_t, u32, u32)>,
+        nodes: Vec<KernelNode>,
+    }
+
+    impl Devices for FakeKernel {
+        fn has(&self, kind: libc::mode_t, dev: libc::dev_t) -> bool {
+            self.has
+                .contains(&(kind, libc::major(dev), libc::minor(dev)))
+        }
+        fn nodes(&self) -> Vec<KernelNode> {
+            self.nodes.clone()
+        }
+    }
+
+    fn node(path: &str, major: u32, minor: u32) -> KernelNode {
+        KernelNode {
+            path: path.into(),
+            mode: libc::S_IFCHR | 0o600,
+            dev: libc::makedev(major, minor),
+            uid: 0,
+            gid: 5,
+        }
+    }
+
+    /// A container spec with /dev a tmpfs (and devpts), `devices` as
+    /// linux.devices and `rules` as linux.resources.devices.
+    fn device_spec(root: &Path, devices: &str, rules: &str) -> Spec {
+        spec(&format!(
+            r#"{{"ociVersion":"1.0.2","root":{{"path":"{}"}},
+                "process":{{"args":["true"],"cwd":"/","user":{{"uid":0,"gid":0}}}},
+                "mounts":[{{"destination":"/dev","type":"tmpfs","source":"tmpfs"}},
+                          {{"destination":"/dev/pts","type":"devpts","source":"devpts"}}],
+                "linux":{{"namespaces":[{{"type":"mount"}}],"devices":[{devices}],
+                          "resources":{{"devices":[{rules}]}}}}}}"#,
+            root.display()
+        ))
+    }
+
+    #[test]
+    fn devices_the_kernel_lacks_are_refused_or_left_out_when_every_device_is_allowed() {
+        let root = std::env::temp_dir().join(format!("rtv-plan-dev-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let kernel = FakeKernel {
+            has: vec![(libc::S_IFCHR, 1, 3), (libc::S_IFCHR, 10, 229)],
+            nodes: vec![
+                node("/dev/null", 1, 3),
+                node("/dev/fuse", 10, 229),
+                node("/dev/ptmx", 5, 2),
+                node("/dev/virtio-ports/x", 250, 1),
+            ],
+        };
+        let cpuid = r#"{"path":"/dev/cpu/0/cpuid","type":"c","major":203,"minor":0}"#;
+        let fuse = r#"{"path":"/dev/fuse","type":"c","major":10,"minor":229}"#;
+        let deny_all = r#"{"allow":false,"access":"rwm"}"#;
+        let allow_all = r#"{"allow":true,"access":"rwm"}"#;
+
+        // Not privileged: the host's device is refused, named.
+        let e = create(
+            &device_spec(&root, &format!("{fuse},{cpuid}"), deny_all),
+            false,
+            &kernel,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "linux.devices[1]");
+        assert!(
+            e.message.contains("/dev/cpu/0/cpuid (c 203:0)")
+                && e.message
+                    .contains("device of the host that the VM does not have"),
+            "{e}"
+        );
+        // A device the kernel has is made, in its directory.
+        let p = create(&device_spec(&root, fuse, deny_all), false, &kernel).unwrap();
+        let fuse_plan = p
+            .devices
+            .iter()
+            .find(|d| d.path.rel.to_str() == Ok("dev/fuse"))
+            .expect("/dev/fuse");
+        assert_eq!(fuse_plan.index, Some(0));
+        assert_eq!(fuse_plan.dir.rel.to_str(), Ok("dev"));
+        assert!(p.skipped_devices.is_empty());
+        assert!(!p
+            .devices
+            .iter()
+            .any(|d| d.path.rel.to_str() == Ok("dev/virtio-ports/x")));
+
+        // Every device allowed (a privileged container): the host's device
+        // is left out and reported; the kernel's nodes are added once each,
+        // not over the spec's or the /dev/ptmx symlink.
+        let p = create(
+            &device_spec(
+                &root,
+                &format!("{fuse},{cpuid}"),
+                &format!("{deny_all},{allow_all}"),
+            ),
+            false,
+            &kernel,
+        )
+        .unwrap();
+        assert_eq!(p.skipped_devices, ["/dev/cpu/0/cpuid (c 203:0)"]);
+        let paths: Vec<&str> = p
+            .devices
+            .iter()
+            .map(|d| d.path.rel.to_str().unwrap())
+            .collect();
+        for want in ["dev/null", "dev/fuse", "dev/virtio-ports/x"] {
+            assert_eq!(
+                paths.iter().filter(|p| **p == want).count(),
+                1,
+                "{want}: {paths:?}"
+            );
+        }
+        assert!(!paths.contains(&"dev/ptmx"), "{paths:?}");
+        let x = p
+            .devices
+            .iter()
+            .find(|d| d.path.rel.to_str() == Ok("dev/virtio-ports/x"))
+            .unwrap();
+        assert_eq!(x.dir.rel.to_str(), Ok("dev/virtio-ports"));
+        assert_eq!((x.index, x.gid, x.mode), (None, 5, libc::S_IFCHR | 0o600));
+
+        // A later rule that denies again: not every device.
+        let e = create(
+            &device_spec(&root, cpuid, &format!("{allow_all},{deny_all}")),
+            false,
+            &kernel,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "linux.devices[0]");
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

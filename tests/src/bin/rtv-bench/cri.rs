@@ -69,7 +69,7 @@ struct Handler {
 }
 
 /// Clock ticks per second, for /proc/PID/stat's CPU times.
-fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     // SAFETY: sysconf only reads a system constant; no memory is shared.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 {
@@ -81,7 +81,7 @@ fn clock_ticks() -> f64 {
 
 /// A process's CPU time (user + system, with that of its reaped children
 /// when `children`) in clock ticks.
-fn cpu_ticks(pid: u32, children: bool) -> Option<u64> {
+pub(crate) fn cpu_ticks(pid: u32, children: bool) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name, which is in parentheses and may
     // hold spaces: state (3), ... utime (14), stime (15), cutime (16),
@@ -100,7 +100,7 @@ fn cpu_ticks(pid: u32, children: bool) -> Option<u64> {
 /// each with its role: the pod's shim, everything the shim started (rtv's
 /// VMM, the pause container's processes), and processes naming the pod's
 /// rtv state directory.
-fn pod_processes(c: &Containerd, pod: &str, app: &str) -> Result<Vec<(String, u32)>> {
+pub(crate) fn pod_processes(c: &Containerd, pod: &str, app: &str) -> Result<Vec<(String, u32)>> {
     let shim = c
         .shims()
         .into_iter()

@@ -10,9 +10,11 @@
 //! and through containerd, and compares the memory of a running container.
 //! `rtv-bench cri` starts pods through containerd's CRI plugin on the
 //! runc, crun and rtv handlers, and compares their start time and what a
-//! pod costs on the host beside its containers.
+//! pod costs on the host beside its containers. `rtv-bench net` measures
+//! TCP throughput and round trips between two pods on a CNI bridge.
 
 mod cri;
+mod net;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -112,6 +114,24 @@ enum What {
         /// Seconds over which the idle pods' CPU is measured.
         #[arg(long, default_value_t = 30)]
         idle: u64,
+        /// Seconds to wait at most for the 1-minute load average to fall
+        /// below 1.5 before measuring.
+        #[arg(long, default_value_t = 600)]
+        max_wait: u64,
+    },
+    /// TCP between two pods on one CNI bridge, on the runc and rtv
+    /// handlers of one containerd: throughput of a stream from one pod to
+    /// the other, `ping`'s round trip, and rtv's VMM CPU per MiB moved.
+    Net {
+        /// Streams per handler (the median is reported).
+        #[arg(long, short = 'n', default_value_t = 3)]
+        runs: usize,
+        /// MiB per stream.
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+        /// `ping` packets.
+        #[arg(long, default_value_t = 20)]
+        pings: u32,
         /// Seconds to wait at most for the 1-minute load average to fall
         /// below 1.5 before measuring.
         #[arg(long, default_value_t = 600)]
@@ -1670,6 +1690,17 @@ fn main() -> Result<()> {
         } => cri::cri_bench(
             runs.max(1),
             Duration::from_secs(idle.max(1)),
+            Duration::from_secs(max_wait),
+        ),
+        What::Net {
+            runs,
+            mib,
+            pings,
+            max_wait,
+        } => net::net_bench(
+            runs.max(1),
+            mib.max(1),
+            pings.max(1),
             Duration::from_secs(max_wait),
         ),
         What::Flamegraph { out, title, folded } => flamegraph(&out, &title, &folded),
