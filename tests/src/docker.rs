@@ -583,6 +583,20 @@ fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// CAP_SYS_RESOURCE's number.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether this process's bounding set has capability `cap`.
+fn host_has_cap(cap: u32) -> Result<bool> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let bnd = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .context("CapBnd in /proc/self/status")?;
+    Ok(bnd & (1 << cap) != 0)
+}
+
 /// A shell line printing the container's own cgroup v2 file `f` (the
 /// guest's, under rtv) or, on a cgroup v1 host (runc here), `v1`.
 fn cgroup_file(v1: &str, f: &str) -> String {
@@ -591,7 +605,8 @@ fn cgroup_file(v1: &str, f: &str) -> String {
     )
 }
 
-/// Every Docker scenario with `--runtime runtime`, each with no wrapper
+/// Every Docker scenario with `--runtime runtime` (`--privileged` among
+/// them), each with no wrapper
 /// and no extra `--security-opt` (Docker's default spec: its seccomp
 /// profile, AppArmor, no no-new-privileges).
 pub fn docker_scenarios(d: &Dockerd, runtime: &str) -> Result<()> {
@@ -627,6 +642,37 @@ pub fn docker_scenarios(d: &Dockerd, runtime: &str) -> Result<()> {
         "run --rm: {}",
         describe(&out)
     );
+
+    // --privileged: the host's devices in the spec (on rtv the guest's
+    // devices instead), every capability, no seccomp, and a mount works.
+    // Docker gives every capability, CAP_SYS_RESOURCE too (it ignores
+    // --cap-drop with --privileged), which this host's root lacks: runc
+    // fails to apply it here; in rtv's VM the guest's root has it.
+    let out = run(
+        &["--privileged"],
+        &[
+            "sh",
+            "-c",
+            "grep -E '^Seccomp:' /proc/self/status; test -c /dev/fuse && test -c /dev/kmsg && \
+             mkdir -p /mnt/t && mount -t tmpfs none /mnt/t && touch /mnt/t/x && umount /mnt/t && \
+             echo mounted",
+        ],
+    )?;
+    let o = text(&out);
+    if runtime == "runc" && !host_has_cap(CAP_SYS_RESOURCE)? {
+        ensure!(
+            out.status.code() == Some(125)
+                && String::from_utf8_lossy(&out.stderr).contains("unable to apply caps"),
+            "run --privileged on runc without CAP_SYS_RESOURCE: want runc's refusal: {}",
+            describe(&out)
+        );
+    } else {
+        ensure!(
+            out.status.success() && o.contains("Seccomp:\t0") && o.contains("mounted\n"),
+            "run --privileged: {}",
+            describe(&out)
+        );
+    }
 
     // -i with piped stdin.
     let mut args = vec!["run", "--rm", "-i"];
