@@ -13,8 +13,9 @@ usage: scripts/bench.sh [SUBCOMMAND] [OPTIONS]   (default: boot)
   cri       [-n N] [--idle S]               pods through containerd's CRI plugin on the runc, crun and
                                             rtv handlers: RunPodSandbox to the first container running,
                                             and a pod's host memory and idle CPU beside its container
-  net       [-n N] [--mib M] [--pings P]    TCP between two pods on a CNI bridge, runc and rtv handlers:
-                                            throughput, ping's round trip, rtv's VMM CPU per MiB
+  net       [-n N] [--mib M] [--sysctl K=V]  TCP between two pods on a CNI bridge, runc and rtv handlers:
+                                            httpd to wget throughput, ping's round trip, frames per MiB,
+                                            rtv's VMM CPU per MiB
   flamegraph -o OUT.svg [--title T] N.folded...   one flame graph of several parts of a guest profile
                                             (RTV_PROFILE_DIR=DIR or `rtv --debug`: DIR/<pod>/parts.txt)
   fs        [-n N] [--mem MIB]              virtio-fs against the host: a 256 MiB sequential read

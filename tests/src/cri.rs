@@ -1708,6 +1708,18 @@ pub fn scenario_pod_network(
             p.name
         );
     }
+    // On a PVM host, a VM's kernel sends 64 KB TCP segments
+    // (guest-kernel/cmdline-pvm.txt's sysctl): the pods' namespace is the VM's.
+    if s.host_network == HostNetwork::LoopbackOnly && Path::new("/sys/module/kvm_pvm").exists() {
+        for p in [a, b] {
+            let v = exec_ok(cri, &p.ctr, &["cat", "/proc/sys/net/ipv4/tcp_min_tso_segs"])?;
+            ensure!(
+                v.trim() == "44",
+                "pod {}: net.ipv4.tcp_min_tso_segs is {v:?}, not the PVM command line's 44",
+                p.name
+            );
+        }
+    }
     let www = c.dir().join("node-www");
     std::fs::create_dir_all(&www)?;
     std::fs::write(www.join("id"), "node\n")?;

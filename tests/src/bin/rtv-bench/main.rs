@@ -30,6 +30,14 @@ use rtv_tests::{
     READY_LINE,
 };
 
+/// `KEY=VALUE` of `--sysctl`.
+fn parse_sysctl(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "rtv-bench", about = "rtv benchmarks")]
 struct Args {
@@ -126,8 +134,9 @@ enum What {
         /// Streams per handler (the median is reported).
         #[arg(long, short = 'n', default_value_t = 3)]
         runs: usize,
-        /// MiB per stream.
-        #[arg(long, default_value_t = 64)]
+        /// MiB per stream (the server pod keeps the file in its page
+        /// cache: keep it well below the VM's memory).
+        #[arg(long, default_value_t = 32)]
         mib: u64,
         /// `ping` packets.
         #[arg(long, default_value_t = 20)]
@@ -136,6 +145,10 @@ enum What {
         /// below 1.5 before measuring.
         #[arg(long, default_value_t = 600)]
         max_wait: u64,
+        /// A sysctl of both pods (CRI's `linux.sysctls`), `KEY=VALUE`;
+        /// repeatable.
+        #[arg(long, value_parser = parse_sysctl)]
+        sysctl: Vec<(String, String)>,
     },
     /// One flame graph of several parts of a guest profile (rtv-vmm's
     /// `--profile`: `<n>.folded` files, e.g. the parts of a pod's start
@@ -1697,11 +1710,13 @@ fn main() -> Result<()> {
             mib,
             pings,
             max_wait,
+            sysctl,
         } => net::net_bench(
             runs.max(1),
             mib.max(1),
             pings.max(1),
             Duration::from_secs(max_wait),
+            &sysctl,
         ),
         What::Flamegraph { out, title, folded } => flamegraph(&out, &title, &folded),
     }
