@@ -1122,6 +1122,26 @@ mod tests {
     }
 
     #[test]
+    fn a_tap_that_cannot_be_created_is_named_and_the_namespace_is_unchanged() {
+        let pod = TestNs::new("notap");
+        let peer = TestNs::new("notap-peer");
+        veth_pair(&pod, &peer);
+        // Another program's interface holds the tap's name.
+        ip(
+            &pod.0,
+            &[
+                "link", "add", TAP_NAME, "type", "veth", "peer", "name", "other1",
+            ],
+        );
+        let before = ip(&pod.0, &["-o", "link"]);
+        let ns = Netns::open(&pod.path()).expect("open");
+        let e = create_tap(&ns).unwrap_err().to_string();
+        assert!(e.contains(&format!("creating tap {TAP_NAME}")), "{e}");
+        assert_eq!(ip(&pod.0, &["-o", "link"]), before);
+        assert!(tc(&pod.0, &["qdisc", "show", "ingress"]).trim().is_empty());
+    }
+
+    #[test]
     fn an_interface_gone_before_wiring_is_named_and_nothing_is_left() {
         let pod = TestNs::new("gone");
         let peer = TestNs::new("gone-peer");
