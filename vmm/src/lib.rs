@@ -19,6 +19,7 @@ mod builder;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;
+pub mod jail;
 pub mod linux;
 pub mod platform;
 pub mod profile;

@@ -128,12 +128,26 @@ struct Args {
     /// is one; with --restore there is no default).
     #[arg(long, value_name = "PATH", requires = "profile")]
     system_map: Option<PathBuf>,
+    /// The VMM's hardening before any thread starts: only --net-tap-fd and
+    /// stdio survive of the inherited descriptors, the environment is
+    /// cleared (rtv-vmm starts itself again without it; RTV_LOG is passed
+    /// on as --log-level), core dumps are off, the capabilities are cut to those
+    /// virtio-fs needs and no_new_privs is set. `off` is for debugging only
+    /// and logs a warning.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    jail: String,
     /// Log filter (error, warn, info, debug, trace), to standard error.
     #[arg(long, default_value = "warn", env = "RTV_LOG")]
     log_level: String,
 }
 
 fn main() -> ExitCode {
+    // First of all: the jail's VMM has no environment, not even in the
+    // block /proc/<pid>/environ shows.
+    if let Err(e) = rtv_vmm::jail::reexec_without_environment() {
+        eprintln!("rtv-vmm: error: starting again without the environment: {e}");
+        return ExitCode::from(1);
+    }
     // Before any other thread exists: SIGTERM/SIGINT then wait for the
     // event loop, which stops the VM and removes what it created.
     if let Err(e) = rtv_vmm::signals::block_stop_signals() {
@@ -148,6 +162,17 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    if args.jail == "on" {
+        let keep: Vec<i32> = args.net_tap_fd.into_iter().collect();
+        if let Err(e) = rtv_vmm::jail::harden(&keep) {
+            eprintln!("rtv-vmm: error: hardening the VMM: {e}");
+            return ExitCode::from(1);
+        }
+    } else {
+        tracing::warn!(
+            "--jail off: the VMM keeps every inherited descriptor, its environment and all of its capabilities"
+        );
+    }
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -1,0 +1,251 @@
+//! The hardening `rtv-vmm` applies to itself before any thread starts
+//! (`rtv_vmm::jail`), seen from outside on a running VMM that booted the
+//! real guest kernel with every device: every thread's capabilities and
+//! `NoNewPrivs`, the descriptors, the environment and the rlimits. And
+//! `--jail off` leaves them as they were (the switch works both ways).
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::TempDir;
+
+/// The kernel and initramfs of the build (RTV_KERNEL / RTV_INITRAMFS, or
+/// their build scripts).
+fn artifact(var: &str, script: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new("bash")
+        .arg(root.join(script))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("{script}: {e}"));
+    assert!(out.status.success(), "{script} failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// A file opened without close-on-exec, as a careless parent leaks one.
+fn leaked_fd(path: &Path) -> OwnedFd {
+    let f = std::fs::File::create(path).unwrap();
+    let fd = OwnedFd::from(f);
+    // SAFETY: F_GETFD/F_SETFD on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFD);
+        assert!(flags >= 0);
+        assert_eq!(
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags & !libc::FD_CLOEXEC),
+            0
+        );
+    }
+    fd
+}
+
+struct Running {
+    child: Child,
+    tmp: TempDir,
+    leaked: PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Boots the real kernel with a console file, vsock and a shared
+/// directory, with a leaked descriptor and a secret in the environment,
+/// and returns once the agent is ready (every VMM thread exists).
+fn boot(jail: &str) -> Running {
+    let kernel = artifact("RTV_KERNEL", "guest-kernel/build.sh");
+    let initrd = artifact("RTV_INITRAMFS", "rootfs-builder/build.sh");
+    let tmp = TempDir::new(&format!("vmm-jail-{jail}"));
+    let share = tmp.0.join("share");
+    std::fs::create_dir(&share).unwrap();
+    let console = tmp.0.join("console");
+    let leaked = tmp.0.join("leaked-marker");
+    let fd = leaked_fd(&leaked);
+    let raw = fd.as_raw_fd();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rtv-vmm"));
+    cmd.arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--console")
+        .arg(&console)
+        .args(["--vsock-cid", "3", "--vsock-uds"])
+        .arg(tmp.0.join("vsock.sock"))
+        .arg("--shared-dir")
+        .arg(&share)
+        .args(["--jail", jail])
+        .env("RTV_JAIL_TEST_SECRET", "s3cret")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(tmp.0.join("log")).unwrap());
+    // SAFETY: fcntl is async-signal-safe; it keeps the leaked descriptor
+    // open across exec in the child (std sets close-on-exec on dup'd fds).
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(raw, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(fd);
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains(rtv_vmm::READY_MARKER) {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "rtv-vmm --jail {jail} exited ({status}) before readiness: {}",
+                std::fs::read_to_string(tmp.0.join("log")).unwrap_or_default()
+            );
+        }
+        if start.elapsed() > Duration::from_secs(180) {
+            let _ = child.kill();
+            panic!("no readiness line within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Running { child, tmp, leaked }
+}
+
+/// `Field:\tvalue` of a `/proc/.../status` text.
+fn field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+        .trim()
+}
+
+fn hex(v: &str) -> u64 {
+    u64::from_str_radix(v, 16).unwrap_or_else(|_| panic!("{v:?} is not hex"))
+}
+
+/// Every thread's status text.
+fn threads(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| {
+            let t = t.unwrap().path();
+            let status = std::fs::read_to_string(t.join("status")).unwrap();
+            (field(&status, "Name").to_owned(), status)
+        })
+        .collect()
+}
+
+/// Where each of the process's descriptors points.
+fn fd_targets(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            Some(std::fs::read_link(e.path()).ok()?.display().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn a_running_vmm_is_hardened_in_every_thread() {
+    let vm = boot("on");
+    let pid = vm.child.id();
+    let kept = rtv_vmm::jail::kept_mask();
+
+    // Started again without its environment, under its own name.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "rtv-vmm");
+    let threads = threads(pid);
+    assert!(threads.len() >= 3, "vCPU, event loop and main: {threads:?}");
+    for (name, status) in &threads {
+        assert_eq!(field(status, "NoNewPrivs"), "1", "thread {name}");
+        assert_eq!(hex(field(status, "CapInh")), 0, "thread {name}");
+        assert_eq!(hex(field(status, "CapAmb")), 0, "thread {name}");
+        assert_eq!(hex(field(status, "CapPrm")), kept, "thread {name}");
+        assert_eq!(hex(field(status, "CapBnd")), kept, "thread {name}");
+        // The FUSE server raises and drops CAP_FSETID and CAP_DAC_OVERRIDE
+        // in its effective set per request; never beyond the kept ones.
+        assert_eq!(hex(field(status, "CapEff")) & !kept, 0, "thread {name}");
+    }
+
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        environ.is_empty(),
+        "environment: {:?}",
+        String::from_utf8_lossy(&environ)
+    );
+
+    let targets = fd_targets(pid);
+    let leaked = vm.leaked.display().to_string();
+    assert!(
+        !targets.contains(&leaked),
+        "the leaked descriptor survived: {targets:?}"
+    );
+    // What the VMM opened itself: KVM, the console, its event fds and
+    // sockets, the share's directories, guest memory, /dev/null (stdio),
+    // and the FUSE server's /proc/self/fd (to reopen its O_PATH inodes) and
+    // /proc/self/mountinfo (mount ids).
+    let proc_fd = format!("/proc/{pid}/fd");
+    let proc_mountinfo = format!("/proc/{pid}/mountinfo");
+    let share = vm.tmp.0.join("share").display().to_string();
+    let console = vm.tmp.0.join("console").display().to_string();
+    let log = vm.tmp.0.join("log").display().to_string();
+    for t in &targets {
+        let expected = t.starts_with("anon_inode:")
+            || t.starts_with("socket:")
+            || t.starts_with("pipe:")
+            || t.starts_with("/memfd:")
+            || t.starts_with(&share)
+            || [
+                "/dev/kvm",
+                "/dev/null",
+                console.as_str(),
+                log.as_str(),
+                proc_fd.as_str(),
+                proc_mountinfo.as_str(),
+            ]
+            .contains(&t.as_str());
+        assert!(expected, "unexpected descriptor {t:?} among {targets:?}");
+    }
+
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let v: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&v[4..6], ["0", "0"], "{core}");
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let v: Vec<&str> = nofile.split_whitespace().collect();
+    assert_eq!(v[3], v[4], "soft NOFILE raised to the hard limit: {nofile}");
+}
+
+#[test]
+fn jail_off_leaves_the_process_as_it_was_started() {
+    let vm = boot("off");
+    let pid = vm.child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(field(&status, "NoNewPrivs"), "0");
+    assert_ne!(hex(field(&status, "CapBnd")), rtv_vmm::jail::kept_mask());
+    let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
+        .into_owned();
+    assert!(environ.contains("RTV_JAIL_TEST_SECRET=s3cret"), "{environ}");
+    let leaked = vm.leaked.display().to_string();
+    assert!(fd_targets(pid).contains(&leaked));
+    let log = std::fs::read_to_string(vm.tmp.0.join("log")).unwrap();
+    assert!(log.contains("--jail off"), "the warning: {log}");
+}
