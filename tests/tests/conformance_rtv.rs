@@ -396,3 +396,36 @@ fn specs_real_hosts_write_run() {
     }
     assert!(left.is_empty(), "host cgroups left: {left:?}");
 }
+
+/// `rtv check` reports the host: KVM, the guest's files, the template, and
+/// what the host gives the VMM's hardening; every line is ok here.
+#[test]
+fn check_reports_the_host_and_the_vmm_hardening() {
+    let rtv = rtv_tests::rtv_with_artifacts().expect("building rtv and its guest");
+    let out = std::process::Command::new(&rtv)
+        .arg("check")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running rtv check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rtv check: {}: {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for what in [
+        "/dev/kvm",
+        "guest kernel",
+        "rtv-vmm",
+        "VMM hardening: descriptors",
+        "VMM hardening: capabilities",
+        "VMM hardening: no_new_privs",
+    ] {
+        assert!(
+            stdout.contains(&format!("[ok]   {what}:")),
+            "no ok line for {what}: {stdout}"
+        );
+    }
+    assert!(!stdout.contains("[FAIL]"), "{stdout}");
+}

@@ -966,7 +966,61 @@ fn cmd_check() -> Result<bool> {
         }
         Err(e) => line("artifacts", false, format!("{e:#}")),
     }
+    for (what, good, detail) in jail_support() {
+        line(what, good, detail);
+    }
     Ok(ok)
+}
+
+/// What this host and user give the VMM's hardening (rtv-vmm's `--jail`).
+fn jail_support() -> Vec<(&'static str, bool, String)> {
+    // SAFETY: close_range over descriptors that cannot exist closes
+    // nothing; it only tells whether the call is there (Linux 5.9+).
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, u32::MAX - 1, u32::MAX, 0u32) };
+    let close_range = if rc == 0 {
+        (true, "close_range available".to_owned())
+    } else {
+        (
+            false,
+            format!(
+                "close_range: {} (Linux 5.9 or later needed)",
+                std::io::Error::last_os_error()
+            ),
+        )
+    };
+    // CapPrm's bit 8 (CAP_SETPCAP): without it the bounding set cannot
+    // shrink (no_new_privs still holds).
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let prm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapPrm:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_SETPCAP: u32 = 8;
+    let setpcap = prm & (1 << CAP_SETPCAP) != 0;
+    // SAFETY: PR_GET_NO_NEW_PRIVS takes integer arguments only.
+    let nnp = unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) } >= 0;
+    vec![
+        ("VMM hardening: descriptors", close_range.0, close_range.1),
+        (
+            "VMM hardening: capabilities",
+            true,
+            if setpcap {
+                "bounding, permitted and effective sets cut to virtio-fs's seven".into()
+            } else {
+                "not root (no CAP_SETPCAP): the bounding set stays; no_new_privs keeps exec from using it".into()
+            },
+        ),
+        (
+            "VMM hardening: no_new_privs",
+            nnp,
+            if nnp {
+                "available".into()
+            } else {
+                "prctl refused".into()
+            },
+        ),
+    ]
 }
 
 fn run(cli: &Cli) -> Result<i32> {
