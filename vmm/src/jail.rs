@@ -1,6 +1,6 @@
 //! The VMM's own hardening, applied by `rtv-vmm` before any other thread
 //! exists: only the descriptors passed on purpose survive, the environment
-//! is cleared, core dumps are off, the capability sets are cut to what the
+//! is cleared, core dumps are off, it has IPC and UTS namespaces of its own, the capability sets are cut to what the
 //! in-process virtio-fs server needs, and `no_new_privs` is set.
 //!
 //! What a guest that broke the VMM would hold afterwards: the kept
@@ -51,6 +51,8 @@ pub enum JailError {
         #[source]
         source: caps::errors::CapsError,
     },
+    #[error("entering new IPC and UTS namespaces: {0}")]
+    Namespaces(#[source] std::io::Error),
     #[error("setting no_new_privs: {0}")]
     NoNewPrivs(#[source] std::io::Error),
 }
@@ -97,6 +99,7 @@ pub fn harden(keep_fds: &[RawFd]) -> Result<(), JailError> {
     close_other_fds(keep_fds).map_err(JailError::CloseFds)?;
     clear_environment();
     limits()?;
+    own_namespaces()?;
     reduce_caps()?;
     // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
     let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
@@ -177,6 +180,27 @@ fn limits() -> Result<(), JailError> {
     set("RLIMIT_CORE to 0", libc::RLIMIT_CORE, Some(0))?;
     // The share's open files are descriptors: as many as the host allows.
     set("RLIMIT_NOFILE to its hard limit", libc::RLIMIT_NOFILE, None)
+}
+
+/// New IPC and UTS namespaces: the VMM uses neither System V IPC nor the
+/// host name, so it sees and can change none of the host's. Needs
+/// CAP_SYS_ADMIN, which a VMM not started as root lacks: then skipped.
+fn own_namespaces() -> Result<(), JailError> {
+    let admin =
+        caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_ADMIN).map_err(|source| {
+            JailError::Caps {
+                what: "reading",
+                source,
+            }
+        })?;
+    if !admin {
+        return Ok(());
+    }
+    // SAFETY: unshare takes flags only; the process is single-threaded.
+    if unsafe { libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) } != 0 {
+        return Err(JailError::Namespaces(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn reduce_caps() -> Result<(), JailError> {

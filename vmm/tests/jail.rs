@@ -219,6 +219,12 @@ fn a_running_vmm_is_hardened_in_every_thread() {
         assert!(expected, "unexpected descriptor {t:?} among {targets:?}");
     }
 
+    for ns in ["ipc", "uts"] {
+        let own = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(own, ours, "the VMM's {ns} namespace is its parent's");
+    }
+
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let core = limits
         .lines()
@@ -244,6 +250,11 @@ fn jail_off_leaves_the_process_as_it_was_started() {
     let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
         .into_owned();
     assert!(environ.contains("RTV_JAIL_TEST_SECRET=s3cret"), "{environ}");
+    for ns in ["ipc", "uts"] {
+        let own = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_eq!(own, ours, "{ns}");
+    }
     let leaked = vm.leaked.display().to_string();
     assert!(fd_targets(pid).contains(&leaked));
     let log = std::fs::read_to_string(vm.tmp.0.join("log")).unwrap();
