@@ -1,7 +1,8 @@
 //! Where rtv's parts are on the host, decided in one place for every front
 //! end: the guest kernels, the initramfs and the VMM binary (from
 //! `$RTV_KERNEL`, `$RTV_KERNEL_UP`, `$RTV_INITRAMFS` and `$RTV_VMM`, else
-//! next to the running binary, where `scripts/build.sh` links them), and the
+//! the configuration file's `guest.*` and `vmm.path`, else next to the
+//! running binary, where `scripts/build.sh` links them), and the
 //! template cache.
 
 use std::path::{Path, PathBuf};
@@ -72,10 +73,19 @@ impl Artifacts {
             .and_then(Path::file_name)
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "rtv".into());
+        let config = crate::config::get();
+        let configured = |var: &str| match var {
+            "RTV_KERNEL" => config.guest.kernel.clone(),
+            "RTV_KERNEL_UP" => config.guest.kernel_up.clone(),
+            "RTV_INITRAMFS" => config.guest.initramfs.clone(),
+            "RTV_VMM" => config.vmm.path.clone(),
+            _ => None,
+        };
         let find = |var: &'static str, name: &'static str| {
             let path = std::env::var_os(var)
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
+                .or_else(|| configured(var))
                 .unwrap_or_else(|| exe_dir.join(name));
             if path.exists() {
                 Ok(path)
@@ -89,8 +99,10 @@ impl Artifacts {
             }
         };
         let kernel = find("RTV_KERNEL", "rtv-vmlinux")?;
-        let kernel_chosen = std::env::var_os("RTV_KERNEL").is_some_and(|v| !v.is_empty());
-        let up_chosen = std::env::var_os("RTV_KERNEL_UP").is_some_and(|v| !v.is_empty());
+        let kernel_chosen = std::env::var_os("RTV_KERNEL").is_some_and(|v| !v.is_empty())
+            || config.guest.kernel.is_some();
+        let up_chosen = std::env::var_os("RTV_KERNEL_UP").is_some_and(|v| !v.is_empty())
+            || config.guest.kernel_up.is_some();
         let kernel_up = if up_chosen {
             Some(find("RTV_KERNEL_UP", "rtv-vmlinux-up")?)
         } else if kernel_chosen {
@@ -107,12 +119,15 @@ impl Artifacts {
     }
 }
 
-/// Where VM templates are kept: `$RTV_CACHE_DIR/templates`, else
-/// `$HOME/.cache/rtv/templates`, else `/var/cache/rtv/templates` (a shim
+/// Where VM templates are kept: `$RTV_CACHE_DIR/templates`, else the
+/// configuration's `templates.dir`, else `$HOME/.cache/rtv/templates`, else `/var/cache/rtv/templates` (a shim
 /// started by a containerd without `$HOME`).
 pub fn template_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("RTV_CACHE_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d).join("templates");
+    }
+    if let Some(d) = &crate::config::get().templates.dir {
+        return d.clone();
     }
     if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(h).join(".cache/rtv/templates");

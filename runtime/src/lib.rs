@@ -4,6 +4,7 @@
 
 pub mod agent_client;
 pub mod artifacts;
+pub mod config;
 pub mod hooks;
 pub mod host_cgroup;
 pub mod net;

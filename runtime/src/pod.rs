@@ -139,6 +139,10 @@ pub enum PodError {
     /// A guest artifact is missing.
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
+    /// The configuration file cannot be used (its error names the file,
+    /// line and key).
+    #[error("configuration: {0}")]
+    Config(String),
     /// The spec (or the request) is wrong; the message names the file and
     /// field.
     #[error("{0}")]
@@ -202,7 +206,9 @@ impl PodError {
     pub fn class(&self) -> ErrorClass {
         match self {
             PodError::Artifact(_) => ErrorClass::Unavailable,
-            PodError::Invalid(_) | PodError::HostCgroup(_) => ErrorClass::InvalidArgument,
+            PodError::Invalid(_) | PodError::HostCgroup(_) | PodError::Config(_) => {
+                ErrorClass::InvalidArgument
+            }
             PodError::Net(NetError::Namespace { .. } | NetError::Unsupported { .. }) => {
                 ErrorClass::InvalidArgument
             }
@@ -296,6 +302,9 @@ impl PodConfig {
     /// or a standalone container): sized from the spec, named by its
     /// hostname (else the pod's id), in the spec's host cgroup.
     pub fn for_spec(id: &str, dir: &Path, spec: &Spec) -> Result<PodConfig, PodError> {
+        if let Some(e) = crate::config::error() {
+            return Err(PodError::Config(e.to_owned()));
+        }
         let hostname = spec
             .hostname()
             .clone()

@@ -264,8 +264,10 @@ pub struct VmSize {
 
 /// The VM for a container with `spec`: memory = the memory limit rounded
 /// up to 2 MiB plus [`VM_MEMORY_OVERHEAD_MIB`] (or
-/// [`DEFAULT_VM_MEMORY_MIB`] without a limit); vCPUs = the CPU quota over
-/// its period, rounded up, at most `host_cpus` (or [`DEFAULT_VM_VCPUS`]).
+/// the configuration's `vm.default_memory_mib`, [`DEFAULT_VM_MEMORY_MIB`]
+/// unset, without a limit); vCPUs = the CPU quota over its period, rounded
+/// up, at most `host_cpus` (or `vm.default_vcpus`, [`DEFAULT_VM_VCPUS`]
+/// unset, at most `host_cpus`).
 pub fn vm_size(spec: &Spec, host_cpus: u8) -> VmSize {
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
     let limit = resources
@@ -277,7 +279,10 @@ pub fn vm_size(spec: &Spec, host_cpus: u8) -> VmSize {
             let mib = (bytes as u64).div_ceil(1 << 20);
             mib.div_ceil(2) * 2 + VM_MEMORY_OVERHEAD_MIB
         }
-        None => DEFAULT_VM_MEMORY_MIB,
+        None => crate::config::get()
+            .vm
+            .default_memory_mib
+            .unwrap_or(DEFAULT_VM_MEMORY_MIB),
     };
     let cpu = resources.and_then(|r| r.cpu().as_ref());
     let quota = cpu.and_then(|c| c.quota()).filter(|q| *q > 0);
@@ -290,7 +295,11 @@ pub fn vm_size(spec: &Spec, host_cpus: u8) -> VmSize {
             let n = (q as u64).div_ceil(period).max(1);
             u8::try_from(n).unwrap_or(u8::MAX).min(host_cpus.max(1))
         }
-        None => DEFAULT_VM_VCPUS,
+        None => crate::config::get()
+            .vm
+            .default_vcpus
+            .unwrap_or(DEFAULT_VM_VCPUS)
+            .min(host_cpus.max(1)),
     };
     VmSize { mem_mib, vcpus }
 }

@@ -67,13 +67,21 @@ impl VmmCommand {
     }
 
     fn new(vmm: &Path) -> Self {
-        Self {
+        let mut c = Self {
             vmm: vmm.to_path_buf(),
             args: Vec::new(),
             lifetime: Lifetime::DiesWithParent,
             restore: false,
             tap: None,
+        };
+        // The configuration file's `vmm.jail = false`.
+        if !crate::config::get().vmm.jail {
+            tracing::warn!(
+                "vmm.jail = false in the configuration: the VMM runs without its hardening"
+            );
+            c.arg("--jail").arg("off");
         }
+        c
     }
 
     fn arg(&mut self, a: impl Into<OsString>) -> &mut Self {

@@ -139,6 +139,11 @@ impl Shim for RtvShim {
             // containerd logs what `delete` writes to stderr.
             init_logging(std::io::stderr, args.debug);
         }
+        // The configuration file ($RTV_CONFIG, else /etc/rtv/config.toml):
+        // a file that cannot be used fails every pod with its error.
+        if let Err(e) = rtv_runtime::config::init_from_file(None) {
+            tracing::error!("{e}");
+        }
         // `start` logs nothing: containerd reads its combined stdout and
         // stderr as the shim's address.
         RtvShim {

@@ -429,3 +429,185 @@ fn check_reports_the_host_and_the_vmm_hardening() {
     }
     assert!(!stdout.contains("[FAIL]"), "{stdout}");
 }
+
+/// The configuration file through `rtv --config`: every key takes effect
+/// (with the variables that would win over it unset): the guest's parts
+/// and the VMM from the file's paths, the template cache in its
+/// directory, a spec without limits in a VM of `vm.default_memory_mib`,
+/// and `vmm.jail = false` starting the VMM with `--jail off`; a bad file
+/// is refused with its line and key, and nothing runs.
+#[test]
+fn the_configuration_file_takes_effect() {
+    use std::process::{Command, Stdio};
+    let rtv = rtv_tests::rtv_with_artifacts().expect("building rtv and its guest");
+    let a = rtv_runtime::artifacts::Artifacts::find().expect("artifacts");
+    let dir = std::env::temp_dir().join(format!("rtv-config-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = |name: &str, to: &std::path::Path| {
+        let p = dir.join(name);
+        std::os::unix::fs::symlink(std::fs::canonicalize(to).unwrap(), &p).unwrap();
+        p
+    };
+    let kernel = link("kernel", &a.kernel);
+    let kernel_up = link("kernel-up", a.kernel_for(1));
+    let initramfs = link("initramfs", &a.initramfs);
+    let vmm = link("vmm", &a.vmm);
+    let templates = dir.join("templates");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# rtv's configuration\n[guest]\nkernel = {:?}\nkernel_up = {:?}\ninitramfs = {:?}\n\
+             [vmm]\npath = {:?}\njail = false\n\
+             [vm]\ndefault_memory_mib = 256\ndefault_vcpus = 1\n\
+             [templates]\ndir = {:?}\n",
+            kernel, kernel_up, initramfs, vmm, templates
+        ),
+    )
+    .unwrap();
+    let cmd = |args: &[&str], config: &std::path::Path| {
+        let mut c = Command::new(&rtv);
+        c.arg("--config").arg(config).args(args);
+        for var in [
+            "RTV_KERNEL",
+            "RTV_KERNEL_UP",
+            "RTV_INITRAMFS",
+            "RTV_VMM",
+            "RTV_CACHE_DIR",
+            "RTV_CONFIG",
+        ] {
+            c.env_remove(var);
+        }
+        c.stdin(Stdio::null());
+        c
+    };
+    let root = dir.join("root");
+    let id = "configured";
+    let _one = one_vm_at_a_time();
+    let result = (|| -> anyhow::Result<()> {
+        // The paths and sizes, as `rtv check` reports them.
+        let out = cmd(&["check"], &config).output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(out.status.success(), "rtv check: {stdout}");
+        for want in [
+            format!("configuration: {}", config.display()),
+            format!("guest kernel: {}", kernel.display()),
+            format!("guest kernel, 1 vCPU: {}", kernel_up.display()),
+            format!("initramfs: {}", initramfs.display()),
+            format!("rtv-vmm: {}", vmm.display()),
+            "default VM: 256 MiB, 1 vCPU(s)".into(),
+            "VMM hardening off".into(),
+            templates.display().to_string(),
+        ] {
+            anyhow::ensure!(stdout.contains(&want), "no {want:?} in {stdout}");
+        }
+
+        // A container: its VM has the default size, its VMM runs with
+        // --jail off, its template is made in the file's directory.
+        let bundle = dir.join("bundle");
+        busybox_bundle(
+            &bundle,
+            &["sh", "-c", "grep MemTotal /proc/meminfo; sleep 2"],
+        )?;
+        let child = cmd(
+            &[
+                "--root",
+                root.to_str().unwrap(),
+                "run",
+                "--bundle",
+                bundle.to_str().unwrap(),
+                id,
+            ],
+            &config,
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+        let mut vmm_seen = None;
+        let start = std::time::Instant::now();
+        while vmm_seen.is_none() && start.elapsed() < std::time::Duration::from_secs(120) {
+            for e in std::fs::read_dir("/proc")?.flatten() {
+                let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                if cmdline.contains(&templates.display().to_string())
+                    && cmdline.contains("--restore")
+                {
+                    let status =
+                        std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+                    vmm_seen = Some((cmdline, status));
+                    break;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            out.status.success(),
+            "rtv run: {}: {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (cmdline, status) = vmm_seen
+            .ok_or_else(|| anyhow::anyhow!("no VMM restored from {}", templates.display()))?;
+        // The file's VMM (argv[0]: without the jail it does not start
+        // itself again).
+        anyhow::ensure!(
+            cmdline.starts_with(&format!("{} ", vmm.display())),
+            "{cmdline}"
+        );
+        anyhow::ensure!(cmdline.contains("--jail off"), "{cmdline}");
+        anyhow::ensure!(status.contains("NoNewPrivs:\t0"), "{status}");
+        let kb: u64 = stdout
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no MemTotal in {stdout:?}"))?;
+        anyhow::ensure!(
+            (200 * 1024..256 * 1024).contains(&kb),
+            "MemTotal {kb} kB in a VM of vm.default_memory_mib = 256"
+        );
+        anyhow::ensure!(
+            std::fs::read_dir(&templates)?.next().is_some(),
+            "no template in {}",
+            templates.display()
+        );
+
+        // A bad file: refused with the line and the key, nothing runs.
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[vm]\n\ndefault_memory_mib = -5\n")?;
+        let out = cmd(
+            &[
+                "--root",
+                root.to_str().unwrap(),
+                "run",
+                "--bundle",
+                bundle.to_str().unwrap(),
+                "bad",
+            ],
+            &bad,
+        )
+        .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(!out.status.success(), "a bad file was accepted");
+        anyhow::ensure!(
+            stderr.contains(&format!("{}:3: vm.default_memory_mib", bad.display())),
+            "{stderr}"
+        );
+        anyhow::ensure!(
+            !root.join("bad").exists(),
+            "state left for the refused container"
+        );
+        Ok(())
+    })();
+    let _ = cmd(
+        &["--root", root.to_str().unwrap(), "delete", "--force", id],
+        &config,
+    )
+    .output();
+    let _ = rtv_runtime::remove_tree(&dir);
+    if let Err(e) = result {
+        panic!("{e:#}");
+    }
+}

@@ -26,6 +26,10 @@ pub struct Cli {
     /// Debug logging.
     #[arg(long, global = true)]
     pub debug: bool,
+    /// The configuration file (default: $RTV_CONFIG, else
+    /// /etc/rtv/config.toml when it exists).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
     /// Accepted for runc compatibility (the guest's cgroups are rtv's own).
     #[arg(long = "systemd-cgroup", global = true)]
     pub systemd_cgroup: bool,

@@ -890,6 +890,18 @@ fn cmd_check() -> Result<bool> {
         );
         ok &= good;
     };
+    let config = rtv_runtime::config::get();
+    line(
+        "configuration",
+        true,
+        match &config.path {
+            Some(p) => p.display().to_string(),
+            None => format!(
+                "none ({} does not exist, $RTV_CONFIG unset): the defaults",
+                rtv_runtime::config::DEFAULT_PATH
+            ),
+        },
+    );
     match File::open("/dev/kvm") {
         Ok(f) => {
             // SAFETY: KVM_GET_API_VERSION (0xAE00) takes no argument.
@@ -928,6 +940,20 @@ fn cmd_check() -> Result<bool> {
             let size = vm_size(
                 &rtv_runtime::spec::default_spec(),
                 rtv_runtime::spec::host_cpus(),
+            );
+            line(
+                "default VM",
+                true,
+                format!(
+                    "{} MiB, {} vCPU(s) for a spec without limits; VMM hardening {}",
+                    size.mem_mib,
+                    size.vcpus,
+                    if config.vmm.jail {
+                        "on"
+                    } else {
+                        "off (vmm.jail = false)"
+                    }
+                ),
             );
             let mut cfg = SandboxConfig::new(
                 a.kernel_for(size.vcpus),
@@ -1094,6 +1120,15 @@ fn main() -> ExitCode {
             cli.log.as_deref().unwrap_or(Path::new("")).display()
         );
         return ExitCode::from(1);
+    }
+    if let Err(e) = rtv_runtime::config::init_from_file(cli.config.as_deref()) {
+        eprintln!("rtv: {e}");
+        return ExitCode::from(1);
+    }
+    if let Some(path) = &cli.config {
+        // Every rtv this one starts (the waiter) reads the same file
+        // (still single-threaded here).
+        std::env::set_var(rtv_runtime::config::ENV, path);
     }
     if let Cmd::Waiter(w) = &cli.command {
         return waiter::waiter(&cli, w);

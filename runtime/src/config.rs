@@ -1,0 +1,362 @@
+//! rtv's configuration file (`/etc/rtv/config.toml`, TOML): where the
+//! guest's parts are, the template cache, the size of a VM whose spec says
+//! nothing, and the VMM's hardening switch. The file is read once per
+//! process ([`init`]); every front end (the `rtv` binary, the shim) then
+//! reads [`get`]. Without a file every key has its default, which is rtv's
+//! behaviour without one. Environment variables (`$RTV_KERNEL`,
+//! `$RTV_CACHE_DIR`, ...) still win over the file: they are how a test or
+//! a one-off run points at other parts.
+//!
+//! ```toml
+//! [guest]
+//! kernel = "/usr/lib/rtv/vmlinux"          # SMP kernel, any vCPU count
+//! kernel_up = "/usr/lib/rtv/vmlinux-up"    # for 1-vCPU VMs (optional)
+//! initramfs = "/usr/lib/rtv/initramfs.cpio"
+//!
+//! [vmm]
+//! path = "/usr/lib/rtv/rtv-vmm"
+//! jail = true                              # false: `rtv-vmm --jail off`
+//!
+//! [vm]
+//! default_memory_mib = 128                 # a spec without a memory limit
+//! default_vcpus = 1                        # a spec without a CPU quota
+//!
+//! [templates]
+//! dir = "/var/cache/rtv/templates"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+
+/// Where the file is when neither `--config` nor `$RTV_CONFIG` names one.
+pub const DEFAULT_PATH: &str = "/etc/rtv/config.toml";
+/// The variable that names the file.
+pub const ENV: &str = "RTV_CONFIG";
+/// The largest VM memory a default may ask for, MiB.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// The most vCPUs a default may ask for.
+pub const MAX_VCPUS: u64 = 254;
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML or a key of the wrong type or name (toml's message names the
+    /// line, the column and the key).
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}:{line}: {key}: {message}")]
+    Value {
+        path: PathBuf,
+        line: usize,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// The configuration: every key optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The file it came from, if any.
+    pub path: Option<PathBuf>,
+    pub guest: Guest,
+    pub vmm: Vmm,
+    pub vm: Vm,
+    pub templates: Templates,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Guest {
+    pub kernel: Option<PathBuf>,
+    pub kernel_up: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vmm {
+    pub path: Option<PathBuf>,
+    #[serde(default = "yes")]
+    pub jail: bool,
+}
+
+impl Default for Vmm {
+    fn default() -> Self {
+        Vmm {
+            path: None,
+            jail: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Vm {
+    pub default_memory_mib: Option<u64>,
+    pub default_vcpus: Option<u8>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Templates {
+    pub dir: Option<PathBuf>,
+}
+
+/// The file as written: numbers with their places, for errors.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    guest: Guest,
+    #[serde(default)]
+    vmm: Vmm,
+    #[serde(default)]
+    vm: VmFile,
+    #[serde(default)]
+    templates: Templates,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct VmFile {
+    default_memory_mib: Option<toml::Spanned<i64>>,
+    default_vcpus: Option<toml::Spanned<i64>>,
+}
+
+impl Config {
+    /// Parses `text`, the contents of `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: parse_message(&e.to_string()),
+        })?;
+        let line = |span: std::ops::Range<usize>| {
+            text[..span.start.min(text.len())].matches('\n').count() + 1
+        };
+        let ranged = |key: &'static str,
+                      v: Option<toml::Spanned<i64>>,
+                      max: u64|
+         -> Result<Option<u64>, ConfigError> {
+            let Some(v) = v else { return Ok(None) };
+            let n = *v.get_ref();
+            if n < 1 || n as u64 > max {
+                return Err(ConfigError::Value {
+                    path: path.to_path_buf(),
+                    line: line(v.span()),
+                    key,
+                    message: format!("{n} is not between 1 and {max}"),
+                });
+            }
+            Ok(Some(n as u64))
+        };
+        let default_memory_mib = ranged(
+            "vm.default_memory_mib",
+            file.vm.default_memory_mib,
+            MAX_MEMORY_MIB,
+        )?;
+        let default_vcpus =
+            ranged("vm.default_vcpus", file.vm.default_vcpus, MAX_VCPUS)?.map(|n| n as u8);
+        let relative = |key: &'static str, p: &Option<PathBuf>| match p {
+            Some(p) if !p.is_absolute() => Err(ConfigError::Value {
+                path: path.to_path_buf(),
+                line: text
+                    .lines()
+                    .position(|l| {
+                        l.trim_start()
+                            .starts_with(key.rsplit('.').next().unwrap_or(key))
+                    })
+                    .map_or(0, |i| i + 1),
+                key,
+                message: format!("{} is not an absolute path", p.display()),
+            }),
+            _ => Ok(()),
+        };
+        relative("guest.kernel", &file.guest.kernel)?;
+        relative("guest.kernel_up", &file.guest.kernel_up)?;
+        relative("guest.initramfs", &file.guest.initramfs)?;
+        relative("vmm.path", &file.vmm.path)?;
+        relative("templates.dir", &file.templates.dir)?;
+        Ok(Config {
+            path: Some(path.to_path_buf()),
+            guest: file.guest,
+            vmm: file.vmm,
+            vm: Vm {
+                default_memory_mib,
+                default_vcpus,
+            },
+            templates: file.templates,
+        })
+    }
+
+    /// Reads the file: `explicit` (`--config`), else `$RTV_CONFIG`, else
+    /// [`DEFAULT_PATH`] if it exists, else the defaults. A file that was
+    /// named and is missing is an error.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let named = explicit.map(Path::to_path_buf).or_else(|| {
+            std::env::var_os(ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        let path = match named {
+            Some(p) => p,
+            None if Path::new(DEFAULT_PATH).exists() => PathBuf::from(DEFAULT_PATH),
+            None => return Ok(Config::default()),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Config::parse(&path, &text)
+    }
+}
+
+/// toml's message on one line, with the file's line it points at: "TOML
+/// parse error at line 2, column 1 (`kernal = "/k"`): unknown field
+/// `kernal`, expected one of ...".
+fn parse_message(m: &str) -> String {
+    let lines: Vec<&str> = m.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    // The excerpt's line of the file: "2 | default_vcpus = \"two\"".
+    let source = lines.iter().find_map(|l| {
+        let (n, text) = l.split_once('|')?;
+        (!n.trim().is_empty() && n.trim().chars().all(|c| c.is_ascii_digit())).then(|| text.trim())
+    });
+    match (lines.first(), lines.last(), source) {
+        (Some(first), Some(last), Some(src)) if !last.contains('|') => {
+            format!("{first} (`{src}`): {last}")
+        }
+        (Some(first), Some(last), None) if lines.len() > 1 && !last.contains('|') => {
+            format!("{first}: {last}")
+        }
+        _ => lines.join(" "),
+    }
+}
+
+static CONFIG: OnceLock<Config> = OnceLock::new();
+static LOAD_ERROR: OnceLock<String> = OnceLock::new();
+
+/// Makes `config` the process's configuration (the first call wins).
+pub fn init(config: Config) {
+    let _ = CONFIG.set(config);
+}
+
+/// Loads the file as [`Config::load`] does and makes it the process's
+/// configuration; when it cannot be used, the defaults stand and the error
+/// is kept for [`error`] (a long-lived front end such as the shim fails
+/// each pod with it instead of dying at start).
+pub fn init_from_file(explicit: Option<&Path>) -> Result<(), ConfigError> {
+    match Config::load(explicit) {
+        Ok(c) => {
+            init(c);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = LOAD_ERROR.set(e.to_string());
+            Err(e)
+        }
+    }
+}
+
+/// Why the configuration file could not be used, if it could not.
+pub fn error() -> Option<&'static str> {
+    LOAD_ERROR.get().map(String::as_str)
+}
+
+/// The process's configuration: what [`init`] set, else the defaults.
+pub fn get() -> &'static Config {
+    CONFIG.get_or_init(Config::default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/rtv/config.toml"), text)
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let c = parse(
+            "[guest]\nkernel = \"/k\"\nkernel_up = \"/ku\"\ninitramfs = \"/i\"\n\
+             [vmm]\npath = \"/v\"\njail = false\n\
+             [vm]\ndefault_memory_mib = 512\ndefault_vcpus = 2\n\
+             [templates]\ndir = \"/t\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.guest.kernel.as_deref(), Some(Path::new("/k")));
+        assert_eq!(c.guest.kernel_up.as_deref(), Some(Path::new("/ku")));
+        assert_eq!(c.guest.initramfs.as_deref(), Some(Path::new("/i")));
+        assert_eq!(c.vmm.path.as_deref(), Some(Path::new("/v")));
+        assert!(!c.vmm.jail);
+        assert_eq!(c.vm.default_memory_mib, Some(512));
+        assert_eq!(c.vm.default_vcpus, Some(2));
+        assert_eq!(c.templates.dir.as_deref(), Some(Path::new("/t")));
+    }
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            Config {
+                path: None,
+                ..c.clone()
+            },
+            Config::default()
+        );
+        assert!(c.vmm.jail);
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_line() {
+        let e = parse("[vm]\n\ndefault_memory_mib = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":3: vm.default_memory_mib: 0 is not between 1 and"),
+            "{e}"
+        );
+        let e = parse("[vm]\ndefault_vcpus = 999\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":2: vm.default_vcpus: 999"), "{e}");
+        let e = parse("[vm]\ndefault_vcpus = \"two\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("default_vcpus"), "{e}");
+        let e = parse("[vmm]\njail = \"yes\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("jail"), "{e}");
+        let e = parse("[guest]\nkernal = \"/k\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("kernal"), "{e}");
+        let e = parse("[gust]\n").unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("gust"), "{e}");
+        let e = parse("[guest]\n\nkernel = \"vmlinux\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":3: guest.kernel: vmlinux is not an absolute path"),
+            "{e}"
+        );
+        let e = parse("[vm\n").unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+        assert!(!e.contains('|'), "one line: {e}");
+    }
+
+    #[test]
+    fn a_named_file_that_is_missing_is_an_error() {
+        let e = Config::load(Some(Path::new("/nonexistent/rtv.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/nonexistent/rtv.toml: "), "{e}");
+    }
+}
