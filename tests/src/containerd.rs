@@ -360,6 +360,16 @@ impl Containerd {
     /// [`Containerd::start`] with options (e.g. the CRI plugin).
     pub fn start_with(name: &str, options: &ContainerdOptions) -> Result<Containerd> {
         static INSTANCES: AtomicU32 = AtomicU32::new(0);
+        // Bad options are refused before anything is made.
+        ensure!(
+            options.cni_network.is_none() || options.private_netns,
+            "a CNI network needs a private network namespace (ContainerdOptions::private_netns): \
+             its bridge and iptables rules would go into the host's"
+        );
+        ensure!(
+            options.cni_network.is_none() || options.cri.is_some(),
+            "a CNI network needs the CRI plugin (ContainerdOptions::cri)"
+        );
         sweep_stale_instances();
         let short: String = name
             .chars()
@@ -383,15 +393,6 @@ impl Containerd {
             address.as_os_str().len() + ".ttrpc".len() < 108,
             "socket path {} is too long for a Unix socket",
             address.display()
-        );
-        ensure!(
-            options.cni_network.is_none() || options.private_netns,
-            "a CNI network needs a private network namespace (ContainerdOptions::private_netns): \
-             its bridge and iptables rules would go into the host's"
-        );
-        ensure!(
-            options.cni_network.is_none() || options.cri.is_some(),
-            "a CNI network needs the CRI plugin (ContainerdOptions::cri)"
         );
         let config = dir.join("config.toml");
         std::fs::write(&config, config_toml(&dir, options.cri.as_ref()))
