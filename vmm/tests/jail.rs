@@ -11,23 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::TempDir;
-
-/// The kernel and initramfs of the build (RTV_KERNEL / RTV_INITRAMFS, or
-/// their build scripts).
-fn artifact(var: &str, script: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(var) {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new("bash")
-        .arg(root.join(script))
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("{script}: {e}"));
-    assert!(out.status.success(), "{script} failed");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
+use common::{artifact, TempDir};
 
 /// A file opened without close-on-exec, as a careless parent leaks one.
 fn leaked_fd(path: &Path) -> OwnedFd {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use rtv_vmm::{MachineConfig, Vm, VmExit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 mod common;
-use common::{Console, TempDir};
+use common::{artifact, Console, TempDir};
 
 /// The guest's kernel half: virtual 0xffffffff80000000 + x is physical x
 /// for the first 32 MiB (2 MiB pages, as Linux maps its image).
@@ -363,22 +363,6 @@ fn a_guest_that_resets_at_once_still_gets_its_profile() {
         .keys()
         .all(|s| s == rtv_vmm::profile::NOT_LONG_MODE));
     assert_all_is_the_sum(&out, 1);
-}
-
-/// The kernel and initramfs of the build (RTV_KERNEL / RTV_INITRAMFS, or
-/// their build scripts).
-fn artifact(var: &str, script: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(var) {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new("bash")
-        .arg(root.join(script))
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("{script}: {e}"));
-    assert!(out.status.success(), "{script} failed");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 /// One boot of the real guest kernel with `--profile`, snapshotted at

@@ -11,6 +11,8 @@ pub mod activation;
 pub mod fs;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+pub(crate) mod test_rng;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1140,41 +1140,27 @@ fn mac_addresses_parse_and_print() {
     }
 }
 
-/// A small deterministic generator (xorshift64*) for the randomized test:
-/// no dependency, and a seed that reproduces a failure.
-struct Rng(u64);
+use crate::devices::virtio::test_rng::Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+/// A descriptor address: mostly inside the queue's buffers, sometimes at
+/// the end of memory, beyond it, or near u64::MAX.
+fn random_addr(rng: &mut Rng, q: usize) -> u64 {
+    match rng.below(10) {
+        0 => MEM_SIZE - rng.below(64),
+        1 => MEM_SIZE + rng.below(1 << 20),
+        2 => u64::MAX - rng.below(128),
+        3 => rng.below(MEM_SIZE),
+        _ => buffer(q, rng.below(u64::from(QUEUE_SIZE)) as u16),
     }
+}
 
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    /// An address: mostly inside the queue's buffers, sometimes at the end
-    /// of memory, beyond it, or near u64::MAX.
-    fn addr(&mut self, q: usize) -> u64 {
-        match self.below(10) {
-            0 => MEM_SIZE - self.below(64),
-            1 => MEM_SIZE + self.below(1 << 20),
-            2 => u64::MAX - self.below(128),
-            3 => self.below(MEM_SIZE),
-            _ => buffer(q, self.below(u64::from(QUEUE_SIZE)) as u16),
-        }
-    }
-
-    fn len(&mut self) -> u32 {
-        match self.below(6) {
-            0 => self.below(16) as u32,
-            1 => u32::MAX - self.below(16) as u32,
-            2 => 65_536 + self.below(256) as u32,
-            _ => self.below(0x1_0000) as u32,
-        }
+/// A descriptor length: small, huge, just past 64 KiB, or anything below.
+fn random_len(rng: &mut Rng) -> u32 {
+    match rng.below(6) {
+        0 => rng.below(16) as u32,
+        1 => u32::MAX - rng.below(16) as u32,
+        2 => 65_536 + rng.below(256) as u32,
+        _ => rng.below(0x1_0000) as u32,
     }
 }
 
@@ -1211,7 +1197,7 @@ fn random_driver_input_never_panics_or_wedges_the_device() {
             } else {
                 rng.below(u64::from(QUEUE_SIZE)) as u16
             };
-            let (addr, len) = (rng.addr(q), rng.len());
+            let (addr, len) = (random_addr(&mut rng, q), random_len(&mut rng));
             g.write_desc(q, i, addr, len, flags, next);
             // The buffer's bytes: a vnet header and frame of garbage, or a
             // plausible header with random GSO fields, or an indirect table.
