@@ -1,7 +1,8 @@
 //! The VMM's own hardening, applied by `rtv-vmm` before any other thread
-//! exists: only the descriptors passed on purpose survive, the environment
-//! is cleared, core dumps are off, it has IPC and UTS namespaces of its own, the capability sets are cut to what the
-//! in-process virtio-fs server needs, and `no_new_privs` is set.
+//! exists: it runs without an environment ([`reexec_without_environment`]),
+//! only the descriptors passed on purpose survive, core dumps are off, it
+//! has IPC and UTS namespaces of its own, the capability sets are cut to
+//! what the in-process virtio-fs server needs, and `no_new_privs` is set.
 //!
 //! What a guest that broke the VMM would hold afterwards: the kept
 //! capabilities below (no `CAP_SYS_ADMIN`, `CAP_NET_ADMIN`,
@@ -92,12 +93,12 @@ fn jail_off(args: &[std::ffi::OsString]) -> bool {
 }
 
 /// Applies the hardening to the calling process. Must run while it is
-/// single-threaded: the environment is changed and capabilities are
+/// single-threaded: namespaces and capabilities are
 /// per thread (threads made later inherit them). `keep_fds` are the
 /// descriptors (besides 0, 1 and 2) passed on purpose.
 pub fn harden(keep_fds: &[RawFd]) -> Result<(), JailError> {
     close_other_fds(keep_fds).map_err(JailError::CloseFds)?;
-    clear_environment();
+    // The environment is already empty: reexec_without_environment.
     limits()?;
     own_namespaces()?;
     reduce_caps()?;
@@ -141,13 +142,6 @@ fn close_other_fds(keep: &[RawFd]) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn clear_environment() {
-    let keys: Vec<_> = std::env::vars_os().map(|(k, _)| k).collect();
-    for k in keys {
-        std::env::remove_var(k);
-    }
 }
 
 fn limits() -> Result<(), JailError> {
