@@ -16,6 +16,8 @@ usage: scripts/bench.sh [SUBCOMMAND] [OPTIONS]   (default: boot)
   net       [-n N] [--mib M] [--sysctl K=V]  TCP between two pods on a CNI bridge, runc and rtv handlers:
                                             httpd to wget throughput, ping's round trip, frames per MiB,
                                             rtv's VMM CPU per MiB
+  jail      [-n N] [--idle N]               what the VMM's jail and seccomp filters cost: template
+                                            starts with both on and both off, idle VMMs' memory
   flamegraph -o OUT.svg [--title T] N.folded...   one flame graph of several parts of a guest profile
                                             (RTV_PROFILE_DIR=DIR or `rtv --debug`: DIR/<pod>/parts.txt)
   fs        [-n N] [--mem MIB]              virtio-fs against the host: a 256 MiB sequential read

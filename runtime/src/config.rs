@@ -16,6 +16,7 @@
 //! [vmm]
 //! path = "/usr/lib/rtv/rtv-vmm"
 //! jail = true                              # false: `rtv-vmm --jail off`
+//! seccomp = "on"                           # "log" or "off": `rtv-vmm --seccomp ...`
 //!
 //! [vm]
 //! default_memory_mib = 128                 # a spec without a memory limit
@@ -86,6 +87,8 @@ pub struct Vmm {
     pub path: Option<PathBuf>,
     #[serde(default = "yes")]
     pub jail: bool,
+    #[serde(default)]
+    pub seccomp: Seccomp,
 }
 
 impl Default for Vmm {
@@ -93,6 +96,31 @@ impl Default for Vmm {
         Vmm {
             path: None,
             jail: true,
+            seccomp: Seccomp::On,
+        }
+    }
+}
+
+/// `vmm.seccomp`: the VMM's seccomp filters (`rtv-vmm --seccomp`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Seccomp {
+    /// A forbidden system call ends the VMM.
+    #[default]
+    On,
+    /// Forbidden calls go through and the kernel logs them (development).
+    Log,
+    /// No filters.
+    Off,
+}
+
+impl Seccomp {
+    /// The value as `rtv-vmm --seccomp` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Seccomp::On => "on",
+            Seccomp::Log => "log",
+            Seccomp::Off => "off",
         }
     }
 }
@@ -289,7 +317,7 @@ mod tests {
     fn every_key_is_read() {
         let c = parse(
             "[guest]\nkernel = \"/k\"\nkernel_up = \"/ku\"\ninitramfs = \"/i\"\n\
-             [vmm]\npath = \"/v\"\njail = false\n\
+             [vmm]\npath = \"/v\"\njail = false\nseccomp = \"log\"\n\
              [vm]\ndefault_memory_mib = 512\ndefault_vcpus = 2\n\
              [templates]\ndir = \"/t\"\n",
         )
@@ -299,6 +327,7 @@ mod tests {
         assert_eq!(c.guest.initramfs.as_deref(), Some(Path::new("/i")));
         assert_eq!(c.vmm.path.as_deref(), Some(Path::new("/v")));
         assert!(!c.vmm.jail);
+        assert_eq!(c.vmm.seccomp, Seccomp::Log);
         assert_eq!(c.vm.default_memory_mib, Some(512));
         assert_eq!(c.vm.default_vcpus, Some(2));
         assert_eq!(c.templates.dir.as_deref(), Some(Path::new("/t")));
@@ -315,6 +344,7 @@ mod tests {
             Config::default()
         );
         assert!(c.vmm.jail);
+        assert_eq!(c.vmm.seccomp, Seccomp::On);
     }
 
     #[test]
@@ -336,6 +366,12 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("default_vcpus"), "{e}");
         let e = parse("[vmm]\njail = \"yes\"\n").unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("jail"), "{e}");
+        let e = parse("[vmm]\nseccomp = true\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("seccomp"), "{e}");
+        let e = parse("[vmm]\nseccomp = \"strict\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("`on`, `log`"), "{e}");
         let e = parse("[guest]\nkernal = \"/k\"\n").unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("kernal"), "{e}");
         let e = parse("[gust]\n").unwrap_err().to_string();

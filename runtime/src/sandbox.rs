@@ -34,7 +34,7 @@ use rtv_protocol::{Identity, RequestBody, ResponseBody, MAX_HOSTNAME};
 use crate::agent_client::{AgentClient, ClientError, Endpoint};
 use crate::random::host_random;
 use crate::template::{TemplateCache, TemplateError, TemplateSpec};
-use crate::vmm_process::{file_tail, Lifetime, Profile, VmmCommand};
+use crate::vmm_process::{file_tail, Hardening, Lifetime, Profile, VmmCommand};
 
 /// Bytes of host entropy each sandbox gets.
 pub const ENTROPY_BYTES: usize = 64;
@@ -88,6 +88,9 @@ pub struct SandboxConfig {
     /// The tap the VM's NIC is attached to (the pod's network), if any;
     /// without one the NIC has no backend (the guest has loopback only).
     pub net_tap: Option<Arc<OwnedFd>>,
+    /// The VMM's jail and seccomp switches (default: the configuration
+    /// file's).
+    pub hardening: Hardening,
 }
 
 impl SandboxConfig {
@@ -118,6 +121,7 @@ impl SandboxConfig {
             restore_timeout: Duration::from_secs(120),
             profile: None,
             net_tap: None,
+            hardening: Hardening::from_config(),
         }
     }
 
@@ -599,7 +603,9 @@ async fn launch(cfg: &SandboxConfig, boot: Boot<'_>) -> Result<(Vmm, AgentClient
     if let Some(share) = &cfg.shared_dir {
         cmd = cmd.shared_dir(share);
     }
-    cmd = cmd.nic(cfg.net_tap.as_ref().map(|t| t.as_raw_fd()));
+    cmd = cmd
+        .nic(cfg.net_tap.as_ref().map(|t| t.as_raw_fd()))
+        .hardening(cfg.hardening);
     if let Some(p) = &cfg.profile {
         cmd = cmd.profile(p);
     }

@@ -32,6 +32,50 @@ pub struct Profile {
     pub system_map: Option<PathBuf>,
 }
 
+/// The VMM's hardening switches: rtv-vmm's `--jail` and `--seccomp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hardening {
+    /// The jail (descriptors, environment, capabilities, namespaces,
+    /// rlimits, no_new_privs).
+    pub jail: bool,
+    /// The seccomp filters.
+    pub seccomp: crate::config::Seccomp,
+}
+
+impl Hardening {
+    /// Everything on: rtv-vmm's defaults.
+    pub const FULL: Hardening = Hardening {
+        jail: true,
+        seccomp: crate::config::Seccomp::On,
+    };
+    /// Everything off (benchmarks and debugging).
+    pub const NONE: Hardening = Hardening {
+        jail: false,
+        seccomp: crate::config::Seccomp::Off,
+    };
+
+    /// What the configuration file asks for (`vmm.jail`, `vmm.seccomp`).
+    pub fn from_config() -> Self {
+        let vmm = &crate::config::get().vmm;
+        Hardening {
+            jail: vmm.jail,
+            seccomp: vmm.seccomp,
+        }
+    }
+
+    /// The flags that turn off what is off (none when all is on).
+    fn args(self) -> Vec<OsString> {
+        let mut a = Vec::new();
+        if !self.jail {
+            a.extend(["--jail".into(), "off".into()]);
+        }
+        if self.seccomp != crate::config::Seccomp::On {
+            a.extend(["--seccomp".into(), self.seccomp.as_str().into()]);
+        }
+        a
+    }
+}
+
 /// An `rtv-vmm` command line.
 #[derive(Debug, Clone)]
 pub struct VmmCommand {
@@ -41,6 +85,7 @@ pub struct VmmCommand {
     restore: bool,
     /// A descriptor the VMM inherits as [`TAP_FD`].
     tap: Option<RawFd>,
+    hardening: Hardening,
 }
 
 /// The descriptor number a VMM gets its tap on.
@@ -67,21 +112,14 @@ impl VmmCommand {
     }
 
     fn new(vmm: &Path) -> Self {
-        let mut c = Self {
+        Self {
             vmm: vmm.to_path_buf(),
             args: Vec::new(),
             lifetime: Lifetime::DiesWithParent,
             restore: false,
             tap: None,
-        };
-        // The configuration file's `vmm.jail = false`.
-        if !crate::config::get().vmm.jail {
-            tracing::warn!(
-                "vmm.jail = false in the configuration: the VMM runs without its hardening"
-            );
-            c.arg("--jail").arg("off");
+            hardening: Hardening::from_config(),
         }
-        c
     }
 
     fn arg(&mut self, a: impl Into<OsString>) -> &mut Self {
@@ -161,15 +199,37 @@ impl VmmCommand {
         self
     }
 
+    /// The jail and seccomp switches (default: the configuration file's).
+    pub fn hardening(mut self, hardening: Hardening) -> Self {
+        self.hardening = hardening;
+        self
+    }
+
     /// The arguments, for logs and tests.
-    pub fn args(&self) -> &[OsString] {
-        &self.args
+    pub fn args(&self) -> Vec<OsString> {
+        let mut args = self.args.clone();
+        args.extend(self.hardening.args());
+        args
     }
 
     /// Starts it with stdin and stdout on /dev/null and stderr into `stderr`.
     pub fn spawn(&self, stderr: File) -> std::io::Result<Child> {
+        if !self.hardening.jail {
+            tracing::warn!("the VMM runs without its jail (vmm.jail = false)");
+        }
+        if self.hardening.seccomp != crate::config::Seccomp::On {
+            tracing::warn!(
+                "the VMM's seccomp filters are {} (vmm.seccomp = {:?})",
+                if self.hardening.seccomp == crate::config::Seccomp::Log {
+                    "only logging"
+                } else {
+                    "off"
+                },
+                self.hardening.seccomp.as_str()
+            );
+        }
         let mut cmd = Command::new(&self.vmm);
-        cmd.args(&self.args)
+        cmd.args(self.args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
@@ -304,7 +364,11 @@ mod tests {
             .vsock(3, Path::new("/d/v.sock"))
             .nic(Some(9))
             .console(Path::new("/d/c.log"));
-        let args: Vec<_> = c.args().iter().map(|a| a.to_string_lossy()).collect();
+        let args: Vec<_> = c
+            .args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(
             args.join(" "),
             "--restore /t/snap --mem 128 --vcpus 2 --shared-dir /s --vsock-cid 3 \
@@ -313,10 +377,35 @@ mod tests {
         let c = VmmCommand::cold_boot(Path::new("/v"), Path::new("/k"), Path::new("/i"))
             .nic(None)
             .snapshot_on_ready(Path::new("/o"));
-        let args: Vec<_> = c.args().iter().map(|a| a.to_string_lossy()).collect();
+        let args: Vec<_> = c
+            .args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(
             args.join(" "),
             "--kernel /k --initrd /i --net-mtu 65535 --net --snapshot-on-ready /o"
+        );
+        let args = |h: Hardening| {
+            let c = VmmCommand::cold_boot(Path::new("/v"), Path::new("/k"), Path::new("/i"))
+                .hardening(h);
+            c.args()
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(args(Hardening::FULL), "--kernel /k --initrd /i");
+        assert_eq!(
+            args(Hardening::NONE),
+            "--kernel /k --initrd /i --jail off --seccomp off"
+        );
+        assert_eq!(
+            args(Hardening {
+                jail: true,
+                seccomp: crate::config::Seccomp::Log
+            }),
+            "--kernel /k --initrd /i --seccomp log"
         );
     }
 }

@@ -421,6 +421,7 @@ fn check_reports_the_host_and_the_vmm_hardening() {
         "VMM hardening: descriptors",
         "VMM hardening: capabilities",
         "VMM hardening: no_new_privs",
+        "VMM hardening: seccomp",
     ] {
         assert!(
             stdout.contains(&format!("[ok]   {what}:")),
@@ -434,7 +435,8 @@ fn check_reports_the_host_and_the_vmm_hardening() {
 /// (with the variables that would win over it unset): the guest's parts
 /// and the VMM from the file's paths, the template cache in its
 /// directory, a spec without limits in a VM of `vm.default_memory_mib`,
-/// and `vmm.jail = false` starting the VMM with `--jail off`; a bad file
+/// and `vmm.jail = false` and `vmm.seccomp = "off"` starting the VMM with
+/// `--jail off --seccomp off`; a bad file
 /// is refused with its line and key, and nothing runs.
 #[test]
 fn the_configuration_file_takes_effect() {
@@ -459,7 +461,7 @@ fn the_configuration_file_takes_effect() {
         &config,
         format!(
             "# rtv's configuration\n[guest]\nkernel = {:?}\nkernel_up = {:?}\ninitramfs = {:?}\n\
-             [vmm]\npath = {:?}\njail = false\n\
+             [vmm]\npath = {:?}\njail = false\nseccomp = \"off\"\n\
              [vm]\ndefault_memory_mib = 256\ndefault_vcpus = 1\n\
              [templates]\ndir = {:?}\n",
             kernel, kernel_up, initramfs, vmm, templates
@@ -498,6 +500,7 @@ fn the_configuration_file_takes_effect() {
             format!("rtv-vmm: {}", vmm.display()),
             "default VM: 256 MiB, 1 vCPU(s)".into(),
             "VMM hardening off".into(),
+            "VMM seccomp filters off (vmm.seccomp = \"off\")".into(),
             templates.display().to_string(),
         ] {
             anyhow::ensure!(stdout.contains(&want), "no {want:?} in {stdout}");
@@ -559,6 +562,8 @@ fn the_configuration_file_takes_effect() {
         );
         anyhow::ensure!(cmdline.contains("--jail off"), "{cmdline}");
         anyhow::ensure!(status.contains("NoNewPrivs:\t0"), "{status}");
+        anyhow::ensure!(cmdline.contains("--seccomp off"), "{cmdline}");
+        anyhow::ensure!(status.contains("Seccomp:\t0"), "{status}");
         let kb: u64 = stdout
             .split_whitespace()
             .nth(1)

@@ -23,6 +23,7 @@ pub mod jail;
 pub mod linux;
 pub mod platform;
 pub mod profile;
+pub mod seccomp;
 pub mod signals;
 pub mod snapshot;
 pub mod vcpu;

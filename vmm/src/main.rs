@@ -136,6 +136,14 @@ struct Args {
     /// and logs a warning.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     jail: String,
+    /// A seccomp filter per thread (the event loop, the vCPUs, the
+    /// profiler's timer, the snapshot waiter), each installed before the
+    /// thread handles anything from the guest: a system call outside it
+    /// ends the VMM with exit status 159 (128 + SIGSYS) and names the call
+    /// on standard error. `log` lets such calls through and has the kernel
+    /// log them (for development); `off` logs a warning.
+    #[arg(long, default_value = "on")]
+    seccomp: rtv_vmm::seccomp::Mode,
     /// Log filter (error, warn, info, debug, trace), to standard error.
     #[arg(long, default_value = "warn", env = "RTV_LOG")]
     log_level: String,
@@ -172,6 +180,19 @@ fn main() -> ExitCode {
         tracing::warn!(
             "--jail off: the VMM keeps every inherited descriptor, its environment and all of its capabilities"
         );
+    }
+    match args.seccomp {
+        rtv_vmm::seccomp::Mode::On => {}
+        rtv_vmm::seccomp::Mode::Log => tracing::warn!(
+            "--seccomp log: system calls outside the VMM's filters are allowed and only logged by the kernel"
+        ),
+        rtv_vmm::seccomp::Mode::Off => {
+            tracing::warn!("--seccomp off: the VMM's threads run without seccomp filters")
+        }
+    }
+    if let Err(e) = rtv_vmm::seccomp::init(args.seccomp) {
+        eprintln!("rtv-vmm: error: {e}");
+        return ExitCode::from(1);
     }
     match run(args) {
         Ok(code) => ExitCode::from(code),
@@ -377,6 +398,10 @@ fn snapshot_on_ready(vm: &Vm, dir: PathBuf, then: AfterSnapshot) {
     let spawned = std::thread::Builder::new()
         .name("snapshot".into())
         .spawn(move || {
+            if let Err(e) = rtv_vmm::seccomp::enter(rtv_vmm::seccomp::Thread::Snapshot) {
+                controller.fail(e.to_string());
+                return;
+            }
             // The VM ending without readiness drops the hook, and the sender.
             if rx.recv().is_err() {
                 return;

@@ -14,6 +14,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::devices::bus::Bus;
 use crate::exit::{ExitNotifier, VmExit};
 use crate::profile::VcpuSampler;
+use crate::seccomp;
 use crate::snapshot;
 use crate::snapshot::cpu::{SaveParams, VcpuState};
 
@@ -118,6 +119,11 @@ impl Vcpu {
     }
 
     fn run(mut self, control: Control) {
+        // Before the guest runs on this thread.
+        if let Err(e) = seccomp::enter(seccomp::Thread::Vcpu) {
+            self.exit.notify(VmExit::Error(e.to_string()));
+            return;
+        }
         while !self.exit.stopping() {
             if control.pending.swap(false, Ordering::SeqCst) && !self.serve(&control) {
                 break;

@@ -26,6 +26,7 @@ use crate::devices::serial::{LineHook, SerialDevice};
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitNotifier, VmExit};
 use crate::profile::{self, DumpHandle, Profiler};
+use crate::seccomp;
 use crate::signals;
 use crate::snapshot::cpu::SaveParams;
 use crate::snapshot::{self, DevicesState, SnapshotInfo, VmState};
@@ -571,6 +572,11 @@ impl Vm {
             }
         });
 
+        // Every thread exists now: the event loop takes its filter before
+        // it handles anything the guest sent.
+        if let Err(e) = seccomp::enter(seccomp::Thread::Vmm) {
+            self.exit.notify(VmExit::Error(e.to_string()));
+        }
         while !self.exit.stopping() {
             if let Err(e) = events.run() {
                 self.exit.notify(VmExit::Error(format!("event loop: {e}")));

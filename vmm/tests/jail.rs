@@ -1,8 +1,9 @@
 //! The hardening `rtv-vmm` applies to itself before any thread starts
 //! (`rtv_vmm::jail`), seen from outside on a running VMM that booted the
 //! real guest kernel with every device: every thread's capabilities and
-//! `NoNewPrivs`, the descriptors, the environment and the rlimits. And
-//! `--jail off` leaves them as they were (the switch works both ways).
+//! `NoNewPrivs` and seccomp filter, the descriptors, the environment and
+//! the rlimits. And `--jail off --seccomp off` leaves them as they were
+//! (the switches work both ways).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -45,7 +46,7 @@ impl Drop for Running {
 /// Boots the real kernel with a console file, vsock and a shared
 /// directory, with a leaked descriptor and a secret in the environment,
 /// and returns once the agent is ready (every VMM thread exists).
-fn boot(jail: &str) -> Running {
+fn boot(jail: &str, seccomp: &str) -> Running {
     let kernel = artifact("RTV_KERNEL", "guest-kernel/build.sh");
     let initrd = artifact("RTV_INITRAMFS", "rootfs-builder/build.sh");
     let tmp = TempDir::new(&format!("vmm-jail-{jail}"));
@@ -66,7 +67,7 @@ fn boot(jail: &str) -> Running {
         .arg(tmp.0.join("vsock.sock"))
         .arg("--shared-dir")
         .arg(&share)
-        .args(["--jail", jail])
+        .args(["--jail", jail, "--seccomp", seccomp])
         .env("RTV_JAIL_TEST_SECRET", "s3cret")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -143,7 +144,7 @@ fn fd_targets(pid: u32) -> Vec<String> {
 
 #[test]
 fn a_running_vmm_is_hardened_in_every_thread() {
-    let vm = boot("on");
+    let vm = boot("on", "on");
     let pid = vm.child.id();
     let kept = rtv_vmm::jail::kept_mask();
 
@@ -161,6 +162,9 @@ fn a_running_vmm_is_hardened_in_every_thread() {
         // The FUSE server raises and drops CAP_FSETID and CAP_DAC_OVERRIDE
         // in its effective set per request; never beyond the kept ones.
         assert_eq!(hex(field(status, "CapEff")) & !kept, 0, "thread {name}");
+        // Its own seccomp filter, one per thread.
+        assert_eq!(field(status, "Seccomp"), "2", "thread {name}");
+        assert_eq!(field(status, "Seccomp_filters"), "1", "thread {name}");
     }
 
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
@@ -226,10 +230,13 @@ fn a_running_vmm_is_hardened_in_every_thread() {
 
 #[test]
 fn jail_off_leaves_the_process_as_it_was_started() {
-    let vm = boot("off");
+    let vm = boot("off", "off");
     let pid = vm.child.id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert_eq!(field(&status, "NoNewPrivs"), "0");
+    for (name, status) in threads(pid) {
+        assert_eq!(field(&status, "Seccomp"), "0", "thread {name}");
+    }
     assert_ne!(hex(field(&status, "CapBnd")), rtv_vmm::jail::kept_mask());
     let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
         .into_owned();
@@ -243,4 +250,5 @@ fn jail_off_leaves_the_process_as_it_was_started() {
     assert!(fd_targets(pid).contains(&leaked));
     let log = std::fs::read_to_string(vm.tmp.0.join("log")).unwrap();
     assert!(log.contains("--jail off"), "the warning: {log}");
+    assert!(log.contains("--seccomp off"), "the warning: {log}");
 }

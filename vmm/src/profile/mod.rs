@@ -488,6 +488,11 @@ impl Session {
         let thread = std::thread::Builder::new()
             .name("profile".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::enter(crate::seccomp::Thread::Profiler) {
+                    // No unfiltered thread goes on: no samples are taken.
+                    tracing::error!("the profiler stops: {e}");
+                    return writer;
+                }
                 let mut next = Instant::now() + period;
                 loop {
                     let wait = next.saturating_duration_since(Instant::now());

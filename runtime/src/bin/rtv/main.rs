@@ -945,13 +945,18 @@ fn cmd_check() -> Result<bool> {
                 "default VM",
                 true,
                 format!(
-                    "{} MiB, {} vCPU(s) for a spec without limits; VMM hardening {}",
+                    "{} MiB, {} vCPU(s) for a spec without limits; VMM hardening {}; VMM seccomp filters {}",
                     size.mem_mib,
                     size.vcpus,
                     if config.vmm.jail {
                         "on"
                     } else {
                         "off (vmm.jail = false)"
+                    },
+                    match config.vmm.seccomp {
+                        rtv_runtime::config::Seccomp::On => "on",
+                        rtv_runtime::config::Seccomp::Log => "log only (vmm.seccomp = \"log\")",
+                        rtv_runtime::config::Seccomp::Off => "off (vmm.seccomp = \"off\")",
                     }
                 ),
             );
@@ -1026,8 +1031,29 @@ fn jail_support() -> Vec<(&'static str, bool, String)> {
     let setpcap = prm & (1 << CAP_SETPCAP) != 0;
     // SAFETY: PR_GET_NO_NEW_PRIVS takes integer arguments only.
     let nnp = unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) } >= 0;
+    // seccomp filters (CONFIG_SECCOMP_FILTER) and the trap action the
+    // filters end forbidden calls with.
+    // SAFETY: PR_GET_SECCOMP takes integer arguments only.
+    let seccomp_mode = unsafe { libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0) };
+    let actions =
+        std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail").unwrap_or_default();
+    let seccomp = match (seccomp_mode >= 0, actions.split_whitespace().any(|a| a == "trap")) {
+        (true, true) => (true, "filters with the trap action available".to_owned()),
+        (false, _) => (
+            false,
+            format!(
+                "the kernel has no seccomp ({}): rtv-vmm needs --seccomp off (vmm.seccomp = \"off\")",
+                std::io::Error::last_os_error()
+            ),
+        ),
+        (true, false) => (
+            false,
+            "no seccomp filters (/proc/sys/kernel/seccomp/actions_avail lacks trap): rtv-vmm needs --seccomp off".to_owned(),
+        ),
+    };
     vec![
         ("VMM hardening: descriptors", close_range.0, close_range.1),
+        ("VMM hardening: seccomp", seccomp.0, seccomp.1),
         (
             "VMM hardening: capabilities",
             true,

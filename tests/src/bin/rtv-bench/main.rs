@@ -12,8 +12,10 @@
 //! runc, crun and rtv handlers, and compares their start time and what a
 //! pod costs on the host beside its containers. `rtv-bench net` measures
 //! TCP throughput and round trips between two pods on a CNI bridge.
+//! `rtv-bench jail` measures what the VMM's jail and seccomp filters cost.
 
 mod cri;
+mod jail;
 mod net;
 
 use std::process::Command;
@@ -78,6 +80,20 @@ enum What {
         cold: usize,
         /// Sandboxes restored from the template at once, measured idle together.
         #[arg(long, default_value_t = 10)]
+        idle: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        mem: u64,
+    },
+    /// What the VMM's hardening costs: sandbox starts from one template with
+    /// the jail and seccomp filters on and with both off (alternating), and
+    /// idle VMMs' memory in each mode.
+    Jail {
+        /// Starts per mode.
+        #[arg(long, short = 'n', default_value_t = 10)]
+        runs: usize,
+        /// Idle sandboxes measured per mode.
+        #[arg(long, default_value_t = 5)]
         idle: usize,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 128)]
@@ -1690,6 +1706,9 @@ fn main() -> Result<()> {
             idle,
             mem,
         } => tokio::runtime::Runtime::new()?.block_on(template_bench(runs, cold, idle, mem)),
+        What::Jail { runs, idle, mem } => {
+            tokio::runtime::Runtime::new()?.block_on(jail::jail_bench(runs.max(1), idle, mem))
+        }
         What::Fs { runs, mem } => fs_bench(runs.max(1), mem),
         What::Oci {
             runs,
