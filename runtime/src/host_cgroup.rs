@@ -52,6 +52,67 @@ pub enum HostCgroupError {
     },
 }
 
+/// What the VMM's host cgroup may use beyond its guest's memory: the VMM's
+/// own heap, page tables, device buffers and the share's page cache
+/// (reclaimable); the README's jail bench gives an idle VMM's own share.
+pub const VMM_MEMORY_OVERHEAD_MIB: u64 = 64;
+/// Tasks the VMM's cgroup may hold beyond one per vCPU: the VMM's main,
+/// profiler and snapshot threads, the waiters rtv starts beside it, and
+/// room for both during a restart (the pid limit stops a VMM a guest broke
+/// into from exhausting the host's pids; its seccomp filters already stop
+/// it from making threads).
+pub const VMM_TASKS_HEADROOM: u64 = 32;
+
+/// The limits the VMM's host cgroup gets: its guest's memory plus
+/// [`VMM_MEMORY_OVERHEAD_MIB`], and its vCPUs plus [`VMM_TASKS_HEADROOM`]
+/// tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmmLimits {
+    /// memory.limit_in_bytes (v1) or memory.max (v2).
+    pub memory_bytes: u64,
+    /// pids.max.
+    pub pids: u64,
+}
+
+impl VmmLimits {
+    /// The limits of a VMM whose guest has `mem_mib` and `vcpus`.
+    pub fn for_vm(mem_mib: u64, vcpus: u8) -> Self {
+        VmmLimits {
+            memory_bytes: (mem_mib + VMM_MEMORY_OVERHEAD_MIB) << 20,
+            pids: u64::from(vcpus) + VMM_TASKS_HEADROOM,
+        }
+    }
+
+    /// Writes the limits into `dir` of `hierarchy`, where it has the
+    /// files (a hierarchy of another controller has none).
+    fn write(&self, hierarchy: &Path, rel: &Path, dir: &Path) -> Result<(), HostCgroupError> {
+        let v2 = hierarchy.join("cgroup.controllers").exists();
+        if v2 {
+            enable_v2(hierarchy, rel, "memory");
+            enable_v2(hierarchy, rel, "pids");
+        }
+        let memory = if v2 {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        for (file, value) in [
+            (memory, self.memory_bytes.to_string()),
+            ("pids.max", self.pids.to_string()),
+        ] {
+            let path = dir.join(file);
+            if !path.exists() {
+                continue;
+            }
+            std::fs::write(&path, &value).map_err(|source| HostCgroupError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// The per-device entries of `linux.resources.blockIO`: host block devices.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceIo {
@@ -227,8 +288,9 @@ pub fn hierarchies() -> Vec<PathBuf> {
     out
 }
 
-/// Puts `pid` in `cgroups_path` in every hierarchy, with `cpuset` (the
-/// VMM's) written first; returns the cgroup directories, for [`remove`].
+/// Puts `pid` in `cgroups_path` in every hierarchy, with `cpuset` and
+/// `limits` (the VMM's) written first; returns the cgroup directories, for
+/// [`remove`].
 /// The directories made are recorded in `dirs` as they are made, so that
 /// a caller can remove them after a failure.
 pub fn join(
@@ -236,6 +298,7 @@ pub fn join(
     pid: i32,
     cpuset: Option<&Cpuset>,
     device_io: Option<&DeviceIo>,
+    limits: Option<&VmmLimits>,
     dirs: &mut Vec<PathBuf>,
 ) -> Result<(), HostCgroupError> {
     let rel = relative_path(cgroups_path)?;
@@ -278,6 +341,9 @@ pub fn join(
                 })?;
                 *done = true;
             }
+        }
+        if let Some(limits) = limits {
+            limits.write(&h, &rel, &dir)?;
         }
         let procs = dir.join("cgroup.procs");
         std::fs::write(&procs, pid.to_string()).map_err(|source| HostCgroupError::Io {
@@ -452,7 +518,7 @@ mod tests {
         let child = sleeper();
         let path = format!("/rtv-test-join-{}", std::process::id());
         let mut dirs = Vec::new();
-        join(&path, child.id() as i32, None, None, &mut dirs).unwrap();
+        join(&path, child.id() as i32, None, None, None, &mut dirs).unwrap();
         assert!(!dirs.is_empty(), "no cgroup hierarchy found");
         for d in &dirs {
             let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
@@ -466,6 +532,44 @@ mod tests {
     }
 
     #[test]
+    fn the_vmm_cgroup_is_limited_to_its_guest_and_overhead() {
+        let limits = VmmLimits::for_vm(128, 2);
+        assert_eq!(limits.memory_bytes, (128 + VMM_MEMORY_OVERHEAD_MIB) << 20);
+        assert_eq!(limits.pids, 2 + VMM_TASKS_HEADROOM);
+        let child = sleeper();
+        let path = format!("/rtv-test-limits-{}", std::process::id());
+        let mut dirs = Vec::new();
+        join(
+            &path,
+            child.id() as i32,
+            None,
+            None,
+            Some(&limits),
+            &mut dirs,
+        )
+        .unwrap();
+        let read = |file: &str| {
+            dirs.iter()
+                .find(|d| d.join(file).exists())
+                .map(|d| std::fs::read_to_string(d.join(file)).unwrap())
+        };
+        let (memory, pids) = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            (read("memory.max"), read("pids.max"))
+        } else {
+            (read("memory.limit_in_bytes"), read("pids.max"))
+        };
+        assert_eq!(
+            memory.as_deref().map(str::trim),
+            Some(limits.memory_bytes.to_string().as_str())
+        );
+        assert_eq!(
+            pids.as_deref().map(str::trim),
+            Some(limits.pids.to_string().as_str())
+        );
+        end(child, &dirs);
+    }
+
+    #[test]
     fn a_cpuset_pins_the_process_and_a_bad_one_is_named() {
         let child = sleeper();
         let pid = child.id() as i32;
@@ -475,7 +579,7 @@ mod tests {
             mems: Some("0".into()),
         };
         let mut dirs = Vec::new();
-        join(&path, pid, Some(&set), None, &mut dirs).unwrap();
+        join(&path, pid, Some(&set), None, None, &mut dirs).unwrap();
         let cpuset_dir = dirs
             .iter()
             .find(|d| d.join("cpuset.cpus").exists())
@@ -498,7 +602,7 @@ mod tests {
             mems: None,
         };
         let mut dirs = Vec::new();
-        let err = join(&path, child.id() as i32, Some(&bad), None, &mut dirs).unwrap_err();
+        let err = join(&path, child.id() as i32, Some(&bad), None, None, &mut dirs).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("linux.resources.cpu.cpus: cannot write \"4000\""),
@@ -544,7 +648,7 @@ mod tests {
         let throttling = hierarchies().iter().any(|h| {
             h.join("blkio.throttle.read_bps_device").exists() || h.join("io.max").exists()
         });
-        let result = join(&path, child.id() as i32, None, Some(&io), &mut dirs);
+        let result = join(&path, child.id() as i32, None, Some(&io), None, &mut dirs);
         if throttling {
             result.unwrap();
             let written = dirs.iter().any(|d| {

@@ -689,6 +689,10 @@ impl Pod {
                     vmm_pid,
                     cfg.host_cpuset.as_ref(),
                     cfg.host_device_io.as_ref(),
+                    Some(&host_cgroup::VmmLimits::for_vm(
+                        cfg.size.mem_mib,
+                        cfg.size.vcpus,
+                    )),
                     &mut pod.host_cgroups,
                 )?;
             }

@@ -296,6 +296,25 @@ fn specs_real_hosts_write_run() {
                 status.contains("Cpus_allowed_list:\t1\n"),
                 "the VMM is not pinned: {status}"
             );
+            // Its cgroup is limited to its guest (128 MiB, 2 vCPUs) and the
+            // VMM's overhead.
+            let limits = rtv_runtime::host_cgroup::VmmLimits::for_vm(128, 2);
+            for (controller, file, want) in [
+                ("memory", "memory.limit_in_bytes", limits.memory_bytes),
+                ("pids", "pids.max", limits.pids),
+            ] {
+                let path = std::path::Path::new("/sys/fs/cgroup")
+                    .join(controller)
+                    .join(&cgroup_parent)
+                    .join(name)
+                    .join(file);
+                let got = std::fs::read_to_string(&path)?;
+                anyhow::ensure!(
+                    got.trim() == want.to_string(),
+                    "{}: {got:?}, expected {want}",
+                    path.display()
+                );
+            }
             let logged = std::fs::read_to_string(&log)?;
             for want in ["cri-containerd.apparmor.d", "the guest has no 1GB pages"] {
                 anyhow::ensure!(

@@ -216,7 +216,9 @@ fn any(rules: &mut Rules, syscalls: &[libc::c_long]) {
     }
 }
 
-/// Allowed when argument `index` is one of `values`.
+/// Allowed when argument `index` is one of `values`. The filters are
+/// compiled in the process that installs them ([`init`]), so a value may
+/// be its own pid.
 fn one_of(rules: &mut Rules, nr: libc::c_long, index: u8, values: &[u64]) -> BuildResult<()> {
     let chain = values
         .iter()
@@ -318,7 +320,8 @@ const FILES: &[libc::c_long] = &[
 ];
 
 /// The event loop's descriptors: epoll, eventfds, vsock's Unix sockets,
-/// the tap, and the vCPU threads it kicks to pause and stop them.
+/// the tap (it kicks the vCPU threads to pause and stop them with
+/// `tgkill`, which every filter allows for the VMM's own threads).
 const EVENTS: &[libc::c_long] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
@@ -335,7 +338,6 @@ const EVENTS: &[libc::c_long] = &[
     libc::SYS_sendmsg,
     libc::SYS_shutdown,
     libc::SYS_getsockopt,
-    libc::SYS_tgkill,
 ];
 
 /// ioctl request numbers, each as the kernel's headers define it.
@@ -421,6 +423,14 @@ fn rules(thread: Thread) -> BuildResult<Rules> {
     any(&mut r, COMMON);
     no_exec(&mut r)?;
     one_of(&mut r, libc::SYS_fcntl, 1, &FCNTL_CMDS.map(|c| c as u64))?;
+    // Signals to the VMM's own threads only (the vCPU kicks, abort's
+    // SIGABRT): tgkill's thread group is this process.
+    one_of(
+        &mut r,
+        libc::SYS_tgkill,
+        0,
+        &[u64::from(std::process::id())],
+    )?;
     match thread {
         Thread::Vmm => {
             any(&mut r, FILES);
@@ -438,7 +448,6 @@ fn rules(thread: Thread) -> BuildResult<Rules> {
             any(
                 &mut r,
                 &[
-                    libc::SYS_tgkill,
                     libc::SYS_openat,
                     libc::SYS_fstat,
                     libc::SYS_statx,
@@ -673,6 +682,8 @@ mod tests {
         };
     }
 
+    static PARENT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
     fn map(prot: libc::c_int) {
         // An anonymous private mapping, never used.
         {
@@ -779,6 +790,28 @@ mod tests {
                 sys!(libc::SYS_fcntl, 2, libc::F_SETLK, 0);
             },
             libc::SYS_fcntl,
+        );
+        // Signals: only to the VMM's own threads (the filter was compiled
+        // in the parent, whose pid the children's calls name here).
+        let parent = std::process::id();
+        PARENT.store(parent, std::sync::atomic::Ordering::SeqCst);
+        allowed(Thread::Vmm, || {
+            let p = PARENT.load(std::sync::atomic::Ordering::SeqCst);
+            sys!(libc::SYS_tgkill, p, p, 0);
+        });
+        forbidden(
+            Thread::Vmm,
+            || {
+                sys!(libc::SYS_tgkill, 1, 1, 0);
+            },
+            libc::SYS_tgkill,
+        );
+        forbidden(
+            Thread::Vcpu,
+            || {
+                sys!(libc::SYS_tgkill, 1, 1, 0);
+            },
+            libc::SYS_tgkill,
         );
         // The virtio-fs server's file calls are the event loop's alone.
         forbidden(

@@ -362,6 +362,7 @@ async fn create_in(
                 waiter_pid,
                 None,
                 None,
+                None,
                 &mut host_cgroups,
             ) {
                 rtv_runtime::host_cgroup::remove(&host_cgroups);
