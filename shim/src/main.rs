@@ -15,6 +15,7 @@
 mod events;
 mod guest;
 mod mount;
+mod options;
 mod service;
 mod stdio;
 mod tasks;
@@ -139,11 +140,8 @@ impl Shim for RtvShim {
             // containerd logs what `delete` writes to stderr.
             init_logging(std::io::stderr, args.debug);
         }
-        // The configuration file ($RTV_CONFIG, else /etc/rtv/config.toml):
-        // a file that cannot be used fails every pod with its error.
-        if let Err(e) = rtv_runtime::config::init_from_file(None) {
-            tracing::error!("{e}");
-        }
+        // The configuration file is read when the pod is created: the
+        // handler's runtime options may name it (service.rs).
         // `start` logs nothing: containerd reads its combined stdout and
         // stderr as the shim's address.
         RtvShim {

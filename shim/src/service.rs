@@ -77,6 +77,29 @@ impl Error {
     }
 }
 
+/// Reads the configuration file for this shim's pod, once, when the pod is
+/// created: the handler's runtime options' `ConfigPath` (containerd's CRI
+/// `[...runtimes.<name>.options] ConfigPath`), else `$RTV_CONFIG`, else
+/// /etc/rtv/config.toml. A file that cannot be used fails the pod with its
+/// error (PodConfig::for_spec), naming the file, line and key.
+fn load_config(req: &CreateTaskRequest) -> Result<()> {
+    static LOADED: std::sync::Once = std::sync::Once::new();
+    let explicit = match req.options.as_ref() {
+        Some(any) => crate::options::config_path(&any.type_url, &any.value)
+            .map_err(|e| invalid(format!("runtime options ({}): {e}", any.type_url)))?,
+        None => None,
+    };
+    LOADED.call_once(|| {
+        if let Some(path) = &explicit {
+            tracing::info!(config = %path.display(), "configuration file from the runtime options (ConfigPath)");
+        }
+        if let Err(e) = rtv_runtime::config::init_from_file(explicit.as_deref()) {
+            tracing::error!("{e}");
+        }
+    });
+    Ok(())
+}
+
 pub(crate) fn not_found(m: impl Display) -> Error {
     Error::new(Code::NOT_FOUND, m)
 }
@@ -269,6 +292,7 @@ impl Inner {
                         rtv_runtime::pod::CRI_SANDBOX
                     )));
                 }
+                load_config(req)?;
                 let dir = guest::state_dir(Path::new(guest::STATE_ROOT), &self.namespace, id);
                 let pod = Arc::new(Pod::start(PodConfig::for_spec(id, &dir, &spec)?).await?);
                 self.state().pod = Some(pod.clone());

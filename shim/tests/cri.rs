@@ -28,6 +28,7 @@ fn rtv_handler() -> CriRuntime {
         runtime_type: "io.containerd.rtv.v2".into(),
         binary_name: None,
         root: None,
+        config_path: None,
     }
 }
 
@@ -55,6 +56,7 @@ fn pod_network_through_cri() {
         runtime_type: containerd::RUNC_SHIM.into(),
         binary_name: Some(containerd::find_binary("runc").expect("runc (apt-get install runc)")),
         root: None,
+        config_path: None,
     };
     let _one = one_vm_at_a_time();
     cri::run_net_scenario(
@@ -73,12 +75,36 @@ fn pod_network_through_cri() {
 /// listed) runs with the guest's devices, every capability and no seccomp,
 /// and mounts; CAP_NET_ADMIN makes a bridge in the VM; a host device the
 /// guest lacks is refused by name.
+///
+/// In the same containerd: two more handlers of the same shim with their
+/// own configuration files (`options.ConfigPath`), one sizing the VM, one
+/// broken.
 #[test]
 fn privileged_containers_and_devices_through_cri() {
     let dir = setup();
     let _one = one_vm_at_a_time();
-    let opts = rtv_tests::cri::cri_net_options(vec![rtv_handler()], Some(dir));
+    let files = std::env::temp_dir().join(format!("rtv-cri-config-{}", std::process::id()));
+    std::fs::create_dir_all(&files).unwrap();
+    let sized = files.join("sized.toml");
+    std::fs::write(&sized, "[vm]\ndefault_memory_mib = 256\n").unwrap();
+    let broken = files.join("broken.toml");
+    std::fs::write(&broken, "[vm]\n\ndefault_memory_mib = 0\n").unwrap();
+    let with_file = |name: &str, path: &Path| CriRuntime {
+        name: name.into(),
+        config_path: Some(path.to_path_buf()),
+        ..rtv_handler()
+    };
+    let opts = rtv_tests::cri::cri_net_options(
+        vec![
+            rtv_handler(),
+            with_file("rtv-256", &sized),
+            with_file("rtv-broken", &broken),
+        ],
+        Some(dir),
+    );
     rtv_tests::cri::with_cri("cri-priv-rtv", &opts, |c, cri| {
-        cri::scenario_privileged(c, cri, "rtv", true)
+        cri::scenario_privileged(c, cri, "rtv", true)?;
+        cri::scenario_config_path(c, cri, "rtv-256", "rtv-broken", &broken)
     });
+    let _ = std::fs::remove_dir_all(&files);
 }

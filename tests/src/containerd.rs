@@ -90,6 +90,9 @@ pub struct CriRuntime {
     pub binary_name: Option<PathBuf>,
     /// `options.Root` (runc's shim: the runtime's `--root`).
     pub root: Option<PathBuf>,
+    /// `options.ConfigPath` (a non-runc shim's configuration file; rtv's
+    /// shim reads it as Kata's does).
+    pub config_path: Option<PathBuf>,
 }
 
 /// How [`Containerd::start_with`] configures containerd.
@@ -252,7 +255,7 @@ pub fn config_toml(dir: &Path, cri: Option<&CriConfig>) -> String {
         for r in &cri.runtimes {
             let _ = writeln!(t, "\n[{p}.containerd.runtimes.{}]", toml_str(&r.name));
             let _ = writeln!(t, "  runtime_type = {}", toml_str(&r.runtime_type));
-            if r.binary_name.is_some() || r.root.is_some() {
+            if r.binary_name.is_some() || r.root.is_some() || r.config_path.is_some() {
                 let _ = writeln!(
                     t,
                     "\n[{p}.containerd.runtimes.{}.options]",
@@ -263,6 +266,9 @@ pub fn config_toml(dir: &Path, cri: Option<&CriConfig>) -> String {
                 }
                 if let Some(root) = &r.root {
                     let _ = writeln!(t, "  Root = {}", toml_path(root));
+                }
+                if let Some(path) = &r.config_path {
+                    let _ = writeln!(t, "  ConfigPath = {}", toml_path(path));
                 }
             }
         }
@@ -2402,6 +2408,7 @@ mod tests {
                 runtime_type: RUNC_SHIM.into(),
                 binary_name: Some("/usr/bin/rtv".into()),
                 root: Some("/tmp/x/rtv-root".into()),
+                config_path: None,
             }],
             default_runtime: "rtv".into(),
             cni_bin_dir: "/usr/lib/cni".into(),

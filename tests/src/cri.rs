@@ -1174,6 +1174,65 @@ pub fn scenario_privileged(
     check_pod_gone(c, cri, &pod)
 }
 
+/// The handler's `ConfigPath` is the shim's configuration file: a pod on
+/// `sized` (a file with `vm.default_memory_mib = 256`) gets a VM of that
+/// size; a pod on `broken` (a file with a bad value) fails RunPodSandbox
+/// with the file, line and key, and leaves no pod.
+pub fn scenario_config_path(
+    c: &Containerd,
+    cri: &CriClient,
+    sized: &str,
+    broken: &str,
+    broken_file: &Path,
+) -> Result<()> {
+    let pod_cfg = pod_config(c, "configured")?;
+    let pod = cri.run_pod(&pod_cfg, sized)?;
+    let result = (|| {
+        let cfg = container_config("sized", &["sleep", "1000"], &[]);
+        let id = cri.create_container(&pod, &cfg, &pod_cfg)?;
+        cri.start(&id)
+            .context("StartContainer in the configured pod")?;
+        let meminfo = exec_ok(cri, &id, &["grep", "MemTotal", "/proc/meminfo"])?;
+        let kb: u64 = meminfo
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no MemTotal in {meminfo:?}"))?;
+        ensure!(
+            (200 * 1024..256 * 1024).contains(&kb),
+            "MemTotal {kb} kB in a pod whose handler's file says 256 MiB (the default is 128)"
+        );
+        anyhow::Ok(())
+    })();
+    let stop = cri.stop_pod(&pod).and_then(|()| cri.remove_pod(&pod));
+    result?;
+    stop?;
+    check_pod_gone(c, cri, &pod)?;
+
+    let bad_cfg = pod_config(c, "misconfigured")?;
+    let r = cri.try_call(
+        "RuntimeService/RunPodSandbox",
+        json!({"config": bad_cfg, "runtime_handler": broken}),
+        CRI_TIMEOUT,
+    )?;
+    match r {
+        Ok(v) => bail!("RunPodSandbox with a broken configuration file succeeded: {v}"),
+        Err(e) => ensure!(
+            e.message.contains(&format!(
+                "{}:3: vm.default_memory_mib",
+                broken_file.display()
+            )),
+            "RunPodSandbox with a broken configuration file: want its name, line and key: {e}"
+        ),
+    }
+    let pods = cri.list_pods()?;
+    ensure!(
+        pods.is_empty(),
+        "pods after a failed RunPodSandbox: {pods:?}"
+    );
+    Ok(())
+}
+
 /// `RunPodSandbox` on a handler containerd does not have fails, and
 /// leaves no pod.
 pub fn scenario_unknown_handler(c: &Containerd, cri: &CriClient) -> Result<()> {
@@ -2043,6 +2102,7 @@ mod tests {
                 runtime_type: "io.containerd.rtv.v2".into(),
                 binary_name: None,
                 root: None,
+                config_path: None,
             }],
             Some("/opt/rtv/bin".into()),
         );

@@ -194,6 +194,7 @@ fn cri_configuration_loads() {
                 runtime_type: containerd::RUNC_SHIM.into(),
                 binary_name: Some(runc()),
                 root: None,
+                config_path: None,
             }],
             default_runtime: "runc".into(),
             cni_bin_dir: "/usr/lib/cni".into(),

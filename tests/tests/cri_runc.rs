@@ -19,6 +19,7 @@ fn runc_handler() -> CriRuntime {
         runtime_type: containerd::RUNC_SHIM.into(),
         binary_name: Some(containerd::find_binary("runc").expect("runc (apt-get install runc)")),
         root: None,
+        config_path: None,
     }
 }
 

@@ -337,6 +337,7 @@ fn cri_measure(
         runtime_type: containerd::RUNC_SHIM.into(),
         binary_name: Some(runc),
         root: None,
+        config_path: None,
     }];
     let mut handlers = vec![Handler {
         name: "runc",
@@ -353,6 +354,7 @@ fn cri_measure(
             runtime_type: containerd::RUNC_SHIM.into(),
             binary_name: Some(crun.bin.clone()),
             root: Some(work.join("crun-root")),
+            config_path: None,
         });
         handlers.push(Handler {
             name: "crun",
@@ -366,6 +368,7 @@ fn cri_measure(
         runtime_type: "io.containerd.rtv.v2".into(),
         binary_name: None,
         root: None,
+        config_path: None,
     });
     handlers.push(Handler {
         name: "rtv",

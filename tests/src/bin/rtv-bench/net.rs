@@ -295,12 +295,14 @@ pub(crate) fn net_bench(
             runtime_type: containerd::RUNC_SHIM.into(),
             binary_name: Some(runc),
             root: None,
+            config_path: None,
         },
         CriRuntime {
             name: "rtv".into(),
             runtime_type: "io.containerd.rtv.v2".into(),
             binary_name: None,
             root: None,
+            config_path: None,
         },
     ];
     let shim_dir = shim.parent().context("the shim's directory")?.to_path_buf();
