@@ -6,6 +6,12 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 eval "$(bash "$root/scripts/build.sh")"
 rtv=$root/target/release/rtv
+# The configuration file: the repo's commented defaults, unless the host
+# has one already.
+if [ ! -e /etc/rtv/config.toml ]; then
+  install -D -m 0644 "$root/config/config.toml" /etc/rtv/config.toml
+  echo "[setup] installed /etc/rtv/config.toml (every key commented out: the defaults)" >&2
+fi
 bundle=$root/target/demo-bundle
 bash "$root/scripts/demo-bundle.sh" "$bundle" "$rtv" \
   sh -c 'echo "hello from a container in an rtv micro-VM: $(uname -r), $(hostname)"; id; exit 7'

@@ -333,6 +333,46 @@ mod tests {
         assert_eq!(c.templates.dir.as_deref(), Some(Path::new("/t")));
     }
 
+    /// The commented file the repo ships (config/config.toml, installed by
+    /// scripts/setup.sh) is the defaults as it stands, and names every key:
+    /// with its example lines uncommented, every key is set.
+    #[test]
+    fn the_shipped_file_is_the_defaults_and_names_every_key() {
+        let shipped = include_str!("../../config/config.toml");
+        let c = parse(shipped).unwrap();
+        assert_eq!(
+            Config {
+                path: None,
+                ..c.clone()
+            },
+            Config::default()
+        );
+        let uncommented: String = shipped
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(k, _)| {
+                        k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = parse(&uncommented).unwrap();
+        assert!(c.guest.kernel.is_some() && c.guest.kernel_up.is_some());
+        assert!(c.guest.initramfs.is_some() && c.vmm.path.is_some());
+        assert!(c.vm.default_memory_mib.is_some() && c.vm.default_vcpus.is_some());
+        assert!(c.templates.dir.is_some());
+        let keys = uncommented
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(" = "))
+            .count();
+        assert_eq!(keys, 9, "every key of the file, once:\n{uncommented}");
+    }
+
     #[test]
     fn an_empty_file_is_the_defaults() {
         let c = parse("").unwrap();
