@@ -262,18 +262,49 @@ pub struct VmSize {
     pub vcpus: u8,
 }
 
+/// containerd 1.7's pod-level sizes on a CRI sandbox's spec (the sum of
+/// its containers' limits, as the kubelet gives them in the
+/// PodSandboxConfig): memory in bytes, and the CPU quota and period.
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+/// See [`SANDBOX_MEMORY`].
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// See [`SANDBOX_MEMORY`].
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// A positive number from annotation `key`, if there is one; a value that
+/// is not one is logged and left out (the spec's own limits then size the
+/// VM).
+fn annotation_number(spec: &Spec, key: &str) -> Option<i64> {
+    let value = spec.annotations().as_ref()?.get(key)?;
+    match value.trim().parse::<i64>() {
+        Ok(n) if n > 0 => Some(n),
+        Ok(_) => None,
+        Err(_) => {
+            tracing::warn!(
+                "annotation {key}: {value:?} is not a number; left out of the VM's size"
+            );
+            None
+        }
+    }
+}
+
 /// The VM for a container with `spec`: memory = the memory limit rounded
 /// up to 2 MiB plus [`VM_MEMORY_OVERHEAD_MIB`] (or
 /// the configuration's `vm.default_memory_mib`, [`DEFAULT_VM_MEMORY_MIB`]
 /// unset, without a limit); vCPUs = the CPU quota over its period, rounded
 /// up, at most `host_cpus` (or `vm.default_vcpus`, [`DEFAULT_VM_VCPUS`]
-/// unset, at most `host_cpus`).
+/// unset, at most `host_cpus`). A CRI sandbox's pod-level sizes
+/// ([`SANDBOX_MEMORY`], [`SANDBOX_CPU_QUOTA`], [`SANDBOX_CPU_PERIOD`],
+/// containerd 1.7) take the place of the spec's own limits: the VM holds
+/// the whole pod.
 pub fn vm_size(spec: &Spec, host_cpus: u8) -> VmSize {
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
-    let limit = resources
-        .and_then(|r| r.memory().as_ref())
-        .and_then(|m| m.limit())
-        .filter(|l| *l > 0);
+    let limit = annotation_number(spec, SANDBOX_MEMORY).or_else(|| {
+        resources
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit())
+            .filter(|l| *l > 0)
+    });
     let mem_mib = match limit {
         Some(bytes) => {
             let mib = (bytes as u64).div_ceil(1 << 20);
@@ -285,11 +316,18 @@ pub fn vm_size(spec: &Spec, host_cpus: u8) -> VmSize {
             .unwrap_or(DEFAULT_VM_MEMORY_MIB),
     };
     let cpu = resources.and_then(|r| r.cpu().as_ref());
-    let quota = cpu.and_then(|c| c.quota()).filter(|q| *q > 0);
-    let period = cpu
-        .and_then(|c| c.period())
-        .filter(|p| *p > 0)
-        .unwrap_or(100_000);
+    let (quota, period) = match annotation_number(spec, SANDBOX_CPU_QUOTA) {
+        Some(q) => (
+            Some(q),
+            annotation_number(spec, SANDBOX_CPU_PERIOD).map_or(100_000, |p| p as u64),
+        ),
+        None => (
+            cpu.and_then(|c| c.quota()).filter(|q| *q > 0),
+            cpu.and_then(|c| c.period())
+                .filter(|p| *p > 0)
+                .unwrap_or(100_000),
+        ),
+    };
     let vcpus = match quota {
         Some(q) => {
             let n = (q as u64).div_ceil(period).max(1);
@@ -348,6 +386,42 @@ mod tests {
         )
         .unwrap();
         assert_eq!(vm_size(&s, 2).mem_mib, 2 + 64);
+    }
+
+    #[test]
+    fn a_sandbox_is_sized_for_its_pod_by_containerd_1_7s_annotations() {
+        let s = parse(
+            "c",
+            br#"{"ociVersion":"1.0.2","annotations":{
+                "io.kubernetes.cri.sandbox-memory":"629145600",
+                "io.kubernetes.cri.sandbox-cpu-quota":"250000",
+                "io.kubernetes.cri.sandbox-cpu-period":"100000"},
+                "linux":{"resources":{"memory":{"limit":33554432}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            vm_size(&s, 4),
+            VmSize {
+                mem_mib: 600 + 64,
+                vcpus: 3
+            }
+        );
+        // A value that is not a number is left out: the spec's own limit.
+        let s = parse(
+            "c",
+            br#"{"ociVersion":"1.0.2","annotations":{
+                "io.kubernetes.cri.sandbox-memory":"lots",
+                "io.kubernetes.cri.sandbox-cpu-quota":"0"},
+                "linux":{"resources":{"memory":{"limit":33554432}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            vm_size(&s, 4),
+            VmSize {
+                mem_mib: 32 + 64,
+                vcpus: 1
+            }
+        );
     }
 
     #[test]

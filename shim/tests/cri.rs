@@ -29,6 +29,7 @@ fn rtv_handler() -> CriRuntime {
         binary_name: None,
         root: None,
         config_path: None,
+        pod_annotations: Vec::new(),
     }
 }
 
@@ -57,6 +58,7 @@ fn pod_network_through_cri() {
         binary_name: Some(containerd::find_binary("runc").expect("runc (apt-get install runc)")),
         root: None,
         config_path: None,
+        pod_annotations: Vec::new(),
     };
     let _one = one_vm_at_a_time();
     cri::run_net_scenario(
@@ -77,8 +79,8 @@ fn pod_network_through_cri() {
 /// guest lacks is refused by name.
 ///
 /// In the same containerd: two more handlers of the same shim with their
-/// own configuration files (`options.ConfigPath`), one sizing the VM, one
-/// broken.
+/// own configuration files (`options.ConfigPath`), one sizing the VM (and
+/// passing containerd 1.7's pod-size annotations), one broken.
 #[test]
 fn privileged_containers_and_devices_through_cri() {
     let dir = setup();
@@ -97,7 +99,10 @@ fn privileged_containers_and_devices_through_cri() {
     let opts = rtv_tests::cri::cri_net_options(
         vec![
             rtv_handler(),
-            with_file("rtv-256", &sized),
+            CriRuntime {
+                pod_annotations: vec!["io.kubernetes.cri.sandbox-*".into()],
+                ..with_file("rtv-256", &sized)
+            },
             with_file("rtv-broken", &broken),
         ],
         Some(dir),

@@ -93,6 +93,9 @@ pub struct CriRuntime {
     /// `options.ConfigPath` (a non-runc shim's configuration file; rtv's
     /// shim reads it as Kata's does).
     pub config_path: Option<PathBuf>,
+    /// `pod_annotations`: the pod annotations (globs) containerd passes to
+    /// the sandbox's spec.
+    pub pod_annotations: Vec<String>,
 }
 
 /// How [`Containerd::start_with`] configures containerd.
@@ -255,6 +258,10 @@ pub fn config_toml(dir: &Path, cri: Option<&CriConfig>) -> String {
         for r in &cri.runtimes {
             let _ = writeln!(t, "\n[{p}.containerd.runtimes.{}]", toml_str(&r.name));
             let _ = writeln!(t, "  runtime_type = {}", toml_str(&r.runtime_type));
+            if !r.pod_annotations.is_empty() {
+                let list: Vec<String> = r.pod_annotations.iter().map(|a| toml_str(a)).collect();
+                let _ = writeln!(t, "  pod_annotations = [{}]", list.join(", "));
+            }
             if r.binary_name.is_some() || r.root.is_some() || r.config_path.is_some() {
                 let _ = writeln!(
                     t,
@@ -2409,6 +2416,7 @@ mod tests {
                 binary_name: Some("/usr/bin/rtv".into()),
                 root: Some("/tmp/x/rtv-root".into()),
                 config_path: None,
+                pod_annotations: Vec::new(),
             }],
             default_runtime: "rtv".into(),
             cni_bin_dir: "/usr/lib/cni".into(),

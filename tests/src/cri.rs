@@ -1174,10 +1174,52 @@ pub fn scenario_privileged(
     check_pod_gone(c, cri, &pod)
 }
 
+/// A pod's VM as its container sees it: MemTotal in kB and the CPUs.
+fn pod_vm(
+    c: &Containerd,
+    cri: &CriClient,
+    handler: &str,
+    name: &str,
+    annotations: Value,
+) -> Result<(u64, u64)> {
+    let mut pod_cfg = pod_config(c, name)?;
+    pod_cfg["annotations"] = annotations;
+    let pod = cri.run_pod(&pod_cfg, handler)?;
+    let result = (|| {
+        let cfg = container_config(name, &["sleep", "1000"], &[]);
+        let id = cri.create_container(&pod, &cfg, &pod_cfg)?;
+        cri.start(&id)
+            .with_context(|| format!("StartContainer in pod {name}"))?;
+        let out = exec_ok(
+            cri,
+            &id,
+            &[
+                "sh",
+                "-c",
+                "grep MemTotal /proc/meminfo; grep -c ^processor /proc/cpuinfo",
+            ],
+        )?;
+        let mut words = out.split_whitespace();
+        let kb = words.nth(1).and_then(|v| v.parse().ok());
+        let cpus = words.nth(1).and_then(|v| v.parse().ok());
+        match (kb, cpus) {
+            (Some(kb), Some(cpus)) => Ok((kb, cpus)),
+            _ => bail!("pod {name}: no MemTotal and CPU count in {out:?}"),
+        }
+    })();
+    let stop = cri.stop_pod(&pod).and_then(|()| cri.remove_pod(&pod));
+    let vm = result?;
+    stop?;
+    check_pod_gone(c, cri, &pod)?;
+    Ok(vm)
+}
+
 /// The handler's `ConfigPath` is the shim's configuration file: a pod on
 /// `sized` (a file with `vm.default_memory_mib = 256`) gets a VM of that
-/// size; a pod on `broken` (a file with a bad value) fails RunPodSandbox
-/// with the file, line and key, and leaves no pod.
+/// size; with containerd 1.7's pod-level annotations (given by hand here,
+/// passed by the handler's `pod_annotations`) the VM takes the pod's size
+/// instead; a pod on `broken` (a file with a bad value) fails
+/// RunPodSandbox with the file, line and key, and leaves no pod.
 pub fn scenario_config_path(
     c: &Containerd,
     cri: &CriClient,
@@ -1185,29 +1227,27 @@ pub fn scenario_config_path(
     broken: &str,
     broken_file: &Path,
 ) -> Result<()> {
-    let pod_cfg = pod_config(c, "configured")?;
-    let pod = cri.run_pod(&pod_cfg, sized)?;
-    let result = (|| {
-        let cfg = container_config("sized", &["sleep", "1000"], &[]);
-        let id = cri.create_container(&pod, &cfg, &pod_cfg)?;
-        cri.start(&id)
-            .context("StartContainer in the configured pod")?;
-        let meminfo = exec_ok(cri, &id, &["grep", "MemTotal", "/proc/meminfo"])?;
-        let kb: u64 = meminfo
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no MemTotal in {meminfo:?}"))?;
-        ensure!(
-            (200 * 1024..256 * 1024).contains(&kb),
-            "MemTotal {kb} kB in a pod whose handler's file says 256 MiB (the default is 128)"
-        );
-        anyhow::Ok(())
-    })();
-    let stop = cri.stop_pod(&pod).and_then(|()| cri.remove_pod(&pod));
-    result?;
-    stop?;
-    check_pod_gone(c, cri, &pod)?;
+    let (kb, _) = pod_vm(c, cri, sized, "configured", json!({}))?;
+    ensure!(
+        (200 * 1024..256 * 1024).contains(&kb),
+        "MemTotal {kb} kB in a pod whose handler's file says 256 MiB (the default is 128)"
+    );
+    // 600 MiB and 2 CPUs for the pod: a VM of 600 + 64 MiB, 2 vCPUs.
+    let (kb, cpus) = pod_vm(
+        c,
+        cri,
+        sized,
+        "pod-sized",
+        json!({
+            rtv_runtime::spec::SANDBOX_MEMORY: (600u64 << 20).to_string(),
+            rtv_runtime::spec::SANDBOX_CPU_QUOTA: "200000",
+            rtv_runtime::spec::SANDBOX_CPU_PERIOD: "100000",
+        }),
+    )?;
+    ensure!(
+        (600 * 1024..664 * 1024).contains(&kb) && cpus == 2,
+        "MemTotal {kb} kB and {cpus} CPUs in a pod whose annotations ask for 600 MiB and 2 CPUs"
+    );
 
     let bad_cfg = pod_config(c, "misconfigured")?;
     let r = cri.try_call(
@@ -2103,6 +2143,7 @@ mod tests {
                 binary_name: None,
                 root: None,
                 config_path: None,
+                pod_annotations: Vec::new(),
             }],
             Some("/opt/rtv/bin".into()),
         );

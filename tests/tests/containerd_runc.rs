@@ -195,6 +195,7 @@ fn cri_configuration_loads() {
                 binary_name: Some(runc()),
                 root: None,
                 config_path: None,
+                pod_annotations: Vec::new(),
             }],
             default_runtime: "runc".into(),
             cni_bin_dir: "/usr/lib/cni".into(),

@@ -20,6 +20,7 @@ fn runc_handler() -> CriRuntime {
         binary_name: Some(containerd::find_binary("runc").expect("runc (apt-get install runc)")),
         root: None,
         config_path: None,
+        pod_annotations: Vec::new(),
     }
 }
 

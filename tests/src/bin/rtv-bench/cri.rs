@@ -338,6 +338,7 @@ fn cri_measure(
         binary_name: Some(runc),
         root: None,
         config_path: None,
+        pod_annotations: Vec::new(),
     }];
     let mut handlers = vec![Handler {
         name: "runc",
@@ -355,6 +356,7 @@ fn cri_measure(
             binary_name: Some(crun.bin.clone()),
             root: Some(work.join("crun-root")),
             config_path: None,
+            pod_annotations: Vec::new(),
         });
         handlers.push(Handler {
             name: "crun",
@@ -369,6 +371,7 @@ fn cri_measure(
         binary_name: None,
         root: None,
         config_path: None,
+        pod_annotations: Vec::new(),
     });
     handlers.push(Handler {
         name: "rtv",

@@ -296,6 +296,7 @@ pub(crate) fn net_bench(
             binary_name: Some(runc),
             root: None,
             config_path: None,
+            pod_annotations: Vec::new(),
         },
         CriRuntime {
             name: "rtv".into(),
@@ -303,6 +304,7 @@ pub(crate) fn net_bench(
             binary_name: None,
             root: None,
             config_path: None,
+            pod_annotations: Vec::new(),
         },
     ];
     let shim_dir = shim.parent().context("the shim's directory")?.to_path_buf();
