@@ -904,6 +904,10 @@ pub fn scenarios() -> Vec<Scenario> {
             "create of an existing id fails, the container unchanged"
         ),
         scenario!(
+            create_same_id_at_once,
+            "ten creates of one id at once: one wins, the rest fail cleanly"
+        ),
+        scenario!(
             bad_ids,
             "a/b, .., ., empty ids fail and leave nothing under --root"
         ),
@@ -1325,6 +1329,71 @@ pub fn create_existing_id(rt: &Runtime<'_>) -> Result<()> {
         "a failed create wrote another pid"
     );
     rt.ok(&["delete", "--force", &id])?;
+    rt.assert_gone(&id)
+}
+
+/// Ten `create`s of one id at once: exactly one wins; the others fail with
+/// a reason on stderr, and neither they nor their failure touch the
+/// winner, which then deletes cleanly.
+pub fn create_same_id_at_once(rt: &Runtime<'_>) -> Result<()> {
+    const N: usize = 10;
+    let id = rt.id("race");
+    let bundle = rt.bundle(&["sleep", "1000"])?;
+    let b = path_str(&bundle)?;
+    let mut children = Vec::new();
+    for i in 0..N {
+        let err = rt.scratch(&format!("race-{i}.err"));
+        let mut cmd = rt.command(&["create", "--bundle", &b, &id]);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&err)?);
+        children.push((cmd.spawn().context("starting a create")?, err));
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut won = Vec::new();
+    let mut lost = Vec::new();
+    for (mut child, err) in children {
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                bail!("a create of {id} did not end within 300 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+        if status.success() {
+            won.push(stderr);
+        } else {
+            lost.push((status, stderr));
+        }
+    }
+    let result = (|| {
+        ensure!(
+            won.len() == 1,
+            "{} of {N} creates of one id succeeded; failures: {lost:?}",
+            won.len()
+        );
+        for (status, stderr) in &lost {
+            ensure!(
+                !stderr.trim().is_empty(),
+                "a losing create ({status}) gave no reason"
+            );
+        }
+        let state = rt.state(&id)?;
+        ensure!(
+            state["status"] == "created" && state["bundle"] == b,
+            "the winner after the race: {state}"
+        );
+        let pid = state["pid"].as_i64().unwrap_or(0) as i32;
+        ensure!(pid > 0 && pid_running(pid), "the winner's process: {state}");
+        Ok(())
+    })();
+    let deleted = rt.ok(&["delete", "--force", &id]).map(|_| ());
+    result?;
+    deleted?;
     rt.assert_gone(&id)
 }
 
