@@ -635,3 +635,63 @@ fn the_configuration_file_takes_effect() {
         panic!("{e:#}");
     }
 }
+
+/// Fault (issue 18): the pod's VMM killed with SIGKILL while its container
+/// runs. `state` says stopped, the pid-file's process (the waiter
+/// containerd would wait on) exits with 137 as if the container had been
+/// killed, `delete` succeeds, and nothing is left: no process, no sandbox
+/// directory, no mount under the root.
+#[test]
+fn a_killed_vmm_stops_its_container_and_leaves_nothing() {
+    let rtv = rtv_tests::rtv_with_artifacts().expect("building rtv and its guest");
+    let root = std::env::temp_dir().join(format!("rtv-fault-vmm-{}", std::process::id()));
+    let _one = one_vm_at_a_time();
+    let rt = Runtime::new(&rtv, &root, &busybox_bundle).expect("setting up");
+    let result = (|| -> anyhow::Result<()> {
+        let (id, _, pid) = rt.started("vmm-kill", &["sleep", "1000"])?;
+        let root_text = root.display().to_string();
+        let vmm = std::fs::read_dir("/proc")?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|p| {
+                let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+                let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                comm.trim() == "rtv-vmm" && String::from_utf8_lossy(&cmdline).contains(&root_text)
+            })
+            .ok_or_else(|| anyhow::anyhow!("no rtv-vmm of {root_text}"))?;
+        // SAFETY: a signal to the VMM process this test's runtime started.
+        anyhow::ensure!(unsafe { libc::kill(vmm, libc::SIGKILL) } == 0);
+        let status = rt.wait_pid(pid)?;
+        anyhow::ensure!(
+            status == 137,
+            "the waiter exited {status} after its VMM was killed (want 137)"
+        );
+        let state = rt.wait_for_status(&id, "stopped")?;
+        anyhow::ensure!(state["pid"] == 0, "{state}");
+        rt.ok(&["delete", &id])?;
+        rt.assert_gone(&id)?;
+        // The killed VMM was reparented to this test (a subreaper, as
+        // containerd's shim is): a zombie until reaped here.
+        anyhow::ensure!(
+            !rtv_tests::conformance::pid_running(vmm),
+            "the VMM is left"
+        );
+        // SAFETY: reaps our adopted child, if it is one.
+        unsafe { libc::waitpid(vmm, std::ptr::null_mut(), libc::WNOHANG) };
+        let sandboxes: Vec<_> = std::fs::read_dir(root.join(".sandboxes"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        anyhow::ensure!(sandboxes.is_empty(), "sandboxes left: {sandboxes:?}");
+        let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+        anyhow::ensure!(
+            !mounts.contains(&root_text),
+            "mounts left under the root: {mounts}"
+        );
+        Ok(())
+    })();
+    drop(rt);
+    let _ = rtv_runtime::remove_tree(&root);
+    if let Err(e) = result {
+        panic!("{e:#}");
+    }
+}

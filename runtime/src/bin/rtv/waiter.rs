@@ -296,7 +296,7 @@ async fn waiter_run(w: &WaiterArgs, sync: &mut Option<File>) -> Result<ExitStatu
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
         let status = loop {
             tokio::select! {
-                s = client.wait(exec_id) => break s?,
+                s = client.wait(exec_id) => break killed_with_vm(s)?,
                 _ = winch.recv() => {
                     if let Some((rows, cols)) = console::window_size(&tty) {
                         let _ = client.resize(exec_id, WindowSize { rows, cols }).await;
@@ -307,7 +307,7 @@ async fn waiter_run(w: &WaiterArgs, sync: &mut Option<File>) -> Result<ExitStatu
         let _ = tokio::task::spawn_blocking(move || out.join()).await;
         return Ok(status);
     }
-    let status = client.wait(exec_id).await?;
+    let status = killed_with_vm(client.wait(exec_id).await)?;
     let _ = tokio::task::spawn_blocking(move || {
         let _ = out.join();
         if let Some(e) = err {
@@ -316,6 +316,21 @@ async fn waiter_run(w: &WaiterArgs, sync: &mut Option<File>) -> Result<ExitStatu
     })
     .await;
     Ok(status)
+}
+
+/// The process's status: its own, or SIGKILL's when its VM ended under it
+/// (the agent's connection closed: the VMM exited or was killed), as a
+/// container killed together with its host is reported (137).
+fn killed_with_vm(status: Result<ExitStatus, rtv_runtime::ClientError>) -> Result<ExitStatus> {
+    match status {
+        Err(rtv_runtime::ClientError::Disconnected) => {
+            tracing::error!(
+                "the container's VM ended under it (the agent's connection closed): reported as killed (137)"
+            );
+            Ok(ExitStatus::Signal(libc::SIGKILL))
+        }
+        other => Ok(other?),
+    }
 }
 
 /// Copies `from` to `to` until end of file, each read passed on at once
