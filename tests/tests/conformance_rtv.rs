@@ -672,10 +672,7 @@ fn a_killed_vmm_stops_its_container_and_leaves_nothing() {
         rt.assert_gone(&id)?;
         // The killed VMM was reparented to this test (a subreaper, as
         // containerd's shim is): a zombie until reaped here.
-        anyhow::ensure!(
-            !rtv_tests::conformance::pid_running(vmm),
-            "the VMM is left"
-        );
+        anyhow::ensure!(!rtv_tests::conformance::pid_running(vmm), "the VMM is left");
         // SAFETY: reaps our adopted child, if it is one.
         unsafe { libc::waitpid(vmm, std::ptr::null_mut(), libc::WNOHANG) };
         let sandboxes: Vec<_> = std::fs::read_dir(root.join(".sandboxes"))
