@@ -9,7 +9,7 @@ use anyhow::Result;
 use rtv_runtime::vmm_process::Hardening;
 use rtv_runtime::{Origin, Sandbox, SandboxConfig};
 
-use crate::{host_type, memory_of, seconds, stop_all};
+use crate::{host_type, seconds, start_idle_measure, stop_all};
 
 const MODES: [(&str, Hardening); 2] = [
     ("jail and seccomp on (default)", Hardening::FULL),
@@ -69,27 +69,8 @@ pub async fn jail_bench(runs: usize, idle: usize, mem: u64) -> Result<()> {
         // Idle sandboxes' VMMs, per mode.
         let mut mems = Vec::new();
         for (name, hardening) in MODES {
-            let mut started = Vec::new();
-            let mut failed = None;
-            for _ in 0..idle {
-                match Sandbox::start(config("idle", hardening)).await {
-                    Ok(sb) => started.push(sb),
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-            }
-            let mem = match failed {
-                None => {
-                    eprintln!("  {idle} idle with {name}; idling 5 s");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    memory_of(&started)
-                }
-                Some(e) => Err(e.into()),
-            };
-            stop_all(started).await;
-            mems.push(mem?);
+            let configs = (0..idle).map(|_| config("idle", hardening));
+            mems.push(start_idle_measure(configs, &format!("idle, {name}:")).await?.1);
         }
         println!(
             "The VMM's hardening: sandbox start from a template to agent ready ({mem} MiB guest, 1 vCPU), host: {}",

@@ -494,6 +494,41 @@ fn seconds(samples: &[Duration]) -> (f64, f64, f64) {
     (median, t[0], t[t.len() - 1])
 }
 
+/// Starts a sandbox per configuration, one after another (each start
+/// printed as `what N`), leaves them idle 5 s and measures them together
+/// (RSS and PSS sums, [`memory_of`]); stops them all, whatever happened.
+/// Returns each one's time to ready and the sums.
+async fn start_idle_measure(
+    configs: impl Iterator<Item = rtv_runtime::SandboxConfig>,
+    what: &str,
+) -> Result<(Vec<Duration>, (u64, u64))> {
+    let mut started = Vec::new();
+    let mut failed = None;
+    for (n, cfg) in configs.enumerate() {
+        match rtv_runtime::Sandbox::start(cfg).await {
+            Ok(sb) => {
+                eprintln!("  {what} {}: {:.2}s", n + 1, sb.ready_after().as_secs_f64());
+                started.push(sb);
+            }
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let times = started.iter().map(|s| s.ready_after()).collect();
+    let mem = match failed {
+        None => {
+            eprintln!("  {} started; idling 5 s", started.len());
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            memory_of(&started)
+        }
+        Some(e) => Err(e.into()),
+    };
+    stop_all(started).await;
+    Ok((times, mem?))
+}
+
 async fn stop_all(sandboxes: Vec<rtv_runtime::Sandbox>) {
     for sb in sandboxes {
         let name = sb.hostname().to_owned();
@@ -581,32 +616,8 @@ async fn template_bench(runs: usize, cold: usize, idle: usize, mem: u64) -> Resu
         stop_all(restored).await;
         let restored_mem = restored_mem?;
         // `cold` cold boots, one after another, kept running, then measured.
-        let mut booted = Vec::new();
-        let mut cold_times = Vec::new();
-        let mut failed = None;
-        for run in 0..cold {
-            match Sandbox::start(config("cold", false)).await {
-                Ok(sb) => {
-                    eprintln!("  cold boot {}: {:.2}s", run + 1, sb.ready_after().as_secs_f64());
-                    cold_times.push(sb.ready_after());
-                    booted.push(sb);
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        let cold_mem = match failed {
-            None => {
-                eprintln!("  {cold} cold-booted; idling 5 s");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                memory_of(&booted)
-            }
-            Some(e) => Err(e.into()),
-        };
-        stop_all(booted).await;
-        let cold_mem = cold_mem?;
+        let (cold_times, cold_mem) =
+            start_idle_measure((0..cold).map(|_| config("cold", false)), "cold boot").await?;
         println!(
             "Sandbox start to agent ready, identity set ({mem} MiB guest, 1 vCPU), host: {}",
             host_type()
