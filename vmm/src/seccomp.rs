@@ -116,13 +116,9 @@ pub enum SeccompError {
     },
 }
 
-/// The compiled filters, by [`Thread`] (in [`Thread::ALL`]'s order).
-struct Installed {
-    mode: Mode,
-    programs: Vec<BpfProgram>,
-}
-
-static FILTERS: OnceLock<Installed> = OnceLock::new();
+/// The compiled filters, by [`Thread`] (in [`Thread::ALL`]'s order); empty
+/// with [`Mode::Off`].
+static FILTERS: OnceLock<Vec<BpfProgram>> = OnceLock::new();
 
 thread_local! {
     /// The kind of the calling thread's filter, for the SIGSYS handler.
@@ -144,22 +140,14 @@ pub fn init(mode: Mode) -> Result<(), SeccompError> {
     if mode == Mode::On {
         install_sigsys_handler().map_err(SeccompError::Handler)?;
     }
-    let _ = FILTERS.set(Installed { mode, programs });
+    let _ = FILTERS.set(programs);
     Ok(())
-}
-
-/// The mode [`init`] was given ([`Mode::Off`] before it).
-pub fn mode() -> Mode {
-    FILTERS.get().map_or(Mode::Off, |f| f.mode)
 }
 
 /// Installs `thread`'s filter on the calling thread (nothing without
 /// [`init`], or with [`Mode::Off`]). It stays for the thread's life.
 pub fn enter(thread: Thread) -> Result<(), SeccompError> {
-    let Some(installed) = FILTERS.get() else {
-        return Ok(());
-    };
-    let Some(program) = installed.programs.get(thread as usize) else {
+    let Some(program) = FILTERS.get().and_then(|p| p.get(thread as usize)) else {
         return Ok(());
     };
     KIND.with(|k| k.set(Some(thread)));
