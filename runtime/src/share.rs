@@ -1,11 +1,21 @@
 //! A sandbox's shared directory: the host directory the VMM serves over
 //! virtio-fs (tag `rtvfs`), mounted by the agent at
 //! [`SHARE_MOUNTPOINT`] in the guest. Each container gets
-//! `<share>/<id>/rootfs`, a bind mount of its bundle's root file system,
-//! and `<share>/<id>/mounts/<n>` for each bind mount of its spec.
+//! `<share>/<id>@<n>/rootfs`, a bind mount of its bundle's root file
+//! system, and `<share>/<id>@<n>/mounts/<n>` for each bind mount of its
+//! spec.
+//!
+//! `<n>` is new for every create: the guest's FUSE client keeps a looked-up
+//! name for a few seconds without asking the host, so a container created
+//! again with the same id right after a failed create or a delete would
+//! otherwise reach the previous attempt's directory, and either run in the
+//! previous root file system or lose its root bind mount to the late
+//! revalidation (pivot_root then fails with EINVAL). Container ids cannot
+//! contain `@`.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use oci_spec::runtime::Spec;
 use rtv_protocol::SHARE_MOUNTPOINT;
@@ -157,13 +167,14 @@ impl Share {
         &self.dir
     }
 
-    fn container_dir(&self, id: &str) -> PathBuf {
-        self.dir.join(id)
+    /// The directories container `id` has in the share (one, or none).
+    pub fn container_dirs(&self, id: &str) -> Vec<PathBuf> {
+        container_dirs(&self.dir, id)
     }
 
-    /// Where the agent sees `rel` under container `id`'s directory.
-    fn agent_path(&self, id: &str, rel: &str) -> PathBuf {
-        self.agent_view.join(id).join(rel)
+    /// Where the agent sees `rel` under the container directory `name`.
+    fn agent_path(&self, name: &str, rel: &str) -> PathBuf {
+        self.agent_view.join(name).join(rel)
     }
 
     /// Places container `id`'s root file system and bind-mount sources in
@@ -178,13 +189,14 @@ impl Share {
     }
 
     fn add_inner(&self, id: &str, rootfs: &Path, spec: &Spec) -> Result<Spec, ShareError> {
-        let cdir = self.container_dir(id);
+        let name = attempt_name(id);
+        let cdir = self.dir.join(&name);
         let target = cdir.join("rootfs");
         std::fs::create_dir_all(&target).map_err(io("creating", &target))?;
         bind(rootfs, &target)?;
         let mut spec = spec.clone();
         if let Some(root) = spec.root_mut() {
-            root.set_path(self.agent_path(id, "rootfs"));
+            root.set_path(self.agent_path(&name, "rootfs"));
         }
         if let Some(mounts) = spec.mounts_mut() {
             for (i, m) in mounts.iter_mut().enumerate() {
@@ -215,7 +227,7 @@ impl Share {
                     std::fs::File::create(&dest).map_err(io("creating", &dest))?;
                 }
                 bind(&source, &dest)?;
-                m.set_source(Some(self.agent_path(id, &format!("mounts/{i}"))));
+                m.set_source(Some(self.agent_path(&name, &format!("mounts/{i}"))));
             }
         }
         Ok(spec)
@@ -223,24 +235,104 @@ impl Share {
 
     /// Unmounts and removes everything of container `id` in the share.
     pub fn remove_container(&self, id: &str) {
-        let cdir = self.container_dir(id);
-        if let Ok(entries) = std::fs::read_dir(cdir.join("mounts")) {
-            for e in entries.flatten() {
-                unmount(&e.path());
-            }
+        for cdir in self.container_dirs(id) {
+            remove_container_dir(&cdir);
         }
-        unmount(&cdir.join("rootfs"));
-        // Only empty directories and files we created remain; a failed
-        // unmount leaves the mount point, which remove_dir_all would descend
-        // into, so remove non-recursively.
-        if let Ok(entries) = std::fs::read_dir(cdir.join("mounts")) {
-            for e in entries.flatten() {
-                let p = e.path();
-                let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir(&p));
-            }
+    }
+}
+
+/// A fresh directory name for one create of container `id`.
+fn attempt_name(id: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "{id}@{:x}",
+        nanos ^ (u64::from(std::process::id()) << 40) ^ n
+    )
+}
+
+/// The directories container `id` has in the share at `share`.
+pub fn container_dirs(share: &Path, id: &str) -> Vec<PathBuf> {
+    let prefix = format!("{id}@");
+    let Ok(entries) = std::fs::read_dir(share) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+fn remove_container_dir(cdir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(cdir.join("mounts")) {
+        for e in entries.flatten() {
+            unmount(&e.path());
         }
-        let _ = std::fs::remove_dir(cdir.join("mounts"));
-        let _ = std::fs::remove_dir(cdir.join("rootfs"));
-        let _ = std::fs::remove_dir(&cdir);
+    }
+    unmount(&cdir.join("rootfs"));
+    // Only empty directories and files we created remain; a failed
+    // unmount leaves the mount point, which remove_dir_all would descend
+    // into, so remove non-recursively.
+    if let Ok(entries) = std::fs::read_dir(cdir.join("mounts")) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir(&p));
+        }
+    }
+    let _ = std::fs::remove_dir(cdir.join("mounts"));
+    let _ = std::fs::remove_dir(cdir.join("rootfs"));
+    let _ = std::fs::remove_dir(cdir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_create_of_an_id_gets_a_new_directory_and_remove_takes_them_all() {
+        let base = std::env::temp_dir().join(format!("rtv-share-unit-{}", std::process::id()));
+        let rootfs = base.join("bundle-rootfs");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::write(rootfs.join("marker"), b"x").unwrap();
+        let share = Share::seen_at(base.join("share"), "/agent/share").unwrap();
+        let spec = Spec::default();
+
+        let first = share.add_container("c1", &rootfs, &spec).unwrap();
+        let second = share.add_container("c1", &rootfs, &spec).unwrap();
+        let other = share.add_container("c1.x", &rootfs, &spec).unwrap();
+        let root = |s: &Spec| s.root().as_ref().unwrap().path().clone();
+        assert_ne!(root(&first), root(&second));
+        for s in [&first, &second] {
+            let name = root(s).parent().unwrap().file_name().unwrap().to_owned();
+            assert!(name.to_str().unwrap().starts_with("c1@"), "{name:?}");
+            let host = share.dir().join(&name).join("rootfs/marker");
+            assert!(
+                host.exists(),
+                "{} is not the bundle's rootfs",
+                host.display()
+            );
+        }
+        assert_eq!(share.container_dirs("c1").len(), 2);
+
+        share.remove_container("c1");
+        assert!(share.container_dirs("c1").is_empty());
+        assert!(mounts_under(share.dir())
+            .iter()
+            .all(|m| m.to_str().unwrap().contains("/c1.x@")));
+        // Another id with c1 as its prefix is untouched.
+        assert_eq!(share.container_dirs("c1.x").len(), 1);
+        assert!(root(&other).starts_with("/agent/share"));
+        share.remove_container("c1.x");
+        assert!(mounts_under(share.dir()).is_empty());
+        remove_tree(&base).unwrap();
     }
 }

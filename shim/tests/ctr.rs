@@ -686,12 +686,21 @@ fn ctr_run_fails_on_a_failing_prestart_hook_and_leaves_nothing() {
         let share = Path::new(RTV_SHIM_STATE_ROOT)
             .join(c.namespace())
             .join(&pod)
-            .join("share")
-            .join(&member);
-        let mounts = rtv_runtime::share::mounts_under(&share);
+            .join("share");
+        let mounts: Vec<_> = rtv_runtime::share::mounts_under(&share)
+            .into_iter()
+            .filter(|m| {
+                m.strip_prefix(&share)
+                    .ok()
+                    .and_then(|rel| rel.iter().next())
+                    .and_then(|first| first.to_str())
+                    .is_some_and(|first| first.starts_with(&format!("{member}@")))
+            })
+            .collect();
+        let dirs = rtv_runtime::share::container_dirs(&share, &member);
         ensure!(
-            mounts.is_empty() && !share.exists(),
-            "the failed member left its share {}: mounts {mounts:?}",
+            mounts.is_empty() && dirs.is_empty(),
+            "the failed member left in its pod's share {}: directories {dirs:?}, mounts {mounts:?}",
             share.display()
         );
         let vms = vm_leftovers(c.namespace(), std::slice::from_ref(&pod));

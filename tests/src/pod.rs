@@ -83,7 +83,7 @@ async fn create(
 
 /// Whether container `id` has anything left in the pod's share.
 fn in_share(pod: &Pod, id: &str) -> bool {
-    pod.dir().join("share").join(id).exists()
+    !rtv_runtime::share::container_dirs(&pod.dir().join("share"), id).is_empty()
 }
 
 fn expect_class<T: std::fmt::Debug>(

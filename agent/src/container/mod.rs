@@ -228,8 +228,17 @@ impl Context {
                     Self::item(&self.readonly, r.index, "linux.readonlyPaths")
                 )
             }
-            Some(Step::RootBind) | Some(Step::OpenRoot) | Some(Step::PivotRoot) => {
-                format!("root.path: cannot make it the root: {err}")
+            Some(Step::RootBind) => format!("root.path: cannot bind-mount it for the root: {err}"),
+            Some(Step::OpenRoot) => format!("root.path: cannot open it: {err}"),
+            Some(Step::PivotRoot) => {
+                let what = match r.index {
+                    0 => "entering it",
+                    1 => "pivot_root into it",
+                    2 => "making the old root a slave",
+                    3 => "detaching the old root",
+                    _ => "entering the new root",
+                };
+                format!("root.path: cannot make it the root ({what}): {err}")
             }
             Some(Step::RootReadonly) => format!("root.readonly: {err}"),
             Some(Step::RootPropagation) => format!("linux.rootfsPropagation: {err}"),
