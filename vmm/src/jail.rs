@@ -1,8 +1,10 @@
 //! The VMM's own hardening, applied by `rtv-vmm` before any other thread
 //! exists: it runs without an environment ([`reexec_without_environment`]),
 //! only the descriptors passed on purpose survive, core dumps are off, it
-//! has IPC and UTS namespaces of its own, the capability sets are cut to
-//! what the in-process virtio-fs server needs, and `no_new_privs` is set.
+//! has IPC and UTS namespaces of its own ([`prepare`]); once the VM is
+//! built, its own mount namespace and a root holding only what it still
+//! opens by name, the capability sets cut to what the in-process virtio-fs
+//! server needs, and `no_new_privs` ([`lock_down`]).
 //!
 //! What a guest that broke the VMM would hold afterwards: the kept
 //! capabilities below (no `CAP_SYS_ADMIN`, `CAP_NET_ADMIN`,
@@ -10,7 +12,9 @@
 //! exec (bounding set cut, `no_new_privs`), and only the files it had open.
 
 use std::collections::HashSet;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use caps::{CapSet, Capability, CapsHashSet};
 
@@ -56,6 +60,13 @@ pub enum JailError {
     Namespaces(#[source] std::io::Error),
     #[error("setting no_new_privs: {0}")]
     NoNewPrivs(#[source] std::io::Error),
+    #[error("the VMM's root: {step} ({}): {source}", path.display())]
+    Root {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Starts rtv-vmm again with an empty environment when it has one and the
@@ -92,15 +103,24 @@ fn jail_off(args: &[std::ffi::OsString]) -> bool {
         || args.iter().any(|a| a == "--jail=off")
 }
 
-/// Applies the hardening to the calling process. Must run while it is
-/// single-threaded: namespaces and capabilities are
-/// per thread (threads made later inherit them). `keep_fds` are the
-/// descriptors (besides 0, 1 and 2) passed on purpose.
-pub fn harden(keep_fds: &[RawFd]) -> Result<(), JailError> {
+/// The first part of the jail, before the VM is built: only `keep_fds`
+/// (besides 0, 1 and 2) of the inherited descriptors survive, the rlimits,
+/// new IPC and UTS namespaces. Must run while the process is
+/// single-threaded (namespaces are per thread; threads made later inherit
+/// them).
+pub fn prepare(keep_fds: &[RawFd]) -> Result<(), JailError> {
     close_other_fds(keep_fds).map_err(JailError::CloseFds)?;
     // The environment is already empty: reexec_without_environment.
     limits()?;
-    own_namespaces()?;
+    own_namespaces()
+}
+
+/// The last part, once the VM is built (every file it reads is open) and
+/// before any other thread exists: the VMM's own mount namespace and root
+/// ([`confine`]), then the capabilities cut to [`KEPT_CAPS`] and
+/// `no_new_privs`.
+pub fn lock_down(paths: &[&Path]) -> Result<(), JailError> {
+    confine(paths)?;
     reduce_caps()?;
     // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
     let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
@@ -108,6 +128,188 @@ pub fn harden(keep_fds: &[RawFd]) -> Result<(), JailError> {
         return Err(JailError::NoNewPrivs(std::io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// The directories bound into the VMM's root for `paths` (the ones it
+/// still opens by name): each path's nearest existing directory (the path
+/// itself, or for a file or a path not made yet, an ancestor), without
+/// ones inside another.
+pub fn root_binds(paths: &[&Path]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = paths
+        .iter()
+        .filter(|p| p.is_absolute())
+        .filter_map(|p| p.ancestors().find(|a| a.is_dir()).map(Path::to_path_buf))
+        .filter(|d| d != Path::new("/"))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    let all = dirs.clone();
+    dirs.retain(|d| !all.iter().any(|o| o != d && d.starts_with(o)));
+    dirs
+}
+
+fn cstr(p: &Path) -> Result<std::ffi::CString, JailError> {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| JailError::Root {
+        step: "a path with a NUL byte",
+        path: p.to_path_buf(),
+        source: std::io::Error::from_raw_os_error(libc::EINVAL),
+    })
+}
+
+fn mount(
+    step: &'static str,
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), JailError> {
+    let err = |source| JailError::Root {
+        step,
+        path: target.to_path_buf(),
+        source,
+    };
+    let src = source.map(cstr).transpose()?;
+    let tgt = cstr(target)?;
+    let fs = fstype
+        .map(std::ffi::CString::new)
+        .transpose()
+        .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+    let dat = data
+        .map(std::ffi::CString::new)
+        .transpose()
+        .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+    let ptr = |c: &Option<std::ffi::CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is null or a NUL-terminated string that lives
+    // across the call.
+    let rc = unsafe { libc::mount(ptr(&src), tgt.as_ptr(), ptr(&fs), flags, ptr(&dat).cast()) };
+    if rc != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Where the new root's tmpfs is mounted while it is made (in the VMM's
+/// own mount namespace: the host's is not touched).
+const BUILD_AT: [&str; 3] = ["/tmp", "/mnt", "/run"];
+
+/// The VMM's own mount namespace (`/` made a slave of the host's, so
+/// nothing it mounts reaches the host) and a new root: a read-only tmpfs
+/// holding only the directories of `paths` (bound, nosuid, nodev, noexec),
+/// what the VMM still opens by name once it runs (the vsock socket's
+/// directory, the snapshot and profile directories). Everything else it
+/// needs is open already (KVM, guest memory, the kernel and snapshot files,
+/// the console, the share's directory and `/proc/self/fd`, by which the
+/// virtio-fs server reopens files). The old root is detached. Skipped
+/// without CAP_SYS_ADMIN (a VMM not started as root).
+pub fn confine(paths: &[&Path]) -> Result<(), JailError> {
+    let admin =
+        caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_ADMIN).map_err(|source| {
+            JailError::Caps {
+                what: "reading",
+                source,
+            }
+        })?;
+    if !admin {
+        tracing::info!("no CAP_SYS_ADMIN: the VMM keeps the host's mount namespace and root");
+        return Ok(());
+    }
+    let binds = root_binds(paths);
+    let io = |step: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| JailError::Root { step, path, source }
+    };
+    // SAFETY: unshare takes flags only; the process is single-threaded.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(io("a new mount namespace", Path::new("/"))(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    mount(
+        "making / a slave of the host's mounts",
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_SLAVE | libc::MS_REC,
+        None,
+    )?;
+    // The directories to bind, opened before the tmpfs may cover them.
+    let sources = binds
+        .iter()
+        .map(|dir| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                .open(dir)
+                .map_err(io("opening a directory to bind", dir))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let at = BUILD_AT
+        .iter()
+        .map(Path::new)
+        .find(|p| p.is_dir())
+        .ok_or_else(|| {
+            io(
+                "finding a directory to build the root in",
+                Path::new("/tmp"),
+            )(std::io::Error::from_raw_os_error(libc::ENOENT))
+        })?;
+    mount(
+        "the new root (tmpfs)",
+        Some(Path::new("rtv-vmm-root")),
+        at,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("mode=0700,size=64k,nr_inodes=256"),
+    )?;
+    let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    for (dir, source) in binds.iter().zip(&sources) {
+        let inside = at.join(dir.strip_prefix("/").unwrap_or(dir));
+        std::fs::create_dir_all(&inside).map_err(io("a directory of the new root", &inside))?;
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", source.as_raw_fd()));
+        mount(
+            "binding a directory the VMM uses into its root",
+            Some(&by_fd),
+            &inside,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        )?;
+        mount(
+            "making a bound directory nosuid, nodev, noexec",
+            None,
+            &inside,
+            None,
+            libc::MS_REMOUNT | libc::MS_BIND | nodev,
+            None,
+        )?;
+    }
+    std::env::set_current_dir(at).map_err(io("entering the new root", at))?;
+    // pivot_root(".", "."): the old root ends up stacked under the new one
+    // at "/", and is detached right after (runc's way, no directory for
+    // the old root needed).
+    let dot = c".";
+    // SAFETY: both pointers are a static NUL-terminated string.
+    if unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } != 0 {
+        return Err(io("pivot_root into the new root", at)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: a static NUL-terminated string and integer flags.
+    if unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io("detaching the old root", Path::new("/"))(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    std::env::set_current_dir("/").map_err(io("entering the new root", Path::new("/")))?;
+    mount(
+        "making the new root read-only",
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | nodev,
+        None,
+    )
 }
 
 /// The ranges of descriptors from 3 up that are not in `keep`, inclusive.
@@ -231,6 +433,28 @@ mod tests {
         assert!(jail_off(&args(&["rtv-vmm", "--jail=off", "--kernel", "k"])));
         assert!(!jail_off(&args(&["rtv-vmm", "--jail", "on"])));
         assert!(!jail_off(&args(&["rtv-vmm", "--kernel", "off"])));
+    }
+
+    #[test]
+    fn the_root_binds_the_nearest_existing_directories_once() {
+        let tmp = std::env::temp_dir().join(format!("rtv-jail-binds-{}", std::process::id()));
+        let state = tmp.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join("console"), "").unwrap();
+        let binds = root_binds(&[
+            &state.join("vsock.sock"),
+            &state.join("console"),
+            &tmp.join("templates/abc/snapshot"),
+            Path::new("relative/ignored"),
+            Path::new("/"),
+        ]);
+        // templates/abc does not exist: its nearest existing ancestor is
+        // tmp itself, which holds state: tmp alone.
+        assert_eq!(binds, vec![tmp.clone()]);
+        std::fs::create_dir_all(tmp.join("templates")).unwrap();
+        let binds = root_binds(&[&state.join("vsock.sock"), &tmp.join("templates/abc")]);
+        assert_eq!(binds, vec![state.clone(), tmp.join("templates")]);
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 
     #[test]

@@ -170,9 +170,24 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    let mut args = args;
+    // The paths used by name after the jail's root is made are made
+    // absolute first (the VMM's working directory is then its new root).
+    for p in [
+        &mut args.vsock_uds,
+        &mut args.snapshot_on_ready,
+        &mut args.profile,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Ok(abs) = std::path::absolute(&*p) {
+            *p = abs;
+        }
+    }
     if args.jail == "on" {
         let keep: Vec<i32> = args.net_tap_fd.into_iter().collect();
-        if let Err(e) = rtv_vmm::jail::harden(&keep) {
+        if let Err(e) = rtv_vmm::jail::prepare(&keep) {
             eprintln!("rtv-vmm: error: hardening the VMM: {e}");
             return ExitCode::from(1);
         }
@@ -199,6 +214,40 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("rtv-vmm: error: {e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// The jail's last part once the VM is built (`--jail on`): its own root
+/// with only the directories of the paths it still uses by name, then the
+/// capabilities cut and no_new_privs.
+fn lock_down(args: &LockDown) -> anyhow::Result<()> {
+    if !args.jail {
+        return Ok(());
+    }
+    let paths: Vec<&Path> = [&args.vsock_uds, &args.snapshot_on_ready, &args.profile]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+        .collect();
+    rtv_vmm::jail::lock_down(&paths).context("hardening the VMM")
+}
+
+/// What [`lock_down`] needs of the arguments.
+struct LockDown {
+    jail: bool,
+    vsock_uds: Option<PathBuf>,
+    snapshot_on_ready: Option<PathBuf>,
+    profile: Option<PathBuf>,
+}
+
+impl LockDown {
+    fn of(args: &Args) -> Self {
+        Self {
+            jail: args.jail == "on",
+            vsock_uds: args.vsock_uds.clone(),
+            snapshot_on_ready: args.snapshot_on_ready.clone(),
+            profile: args.profile.clone(),
         }
     }
 }
@@ -261,6 +310,7 @@ fn profiler(args: ProfileArgs, kernel: Option<&Path>) -> anyhow::Result<Option<P
 }
 
 fn restore(args: Args, dir: PathBuf) -> anyhow::Result<u8> {
+    let jail = LockDown::of(&args);
     let profiler = profiler(ProfileArgs::of(&args), None)?;
     if let Some(fd) = args.net_tap_fd {
         net::tap::inspect(fd).map_err(|e| anyhow::anyhow!("--net-tap-fd {fd}: {e}"))?;
@@ -300,6 +350,7 @@ fn restore(args: Args, dir: PathBuf) -> anyhow::Result<u8> {
     if let Some(profiler) = profiler {
         vm.set_profiler(profiler);
     }
+    lock_down(&jail)?;
     Ok(report(vm.run()?))
 }
 
@@ -307,6 +358,7 @@ fn run(args: Args) -> anyhow::Result<u8> {
     if let Some(dir) = args.restore.clone() {
         return restore(args, dir);
     }
+    let jail = LockDown::of(&args);
     if args.vsock_uds.is_some() && args.vsock_cid.is_none() {
         anyhow::bail!("--vsock-uds needs --vsock-cid (except with --restore)");
     }
@@ -353,6 +405,10 @@ fn run(args: Args) -> anyhow::Result<u8> {
         if let Some(profiler) = profiler {
             vm.set_profiler(profiler);
         }
+        // Before any thread exists: the snapshot thread below is the first.
+        if let Err(e) = lock_down(&jail) {
+            return Ok(Err(e));
+        }
         if let Some(dir) = args.snapshot_on_ready {
             let then = if args.after_snapshot == "resume" {
                 AfterSnapshot::Resume
@@ -361,10 +417,17 @@ fn run(args: Args) -> anyhow::Result<u8> {
             };
             snapshot_on_ready(&vm, dir, then);
         }
-        Ok(vm.run()?)
+        Ok(Ok(vm.run()?))
     });
     match result {
-        Ok(exit) => Ok(report(exit)),
+        Ok(Ok(exit)) => Ok(report(exit)),
+        Ok(Err(e)) => {
+            // The VM never ran: leave no console file behind.
+            if let Some(path) = console_file {
+                let _ = std::fs::remove_file(path);
+            }
+            Err(e)
+        }
         Err(e) => {
             // The VM never ran: leave no console file behind.
             if let Some(path) = console_file {

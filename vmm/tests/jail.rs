@@ -207,11 +207,45 @@ fn a_running_vmm_is_hardened_in_every_thread() {
         assert!(expected, "unexpected descriptor {t:?} among {targets:?}");
     }
 
-    for ns in ["ipc", "uts"] {
+    for ns in ["ipc", "uts", "mnt"] {
         let own = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_ne!(own, ours, "the VMM's {ns} namespace is its parent's");
     }
+
+    // Its root holds only the directory of what it still opens by name
+    // (the vsock socket's, here the test's directory), read-only; the
+    // host's files are not there.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let top: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let first = vm
+        .tmp
+        .0
+        .components()
+        .nth(1)
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(top, vec![first], "the VMM's root");
+    for gone in ["etc/passwd", "dev/kvm", "usr", "proc/self"] {
+        assert!(!root.join(gone).exists(), "{gone} in the VMM's root");
+    }
+    let inside = root.join(vm.tmp.0.strip_prefix("/").unwrap());
+    assert!(inside.join("vsock.sock").exists(), "the vsock socket");
+    assert!(inside.join("share").is_dir());
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
+    let root_line = mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("/"))
+        .unwrap_or_else(|| panic!("no / in {mounts}"));
+    assert!(
+        root_line.starts_with("rtv-vmm-root / tmpfs ro,"),
+        "{root_line}"
+    );
 
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let core = limits
@@ -241,7 +275,7 @@ fn jail_off_leaves_the_process_as_it_was_started() {
     let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
         .into_owned();
     assert!(environ.contains("RTV_JAIL_TEST_SECRET=s3cret"), "{environ}");
-    for ns in ["ipc", "uts"] {
+    for ns in ["ipc", "uts", "mnt"] {
         let own = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_eq!(own, ours, "{ns}");

@@ -8,7 +8,14 @@
 //!
 //! The guest is untrusted, and so is every FUSE request it sends:
 //!
-//! - The passthrough root is the shared directory. Lookups of `.` and `..`
+//! - The passthrough root is the shared directory, opened (`O_PATH`) when
+//!   the device is made: the passthrough imports its root as `.` at the
+//!   guest's FUSE_INIT (and again at DESTROY), which the device serves with
+//!   that descriptor as the working directory ([`ShareDir`]). The share is
+//!   never looked up by name once the VM runs, so the jail's root
+//!   (`jail::confine`) need not hold it, and mounts the host adds under the
+//!   share later are reached through the host's mount tree (lookups from a
+//!   descriptor follow the mounts of the descriptor's namespace). Lookups of `.` and `..`
 //!   are refused before they reach the passthrough file system (it lets them
 //!   through for NFS export, and `..` of the root would be the host directory
 //!   above the share; `..` of a directory the host moved out of the share
@@ -44,6 +51,8 @@
 //! limit (it only starves its own VM).
 
 use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -82,6 +91,8 @@ pub const HIPRIO_QUEUE: usize = 0;
 pub const REQUEST_QUEUE: usize = 1;
 
 const FUSE_LOOKUP: u32 = 1;
+const FUSE_INIT: u32 = 26;
+const FUSE_DESTROY: u32 = 38;
 const FUSE_MKNOD: u32 = 8;
 const IN_HEADER_LEN: usize = 40;
 
@@ -147,6 +158,7 @@ impl FsConfig {
 pub struct VirtioFs {
     config_space: [u8; CONFIG_LEN],
     shared_dir: PathBuf,
+    dir: ShareDir,
     server: Server<Fs>,
     act: Activation,
     requests: u64,
@@ -161,15 +173,14 @@ impl VirtioFs {
                 path: config.shared_dir.clone(),
                 source,
             })?;
-        let root_dir = root
-            .to_str()
-            .ok_or_else(|| FsError::SharedDir {
-                path: root.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not UTF-8"),
-            })?
-            .to_string();
+        let dir = ShareDir::open(&root).map_err(|source| FsError::SharedDir {
+            path: root.clone(),
+            source,
+        })?;
         let fs_cfg = PassthroughConfig {
-            root_dir,
+            // Relative to the working directory, which is `dir` whenever the
+            // passthrough imports (serve_chain).
+            root_dir: ".".into(),
             // Keep the root import at INIT (so a remount after a driver
             // reset works) and, with it, the passthrough's own validation of
             // path components in create/mkdir/rename/...
@@ -196,6 +207,7 @@ impl VirtioFs {
         Ok(Self {
             config_space,
             shared_dir: root,
+            dir,
             server: Server::new(KeepCache::new(fs)),
             act,
             requests: 0,
@@ -232,7 +244,7 @@ impl VirtioFs {
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let len = serve_chain(&self.server, &mem, chain);
+            let len = serve_chain(&self.server, &self.dir, &mem, chain);
             self.requests += 1;
             if let Err(e) = queue.add_used(&mem, head, len) {
                 tracing::warn!(head, "virtio-fs: cannot return a descriptor chain: {e}");
@@ -252,11 +264,17 @@ impl VirtioFs {
     }
 }
 
-/// Reads the FUSE request's opcode and refuses, before the passthrough
-/// file system sees them, a LOOKUP of `.` or `..` (EACCES) and a MKNOD of a
-/// block or character device (EPERM). Returns the request's `unique` and
-/// the (positive) errno when refused.
-fn refused(mem: &GuestMemoryMmap, chain: &DescriptorChain<&GuestMemoryMmap>) -> Option<(u64, i32)> {
+/// The request's header fields the device looks at before the passthrough.
+struct Peek {
+    opcode: u32,
+    unique: u64,
+    /// The start of the body (up to 4 bytes).
+    body: Vec<u8>,
+}
+
+/// Reads the FUSE request's header (and the start of its body), or None
+/// when the chain is too short for one.
+fn peek(mem: &GuestMemoryMmap, chain: &DescriptorChain<&GuestMemoryMmap>) -> Option<Peek> {
     let mut head = [0u8; IN_HEADER_LEN + 4];
     let mut filled = 0;
     for desc in chain.clone().readable() {
@@ -275,60 +293,141 @@ fn refused(mem: &GuestMemoryMmap, chain: &DescriptorChain<&GuestMemoryMmap>) -> 
     if filled < IN_HEADER_LEN {
         return None;
     }
-    let opcode = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    let unique = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
-    let body = &head[IN_HEADER_LEN..filled];
-    match opcode {
+    Some(Peek {
+        opcode: u32::from_le_bytes([head[4], head[5], head[6], head[7]]),
+        unique: u64::from_le_bytes(head[8..16].try_into().unwrap_or_default()),
+        body: head[IN_HEADER_LEN..filled].to_vec(),
+    })
+}
+
+/// Refuses, before the passthrough file system sees them, a LOOKUP of `.`
+/// or `..` (EACCES) and a MKNOD of a block or character device (EPERM).
+/// Returns the (positive) errno when refused.
+fn refused(req: &Peek) -> Option<i32> {
+    let body = &req.body;
+    match req.opcode {
         FUSE_LOOKUP => {
             let dot = body.first() == Some(&b'.')
                 && (body.get(1) == Some(&0)
                     || (body.get(1) == Some(&b'.') && body.get(2) == Some(&0)));
-            dot.then_some((unique, libc::EACCES))
+            dot.then_some(libc::EACCES)
         }
         FUSE_MKNOD => {
             // fuse_mknod_in starts with the mode in every protocol version.
             let mode = u32::from_le_bytes(body.get(..4)?.try_into().ok()?);
-            matches!(mode & libc::S_IFMT, libc::S_IFBLK | libc::S_IFCHR)
-                .then_some((unique, libc::EPERM))
+            matches!(mode & libc::S_IFMT, libc::S_IFBLK | libc::S_IFCHR).then_some(libc::EPERM)
         }
         _ => None,
+    }
+}
+
+/// The shared directory, held open from the device's creation: the
+/// passthrough's import (`.`) runs with it as the process's working
+/// directory ([`ShareDir::enter`]).
+struct ShareDir(OwnedFd);
+
+impl ShareDir {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(path)?;
+        Ok(Self(file.into()))
+    }
+
+    /// Makes the share the working directory until the guard drops, which
+    /// returns to the previous one.
+    fn enter(&self) -> std::io::Result<WorkingDir> {
+        let back = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(".")?;
+        // SAFETY: fchdir on a descriptor we own (O_PATH directories are
+        // accepted since Linux 3.5).
+        if unsafe { libc::fchdir(self.0.as_raw_fd()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(WorkingDir(back.into()))
+    }
+}
+
+/// Returns to the saved working directory when dropped.
+struct WorkingDir(OwnedFd);
+
+impl Drop for WorkingDir {
+    fn drop(&mut self) {
+        // SAFETY: fchdir on a descriptor we own.
+        if unsafe { libc::fchdir(self.0.as_raw_fd()) } != 0 {
+            tracing::warn!(
+                "virtio-fs: cannot return to the working directory: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Answers request `unique` with `-errno`; returns the bytes written.
+fn reply_error(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    unique: u64,
+    errno: i32,
+) -> u32 {
+    let head = chain.head_index();
+    let mut reply = [0u8; 16];
+    reply[..4].copy_from_slice(&16u32.to_le_bytes());
+    reply[4..8].copy_from_slice(&(-errno).to_le_bytes());
+    reply[8..].copy_from_slice(&unique.to_le_bytes());
+    match VirtioFsWriter::new(mem, chain) {
+        Ok(mut w) => match w.write_all(&reply) {
+            Ok(()) => 16,
+            Err(e) => {
+                tracing::warn!(head, "virtio-fs: cannot write a reply: {e}");
+                0
+            }
+        },
+        Err(e) => {
+            tracing::warn!(
+                head,
+                "virtio-fs: dropping a malformed descriptor chain: {e}"
+            );
+            0
+        }
     }
 }
 
 /// Serves one chain; returns the number of bytes written for the used ring.
 fn serve_chain(
     server: &Server<Fs>,
+    dir: &ShareDir,
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) -> u32 {
     let head = chain.head_index();
-    if let Some((unique, errno)) = refused(mem, &chain) {
+    let req = peek(mem, &chain);
+    if let Some((unique, errno)) = req
+        .as_ref()
+        .and_then(|r| refused(r).map(|errno| (r.unique, errno)))
+    {
         tracing::warn!(
             head,
             errno,
             "virtio-fs: refusing a lookup of . or .., or the creation of a device node"
         );
-        let mut reply = [0u8; 16];
-        reply[..4].copy_from_slice(&16u32.to_le_bytes());
-        reply[4..8].copy_from_slice(&(-errno).to_le_bytes());
-        reply[8..].copy_from_slice(&unique.to_le_bytes());
-        return match VirtioFsWriter::new(mem, chain) {
-            Ok(mut w) => match w.write_all(&reply) {
-                Ok(()) => 16,
-                Err(e) => {
-                    tracing::warn!(head, "virtio-fs: cannot write a reply: {e}");
-                    0
-                }
-            },
-            Err(e) => {
-                tracing::warn!(
-                    head,
-                    "virtio-fs: dropping a malformed descriptor chain: {e}"
-                );
-                0
-            }
-        };
+        return reply_error(mem, chain, unique, errno);
     }
+    // INIT and DESTROY import the passthrough's root, `.`: the share. Never
+    // import from another working directory.
+    let _cwd = match &req {
+        Some(r) if matches!(r.opcode, FUSE_INIT | FUSE_DESTROY) => match dir.enter() {
+            Ok(guard) => Some(guard),
+            Err(e) => {
+                tracing::warn!(head, "virtio-fs: cannot enter the shared directory: {e}");
+                return reply_error(mem, chain, r.unique, libc::EIO);
+            }
+        },
+        _ => None,
+    };
     let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
         Ok(r) => r,
         Err(e) => {
