@@ -288,14 +288,14 @@ pub fn hierarchies() -> Vec<PathBuf> {
     out
 }
 
-/// Puts `pid` in `cgroups_path` in every hierarchy, with `cpuset` and
+/// Puts `pids` in `cgroups_path` in every hierarchy, with `cpuset` and
 /// `limits` (the VMM's) written first; returns the cgroup directories, for
 /// [`remove`].
 /// The directories made are recorded in `dirs` as they are made, so that
 /// a caller can remove them after a failure.
 pub fn join(
     cgroups_path: &str,
-    pid: i32,
+    pids: &[i32],
     cpuset: Option<&Cpuset>,
     device_io: Option<&DeviceIo>,
     limits: Option<&VmmLimits>,
@@ -346,10 +346,12 @@ pub fn join(
             limits.write(&h, &rel, &dir)?;
         }
         let procs = dir.join("cgroup.procs");
-        std::fs::write(&procs, pid.to_string()).map_err(|source| HostCgroupError::Io {
-            path: procs,
-            source,
-        })?;
+        for pid in pids {
+            std::fs::write(&procs, pid.to_string()).map_err(|source| HostCgroupError::Io {
+                path: procs.clone(),
+                source,
+            })?;
+        }
     }
     if let Some(set) = cpuset.filter(|_| !pinned) {
         return Err(HostCgroupError::NoCpuset(set.cpus.clone()));
@@ -518,7 +520,7 @@ mod tests {
         let child = sleeper();
         let path = format!("/rtv-test-join-{}", std::process::id());
         let mut dirs = Vec::new();
-        join(&path, child.id() as i32, None, None, None, &mut dirs).unwrap();
+        join(&path, &[child.id() as i32], None, None, None, &mut dirs).unwrap();
         assert!(!dirs.is_empty(), "no cgroup hierarchy found");
         for d in &dirs {
             let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
@@ -541,7 +543,7 @@ mod tests {
         let mut dirs = Vec::new();
         join(
             &path,
-            child.id() as i32,
+            &[child.id() as i32],
             None,
             None,
             Some(&limits),
@@ -579,7 +581,7 @@ mod tests {
             mems: Some("0".into()),
         };
         let mut dirs = Vec::new();
-        join(&path, pid, Some(&set), None, None, &mut dirs).unwrap();
+        join(&path, &[pid], Some(&set), None, None, &mut dirs).unwrap();
         let cpuset_dir = dirs
             .iter()
             .find(|d| d.join("cpuset.cpus").exists())
@@ -602,7 +604,15 @@ mod tests {
             mems: None,
         };
         let mut dirs = Vec::new();
-        let err = join(&path, child.id() as i32, Some(&bad), None, None, &mut dirs).unwrap_err();
+        let err = join(
+            &path,
+            &[child.id() as i32],
+            Some(&bad),
+            None,
+            None,
+            &mut dirs,
+        )
+        .unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("linux.resources.cpu.cpus: cannot write \"4000\""),
@@ -648,7 +658,14 @@ mod tests {
         let throttling = hierarchies().iter().any(|h| {
             h.join("blkio.throttle.read_bps_device").exists() || h.join("io.max").exists()
         });
-        let result = join(&path, child.id() as i32, None, Some(&io), None, &mut dirs);
+        let result = join(
+            &path,
+            &[child.id() as i32],
+            None,
+            Some(&io),
+            None,
+            &mut dirs,
+        );
         if throttling {
             result.unwrap();
             let written = dirs.iter().any(|d| {

@@ -686,7 +686,7 @@ impl Pod {
             if let Some(path) = &cfg.host_cgroup {
                 host_cgroup::join(
                     path,
-                    vmm_pid,
+                    &crate::vmm_process::family(vmm_pid),
                     cfg.host_cpuset.as_ref(),
                     cfg.host_device_io.as_ref(),
                     Some(&host_cgroup::VmmLimits::for_vm(

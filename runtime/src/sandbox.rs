@@ -306,8 +306,10 @@ impl Vmm {
 
     fn kill(&mut self) {
         if self.exited().is_none() {
+            let inner = crate::vmm_process::inner(self.child.id() as i32);
             let _ = self.child.kill();
             let _ = self.child.wait();
+            crate::vmm_process::wait_gone(&inner, Duration::from_secs(5));
         }
     }
 
@@ -503,7 +505,9 @@ impl Sandbox {
         self.client.clone()
     }
 
-    /// The VMM's process id.
+    /// The process id of the `rtv-vmm` started: with its jail, the keeper,
+    /// which relays signals to the VMM and ends as it ends (the VMM itself
+    /// is its child, [`crate::vmm_process::family`]).
     pub fn pid(&self) -> u32 {
         self.vmm.child.id()
     }

@@ -317,12 +317,66 @@ pub fn alive(pid: i32, start: u64) -> bool {
     state != "Z" && state != "X"
 }
 
+/// The processes of the VMM started as `pid`: `pid` itself and its
+/// children. With its jail, rtv-vmm forks into a pid namespace of its own:
+/// the process started stays outside as the keeper (it relays signals and
+/// ends as the VMM ends) and its one child is the VMM, which the kernel
+/// kills when the keeper dies. Without the jail, `pid` alone.
+pub fn family(pid: i32) -> Vec<i32> {
+    let mut all = vec![pid];
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return all;
+    };
+    for task in tasks.flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        all.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok()),
+        );
+    }
+    all
+}
+
+/// The children of `pid` (see [`family`]) with their start times, to wait
+/// for with [`wait_gone`] once `pid` is gone.
+pub fn inner(pid: i32) -> Vec<(i32, u64)> {
+    family(pid)
+        .into_iter()
+        .skip(1)
+        .filter_map(|p| Some((p, start_time(p)?)))
+        .collect()
+}
+
+/// Waits up to `timeout` for `procs` (pids with their start times) to be
+/// gone, reaping those that are our children: the VMM outlives its killed
+/// keeper by the time its memory takes to free.
+pub fn wait_gone(procs: &[(i32, u64)], timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    for &(pid, start) in procs {
+        loop {
+            // SAFETY: waitpid with WNOHANG on one pid: reaps it if it is
+            // our child (a subreaper adopts it), does nothing otherwise.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            if !alive(pid, start) || std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// Waits up to `grace` for process `pid` (started at `start`) to exit,
 /// sending it SIGTERM once half of it has passed, then kills it. A child
 /// of ours is reaped. Blocks (call it from a blocking thread in async
 /// code).
 pub fn stop(pid: i32, start: u64, grace: Duration) {
     let started = std::time::Instant::now();
+    let inner = if start_time(pid) == Some(start) {
+        inner(pid)
+    } else {
+        Vec::new()
+    };
     let mut termed = false;
     while alive(pid, start) {
         // SAFETY: waitpid with WNOHANG on one pid: reaps it if it is our
@@ -350,6 +404,7 @@ pub fn stop(pid: i32, start: u64, grace: Duration) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    wait_gone(&inner, Duration::from_secs(5));
 }
 
 #[cfg(test)]
@@ -407,5 +462,36 @@ mod tests {
             }),
             "--kernel /k --initrd /i --seccomp log"
         );
+    }
+
+    /// A keeper stand-in (a shell waiting for its `sleep`): the family is
+    /// both; killing the shell leaves the child, which `wait_gone` waits
+    /// for once it is killed too.
+    #[test]
+    fn a_family_is_the_process_and_its_children() {
+        let mut keeper = Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let pid = keeper.id() as i32;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while family(pid).len() < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let all = family(pid);
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all[0], pid);
+        let inner = inner(pid);
+        assert_eq!(inner.len(), 1);
+        assert!(alive(inner[0].0, inner[0].1));
+        keeper.kill().unwrap();
+        keeper.wait().unwrap();
+        // The sleep lives on (it was not tied to the shell).
+        assert!(alive(inner[0].0, inner[0].1));
+        // SAFETY: kill(2) of the sleep this test started.
+        unsafe { libc::kill(inner[0].0, libc::SIGKILL) };
+        wait_gone(&inner, Duration::from_secs(5));
+        assert!(!alive(inner[0].0, inner[0].1));
+        assert_eq!(family(12_345_678), vec![12_345_678]);
     }
 }

@@ -438,6 +438,7 @@ fn check_reports_the_host_and_the_vmm_hardening() {
         "guest kernel",
         "rtv-vmm",
         "VMM hardening: descriptors",
+        "VMM hardening: namespaces",
         "VMM hardening: capabilities",
         "VMM hardening: no_new_privs",
         "VMM hardening: seccomp",

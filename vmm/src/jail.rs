@@ -1,10 +1,12 @@
 //! The VMM's own hardening, applied by `rtv-vmm` before any other thread
 //! exists: it runs without an environment ([`reexec_without_environment`]),
 //! only the descriptors passed on purpose survive, core dumps are off, it
-//! has IPC and UTS namespaces of its own ([`prepare`]); once the VM is
-//! built, its own mount namespace and a root holding only what it still
-//! opens by name, the capability sets cut to what the in-process virtio-fs
-//! server needs, and `no_new_privs` ([`lock_down`]).
+//! has IPC, UTS, pid and mount namespaces of its own, with a procfs that
+//! shows only its own processes, and is not dumpable ([`prepare`]; the
+//! process started stays outside as its keeper); once the VM is built, a
+//! root holding only what it still opens by name, the capability sets cut
+//! to what the in-process virtio-fs server needs, and `no_new_privs`
+//! ([`lock_down`]).
 //!
 //! What a guest that broke the VMM would hold afterwards: the kept
 //! capabilities below (no `CAP_SYS_ADMIN`, `CAP_NET_ADMIN`,
@@ -56,8 +58,16 @@ pub enum JailError {
         #[source]
         source: caps::errors::CapsError,
     },
-    #[error("entering new IPC and UTS namespaces: {0}")]
+    #[error("entering new IPC, UTS and pid namespaces: {0}")]
     Namespaces(#[source] std::io::Error),
+    #[error("making the VMM undumpable (PR_SET_DUMPABLE): {0}")]
+    Dumpable(#[source] std::io::Error),
+    #[error("the VMM's keeper: {step}: {source}")]
+    Keeper {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("setting no_new_privs: {0}")]
     NoNewPrivs(#[source] std::io::Error),
     #[error("the VMM's root: {step} ({}): {source}", path.display())]
@@ -105,19 +115,223 @@ fn jail_off(args: &[std::ffi::OsString]) -> bool {
 
 /// The first part of the jail, before the VM is built: only `keep_fds`
 /// (besides 0, 1 and 2) of the inherited descriptors survive, the rlimits,
-/// new IPC and UTS namespaces. Must run while the process is
+/// new IPC, UTS, pid and mount namespaces. Must run while the process is
 /// single-threaded (namespaces are per thread; threads made later inherit
 /// them).
-pub fn prepare(keep_fds: &[RawFd]) -> Result<(), JailError> {
+///
+/// The pid namespace takes a fork: the process that was started stays
+/// outside as the VMM's keeper ([`KEEPER_NAME`]: it relays signals and
+/// ends as the VMM ends, see [`keep`]) and never returns from here; the VMM
+/// goes on as pid 1 of its namespace, killed by the kernel if the keeper
+/// dies. The VMM's `/proc` is then a procfs of its own namespace with
+/// only the process directories (`subset=pid`): what the virtio-fs server
+/// opens to reopen its files shows no other process and none of the
+/// host's kernel files. Without CAP_SYS_ADMIN (a VMM not started as root)
+/// the namespaces are skipped.
+pub fn prepare(keep_fds: &[RawFd], seccomp: crate::seccomp::Mode) -> Result<(), JailError> {
     close_other_fds(keep_fds).map_err(JailError::CloseFds)?;
     // The environment is already empty: reexec_without_environment.
     limits()?;
-    own_namespaces()
+    if !has_admin()? {
+        tracing::info!("no CAP_SYS_ADMIN: the VMM keeps the host's namespaces");
+        return Ok(());
+    }
+    // SAFETY: unshare takes flags only; the process is single-threaded.
+    if unsafe { libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWPID) } != 0 {
+        return Err(JailError::Namespaces(std::io::Error::last_os_error()));
+    }
+    split_off_keeper(seccomp)?;
+    own_mounts()?;
+    // Nobody else's: /proc/<pid> of the VMM belongs to root and needs
+    // CAP_SYS_PTRACE to read into (another VMM, which has the same user
+    // and capabilities, cannot reach this one's root or memory).
+    // SAFETY: PR_SET_DUMPABLE takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(JailError::Dumpable(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The keeper's name (`comm`, what `ps` shows), beside the VMM's `rtv-vmm`.
+pub const KEEPER_NAME: &str = "rtv-vmm-keeper";
+const KEEPER_COMM: &std::ffi::CStr = c"rtv-vmm-keeper";
+
+fn has_admin() -> Result<bool, JailError> {
+    caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_ADMIN).map_err(|source| {
+        JailError::Caps {
+            what: "reading",
+            source,
+        }
+    })
+}
+
+/// Forks after `unshare(CLONE_NEWPID)`: returns in the child (the VMM,
+/// pid 1 of the new namespace); the parent becomes the keeper.
+fn split_off_keeper(seccomp: crate::seccomp::Mode) -> Result<(), JailError> {
+    let keeper_err = |step| move |source| JailError::Keeper { step, source };
+    let mut pipe = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two descriptors into `pipe`, which we own.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(keeper_err("a pipe")(std::io::Error::last_os_error()));
+    }
+    // SIGCHLD blocked before the fork: the keeper waits for it with
+    // sigwaitinfo and cannot miss a VMM that ends at once.
+    let old = crate::signals::sigmask(
+        libc::SIG_BLOCK,
+        &crate::signals::signal_set(&[libc::SIGCHLD]),
+    )
+    .map_err(keeper_err("blocking SIGCHLD"))?;
+    // SAFETY: the process is single-threaded, so the child is a complete
+    // copy; each side only uses its own copies from here on.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(keeper_err("fork")(std::io::Error::last_os_error()));
+    }
+    if pid > 0 {
+        // SAFETY: the read end is ours and not used again here.
+        unsafe { libc::close(pipe[0]) };
+        keep(pid, pipe[1], seccomp);
+    }
+    // The VMM.
+    // SAFETY: the write end is ours and not used again here.
+    unsafe { libc::close(pipe[1]) };
+    crate::signals::sigmask(libc::SIG_SETMASK, &old).map_err(keeper_err("the signal mask"))?;
+    // SAFETY: PR_SET_PDEATHSIG takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(keeper_err("PR_SET_PDEATHSIG")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // A keeper that died before the line above sent nothing: its end of
+    // the pipe is closed then.
+    let mut fd = libc::pollfd {
+        fd: pipe[0],
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes one pollfd we own; no wait.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    // SAFETY: the read end is ours and not used again.
+    unsafe { libc::close(pipe[0]) };
+    if n != 0 {
+        return Err(keeper_err("the keeper ended first")(
+            std::io::Error::from_raw_os_error(libc::ESRCH),
+        ));
+    }
+    Ok(())
+}
+
+/// The keeper: outside the VMM's pid namespace, with no capabilities, no
+/// descriptors but standard input, output and error, and its own seccomp
+/// filter ([`crate::seccomp::Thread::Keeper`]). It passes SIGTERM, SIGINT
+/// and SIGUSR1 on to the VMM and ends as the VMM ended (the same exit
+/// status, or killed by the same signal), so that whoever started rtv-vmm
+/// sees one process. SIGKILL of the keeper kills the VMM too
+/// (`PR_SET_PDEATHSIG`).
+fn keep(vmm: libc::pid_t, hold: RawFd, seccomp: crate::seccomp::Mode) -> ! {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+    // bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, KEEPER_COMM.as_ptr(), 0, 0, 0) };
+    if let Err(e) = keeper_lock_down(vmm, hold, seccomp) {
+        eprintln!("rtv-vmm: error: the VMM's keeper: {e}");
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(vmm, libc::SIGKILL) };
+    }
+    let set =
+        crate::signals::signal_set(&[libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGCHLD]);
+    loop {
+        // SAFETY: sigwaitinfo reads `set`; no siginfo is asked for.
+        let sig = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        if sig > 0 && sig != libc::SIGCHLD {
+            // SAFETY: kill(2) of our own child, which cannot have been
+            // reaped (only this loop reaps it).
+            unsafe { libc::kill(vmm, sig) };
+            continue;
+        }
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into `status`, which we own.
+        if unsafe { libc::waitpid(vmm, &mut status, libc::WNOHANG) } == vmm {
+            end_like(status);
+        }
+    }
+}
+
+fn keeper_lock_down(
+    vmm: libc::pid_t,
+    hold: RawFd,
+    seccomp: crate::seccomp::Mode,
+) -> Result<(), Box<dyn std::error::Error>> {
+    close_other_fds(&[hold]).map_err(JailError::CloseFds)?;
+    let caps_err = |what| move |source| JailError::Caps { what, source };
+    // Every set empty: the bounding set first, while CAP_SETPCAP is held.
+    for cap in caps::read(None, CapSet::Bounding).map_err(caps_err("reading"))? {
+        caps::drop(None, CapSet::Bounding, cap).map_err(caps_err("bounding set"))?;
+    }
+    if caps::runtime::ambient_set_supported().is_ok() {
+        caps::clear(None, CapSet::Ambient).map_err(caps_err("ambient set"))?;
+    }
+    for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+        caps::clear(None, set).map_err(caps_err("the capability sets"))?;
+    }
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(JailError::NoNewPrivs(std::io::Error::last_os_error()).into());
+    }
+    crate::seccomp::keeper_of(vmm);
+    crate::seccomp::init(seccomp)?;
+    crate::seccomp::enter(crate::seccomp::Thread::Keeper)?;
+    Ok(())
+}
+
+/// Ends the keeper as the VMM ended (`status` from waitpid).
+fn end_like(status: libc::c_int) -> ! {
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        // SAFETY: the default action for `sig`, the signal unblocked, then
+        // raised; all of it on this single-threaded process.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            let _ = crate::signals::sigmask(libc::SIG_UNBLOCK, &crate::signals::signal_set(&[sig]));
+            libc::raise(sig);
+        }
+        // A signal whose default is not to end the process.
+        std::process::exit(128 + sig);
+    }
+    std::process::exit(libc::WEXITSTATUS(status));
+}
+
+/// The VMM's own mount namespace, `/` a slave of the host's (nothing it
+/// mounts reaches the host), and a procfs of its pid namespace on `/proc`
+/// with only the process directories.
+fn own_mounts() -> Result<(), JailError> {
+    // SAFETY: unshare takes flags only; the process is single-threaded.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(JailError::Root {
+            step: "a new mount namespace",
+            path: PathBuf::from("/"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    mount(
+        "making / a slave of the host's mounts",
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_SLAVE | libc::MS_REC,
+        None,
+    )?;
+    mount(
+        "a procfs of the VMM's pid namespace",
+        Some(Path::new("proc")),
+        Path::new("/proc"),
+        Some("proc"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("subset=pid"),
+    )
 }
 
 /// The last part, once the VM is built (every file it reads is open) and
-/// before any other thread exists: the VMM's own mount namespace and root
-/// ([`confine`]), then the capabilities cut to [`KEPT_CAPS`] and
+/// before any other thread exists: the VMM's own root ([`confine`]), then the capabilities cut to [`KEPT_CAPS`] and
 /// `no_new_privs`.
 pub fn lock_down(paths: &[&Path]) -> Result<(), JailError> {
     confine(paths)?;
@@ -193,8 +407,8 @@ fn mount(
 /// own mount namespace: the host's is not touched).
 const BUILD_AT: [&str; 3] = ["/tmp", "/mnt", "/run"];
 
-/// The VMM's own mount namespace (`/` made a slave of the host's, so
-/// nothing it mounts reaches the host) and a new root: a read-only tmpfs
+/// A new root in the VMM's own mount namespace (made by [`prepare`]): a
+/// read-only tmpfs
 /// holding only the directories of `paths` (bound, nosuid, nodev, noexec),
 /// what the VMM still opens by name once it runs (the vsock socket's
 /// directory, the snapshot and profile directories). Everything else it
@@ -203,15 +417,8 @@ const BUILD_AT: [&str; 3] = ["/tmp", "/mnt", "/run"];
 /// virtio-fs server reopens files). The old root is detached. Skipped
 /// without CAP_SYS_ADMIN (a VMM not started as root).
 pub fn confine(paths: &[&Path]) -> Result<(), JailError> {
-    let admin =
-        caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_ADMIN).map_err(|source| {
-            JailError::Caps {
-                what: "reading",
-                source,
-            }
-        })?;
-    if !admin {
-        tracing::info!("no CAP_SYS_ADMIN: the VMM keeps the host's mount namespace and root");
+    if !has_admin()? {
+        tracing::info!("no CAP_SYS_ADMIN: the VMM keeps the host's root");
         return Ok(());
     }
     let binds = root_binds(paths);
@@ -219,20 +426,6 @@ pub fn confine(paths: &[&Path]) -> Result<(), JailError> {
         let path = path.to_path_buf();
         move |source| JailError::Root { step, path, source }
     };
-    // SAFETY: unshare takes flags only; the process is single-threaded.
-    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
-        return Err(io("a new mount namespace", Path::new("/"))(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    mount(
-        "making / a slave of the host's mounts",
-        None,
-        Path::new("/"),
-        None,
-        libc::MS_SLAVE | libc::MS_REC,
-        None,
-    )?;
     // The directories to bind, opened before the tmpfs may cover them.
     let sources = binds
         .iter()
@@ -267,12 +460,15 @@ pub fn confine(paths: &[&Path]) -> Result<(), JailError> {
         let inside = at.join(dir.strip_prefix("/").unwrap_or(dir));
         std::fs::create_dir_all(&inside).map_err(io("a directory of the new root", &inside))?;
         let by_fd = PathBuf::from(format!("/proc/self/fd/{}", source.as_raw_fd()));
+        // Not recursive: the directory alone, without the mounts under it,
+        // among which may be the new root's own tmpfs (a directory the VMM
+        // uses can be /tmp itself, where the root is built).
         mount(
             "binding a directory the VMM uses into its root",
             Some(&by_fd),
             &inside,
             None,
-            libc::MS_BIND | libc::MS_REC,
+            libc::MS_BIND,
             None,
         )?;
         mount(
@@ -378,27 +574,6 @@ fn limits() -> Result<(), JailError> {
     set("RLIMIT_NOFILE to its hard limit", libc::RLIMIT_NOFILE, None)
 }
 
-/// New IPC and UTS namespaces: the VMM uses neither System V IPC nor the
-/// host name, so it sees and can change none of the host's. Needs
-/// CAP_SYS_ADMIN, which a VMM not started as root lacks: then skipped.
-fn own_namespaces() -> Result<(), JailError> {
-    let admin =
-        caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_ADMIN).map_err(|source| {
-            JailError::Caps {
-                what: "reading",
-                source,
-            }
-        })?;
-    if !admin {
-        return Ok(());
-    }
-    // SAFETY: unshare takes flags only; the process is single-threaded.
-    if unsafe { libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) } != 0 {
-        return Err(JailError::Namespaces(std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
 fn reduce_caps() -> Result<(), JailError> {
     let caps_err = |what| move |source| JailError::Caps { what, source };
     let kept: CapsHashSet = KEPT_CAPS.iter().copied().collect();
@@ -425,6 +600,15 @@ fn reduce_caps() -> Result<(), JailError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_keeper_is_named_as_documented() {
+        assert_eq!(KEEPER_COMM.to_str(), Ok(KEEPER_NAME));
+        assert!(
+            KEEPER_COMM.to_bytes_with_nul().len() <= 16,
+            "comm holds 15 bytes"
+        );
+    }
 
     #[test]
     fn the_switch_is_read_in_both_spellings() {

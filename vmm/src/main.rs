@@ -19,7 +19,8 @@ use rtv_vmm::{
 
 /// Boot a Linux kernel and initramfs in an rtv micro-VM, or restore one from
 /// a snapshot; exits when the guest stops (0), when its kernel panics (2), on
-/// an error (1), or on SIGTERM or SIGINT (128 + the signal).
+/// an error (1), or on SIGTERM or SIGINT (128 + the signal). With its jail
+/// the process started is the VMM's keeper, which ends the same way.
 #[derive(Parser, Debug)]
 #[command(name = "rtv-vmm", version)]
 struct Args {
@@ -131,9 +132,14 @@ struct Args {
     /// The VMM's hardening before any thread starts: only --net-tap-fd and
     /// stdio survive of the inherited descriptors, the environment is
     /// cleared (rtv-vmm starts itself again without it; RTV_LOG is passed
-    /// on as --log-level), core dumps are off, the capabilities are cut to those
-    /// virtio-fs needs and no_new_privs is set. `off` is for debugging only
-    /// and logs a warning.
+    /// on as --log-level), core dumps are off; as root, the VMM forks into
+    /// IPC, UTS, pid and mount namespaces of its own (the process started
+    /// stays outside as its keeper, rtv-vmm-keeper, which relays signals
+    /// and ends as the VMM ends), with a procfs of its own processes and,
+    /// once the VM is built, a read-only root holding only the directories
+    /// it still opens by name; the capabilities are cut to those virtio-fs
+    /// needs and no_new_privs is set. `off` is for debugging only and logs
+    /// a warning.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     jail: String,
     /// A seccomp filter per thread (the event loop, the vCPUs, the
@@ -186,8 +192,16 @@ fn main() -> ExitCode {
         }
     }
     if args.jail == "on" {
-        let keep: Vec<i32> = args.net_tap_fd.into_iter().collect();
-        if let Err(e) = rtv_vmm::jail::prepare(&keep) {
+        let mut keep: Vec<i32> = args.net_tap_fd.into_iter().collect();
+        // The share opened in the host's mount namespace, before the jail
+        // gives the VMM its own (a share that cannot be opened is reported
+        // by its device, as without the jail).
+        if let Some(dir) = &args.shared_dir {
+            if let Ok(fd) = rtv_vmm::devices::virtio::fs::hold_share(dir) {
+                keep.push(fd);
+            }
+        }
+        if let Err(e) = rtv_vmm::jail::prepare(&keep, args.seccomp) {
             eprintln!("rtv-vmm: error: hardening the VMM: {e}");
             return ExitCode::from(1);
         }

@@ -13,6 +13,9 @@
 //! - [`Thread::Profiler`]: the profiler's timer (it kicks the vCPU threads)
 //!   and its dumps (`--profile`).
 //! - [`Thread::Snapshot`]: `rtv-vmm --snapshot-on-ready`'s waiter.
+//! - [`Thread::Keeper`]: the keeper, the process that stays outside the
+//!   VMM's pid namespace (see `jail::prepare`): it waits for the VMM,
+//!   passes signals on to it (and to no other process) and ends.
 //!
 //! Common to all: no thread can start a process or a thread, open a socket
 //! other than a Unix one, or map memory executable. `ioctl` is matched on
@@ -75,15 +78,18 @@ pub enum Thread {
     Profiler,
     /// `--snapshot-on-ready`'s waiting thread.
     Snapshot,
+    /// The keeper process, outside the VMM's pid namespace.
+    Keeper,
 }
 
 impl Thread {
     /// Every kind.
-    pub const ALL: [Thread; 4] = [
+    pub const ALL: [Thread; 5] = [
         Thread::Vmm,
         Thread::Vcpu,
         Thread::Profiler,
         Thread::Snapshot,
+        Thread::Keeper,
     ];
 
     /// The kind's name, as messages and the README give it.
@@ -93,6 +99,7 @@ impl Thread {
             Thread::Vcpu => "vcpu",
             Thread::Profiler => "profiler",
             Thread::Snapshot => "snapshot",
+            Thread::Keeper => "keeper",
         }
     }
 }
@@ -114,6 +121,15 @@ pub enum SeccompError {
         #[source]
         source: seccompiler::Error,
     },
+}
+
+/// The VMM the keeper may signal (its only child); set by the keeper
+/// before [`init`].
+static KEPT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Names the process the keeper's filter lets it signal and wait for.
+pub fn keeper_of(vmm: libc::pid_t) {
+    KEPT.store(vmm, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// The compiled filters, by [`Thread`] (in [`Thread::ALL`]'s order); empty
@@ -449,6 +465,20 @@ fn rules(thread: Thread) -> BuildResult<Rules> {
             );
         }
         Thread::Snapshot => {}
+        Thread::Keeper => {
+            // Waiting for signals and for the VMM; ending as it ended
+            // (the signal's default action back, then raised).
+            any(
+                &mut r,
+                &[
+                    libc::SYS_rt_sigtimedwait,
+                    libc::SYS_rt_sigaction,
+                    libc::SYS_wait4,
+                ],
+            );
+            let vmm = KEPT.load(std::sync::atomic::Ordering::SeqCst);
+            one_of(&mut r, libc::SYS_kill, 0, &[vmm as u32 as u64])?;
+        }
     }
     Ok(r)
 }
@@ -810,6 +840,49 @@ mod tests {
                 sys!(libc::SYS_unlinkat, -1, c"x".as_ptr(), 0);
             },
             libc::SYS_unlinkat,
+        );
+    }
+
+    #[test]
+    fn the_keeper_signals_and_waits_for_its_vmm_alone() {
+        // The test process stands for the VMM the keeper may signal.
+        let vmm = std::process::id();
+        PARENT.store(vmm, std::sync::atomic::Ordering::SeqCst);
+        keeper_of(vmm as libc::pid_t);
+        allowed(Thread::Keeper, || {
+            let p = PARENT.load(std::sync::atomic::Ordering::SeqCst);
+            sys!(libc::SYS_kill, p, 0);
+            // No child here: ECHILD, let through.
+            sys!(libc::SYS_wait4, -1, 0, libc::WNOHANG, 0);
+        });
+        forbidden(
+            Thread::Keeper,
+            || {
+                sys!(libc::SYS_kill, 1, 0);
+            },
+            libc::SYS_kill,
+        );
+        forbidden(
+            Thread::Keeper,
+            || {
+                sys!(libc::SYS_openat, -1, c"x".as_ptr(), 0);
+            },
+            libc::SYS_openat,
+        );
+        // Nor do the VMM's threads signal or wait for other processes.
+        forbidden(
+            Thread::Vmm,
+            || {
+                sys!(libc::SYS_kill, 1, 0);
+            },
+            libc::SYS_kill,
+        );
+        forbidden(
+            Thread::Vmm,
+            || {
+                sys!(libc::SYS_wait4, -1, 0, libc::WNOHANG, 0);
+            },
+            libc::SYS_wait4,
         );
     }
 

@@ -20,7 +20,7 @@ pub const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
 /// The signal that asks a profiled VM to write its profile so far.
 pub const DUMP_SIGNAL: libc::c_int = libc::SIGUSR1;
 
-fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
+pub(crate) fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it and
     // sigaddset only writes within it; the signal numbers are valid.
     unsafe {
@@ -37,7 +37,7 @@ fn stop_set() -> libc::sigset_t {
     signal_set(&STOP_SIGNALS)
 }
 
-fn sigmask(how: libc::c_int, set: &libc::sigset_t) -> io::Result<libc::sigset_t> {
+pub(crate) fn sigmask(how: libc::c_int, set: &libc::sigset_t) -> io::Result<libc::sigset_t> {
     // SAFETY: as in stop_set, a zeroed sigset_t is a valid output buffer.
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: both pointers are to live sigset_t values.

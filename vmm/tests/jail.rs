@@ -142,11 +142,64 @@ fn fd_targets(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// The keeper's only child: the VMM, in its own pid namespace.
+fn vmm_of(keeper: u32) -> u32 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap();
+    let pids: Vec<u32> = children
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 1, "the keeper's children: {children:?}");
+    pids[0]
+}
+
 #[test]
 fn a_running_vmm_is_hardened_in_every_thread() {
     let vm = boot("on", "on");
-    let pid = vm.child.id();
     let kept = rtv_vmm::jail::kept_mask();
+
+    // The process started stays outside the VMM's pid namespace as its
+    // keeper: no capability at all, its own filter, no descriptor but
+    // standard input, output and error (and the pipe the VMM checks it
+    // by), no environment.
+    let keeper = vm.child.id();
+    let comm = std::fs::read_to_string(format!("/proc/{keeper}/comm")).unwrap();
+    assert_eq!(comm.trim(), rtv_vmm::jail::KEEPER_NAME);
+    let keeper_threads = threads(keeper);
+    assert_eq!(keeper_threads.len(), 1, "{keeper_threads:?}");
+    let status = &keeper_threads[0].1;
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(hex(field(status, set)), 0, "the keeper's {set}");
+    }
+    assert_eq!(field(status, "NoNewPrivs"), "1");
+    assert_eq!(field(status, "Seccomp"), "2");
+    let fds: Vec<String> = fd_targets(keeper)
+        .into_iter()
+        .filter(|t| !t.starts_with("pipe:"))
+        .collect();
+    assert_eq!(fds.len(), 3, "the keeper's descriptors: {fds:?}");
+    assert!(std::fs::read(format!("/proc/{keeper}/environ"))
+        .unwrap()
+        .is_empty());
+    let ours = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{keeper}/ns/pid")).unwrap(),
+        ours
+    );
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{keeper}/ns/pid_for_children")).unwrap(),
+        ours
+    );
+
+    let pid = vmm_of(keeper);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid: Vec<&str> = field(&status, "NSpid").split_whitespace().collect();
+    assert_eq!(
+        nspid.last(),
+        Some(&"1"),
+        "pid 1 of its namespace: {nspid:?}"
+    );
 
     // Started again without its environment, under its own name.
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
@@ -184,8 +237,9 @@ fn a_running_vmm_is_hardened_in_every_thread() {
     // sockets, the share's directories, guest memory, /dev/null (stdio),
     // and the FUSE server's /proc/self/fd (to reopen its O_PATH inodes) and
     // /proc/self/mountinfo (mount ids).
-    let proc_fd = format!("/proc/{pid}/fd");
-    let proc_mountinfo = format!("/proc/{pid}/mountinfo");
+    // (Its own procfs's paths: pid 1.)
+    let proc_fd = "/1/fd".to_owned();
+    let proc_mountinfo = "/1/mountinfo".to_owned();
     let share = vm.tmp.0.join("share").display().to_string();
     let console = vm.tmp.0.join("console").display().to_string();
     let log = vm.tmp.0.join("log").display().to_string();
@@ -196,7 +250,9 @@ fn a_running_vmm_is_hardened_in_every_thread() {
             || t.starts_with("/memfd:")
             || t.starts_with(&share)
             || [
-                "/dev/kvm",
+                // /dev/kvm, opened in the VMM's namespace's /dev, a mount
+                // detached with the old root.
+                "/kvm",
                 "/dev/null",
                 console.as_str(),
                 log.as_str(),
@@ -207,11 +263,25 @@ fn a_running_vmm_is_hardened_in_every_thread() {
         assert!(expected, "unexpected descriptor {t:?} among {targets:?}");
     }
 
-    for ns in ["ipc", "uts", "mnt"] {
+    for ns in ["ipc", "uts", "mnt", "pid"] {
         let own = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_ne!(own, ours, "the VMM's {ns} namespace is its parent's");
     }
+    // The procfs the virtio-fs server holds open is its namespace's, with
+    // the process directories only: its own process, no other, none of
+    // the host's kernel files (sysrq-trigger, sys).
+    let proc_dir = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|fd| std::fs::read_link(fd).is_ok_and(|t| t.ends_with("1/fd")))
+        .unwrap_or_else(|| panic!("no procfs descriptor among {targets:?}"));
+    let mut top: Vec<String> = std::fs::read_dir(proc_dir.join("../.."))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    assert_eq!(top, ["1", "self", "thread-self"], "the VMM's procfs");
 
     // Its root holds only the directory of what it still opens by name
     // (the vsock socket's, here the test's directory), read-only; the

@@ -359,7 +359,7 @@ async fn create_in(
         {
             if let Err(e) = rtv_runtime::host_cgroup::join(
                 &path.to_string_lossy(),
-                waiter_pid,
+                &[waiter_pid],
                 None,
                 None,
                 None,
@@ -1052,8 +1052,49 @@ fn jail_support() -> Vec<(&'static str, bool, String)> {
             "no seccomp filters (/proc/sys/kernel/seccomp/actions_avail lacks trap): rtv-vmm needs --seccomp off".to_owned(),
         ),
     };
+    // Namespaces (CAP_SYS_ADMIN, bit 21, and the kernel's kinds) and a
+    // procfs with only process directories (`subset=pid`, Linux 5.8).
+    const CAP_SYS_ADMIN: u32 = 21;
+    let missing: Vec<&str> = ["ipc", "uts", "pid", "mnt"]
+        .into_iter()
+        .filter(|ns| !Path::new("/proc/self/ns").join(ns).exists())
+        .collect();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut version = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|v| v.parse::<u32>().ok());
+    let subset_pid = (version.next().unwrap_or(0), version.next().unwrap_or(0)) >= (5, 8);
+    let namespaces = if prm & (1 << CAP_SYS_ADMIN) == 0 {
+        (
+            true,
+            "not root (no CAP_SYS_ADMIN): the VMM keeps the host's namespaces and root".to_owned(),
+        )
+    } else if !missing.is_empty() {
+        (
+            false,
+            format!(
+                "the kernel lacks {} namespaces: rtv-vmm needs --jail off (vmm.jail = false)",
+                missing.join(", ")
+            ),
+        )
+    } else if !subset_pid {
+        (
+            false,
+            format!(
+                "Linux {} cannot mount a procfs with subset=pid (5.8 or later): rtv-vmm needs --jail off",
+                release.trim()
+            ),
+        )
+    } else {
+        (
+            true,
+            "own IPC, UTS, pid and mount namespaces, a read-only root and a procfs of its own processes".to_owned(),
+        )
+    };
     vec![
         ("VMM hardening: descriptors", close_range.0, close_range.1),
+        ("VMM hardening: namespaces", namespaces.0, namespaces.1),
         ("VMM hardening: seccomp", seccomp.0, seccomp.1),
         (
             "VMM hardening: capabilities",

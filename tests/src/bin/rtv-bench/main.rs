@@ -472,13 +472,17 @@ fn rss_pss(pid: u32) -> Result<(u64, u64)> {
     Ok((field("Rss:"), field("Pss:")))
 }
 
-/// Sums of RSS and PSS (KiB) over the sandboxes' VMM processes.
+/// Sums of RSS and PSS (KiB) over the sandboxes' VMM processes (each VMM
+/// with its keeper).
 fn memory_of(sandboxes: &[rtv_runtime::Sandbox]) -> Result<(u64, u64)> {
     let mut sum = (0, 0);
     for sb in sandboxes {
-        let (rss, pss) = rss_pss(sb.pid())?;
-        sum.0 += rss;
-        sum.1 += pss;
+        // The VMM and, with its jail, the keeper outside its pid namespace.
+        for pid in rtv_runtime::vmm_process::family(sb.pid() as i32) {
+            let (rss, pss) = rss_pss(pid as u32)?;
+            sum.0 += rss;
+            sum.1 += pss;
+        }
     }
     Ok(sum)
 }

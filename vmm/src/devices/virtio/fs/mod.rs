@@ -9,13 +9,14 @@
 //! The guest is untrusted, and so is every FUSE request it sends:
 //!
 //! - The passthrough root is the shared directory, opened (`O_PATH`) when
-//!   the device is made: the passthrough imports its root as `.` at the
+//!   the device is made, or by rtv-vmm before the jail's mount namespace
+//!   ([`hold_share`]): the passthrough imports its root as `.` at the
 //!   guest's FUSE_INIT (and again at DESTROY), which the device serves with
 //!   that descriptor as the working directory ([`ShareDir`]). The share is
 //!   never looked up by name once the VM runs, so the jail's root
 //!   (`jail::confine`) need not hold it, and mounts the host adds under the
 //!   share later are reached through the host's mount tree (lookups from a
-//!   descriptor follow the mounts of the descriptor's namespace). Lookups of `.` and `..`
+//!   descriptor follow the mounts of the namespace it was opened in). Lookups of `.` and `..`
 //!   are refused before they reach the passthrough file system (it lets them
 //!   through for NFS export, and `..` of the root would be the host directory
 //!   above the share; `..` of a directory the host moved out of the share
@@ -173,10 +174,13 @@ impl VirtioFs {
                 path: config.shared_dir.clone(),
                 source,
             })?;
-        let dir = ShareDir::open(&root).map_err(|source| FsError::SharedDir {
-            path: root.clone(),
-            source,
-        })?;
+        let dir = match take_held(&root) {
+            Some(fd) => ShareDir(fd),
+            None => ShareDir::open(&root).map_err(|source| FsError::SharedDir {
+                path: root.clone(),
+                source,
+            })?,
+        };
         let fs_cfg = PassthroughConfig {
             // Relative to the working directory, which is `dir` whenever the
             // passthrough imports (serve_chain).
@@ -319,6 +323,33 @@ fn refused(req: &Peek) -> Option<i32> {
         }
         _ => None,
     }
+}
+
+/// Shares opened ahead of their device ([`hold_share`]), by canonical path.
+static HELD: std::sync::Mutex<Vec<(PathBuf, OwnedFd)>> = std::sync::Mutex::new(Vec::new());
+
+/// Opens the shared directory `path` now, for a device made later from the
+/// same path. rtv-vmm calls it before the jail gives the VMM a mount
+/// namespace of its own: the share is then the host's directory, and the
+/// mounts the host adds under it later (the container root file systems
+/// rtv mounts into a running pod's share) are reached through the host's
+/// mount tree, which lookups from this descriptor follow. Returns the
+/// descriptor, for the jail to keep open.
+pub fn hold_share(path: &Path) -> std::io::Result<std::os::fd::RawFd> {
+    let root = std::fs::canonicalize(path)?;
+    let dir = ShareDir::open(&root)?;
+    let fd = dir.0.as_raw_fd();
+    HELD.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((root, dir.0));
+    Ok(fd)
+}
+
+/// The descriptor [`hold_share`] opened for `root`, if any.
+fn take_held(root: &Path) -> Option<OwnedFd> {
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    let at = held.iter().position(|(p, _)| p == root)?;
+    Some(held.swap_remove(at).1)
 }
 
 /// The shared directory, held open from the device's creation: the
