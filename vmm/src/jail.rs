@@ -1,7 +1,7 @@
 //! The VMM's own hardening, applied by `rtv-vmm` before any other thread
 //! exists: it runs without an environment ([`reexec_without_environment`]),
 //! only the descriptors passed on purpose survive, core dumps are off, it
-//! has IPC, UTS, pid and mount namespaces of its own, with a procfs that
+//! has IPC, UTS, network, pid and mount namespaces of its own, with a procfs that
 //! shows only its own processes, and is not dumpable ([`prepare`]; the
 //! process started stays outside as its keeper); once the VM is built, a
 //! root holding only what it still opens by name, the capability sets cut
@@ -58,7 +58,7 @@ pub enum JailError {
         #[source]
         source: caps::errors::CapsError,
     },
-    #[error("entering new IPC, UTS and pid namespaces: {0}")]
+    #[error("entering new IPC, UTS, network and pid namespaces: {0}")]
     Namespaces(#[source] std::io::Error),
     #[error("making the VMM undumpable (PR_SET_DUMPABLE): {0}")]
     Dumpable(#[source] std::io::Error),
@@ -115,7 +115,7 @@ fn jail_off(args: &[std::ffi::OsString]) -> bool {
 
 /// The first part of the jail, before the VM is built: only `keep_fds`
 /// (besides 0, 1 and 2) of the inherited descriptors survive, the rlimits,
-/// new IPC, UTS, pid and mount namespaces. Must run while the process is
+/// new IPC, UTS, network, pid and mount namespaces. Must run while the process is
 /// single-threaded (namespaces are per thread; threads made later inherit
 /// them).
 ///
@@ -136,8 +136,13 @@ pub fn prepare(keep_fds: &[RawFd], seccomp: crate::seccomp::Mode) -> Result<(), 
         tracing::info!("no CAP_SYS_ADMIN: the VMM keeps the host's namespaces");
         return Ok(());
     }
+    // The network namespace is a new, empty one: the VMM reaches the
+    // pod's network only through the tap descriptor it was given, and the
+    // host only through Unix sockets named by path (vsock), which no
+    // network namespace scopes.
+    let flags = libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWPID | libc::CLONE_NEWNET;
     // SAFETY: unshare takes flags only; the process is single-threaded.
-    if unsafe { libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWPID) } != 0 {
+    if unsafe { libc::unshare(flags) } != 0 {
         return Err(JailError::Namespaces(std::io::Error::last_os_error()));
     }
     split_off_keeper(seccomp)?;

@@ -263,7 +263,7 @@ fn a_running_vmm_is_hardened_in_every_thread() {
         assert!(expected, "unexpected descriptor {t:?} among {targets:?}");
     }
 
-    for ns in ["ipc", "uts", "mnt", "pid"] {
+    for ns in ["ipc", "uts", "mnt", "pid", "net"] {
         let own = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_ne!(own, ours, "the VMM's {ns} namespace is its parent's");
@@ -345,7 +345,7 @@ fn jail_off_leaves_the_process_as_it_was_started() {
     let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
         .into_owned();
     assert!(environ.contains("RTV_JAIL_TEST_SECRET=s3cret"), "{environ}");
-    for ns in ["ipc", "uts", "mnt"] {
+    for ns in ["ipc", "uts", "mnt", "pid", "net"] {
         let own = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_eq!(own, ours, "{ns}");

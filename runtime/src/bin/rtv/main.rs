@@ -1055,7 +1055,7 @@ fn jail_support() -> Vec<(&'static str, bool, String)> {
     // Namespaces (CAP_SYS_ADMIN, bit 21, and the kernel's kinds) and a
     // procfs with only process directories (`subset=pid`, Linux 5.8).
     const CAP_SYS_ADMIN: u32 = 21;
-    let missing: Vec<&str> = ["ipc", "uts", "pid", "mnt"]
+    let missing: Vec<&str> = ["ipc", "uts", "net", "pid", "mnt"]
         .into_iter()
         .filter(|ns| !Path::new("/proc/self/ns").join(ns).exists())
         .collect();
@@ -1089,7 +1089,7 @@ fn jail_support() -> Vec<(&'static str, bool, String)> {
     } else {
         (
             true,
-            "own IPC, UTS, pid and mount namespaces, a read-only root and a procfs of its own processes".to_owned(),
+            "own IPC, UTS, network, pid and mount namespaces, a read-only root and a procfs of its own processes".to_owned(),
         )
     };
     vec![
