@@ -1359,3 +1359,378 @@ fn an_unmounted_share_is_snapshotted_and_restored_with_another_directory() {
         "{err}"
     );
 }
+
+/// A small xorshift generator: the fuzz run is a function of its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.below(from.len() as u64) as usize]
+    }
+}
+
+/// A number for a request's field: mostly small, sometimes an edge value
+/// (only small ones with `bounded`, for lengths and offsets that could
+/// make the host write gigabytes).
+fn number(rng: &mut Rng, bounded: bool) -> u64 {
+    match rng.below(if bounded { 3 } else { 5 }) {
+        0 => rng.below(16),
+        1 => rng.below(1 << 20),
+        2 => rng.pick(&[0, 1, 4095, 4096, 65536]),
+        3 => rng.pick(&[u64::from(u32::MAX), u64::MAX, 1 << 63, u64::MAX - 4095]),
+        _ => rng.next(),
+    }
+}
+
+/// The shape of a FUSE request's argument: its fields in order.
+#[derive(Clone, Copy)]
+enum Field {
+    /// A 32-bit number (bounded: small only).
+    U32(bool),
+    /// A 64-bit number (bounded: small only).
+    U64(bool),
+    /// A mode with a file type.
+    Mode,
+    /// A node id, mostly one a reply gave.
+    Node,
+    /// A file handle, mostly one a reply gave.
+    Fh,
+    /// A NUL-terminated name.
+    Name,
+    /// Data of any length.
+    Data,
+}
+
+/// The argument of `opcode` (protocol 7.31) as FUSE lays it out, for the
+/// requests the passthrough serves; `None` for the others. Lengths and
+/// offsets that could make the host allocate or copy gigabytes
+/// (FALLOCATE, COPY_FILE_RANGE, a SETATTR size) stay small.
+fn shape(opcode: u32) -> Option<Vec<Field>> {
+    use Field::*;
+    let read_in = vec![
+        Fh,
+        U64(false),
+        U32(true),
+        U32(false),
+        U64(false),
+        U32(false),
+        U32(false),
+    ];
+    Some(match opcode {
+        1 | 10 | 11 => vec![Name],
+        2 => vec![U64(false)],
+        3 => vec![U32(false), U32(false), Fh],
+        4 => vec![
+            U32(false),
+            U32(false),
+            Fh,
+            U64(true),
+            U64(false),
+            U64(false),
+            U64(false),
+            U64(false),
+            U32(false),
+            U32(false),
+            U32(false),
+            Mode,
+            U32(false),
+            U32(false),
+            U32(false),
+            U32(false),
+        ],
+        5 | 17 => vec![],
+        6 => vec![Name, Name],
+        8 => vec![Mode, U32(false), U32(true), U32(false), Name],
+        9 => vec![Mode, U32(true), Name],
+        12 => vec![Node, Name, Name],
+        13 => vec![Node, Name],
+        14 | 27 => vec![U32(false), U32(false)],
+        15 | 28 | 44 => read_in,
+        16 => {
+            let mut w = read_in;
+            w.push(Data);
+            w
+        }
+        18 | 29 => vec![Fh, U32(false), U32(false), U64(false)],
+        20 | 30 => vec![Fh, U32(false), U32(false)],
+        25 => vec![Fh, U32(false), U32(false), U64(false)],
+        34 => vec![U32(true), U32(false)],
+        35 => vec![U32(false), Mode, U32(true), U32(false), Name],
+        43 => vec![Fh, U64(true), U64(true), U32(false), U32(false)],
+        45 => vec![Node, U32(true), U32(false), Name, Name],
+        46 => vec![Fh, U64(false), U32(true), U32(false)],
+        47 => vec![Fh, U64(true), Node, Fh, U64(true), U64(true), U64(false)],
+        _ => return None,
+    })
+}
+
+/// A structure-aware random FUSE request body: mostly `opcode`'s own
+/// layout ([`shape`]) with random values, node ids and handles the
+/// replies gave, hostile names among the names; otherwise fields of the
+/// shapes FUSE uses in any order.
+fn random_body(rng: &mut Rng, opcode: u32, nodes: &[u64], handles: &[u64]) -> Vec<u8> {
+    const NAMES: [&[u8]; 12] = [
+        b"a",
+        b"b",
+        b"sub",
+        b"hello.txt",
+        b"..",
+        b".",
+        b"../x",
+        b"sub/../../x",
+        b"",
+        b"fifo",
+        b"link",
+        b"\xff\xfe",
+    ];
+    let fields = match shape(opcode) {
+        Some(fields) if rng.below(8) != 0 => fields,
+        _ => {
+            let any = [
+                Field::U32(false),
+                Field::U64(false),
+                Field::Node,
+                Field::Fh,
+                Field::Name,
+                Field::Data,
+            ];
+            (0..rng.below(7)).map(|_| rng.pick(&any)).collect()
+        }
+    };
+    let mut b = Vec::new();
+    for field in fields {
+        match field {
+            Field::U32(bounded) => {
+                b.extend_from_slice(&(number(rng, bounded) as u32).to_le_bytes())
+            }
+            Field::U64(bounded) => b.extend_from_slice(&number(rng, bounded).to_le_bytes()),
+            Field::Mode => {
+                let kind = rng.pick(&[
+                    libc::S_IFREG,
+                    libc::S_IFDIR,
+                    libc::S_IFIFO,
+                    libc::S_IFSOCK,
+                    libc::S_IFCHR,
+                    libc::S_IFBLK,
+                    libc::S_IFLNK,
+                    0,
+                ]);
+                let perm = rng.pick(&[0o644, 0o755, 0o4755, 0o2777, 0, 0o7777]);
+                b.extend_from_slice(&(kind | perm).to_le_bytes());
+            }
+            Field::Node => {
+                let n = if rng.below(10) == 0 {
+                    rng.next()
+                } else {
+                    rng.pick(nodes)
+                };
+                b.extend_from_slice(&n.to_le_bytes());
+            }
+            Field::Fh => {
+                let h = if handles.is_empty() || rng.below(8) == 0 {
+                    number(rng, false)
+                } else {
+                    rng.pick(handles)
+                };
+                b.extend_from_slice(&h.to_le_bytes());
+            }
+            Field::Name => {
+                if rng.below(3) == 0 {
+                    b.extend_from_slice(rng.pick(&NAMES));
+                } else {
+                    // A short name of its own, so that files get made.
+                    for _ in 0..1 + rng.below(3) {
+                        b.push(b'a' + rng.below(4) as u8);
+                    }
+                }
+                if rng.below(16) != 0 {
+                    b.push(0);
+                }
+            }
+            Field::Data => {
+                for _ in 0..rng.below(256) {
+                    b.push(rng.next() as u8);
+                }
+            }
+        }
+    }
+    b
+}
+
+/// Random FUSE requests (every opcode and unknown ones, random node ids
+/// and handles mixed with those the replies gave, hostile names, headers
+/// whose length lies, requests and replies split over several descriptors
+/// or missing, random credentials) never panic the device or wedge it,
+/// and nothing outside the share changes: the file and directory beside
+/// it stay as they were, nothing new appears next to it, the test's working
+/// directory is still its own, and afterwards the device still serves a
+/// file the host adds. `RTV_FUZZ_CASES` (default 3000) and `RTV_FUZZ_SEED`
+/// set the run; CI runs the default with a fixed seed, longer runs are by
+/// hand.
+#[test]
+fn random_fuse_requests_never_panic_or_leave_the_share() {
+    let cases: u64 = std::env::var("RTV_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    let seed: u64 = std::env::var("RTV_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x7274_7600_6675_7365);
+    eprintln!("RTV_FUZZ_SEED={seed} RTV_FUZZ_CASES={cases}");
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+
+    let dir = TempDir::new("vmm-fs-fuzz");
+    let share = dir.0.join("share");
+    std::fs::create_dir_all(share.join("sub")).unwrap();
+    std::fs::write(share.join("hello.txt"), "hi").unwrap();
+    std::fs::write(share.join("sub/a"), "a").unwrap();
+    std::os::unix::fs::symlink("../outside.txt", share.join("link")).unwrap();
+    let outside = dir.0.join("outside.txt");
+    std::fs::write(&outside, "host only").unwrap();
+    let beside = dir.0.join("beside");
+    std::fs::create_dir(&beside).unwrap();
+    std::fs::write(beside.join("x"), "beside").unwrap();
+    let stat = |p: &Path| {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        (m.mode(), m.uid(), m.gid(), m.len(), m.mtime(), m.ino())
+    };
+    let before = [stat(&outside), stat(&beside), stat(&beside.join("x"))];
+    let cwd = std::env::current_dir().unwrap();
+
+    let mut d = Driver::new(&share);
+    d.init(1);
+    let mut nodes: Vec<u64> = vec![0, 1, 1, 1, 1, 1, u64::MAX, 0xdead_beef];
+    let mut handles: Vec<u64> = Vec::new();
+    let (req, reply) = (0x80000u64, 0x90000u64);
+    let mut succeeded = 0u64;
+    for case in 0..cases {
+        // Now and then a LOOKUP or CREATE-like call whose reply gives a
+        // node id to use later.
+        let opcode = if rng.below(5) == 0 {
+            rng.pick(&[FUSE_LOOKUP, 9, 35, 14, 27])
+        } else if rng.below(20) == 0 {
+            rng.below(1000) as u32
+        } else {
+            1 + rng.below(51) as u32
+        };
+        let body = random_body(&mut rng, opcode, &nodes, &handles);
+        let nodeid = rng.pick(&nodes);
+        let real_len = 40 + body.len() as u32;
+        let len = match rng.below(12) {
+            0 => rng.next() as u32,
+            1 => real_len.saturating_sub(rng.below(48) as u32),
+            _ => real_len,
+        };
+        let (uid, gid) = match rng.below(4) {
+            0 => (1000u32, 1000u32),
+            1 => (rng.next() as u32, rng.next() as u32),
+            _ => (0, 0),
+        };
+        let mut m = request(len, opcode, case + 2, nodeid, &body);
+        m[24..28].copy_from_slice(&uid.to_le_bytes());
+        m[28..32].copy_from_slice(&gid.to_le_bytes());
+        // The request, in one to three pieces.
+        let mut descs = Vec::new();
+        let pieces = 1 + rng.below(3) as usize;
+        let step = m.len().div_ceil(pieces).max(1);
+        for (i, piece) in m.chunks(step).enumerate() {
+            let at = req + 0x4000 * i as u64;
+            d.mem.write_slice(piece, GuestAddress(at)).unwrap();
+            descs.push((at, piece.len() as u32, 0u16));
+        }
+        // The reply's room: none, too small, or in one or two pieces.
+        match rng.below(10) {
+            0 => {}
+            1 => descs.push((reply, rng.below(24) as u32, F_WRITE)),
+            2 => {
+                descs.push((reply, 64, F_WRITE));
+                descs.push((reply + 0x10000, 4096, F_WRITE));
+            }
+            _ => descs.push((reply, 4096, F_WRITE)),
+        }
+        // Hostile chains now and then: a piece outside guest memory, or a
+        // readable piece after a writable one.
+        match rng.below(40) {
+            0 => descs.insert(0, (0x4000_0000, 64, 0)),
+            1 => descs.push((req, 16, 0)),
+            _ => {}
+        }
+        d.mem.write_slice(&[0u8; 16], GuestAddress(reply)).unwrap();
+        let used = d.send(&descs);
+        if used >= 16 && d.mem.read_obj::<i32>(GuestAddress(reply + 4)).unwrap() == 0 {
+            succeeded += 1;
+        }
+        // A driver mounts again after a DESTROY, mostly.
+        if opcode == 38 && rng.below(4) != 0 {
+            d.init(case + 1_000_000);
+        }
+        // A successful reply of a LOOKUP, MKDIR or CREATE starts with the
+        // new node's id; of an OPEN or OPENDIR with the handle, of a
+        // CREATE with it after the entry (128 bytes).
+        if used >= 24 && d.mem.read_obj::<i32>(GuestAddress(reply + 4)).unwrap() == 0 {
+            let at = |off: u64| {
+                d.mem
+                    .read_obj::<u64>(GuestAddress(reply + 16 + off))
+                    .unwrap()
+            };
+            // At most 64 of each: a new one takes a random place.
+            let keep = |list: &mut Vec<u64>, v: u64, rng: &mut Rng| {
+                if list.len() < 64 {
+                    list.push(v);
+                } else {
+                    let i = rng.below(64) as usize;
+                    list[i] = v;
+                }
+            };
+            if matches!(opcode, 1 | 9 | 35) {
+                keep(&mut nodes, at(0), &mut rng);
+            }
+            if matches!(opcode, 14 | 27) {
+                keep(&mut handles, at(0), &mut rng);
+            }
+            if opcode == 35 && used >= 16 + 128 + 8 {
+                keep(&mut handles, at(128), &mut rng);
+            }
+        }
+    }
+
+    eprintln!(
+        "{succeeded} of {cases} requests succeeded; {} node ids and {} handles in use",
+        nodes.len(),
+        handles.len()
+    );
+    // The run reached the file system, not only the parsers.
+    assert!(succeeded > cases / 50, "{succeeded} of {cases} succeeded");
+    let after = [stat(&outside), stat(&beside), stat(&beside.join("x"))];
+    assert_eq!(before, after, "something outside the share changed");
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "host only");
+    let mut next_to: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    next_to.sort();
+    assert_eq!(next_to, ["beside", "outside.txt", "share"]);
+    assert_eq!(std::fs::read_dir(&beside).unwrap().count(), 1);
+    assert_eq!(std::env::current_dir().unwrap(), cwd);
+    // Still serving: a new INIT (the run may have sent DESTROY) and a file
+    // the host adds now.
+    std::fs::write(share.join("after.txt"), "after").unwrap();
+    d.init(cases + 10);
+    let (_, err, unique) = d.fuse(FUSE_LOOKUP, 1, cases + 11, b"after.txt\0");
+    assert_eq!((err, unique), (0, cases + 11), "the device still serves");
+}
