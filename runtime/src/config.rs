@@ -24,6 +24,7 @@
 //!
 //! [templates]
 //! dir = "/var/cache/rtv/templates"
+//! max_size_mib = 1024                      # least recently used removed first
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,8 @@ pub const ENV: &str = "RTV_CONFIG";
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 /// The most vCPUs a default may ask for.
 pub const MAX_VCPUS: u64 = 254;
+/// The largest template cache budget, MiB (1 PiB).
+pub const MAX_TEMPLATE_BUDGET_MIB: u64 = 1 << 30;
 
 /// A configuration file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -135,10 +138,19 @@ pub struct Vm {
     pub default_vcpus: Option<u8>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Templates {
     pub dir: Option<PathBuf>,
+    /// The cache's size budget in MiB (default
+    /// [`crate::template::DEFAULT_BUDGET_MIB`]).
+    pub max_size_mib: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TemplatesFile {
+    dir: Option<PathBuf>,
+    max_size_mib: Option<toml::Spanned<i64>>,
 }
 
 /// The file as written: numbers with their places, for errors.
@@ -152,7 +164,7 @@ struct File {
     #[serde(default)]
     vm: VmFile,
     #[serde(default)]
-    templates: Templates,
+    templates: TemplatesFile,
 }
 
 #[derive(Deserialize, Default)]
@@ -195,6 +207,11 @@ impl Config {
         )?;
         let default_vcpus =
             ranged("vm.default_vcpus", file.vm.default_vcpus, MAX_VCPUS)?.map(|n| n as u8);
+        let max_size_mib = ranged(
+            "templates.max_size_mib",
+            file.templates.max_size_mib,
+            MAX_TEMPLATE_BUDGET_MIB,
+        )?;
         let relative = |key: &'static str, p: &Option<PathBuf>| match p {
             Some(p) if !p.is_absolute() => Err(ConfigError::Value {
                 path: path.to_path_buf(),
@@ -223,7 +240,10 @@ impl Config {
                 default_memory_mib,
                 default_vcpus,
             },
-            templates: file.templates,
+            templates: Templates {
+                dir: file.templates.dir,
+                max_size_mib,
+            },
         })
     }
 
@@ -319,7 +339,7 @@ mod tests {
             "[guest]\nkernel = \"/k\"\nkernel_up = \"/ku\"\ninitramfs = \"/i\"\n\
              [vmm]\npath = \"/v\"\njail = false\nseccomp = \"log\"\n\
              [vm]\ndefault_memory_mib = 512\ndefault_vcpus = 2\n\
-             [templates]\ndir = \"/t\"\n",
+             [templates]\ndir = \"/t\"\nmax_size_mib = 300\n",
         )
         .unwrap();
         assert_eq!(c.guest.kernel.as_deref(), Some(Path::new("/k")));
@@ -331,6 +351,7 @@ mod tests {
         assert_eq!(c.vm.default_memory_mib, Some(512));
         assert_eq!(c.vm.default_vcpus, Some(2));
         assert_eq!(c.templates.dir.as_deref(), Some(Path::new("/t")));
+        assert_eq!(c.templates.max_size_mib, Some(300));
     }
 
     /// The commented file the repo ships (config/config.toml, installed by
@@ -365,12 +386,12 @@ mod tests {
         assert!(c.guest.kernel.is_some() && c.guest.kernel_up.is_some());
         assert!(c.guest.initramfs.is_some() && c.vmm.path.is_some());
         assert!(c.vm.default_memory_mib.is_some() && c.vm.default_vcpus.is_some());
-        assert!(c.templates.dir.is_some());
+        assert!(c.templates.dir.is_some() && c.templates.max_size_mib.is_some());
         let keys = uncommented
             .lines()
             .filter(|l| !l.starts_with('#') && l.contains(" = "))
             .count();
-        assert_eq!(keys, 9, "every key of the file, once:\n{uncommented}");
+        assert_eq!(keys, 10, "every key of the file, once:\n{uncommented}");
     }
 
     #[test]
@@ -389,6 +410,13 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key_and_the_line() {
+        let e = parse("[templates]\nmax_size_mib = -1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":2: templates.max_size_mib: -1 is not between 1 and"),
+            "{e}"
+        );
         let e = parse("[vm]\n\ndefault_memory_mib = 0\n")
             .unwrap_err()
             .to_string();

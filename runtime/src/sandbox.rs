@@ -143,7 +143,13 @@ impl SandboxConfig {
             Some(dir) => dir.clone(),
             None => crate::artifacts::template_dir(),
         };
-        Ok(TemplateCache::new(root).with_make_timeout(self.boot_timeout))
+        let budget_mib = crate::config::get()
+            .templates
+            .max_size_mib
+            .unwrap_or(crate::template::DEFAULT_BUDGET_MIB);
+        Ok(TemplateCache::new(root)
+            .with_make_timeout(self.boot_timeout)
+            .with_budget(budget_mib << 20))
     }
 
     fn check(&self) -> Result<(), SandboxError> {

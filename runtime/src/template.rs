@@ -12,7 +12,8 @@
 //! | `<key>/snapshot/` | the VMM's snapshot (`state.json`, `memory.bin`, ...) |
 //! | `<key>/make-console.log` | the guest console of the boot that made it |
 //! | `<key>/share/` | templates with a virtio-fs device: the empty placeholder directory the device shared while the template was made (the guest never mounts it; each restore shares the sandbox's own directory) |
-//! | `<key>.lock` | flocked by whoever makes, replaces or discards `<key>` |
+//! | `<key>/last-used` | its modification time: when a sandbox last started from it |
+//! | `<key>.lock` | flocked by whoever makes, replaces, discards or evicts `<key>` |
 //!
 //! The key is the sha256 of the kernel's and the initramfs's sha256, the
 //! output of `rtv-vmm --version` with the VMM's build id, the memory size,
@@ -28,6 +29,14 @@
 //! every file); the VMM checks every file's sha256 when it restores, and
 //! exits 1 naming the file: the sandbox then discards the template
 //! ([`TemplateCache::discard`]) and makes a new one.
+//!
+//! The cache has a size budget (`templates.max_size_mib`,
+//! [`DEFAULT_BUDGET_MIB`]): once a new template makes the cache larger,
+//! the least recently used others are removed until it fits
+//! ([`TemplateCache::evict`]). A template whose lock is held (being made,
+//! replaced or discarded) is left; a VM already restored from a removed
+//! template keeps its private mapping of the memory; a sandbox that found
+//! it just before it went falls back to making it again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -55,6 +64,10 @@ pub const SNAPSHOT_MANIFEST: &str = "state.json";
 pub const FORMAT_VERSION: u32 = 1;
 /// The vsock CID of the guest a template is made from (restores get their own).
 pub const TEMPLATE_CID: u32 = 3;
+/// The file whose modification time says when a template was last used.
+pub const LAST_USED_FILE: &str = "last-used";
+/// The template cache's size budget without `templates.max_size_mib`, MiB.
+pub const DEFAULT_BUDGET_MIB: u64 = 1024;
 /// The placeholder share's directory name, in the template's directory.
 pub const SHARE_DIR: &str = "share";
 /// How long making a template (a cold boot) may take by default.
@@ -441,6 +454,42 @@ impl Lock {
     }
 }
 
+impl Lock {
+    /// The lock if nobody holds it now; `None` if somebody does.
+    fn try_take(path: &Path) -> Result<Option<Self>, TemplateError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| TemplateError::io(path, e))?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(Some(Lock(file)));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        Err(TemplateError::io(path, e))
+    }
+}
+
+/// The disk space `path` takes (allocated blocks, symlinks not followed):
+/// a snapshot's memory file is sparse.
+fn allocated(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let own = meta.blocks() * 512;
+    if !meta.is_dir() {
+        return own;
+    }
+    own + std::fs::read_dir(path)
+        .map(|d| d.flatten().map(|e| allocated(&e.path())).sum::<u64>())
+        .unwrap_or(0)
+}
+
 impl Drop for Lock {
     fn drop(&mut self) {
         // SAFETY: unlocking our own descriptor (closing it would too).
@@ -453,6 +502,7 @@ impl Drop for Lock {
 pub struct TemplateCache {
     root: PathBuf,
     make_timeout: Duration,
+    budget: u64,
 }
 
 impl TemplateCache {
@@ -461,7 +511,112 @@ impl TemplateCache {
         Self {
             root: root.into(),
             make_timeout: DEFAULT_MAKE_TIMEOUT,
+            budget: DEFAULT_BUDGET_MIB << 20,
         }
+    }
+
+    /// The cache's size budget in bytes ([`DEFAULT_BUDGET_MIB`] by
+    /// default), enforced when a template is made ([`Self::evict`]).
+    pub fn with_budget(mut self, bytes: u64) -> Self {
+        self.budget = bytes;
+        self
+    }
+
+    /// Records that a sandbox starts from the template in `dir` (the
+    /// modification time of its [`LAST_USED_FILE`]); best effort.
+    fn mark_used(dir: &Path) {
+        let path = dir.join(LAST_USED_FILE);
+        let done = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        if let Err(e) = done {
+            tracing::debug!(path = %path.display(), "cannot record the template's use: {e}");
+        }
+    }
+
+    /// The templates in the cache and the disk space they take, against
+    /// the budget: (count, bytes, budget bytes).
+    pub fn usage(&self) -> (usize, u64, u64) {
+        let dirs: Vec<PathBuf> = std::fs::read_dir(&self.root)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let bytes = dirs.iter().map(|d| allocated(d)).sum();
+        (dirs.len(), bytes, self.budget)
+    }
+
+    /// Removes the least recently used templates other than `keep` while
+    /// the cache is over its budget; returns the keys removed. A template
+    /// whose lock somebody holds (being made, replaced or discarded) is
+    /// left. Temporary directories (`.making-*`, `.trash-*`) are not
+    /// counted: they are gone once their maker is done.
+    pub fn evict(&self, keep: &str) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut all: Vec<(std::time::SystemTime, u64, String)> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| {
+                let key = e.file_name().to_str()?.to_owned();
+                if key.starts_with('.') {
+                    return None;
+                }
+                let dir = e.path();
+                let used = [
+                    dir.join(LAST_USED_FILE),
+                    dir.join(MANIFEST_FILE),
+                    dir.clone(),
+                ]
+                .iter()
+                .find_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+                .unwrap_or(std::time::UNIX_EPOCH);
+                Some((used, allocated(&dir), key))
+            })
+            .collect();
+        let mut total: u64 = all.iter().map(|t| t.1).sum();
+        all.sort();
+        let mut removed = Vec::new();
+        for (used, size, key) in all {
+            if total <= self.budget {
+                break;
+            }
+            if key == keep {
+                continue;
+            }
+            let lock = match Lock::try_take(&self.lock_of(&key)) {
+                Ok(Some(lock)) => lock,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("template cache: {e}");
+                    continue;
+                }
+            };
+            match self.remove(&self.dir_of(&key)) {
+                Ok(()) => {
+                    tracing::info!(
+                        template = %key,
+                        size_mib = size >> 20,
+                        last_used = ?used,
+                        budget_mib = self.budget >> 20,
+                        "removed the least recently used template: the cache was over its budget"
+                    );
+                    total = total.saturating_sub(size);
+                    removed.push(key);
+                }
+                Err(e) => tracing::warn!("template cache: {e}"),
+            }
+            drop(lock);
+        }
+        removed
     }
 
     /// The cache in the default place ([`crate::artifacts::template_dir`]).
@@ -600,26 +755,28 @@ impl TemplateCache {
         let inputs = spec.inputs()?;
         match self.validate(&inputs) {
             Ok(template) => {
+                Self::mark_used(&template.dir);
                 return Ok(Obtained {
                     template,
                     made_in: None,
                     replaced: None,
-                })
+                });
             }
             Err(TemplateError::Missing { .. }) | Err(TemplateError::Invalid { .. }) => {}
             Err(e) => return Err(e),
         }
         std::fs::create_dir_all(&self.root).map_err(|e| TemplateError::io(&self.root, e))?;
         let key = inputs.key();
-        let _lock = Lock::take(&self.lock_of(&key))?;
+        let lock = Lock::take(&self.lock_of(&key))?;
         // Someone may have made it while we waited for the lock.
         let replaced = match self.validate(&inputs) {
             Ok(template) => {
+                Self::mark_used(&template.dir);
                 return Ok(Obtained {
                     template,
                     made_in: None,
                     replaced: None,
-                })
+                });
             }
             Err(TemplateError::Missing { .. }) => None,
             Err(TemplateError::Invalid { dir, problem }) => {
@@ -634,6 +791,10 @@ impl TemplateCache {
         };
         let started = Instant::now();
         let template = self.make(spec, &inputs)?;
+        Self::mark_used(&template.dir);
+        // Others' locks are taken without waiting, after ours is let go.
+        drop(lock);
+        self.evict(&key);
         Ok(Obtained {
             template,
             made_in: Some(started.elapsed()),
@@ -1097,6 +1258,79 @@ printf '{{"format_version":1,"vmm":{{"version":"9.9.9","build_id":"fake-{tag}"}}
             }
             other => panic!("{other:?}"),
         }
+        let _ = std::fs::remove_dir_all(&work);
+    }
+
+    /// The cache's budget: under two templates, making one removes the
+    /// other, which is made again when asked for; with room for two, the
+    /// least recently used goes first; a template whose lock is held stays.
+    #[test]
+    fn the_budget_removes_the_least_recently_used_templates() {
+        let work = std::env::temp_dir().join(unique("rtv-template-budget"));
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::write(work.join("vmlinux"), b"kernel").unwrap();
+        std::fs::write(work.join("initrd"), b"initramfs").unwrap();
+        let a = TemplateSpec {
+            kernel: work.join("vmlinux"),
+            initramfs: work.join("initrd"),
+            vmm: fake_vmm(&work, "budget-a"),
+            mem_mib: 128,
+            vcpus: 1,
+            virtio_fs: false,
+        };
+        ready(&a);
+        let b = TemplateSpec {
+            virtio_fs: true,
+            ..a.clone()
+        };
+        let c = TemplateSpec {
+            vmm: fake_vmm(&work, "budget-c"),
+            ..a.clone()
+        };
+        ready(&c);
+        let root = work.join("cache");
+        let made_a = TemplateCache::new(&root).get_or_make(&a).unwrap();
+        let one = allocated(&made_a.template.dir);
+        assert!(one > 0);
+
+        // Room for one and a half: B's making removes A; A comes back
+        // (made again) and B goes.
+        let small = TemplateCache::new(&root).with_budget(one + one / 2);
+        small.get_or_make(&b).unwrap();
+        assert_eq!(makes(&work), 2);
+        assert!(matches!(
+            small.check(&a),
+            Err(TemplateError::Missing { .. })
+        ));
+        assert!(small.check(&b).is_ok());
+        let again = small.get_or_make(&a).unwrap();
+        assert!(again.made_in.is_some(), "A made again");
+        assert_eq!(makes(&work), 3);
+        assert!(small.check(&b).is_err(), "B removed for A");
+
+        // Room for two and a half: B made again (A and B), A used after B,
+        // then C made: B, the least recently used, goes.
+        let roomy = TemplateCache::new(&root).with_budget(2 * one + one / 2);
+        roomy.get_or_make(&b).unwrap();
+        assert_eq!(makes(&work), 4);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(roomy.get_or_make(&a).unwrap().made_in.is_none());
+        roomy.get_or_make(&c).unwrap();
+        assert_eq!(makes(&work), 5);
+        assert!(roomy.check(&a).is_ok(), "A was used last");
+        assert!(roomy.check(&b).is_err(), "B was the least recently used");
+        assert!(roomy.check(&c).is_ok());
+
+        // A template whose lock is held is left, even over the budget.
+        let key_a = a.inputs().unwrap().key();
+        let held = Lock::take(&roomy.lock_of(&key_a)).unwrap();
+        let tiny = TemplateCache::new(&root).with_budget(1);
+        let key_c = c.inputs().unwrap().key();
+        assert_eq!(tiny.evict(&key_c), Vec::<String>::new());
+        assert!(tiny.check(&a).is_ok());
+        drop(held);
+        assert_eq!(tiny.evict(&key_c), vec![key_a]);
+        assert!(tiny.check(&c).is_ok(), "the one kept is never removed");
         let _ = std::fs::remove_dir_all(&work);
     }
 }

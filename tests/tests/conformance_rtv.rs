@@ -483,7 +483,7 @@ fn the_configuration_file_takes_effect() {
             "# rtv's configuration\n[guest]\nkernel = {:?}\nkernel_up = {:?}\ninitramfs = {:?}\n\
              [vmm]\npath = {:?}\njail = false\nseccomp = \"off\"\n\
              [vm]\ndefault_memory_mib = 256\ndefault_vcpus = 1\n\
-             [templates]\ndir = {:?}\n",
+             [templates]\ndir = {:?}\nmax_size_mib = 300\n",
             kernel, kernel_up, initramfs, vmm, templates
         ),
     )
@@ -522,6 +522,7 @@ fn the_configuration_file_takes_effect() {
             "VMM hardening off".into(),
             "VMM seccomp filters off (vmm.seccomp = \"off\")".into(),
             templates.display().to_string(),
+            "of its 300 MiB budget (templates.max_size_mib)".into(),
         ] {
             anyhow::ensure!(stdout.contains(&want), "no {want:?} in {stdout}");
         }

@@ -973,6 +973,19 @@ fn cmd_check() -> Result<bool> {
             cfg.vcpus = size.vcpus;
             cfg.shared_dir = Some(PathBuf::from("/"));
             cfg.template_dir = Some(rtv_runtime::template_dir());
+            if let Ok(cache) = cfg.template_cache() {
+                let (count, bytes, budget) = cache.usage();
+                line(
+                    "template cache",
+                    true,
+                    format!(
+                        "{count} templates, {} MiB of its {} MiB budget (templates.max_size_mib), in {}",
+                        bytes >> 20,
+                        budget >> 20,
+                        cache.root().display()
+                    ),
+                );
+            }
             let current = cfg
                 .template_cache()
                 .map_err(|e| e.to_string())
