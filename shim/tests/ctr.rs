@@ -60,6 +60,19 @@ fn vm_leftovers(namespace: &str, ids: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The VMs among `left` (from [`vm_leftovers`]): the VMM processes
+/// (`rtv-vmm`), not their keepers (`rtv-vmm-keeper`, the jail's process
+/// outside the VMM's pid namespace, with the same command line).
+fn vms_running(left: &[String]) -> usize {
+    left.iter()
+        .filter_map(|l| l.strip_prefix("process ")?.split_whitespace().next())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "rtv-vmm")
+        })
+        .count()
+}
+
 /// Runs `f` in a private containerd (see `with_containerd`), then checks
 /// that no VM or state of pods `ids` is left.
 fn scenario(
@@ -317,7 +330,7 @@ fn ctr_pod_shares_one_shim_and_vm() {
         ensure!(shims.len() == 1, "want one shim for the pod, got {shims:?}");
         let vms = vm_leftovers(c.namespace(), std::slice::from_ref(&pod));
         ensure!(
-            vms.iter().filter(|l| l.starts_with("process")).count() == 1,
+            vms_running(&vms) == 1,
             "want one VM for the pod, got {vms:#?}"
         );
         // The sandbox runs rtv's built-in pause: nothing is exec'd in it.
@@ -705,7 +718,7 @@ fn ctr_run_fails_on_a_failing_prestart_hook_and_leaves_nothing() {
         );
         let vms = vm_leftovers(c.namespace(), std::slice::from_ref(&pod));
         ensure!(
-            vms.iter().filter(|l| l.starts_with("process")).count() == 1,
+            vms_running(&vms) == 1,
             "want the pod's VM still running, got {vms:#?}"
         );
         // The same id runs in the pod: nothing of it was left in the guest.
