@@ -49,7 +49,10 @@ impl Drop for Running {
 fn boot(jail: &str, seccomp: &str) -> Running {
     let kernel = artifact("RTV_KERNEL", "guest-kernel/build.sh");
     let initrd = artifact("RTV_INITRAMFS", "rootfs-builder/build.sh");
-    let tmp = TempDir::new(&format!("vmm-jail-{jail}"));
+    // One directory per boot: the tests boot at once in one process.
+    static BOOTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = BOOTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let tmp = TempDir::new(&format!("vmm-jail-{jail}-{n}"));
     let share = tmp.0.join("share");
     std::fs::create_dir(&share).unwrap();
     let console = tmp.0.join("console");
@@ -355,4 +358,43 @@ fn jail_off_leaves_the_process_as_it_was_started() {
     let log = std::fs::read_to_string(vm.tmp.0.join("log")).unwrap();
     assert!(log.contains("--jail off"), "the warning: {log}");
     assert!(log.contains("--seccomp off"), "the warning: {log}");
+}
+
+/// The keeper stands for the VMM to whoever started rtv-vmm: SIGTERM to it
+/// reaches the VMM, which stops the VM cleanly, and the keeper exits with
+/// the VMM's status (143); SIGKILL of the keeper kills the VMM too.
+#[test]
+fn the_keeper_relays_signals_and_ends_as_the_vmm_ends() {
+    let mut vm = boot("on", "on");
+    let vmm = vmm_of(vm.child.id());
+    let keeper = vm.child.id() as i32;
+    // SAFETY: a signal to the process this test started.
+    let sent = unsafe { libc::kill(keeper, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+    let status = vm.child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "the keeper ended {status}");
+    assert!(
+        !Path::new(&format!("/proc/{vmm}")).exists(),
+        "the VMM outlived its keeper"
+    );
+    drop(vm);
+
+    let mut vm = boot("on", "on");
+    let vmm = vmm_of(vm.child.id());
+    vm.child.kill().unwrap();
+    let status = vm.child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    // The VMM, killed by the kernel with its keeper (PR_SET_PDEATHSIG), is
+    // reaped by init.
+    let start = Instant::now();
+    while Path::new(&format!("/proc/{vmm}")).exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the VMM {vmm} outlived its killed keeper"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
