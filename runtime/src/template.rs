@@ -434,13 +434,18 @@ fn random_id() -> String {
 struct Lock(File);
 
 impl Lock {
-    fn take(path: &Path) -> Result<Self, TemplateError> {
-        let file = std::fs::OpenOptions::new()
+    /// The lock file, made if missing.
+    fn open(path: &Path) -> Result<File, TemplateError> {
+        std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
-            .map_err(|e| TemplateError::io(path, e))?;
+            .map_err(|e| TemplateError::io(path, e))
+    }
+
+    fn take(path: &Path) -> Result<Self, TemplateError> {
+        let file = Self::open(path)?;
         loop {
             // SAFETY: flock on a descriptor we own; no memory is passed.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
@@ -457,12 +462,7 @@ impl Lock {
 impl Lock {
     /// The lock if nobody holds it now; `None` if somebody does.
     fn try_take(path: &Path) -> Result<Option<Self>, TemplateError> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| TemplateError::io(path, e))?;
+        let file = Self::open(path)?;
         // SAFETY: flock on a descriptor we own; no memory is passed.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
             return Ok(Some(Lock(file)));
@@ -1145,21 +1145,28 @@ printf '{{"format_version":1,"vmm":{{"version":"9.9.9","build_id":"fake-{tag}"}}
         spec.inputs().unwrap();
     }
 
-    #[test]
-    fn concurrent_makers_make_one_template_and_another_build_gets_its_own() {
-        let work = std::env::temp_dir().join(unique("rtv-template-makers"));
+    /// A work directory `tag` with a kernel, an initramfs and the fake VMM
+    /// `vmm`, and the spec of a 128 MiB, 1-vCPU template without a share.
+    fn fake_work(tag: &str, vmm: &str) -> (PathBuf, TemplateSpec) {
+        let work = std::env::temp_dir().join(unique(tag));
         std::fs::create_dir_all(&work).unwrap();
         std::fs::write(work.join("vmlinux"), b"kernel").unwrap();
         std::fs::write(work.join("initrd"), b"initramfs").unwrap();
         let spec = TemplateSpec {
             kernel: work.join("vmlinux"),
             initramfs: work.join("initrd"),
-            vmm: fake_vmm(&work, "a"),
+            vmm: fake_vmm(&work, vmm),
             mem_mib: 128,
             vcpus: 1,
             virtio_fs: false,
         };
         ready(&spec);
+        (work, spec)
+    }
+
+    #[test]
+    fn concurrent_makers_make_one_template_and_another_build_gets_its_own() {
+        let (work, spec) = fake_work("rtv-template-makers", "a");
         let cache = TemplateCache::new(work.join("cache"));
         let threads: Vec<_> = (0..4)
             .map(|_| {
@@ -1266,19 +1273,7 @@ printf '{{"format_version":1,"vmm":{{"version":"9.9.9","build_id":"fake-{tag}"}}
     /// least recently used goes first; a template whose lock is held stays.
     #[test]
     fn the_budget_removes_the_least_recently_used_templates() {
-        let work = std::env::temp_dir().join(unique("rtv-template-budget"));
-        std::fs::create_dir_all(&work).unwrap();
-        std::fs::write(work.join("vmlinux"), b"kernel").unwrap();
-        std::fs::write(work.join("initrd"), b"initramfs").unwrap();
-        let a = TemplateSpec {
-            kernel: work.join("vmlinux"),
-            initramfs: work.join("initrd"),
-            vmm: fake_vmm(&work, "budget-a"),
-            mem_mib: 128,
-            vcpus: 1,
-            virtio_fs: false,
-        };
-        ready(&a);
+        let (work, a) = fake_work("rtv-template-budget", "budget-a");
         let b = TemplateSpec {
             virtio_fs: true,
             ..a.clone()
