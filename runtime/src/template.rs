@@ -540,17 +540,25 @@ impl TemplateCache {
     /// The templates in the cache and the disk space they take, against
     /// the budget: (count, bytes, budget bytes).
     pub fn usage(&self) -> (usize, u64, u64) {
-        let dirs: Vec<PathBuf> = std::fs::read_dir(&self.root)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                    .map(|e| e.path())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let bytes = dirs.iter().map(|d| allocated(d)).sum();
+        let dirs = self.template_dirs();
+        let bytes = dirs.iter().map(|(_, d)| allocated(d)).sum();
         (dirs.len(), bytes, self.budget)
+    }
+
+    /// The templates' keys and directories: the cache's directories but
+    /// the temporary ones (`.making-*`, `.trash-*`).
+    fn template_dirs(&self) -> Vec<(String, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| {
+                let key = e.file_name().to_str()?.to_owned();
+                (!key.starts_with('.')).then(|| (key, e.path()))
+            })
+            .collect()
     }
 
     /// Removes the least recently used templates other than `keep` while
@@ -559,18 +567,10 @@ impl TemplateCache {
     /// left. Temporary directories (`.making-*`, `.trash-*`) are not
     /// counted: they are gone once their maker is done.
     pub fn evict(&self, keep: &str) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(&self.root) else {
-            return Vec::new();
-        };
-        let mut all: Vec<(std::time::SystemTime, u64, String)> = entries
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| {
-                let key = e.file_name().to_str()?.to_owned();
-                if key.starts_with('.') {
-                    return None;
-                }
-                let dir = e.path();
+        let mut all: Vec<(std::time::SystemTime, u64, String)> = self
+            .template_dirs()
+            .into_iter()
+            .map(|(key, dir)| {
                 let used = [
                     dir.join(LAST_USED_FILE),
                     dir.join(MANIFEST_FILE),
@@ -579,7 +579,7 @@ impl TemplateCache {
                 .iter()
                 .find_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
                 .unwrap_or(std::time::UNIX_EPOCH);
-                Some((used, allocated(&dir), key))
+                (used, allocated(&dir), key)
             })
             .collect();
         let mut total: u64 = all.iter().map(|t| t.1).sum();
