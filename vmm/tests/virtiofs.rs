@@ -819,6 +819,114 @@ fn open_keeps_the_guest_cache_only_for_unchanged_files() {
     }
     assert!(keeps(&mut d, again), "still serving");
 }
+/// A READ or WRITE whose flags differ from the handle's (the guest's
+/// `fcntl(F_SETFL)`) where the host cannot apply them (clearing `O_APPEND`
+/// on an append-only file) once closed the handle's descriptor under it in
+/// fuse-backend-rs's passthrough: the next file the VMM opened took its
+/// number, and the guest's handle read that file. Each request goes on with
+/// the handle's own flags.
+#[test]
+fn a_guests_flags_never_close_a_handles_descriptor() {
+    const FUSE_OPEN: u32 = 14;
+    const FUSE_READ: u32 = 15;
+    const FUSE_WRITE: u32 = 16;
+    const FUSE_RELEASE: u32 = 18;
+    // linux/fs.h: FS_IOC_SETFLAGS and the append-only flag.
+    const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+    const FS_APPEND_FL: libc::c_long = 0x20;
+    let dir = TempDir::new("vmm-fs-flags");
+    let share = dir.0.join("share");
+    std::fs::create_dir(&share).unwrap();
+    let log = share.join("log");
+    std::fs::write(&log, "0123").unwrap();
+    std::fs::write(share.join("other"), "other file").unwrap();
+    let set_append_only = |on: bool| {
+        let f = std::fs::File::open(&log).unwrap();
+        let flags: libc::c_long = if on { FS_APPEND_FL } else { 0 };
+        // SAFETY: FS_IOC_SETFLAGS reads one long from the pointer, which
+        // lives across the call; the result is checked.
+        let rc =
+            unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), FS_IOC_SETFLAGS, &flags) };
+        assert_eq!(rc, 0, "chattr: {}", std::io::Error::last_os_error());
+    };
+    set_append_only(true);
+    // The attribute comes off again even when an assertion fails, or the
+    // directory could not be removed.
+    struct Clear<F: Fn(bool)>(F);
+    impl<F: Fn(bool)> Drop for Clear<F> {
+        fn drop(&mut self) {
+            (self.0)(false)
+        }
+    }
+    let _clear = Clear(set_append_only);
+
+    let mut d = Driver::new(&share);
+    d.init(1);
+    let lookup = |d: &mut Driver, name: &[u8]| {
+        let (_, err, _) = d.fuse(FUSE_LOOKUP, 1, 2, name);
+        assert_eq!(err, 0);
+        u64::from_le_bytes(d.reply_body(8)[..8].try_into().unwrap())
+    };
+    let open = |d: &mut Driver, node: u64, flags: i32| {
+        let mut body = (flags as u32).to_le_bytes().to_vec();
+        body.extend_from_slice(&0u32.to_le_bytes());
+        let (_, err, _) = d.fuse(FUSE_OPEN, node, 3, &body);
+        assert_eq!(err, 0, "open");
+        u64::from_le_bytes(d.reply_body(8)[..8].try_into().unwrap())
+    };
+    // fuse_read_in / fuse_write_in: fh, offset, size, read/write flags,
+    // lock_owner, flags, padding.
+    let io_in = |fh: u64, offset: u64, size: u32, flags: i32| {
+        let mut b = fh.to_le_bytes().to_vec();
+        b.extend_from_slice(&offset.to_le_bytes());
+        b.extend_from_slice(&size.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&(flags as u32).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b
+    };
+    let read = |d: &mut Driver, node: u64, fh: u64| {
+        let (len, err, _) = d.fuse(FUSE_READ, node, 4, &io_in(fh, 0, 64, libc::O_RDONLY));
+        assert_eq!(err, 0, "read");
+        String::from_utf8(d.reply_body(len as usize - 16)).unwrap()
+    };
+    let release = |d: &mut Driver, node: u64, fh: u64| {
+        let mut rel = fh.to_le_bytes().to_vec();
+        rel.extend_from_slice(&[0u8; 16]);
+        assert_eq!(d.fuse(FUSE_RELEASE, node, 5, &rel).1, 0, "release");
+    };
+
+    let node = lookup(&mut d, b"log\0");
+    let other = lookup(&mut d, b"other\0");
+    // Opened for appending; read without O_APPEND in the flags.
+    let fh = open(&mut d, node, libc::O_RDONLY | libc::O_APPEND);
+    assert_eq!(read(&mut d, node, fh), "0123");
+    // The next descriptor the VMM opens (the number a closed one frees).
+    let other_fh = open(&mut d, other, libc::O_RDONLY);
+    assert_eq!(
+        read(&mut d, node, fh),
+        "0123",
+        "the handle still reads its file"
+    );
+    assert_eq!(read(&mut d, other, other_fh), "other file");
+    // A write opened with O_APPEND, sent without it.
+    let wfh = open(&mut d, node, libc::O_WRONLY | libc::O_APPEND);
+    let mut body = io_in(wfh, 4, 2, libc::O_WRONLY);
+    body.extend_from_slice(b"45");
+    let (_, err, _) = d.fuse(FUSE_WRITE, node, 6, &body);
+    assert_eq!(err, 0, "write");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "012345");
+    for (n, h) in [(node, fh), (other, other_fh), (node, wfh)] {
+        release(&mut d, n, h);
+    }
+    // A handle the guest makes up, or one released, is refused.
+    for bogus in [fh, 0xdead_beef] {
+        let (_, err, _) = d.fuse(FUSE_READ, node, 7, &io_in(bogus, 0, 8, 0));
+        assert_eq!(err, -libc::EBADF, "handle {bogus:#x}");
+    }
+}
+
 // ---- end to end -----------------------------------------------------------
 
 /// A build artifact: `$var` (as scripts/test.sh exports it), or the path

@@ -28,6 +28,20 @@
 //! so the map holds at most one entry per inode the inner file system holds;
 //! an entry is dropped when the guest forgets its inode (the passthrough
 //! never reuses an inode number) and all at INIT and DESTROY.
+//!
+//! The wrapper also pins each handle's open flags for READ and WRITE.
+//! fuse-backend-rs 0.14's passthrough applies a READ or WRITE whose flags
+//! differ from the handle's with `fcntl(F_SETFL)`, and when that fails
+//! (`O_DIRECT` where the host file system has none, clearing `O_APPEND` on
+//! an append-only file) it returns early while a `File` made from the
+//! handle's raw descriptor is still live: the descriptor is closed under
+//! the handle, whose number the next `open` of the VMM reuses, so a guest
+//! could aim the handle at any file the VMM opens next (and a debug build
+//! aborts at the double close). The guest's flags only mirror its own
+//! `fcntl(F_SETFL)` after open: `O_APPEND` writes already carry their
+//! offset (the guest kernel computes it) and `O_NONBLOCK` means nothing to
+//! a regular file, so every READ and WRITE goes to the passthrough with the
+//! flags its handle was opened with, which never calls `fcntl`.
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -73,6 +87,8 @@ pub struct KeepCache<FS> {
     inner: FS,
     /// The version each FUSE inode had at its last open.
     seen: Mutex<HashMap<u64, Version>>,
+    /// The flags each open file handle was opened with.
+    opened: Mutex<HashMap<u64, u32>>,
 }
 
 impl<FS: FileSystem> KeepCache<FS> {
@@ -81,6 +97,7 @@ impl<FS: FileSystem> KeepCache<FS> {
         Self {
             inner,
             seen: Mutex::new(HashMap::new()),
+            opened: Mutex::new(HashMap::new()),
         }
     }
 
@@ -99,6 +116,18 @@ impl<FS: FileSystem> KeepCache<FS> {
         // half-updated.
         self.seen.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn opened(&self) -> MutexGuard<'_, HashMap<u64, u32>> {
+        self.opened.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The flags `handle` was opened with: what READ and WRITE pass on.
+    fn open_flags(&self, handle: u64) -> io::Result<u32> {
+        self.opened()
+            .get(&handle)
+            .copied()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
+    }
 }
 
 impl<FS: FileSystem> FileSystem for KeepCache<FS> {
@@ -108,11 +137,13 @@ impl<FS: FileSystem> FileSystem for KeepCache<FS> {
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         self.seen().clear();
+        self.opened().clear();
         self.inner.init(capable)
     }
 
     fn destroy(&self) {
         self.seen().clear();
+        self.opened().clear();
         self.inner.destroy()
     }
 
@@ -153,6 +184,9 @@ impl<FS: FileSystem> FileSystem for KeepCache<FS> {
         let (handle, mut opts, passthrough) =
             self.inner.open(ctx, node.into(), flags, fuse_flags)?;
         let fh: Option<u64> = handle.map(Into::into);
+        if let Some(fh) = fh {
+            self.opened().insert(fh, flags);
+        }
         // The file just opened (its handle), else the inode.
         let now = self
             .inner
@@ -274,7 +308,13 @@ impl<FS: FileSystem> FileSystem for KeepCache<FS> {
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.inner.create(ctx, parent, name, args)
+        let flags = args.flags;
+        let (entry, handle, opts, passthrough) = self.inner.create(ctx, parent, name, args)?;
+        let fh: Option<u64> = handle.map(Into::into);
+        if let Some(fh) = fh {
+            self.opened().insert(fh, flags);
+        }
+        Ok((entry, fh.map(Into::into), opts, passthrough))
     }
 
     fn read(
@@ -286,10 +326,12 @@ impl<FS: FileSystem> FileSystem for KeepCache<FS> {
         size: u32,
         offset: u64,
         lock_owner: Option<u64>,
-        flags: u32,
+        _flags: u32,
     ) -> io::Result<usize> {
+        let fh: u64 = handle.into();
+        let flags = self.open_flags(fh)?;
         self.inner
-            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+            .read(ctx, inode, fh.into(), w, size, offset, lock_owner, flags)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -303,13 +345,15 @@ impl<FS: FileSystem> FileSystem for KeepCache<FS> {
         offset: u64,
         lock_owner: Option<u64>,
         delayed_write: bool,
-        flags: u32,
+        _flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
+        let fh: u64 = handle.into();
+        let flags = self.open_flags(fh)?;
         self.inner.write(
             ctx,
             inode,
-            handle,
+            fh.into(),
             r,
             size,
             offset,
@@ -364,8 +408,18 @@ impl<FS: FileSystem> FileSystem for KeepCache<FS> {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+        let fh: u64 = handle.into();
+        self.inner.release(
+            ctx,
+            inode,
+            flags,
+            fh.into(),
+            flush,
+            flock_release,
+            lock_owner,
+        )?;
+        self.opened().remove(&fh);
+        Ok(())
     }
 
     fn statfs(&self, ctx: &Context, inode: Self::Inode) -> io::Result<statvfs64> {
