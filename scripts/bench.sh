@@ -16,6 +16,9 @@ usage: scripts/bench.sh [SUBCOMMAND] [OPTIONS]   (default: boot)
   net       [-n N] [--mib M] [--sysctl K=V]  TCP between two pods on a CNI bridge, runc and rtv handlers:
                                             httpd to wget throughput, ping's round trip, frames per MiB,
                                             rtv's VMM CPU per MiB
+  soak      [--cycles N] [--every K]        N lifecycles through rtv and N pods through CRI, a census of
+            [--rtv-only | --cri-only]       processes, mounts, sockets, links, netns, cgroups, state,
+                                            descriptors, templates and memory every K; fails on a leak
   jail      [-n N] [--idle N]               what the VMM's jail and seccomp filters cost: template
                                             starts with both on and both off, idle VMMs' memory
   flamegraph -o OUT.svg [--title T] N.folded...   one flame graph of several parts of a guest profile

@@ -42,7 +42,7 @@ use crate::host_cgroup::{self, HostCgroupError};
 use crate::net::{self, NetError, Netns, NetworkMode, PodInterface};
 use crate::sandbox::{Origin, Sandbox, SandboxConfig, SandboxError, VSOCK_FILE};
 use crate::share::{Share, ShareError};
-use crate::spec::{guest_spec, vm_size, VmSize};
+use crate::spec::{guest_spec, vm_size, VmSize, VM_MEMORY_OVERHEAD_MIB};
 use crate::vmm_process::{alive, Profile};
 
 /// The CRI annotation naming a container's kind (`sandbox` or `container`).
@@ -360,6 +360,10 @@ pub struct PodRecord {
     pub host_cgroups: Vec<PathBuf>,
     /// The containers in the pod.
     pub members: Vec<String>,
+    /// The memory limits of the members that set one, MiB: what the VM
+    /// has promised them ([`join_members`]).
+    #[serde(default)]
+    pub member_memory_mib: std::collections::BTreeMap<String, u64>,
     /// The last member left: the pod is being stopped and takes no new one.
     #[serde(default)]
     pub stopping: bool,
@@ -473,8 +477,12 @@ fn change_record<T>(
 }
 
 /// Adds container `id` to the members of the pod in `dir`; refused while
-/// the pod stops, and for an id it has.
-fn join_members(dir: &Path, id: &str) -> Result<(), PodError> {
+/// the pod stops, for an id it has, and for a memory limit (`memory_mib`)
+/// that does not fit what the VM has left: its memory less the guest's own
+/// ([`VM_MEMORY_OVERHEAD_MIB`]) and the limits of the other members. The
+/// container that made the pod is not checked: the VM was sized for it (or
+/// for the whole pod, from containerd 1.7's annotations).
+fn join_members(dir: &Path, id: &str, memory_mib: Option<u64>) -> Result<(), PodError> {
     change_record(dir, |rec| {
         let refuse = |message: String, class| PodError::Pod {
             pod: rec.id.clone(),
@@ -493,6 +501,27 @@ fn join_members(dir: &Path, id: &str) -> Result<(), PodError> {
                 ErrorClass::AlreadyExists,
             ));
         }
+        if let Some(mib) = memory_mib {
+            let promised: u64 = rec.member_memory_mib.values().sum();
+            let left = rec
+                .mem_mib
+                .saturating_sub(VM_MEMORY_OVERHEAD_MIB)
+                .saturating_sub(promised);
+            if id != rec.id && rec.mem_mib > 0 && mib > left {
+                return Err(refuse(
+                    format!(
+                        "container {id}'s memory limit of {mib} MiB does not fit in the pod's VM of \
+                         {} MiB: {VM_MEMORY_OVERHEAD_MIB} MiB are the guest's own and {promised} MiB \
+                         the limits of its other containers, {left} MiB are left (size the pod: \
+                         vm.default_memory_mib in the configuration file, or containerd 1.7's pod \
+                         annotations)",
+                        rec.mem_mib
+                    ),
+                    ErrorClass::InvalidArgument,
+                ));
+            }
+            rec.member_memory_mib.insert(id.to_owned(), mib);
+        }
         rec.members.push(id.to_owned());
         Ok(())
     })
@@ -504,6 +533,7 @@ fn join_members(dir: &Path, id: &str) -> Result<(), PodError> {
 fn leave_members(dir: &Path, id: &str, deleted: bool) -> Result<bool, PodError> {
     change_record(dir, |rec| {
         rec.members.retain(|m| m != id);
+        rec.member_memory_mib.remove(id);
         let last = rec.members.is_empty();
         rec.stopping |= last && deleted;
         Ok(last)
@@ -706,6 +736,7 @@ impl Pod {
                     vcpus: cfg.size.vcpus,
                     host_cgroups: pod.host_cgroups.clone(),
                     members: Vec::new(),
+                    member_memory_mib: Default::default(),
                     stopping: false,
                     profile: cfg.profile.as_ref().map(|p| p.dir.clone()),
                     profile_parts: 0,
@@ -789,6 +820,7 @@ impl Pod {
                 vcpus: 0,
                 host_cgroups: Vec::new(),
                 members: Vec::new(),
+                member_memory_mib: Default::default(),
                 stopping: false,
                 profile: None,
                 profile_parts: 0,
@@ -1059,8 +1091,8 @@ impl Pod {
         Ok(read_record(&self.dir)?.members)
     }
 
-    fn join(&self, id: &str) -> Result<(), PodError> {
-        join_members(&self.dir, id)
+    fn join(&self, id: &str, memory_mib: Option<u64>) -> Result<(), PodError> {
+        join_members(&self.dir, id, memory_mib)
     }
 
     fn leave(&self, id: &str, deleted: bool) -> Result<bool, PodError> {
@@ -1074,7 +1106,7 @@ impl Pod {
     /// [`Creating::finish`], which runs the create hooks. A failure here
     /// leaves nothing.
     pub async fn create_container(&self, c: NewContainer<'_>) -> Result<Creating<'_>, PodError> {
-        self.join(c.id)?;
+        self.join(c.id, crate::spec::memory_limit_mib(c.spec))?;
         let mut creating = Creating {
             pod: self,
             id: c.id.to_owned(),
@@ -1581,6 +1613,7 @@ mod tests {
             vcpus: 1,
             host_cgroups: Vec::new(),
             members: Vec::new(),
+            member_memory_mib: Default::default(),
             stopping: false,
             profile: None,
             profile_parts: 0,
@@ -1588,24 +1621,87 @@ mod tests {
             network: None,
         };
         write_record(&dir, &rec).unwrap();
-        join_members(&dir, "a").unwrap();
-        join_members(&dir, "b").unwrap();
-        let dup = join_members(&dir, "a").unwrap_err();
+        join_members(&dir, "a", None).unwrap();
+        join_members(&dir, "b", None).unwrap();
+        let dup = join_members(&dir, "a", None).unwrap_err();
         assert_eq!(dup.class(), ErrorClass::AlreadyExists, "{dup}");
         assert_eq!(read_record(&dir).unwrap().members, ["a", "b"]);
         assert!(!leave_members(&dir, "a", true).unwrap());
         // An undone create leaves the pod open.
         assert!(leave_members(&dir, "b", false).unwrap());
         assert!(!read_record(&dir).unwrap().stopping);
-        join_members(&dir, "b").unwrap();
+        join_members(&dir, "b", None).unwrap();
         assert!(leave_members(&dir, "b", true).unwrap());
-        let late = join_members(&dir, "c").unwrap_err();
+        let late = join_members(&dir, "c", None).unwrap_err();
         assert_eq!(late.class(), ErrorClass::InvalidState, "{late}");
         assert!(read_record(&dir).unwrap().stopping);
         assert!(matches!(
             read_record(Path::new("/nonexistent")),
             Err(PodError::Io { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_members_memory_limit_must_fit_what_the_vm_has_left() {
+        let dir = std::env::temp_dir().join(format!("rtv-pod-fit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rec = PodRecord {
+            id: "p".into(),
+            vmm_pid: 1,
+            vmm_start: 0,
+            mem_mib: 664,
+            vcpus: 1,
+            host_cgroups: Vec::new(),
+            members: Vec::new(),
+            member_memory_mib: Default::default(),
+            stopping: false,
+            profile: None,
+            profile_parts: 0,
+            vmm_cpus: None,
+            network: None,
+        };
+        write_record(&dir, &rec).unwrap();
+        // The pod's own container is what the VM was sized for.
+        join_members(&dir, "p", None).unwrap();
+        join_members(&dir, "a", Some(300)).unwrap();
+        join_members(&dir, "b", Some(300)).unwrap();
+        let e = join_members(&dir, "c", Some(1)).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::InvalidArgument, "{e}");
+        let text = e.to_string();
+        for part in [
+            "container c's memory limit of 1 MiB",
+            "pod's VM of 664 MiB",
+            "600 MiB the limits of its other containers, 0 MiB are left",
+        ] {
+            assert!(text.contains(part), "want {part:?} in: {text}");
+        }
+        assert_eq!(read_record(&dir).unwrap().members, ["p", "a", "b"]);
+        // A container without a limit joins; one that leaves gives its room
+        // back.
+        join_members(&dir, "unlimited", None).unwrap();
+        assert!(!leave_members(&dir, "a", true).unwrap());
+        join_members(&dir, "c", Some(300)).unwrap();
+        let e = join_members(&dir, "d", Some(4096)).unwrap_err();
+        assert!(e.to_string().contains("4096 MiB"), "{e}");
+        // A pod made by the container itself is never refused it.
+        let own = PodRecord {
+            id: "q".into(),
+            mem_mib: 128,
+            ..read_record(&dir).unwrap()
+        };
+        let qdir = dir.join("q");
+        std::fs::create_dir_all(&qdir).unwrap();
+        write_record(
+            &qdir,
+            &PodRecord {
+                members: Vec::new(),
+                member_memory_mib: Default::default(),
+                ..own
+            },
+        )
+        .unwrap();
+        join_members(&qdir, "q", Some(1000)).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

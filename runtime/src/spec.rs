@@ -288,6 +288,20 @@ fn annotation_number(spec: &Spec, key: &str) -> Option<i64> {
     }
 }
 
+/// The memory limit of the container with `spec`, MiB rounded up, when it
+/// sets one.
+pub fn memory_limit_mib(spec: &Spec) -> Option<u64> {
+    spec.linux()
+        .as_ref()?
+        .resources()
+        .as_ref()?
+        .memory()
+        .as_ref()?
+        .limit()
+        .filter(|l| *l > 0)
+        .map(|l| (l as u64).div_ceil(1 << 20))
+}
+
 /// The VM for a container with `spec`: memory = the memory limit rounded
 /// up to 2 MiB plus [`VM_MEMORY_OVERHEAD_MIB`] (or
 /// the configuration's `vm.default_memory_mib`, [`DEFAULT_VM_MEMORY_MIB`]

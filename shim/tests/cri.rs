@@ -80,7 +80,9 @@ fn pod_network_through_cri() {
 ///
 /// In the same containerd: two more handlers of the same shim with their
 /// own configuration files (`options.ConfigPath`), one sizing the VM (and
-/// passing containerd 1.7's pod-size annotations), one broken.
+/// passing containerd 1.7's pod-size annotations), one broken; then a pod
+/// whose VMM is killed under its two containers (both reported exited with
+/// 137, the pod removable, nothing left).
 #[test]
 fn privileged_containers_and_devices_through_cri() {
     let dir = setup();
@@ -109,7 +111,8 @@ fn privileged_containers_and_devices_through_cri() {
     );
     rtv_tests::cri::with_cri("cri-priv-rtv", &opts, |c, cri| {
         cri::scenario_privileged(c, cri, "rtv", true)?;
-        cri::scenario_config_path(c, cri, "rtv-256", "rtv-broken", &broken)
+        cri::scenario_config_path(c, cri, "rtv-256", "rtv-broken", &broken)?;
+        cri::scenario_killed_vmm(c, cri, "rtv")
     });
     let _ = std::fs::remove_dir_all(&files);
 }

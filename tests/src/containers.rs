@@ -706,9 +706,9 @@ async fn oom_reported(c: &AgentClient, place: &Place) -> Result<()> {
         &base_spec(&[
             "sh",
             "-c",
-            "exec 2>/dev/null; dd if=/dev/zero of=/dev/null bs=16M count=1; sleep 60",
+            "exec 2>/dev/null; dd if=/dev/zero of=/dev/null bs=8M count=1; sleep 60",
         ]),
-        serde_json::json!({"linux": {"resources": {"memory": {"limit": 8388608}}}}),
+        serde_json::json!({"linux": {"resources": {"memory": {"limit": 4194304}}}}),
     )?;
     let exec_id = create(c, place, id, &spec).await?;
     let result = async {
@@ -743,8 +743,8 @@ async fn oom_reported(c: &AgentClient, place: &Place) -> Result<()> {
 pub async fn cgroup_limits(c: &AgentClient, place: &Place) -> Result<()> {
     // Memory: a process over the limit is OOM-killed (137), the VM goes on.
     let spec = patched(
-        &base_spec(&["dd", "if=/dev/zero", "of=/dev/null", "bs=16M", "count=1"]),
-        serde_json::json!({"linux": {"resources": {"memory": {"limit": 8388608}}}}),
+        &base_spec(&["dd", "if=/dev/zero", "of=/dev/null", "bs=8M", "count=1"]),
+        serde_json::json!({"linux": {"resources": {"memory": {"limit": 4194304}}}}),
     )?;
     let r = run(c, place, "oom", &spec).await?;
     ensure!(r.status.code() == 137, "over the memory limit: {r:?}");
@@ -759,12 +759,12 @@ pub async fn cgroup_limits(c: &AgentClient, place: &Place) -> Result<()> {
         ]),
         serde_json::json!({"linux": {"resources": {
             "memory": {"limit": 67108864},
-            "cpu": {"quota": 50000, "period": 100000},
+            "cpu": {"quota": 90000, "period": 100000},
             "pids": {"limit": 4}
         }}}),
     )?;
     let r = run(c, place, "limits", &spec).await?;
-    ensure!(r.out.contains("50000 100000"), "cpu.max: {r:?}");
+    ensure!(r.out.contains("90000 100000"), "cpu.max: {r:?}");
     ensure!(r.out.contains("67108864"), "memory.max: {r:?}");
     ensure!(r.out.contains("\n4\n"), "pids.max: {r:?}");
     ensure!(

@@ -1249,6 +1249,8 @@ pub fn scenario_config_path(
         "MemTotal {kb} kB and {cpus} CPUs in a pod whose annotations ask for 600 MiB and 2 CPUs"
     );
 
+    pod_fit(c, cri, sized)?;
+
     let bad_cfg = pod_config(c, "misconfigured")?;
     let r = cri.try_call(
         "RuntimeService/RunPodSandbox",
@@ -1271,6 +1273,126 @@ pub fn scenario_config_path(
         "pods after a failed RunPodSandbox: {pods:?}"
     );
     Ok(())
+}
+
+/// The pod's VMM killed (SIGKILL) under two running containers, as the
+/// host's OOM killer or an operator would: containerd gets a TaskExit for
+/// each container and for the sandbox, CRI shows both containers
+/// `CONTAINER_EXITED` with exit code 137 (128 + SIGKILL, the shim's status
+/// for a process whose VM is gone) and the pod `SANDBOX_NOTREADY`, and
+/// `StopPodSandbox` + `RemovePodSandbox` remove it with nothing left.
+pub fn scenario_killed_vmm(c: &Containerd, cri: &CriClient, handler: &str) -> Result<()> {
+    let pod_cfg = pod_config(c, "killed-vmm")?;
+    let pod = cri.run_pod(&pod_cfg, handler)?;
+    let mut ids = Vec::new();
+    for name in ["first", "second"] {
+        let cfg = container_config(name, &["sleep", "1000"], &[]);
+        let id = cri.create_container(&pod, &cfg, &pod_cfg)?;
+        cri.start(&id)?;
+        ids.push(id);
+    }
+    // The VMM: the process named rtv-vmm under the pod's shim (its keeper,
+    // rtv-vmm-keeper, stays outside the VMM's pid namespace).
+    let procs = containerd::processes();
+    let shims = c.shims();
+    let vmms: Vec<i32> = shims
+        .iter()
+        .flat_map(|(pid, _)| containerd::descendants(&procs, *pid as i32))
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == "rtv-vmm")
+        })
+        .collect();
+    let [vmm] = vmms[..] else {
+        bail!("want one rtv-vmm under the pod's shims {shims:?}, found {vmms:?}");
+    };
+    // SAFETY: kill(2) takes plain integers and touches none of our memory.
+    if unsafe { libc::kill(vmm, libc::SIGKILL) } != 0 {
+        bail!("kill -9 {vmm}: {}", std::io::Error::last_os_error());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for id in &ids {
+        loop {
+            let st = cri.container_status(id)?;
+            if st["status"]["state"] == "CONTAINER_EXITED" {
+                ensure!(
+                    st["status"]["exit_code"] == 137,
+                    "container {id} after its VMM was killed: {}",
+                    st["status"]
+                );
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "container {id} not exited 30 s after its VMM was killed: {}",
+                st["status"]
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    loop {
+        let st = cri.pod_status(&pod)?;
+        if st["status"]["state"] == "SANDBOX_NOTREADY" {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "pod not NOTREADY 30 s after its VMM was killed: {}",
+            st["status"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cri.stop_pod(&pod)?;
+    cri.remove_pod(&pod)?;
+    check_pod_gone(c, cri, &pod)
+}
+
+/// A pod sized by containerd 1.7's annotations for 600 MiB (a VM of 664
+/// MiB) holds two containers with 300 MiB memory limits, each limited to
+/// its own 300 MiB in the guest (its cgroup's `memory.max`); a third with
+/// a limit of 16 MiB does not fit what is left, and its create fails with
+/// both sizes named.
+fn pod_fit(c: &Containerd, cri: &CriClient, handler: &str) -> Result<()> {
+    let mut pod_cfg = pod_config(c, "fit")?;
+    pod_cfg["annotations"] = json!({
+        rtv_runtime::spec::SANDBOX_MEMORY: (600u64 << 20).to_string(),
+    });
+    let pod = cri.run_pod(&pod_cfg, handler)?;
+    let result = (|| {
+        let limited = |name: &str, mib: u64| {
+            let mut cfg = container_config(name, &["sleep", "1000"], &[]);
+            cfg["linux"]["resources"] = json!({"memory_limit_in_bytes": mib << 20});
+            cfg
+        };
+        for name in ["first", "second"] {
+            let id = cri.create_container(&pod, &limited(name, 300), &pod_cfg)?;
+            cri.start(&id)
+                .with_context(|| format!("StartContainer {name}"))?;
+            let max = exec_ok(cri, &id, &["cat", "/sys/fs/cgroup/memory.max"])?;
+            ensure!(
+                max.trim() == (300u64 << 20).to_string(),
+                "{name}'s memory.max in the guest: {max:?}"
+            );
+        }
+        let r = cri.try_call(
+            "RuntimeService/CreateContainer",
+            json!({"pod_sandbox_id": pod, "config": limited("third", 16), "sandbox_config": pod_cfg}),
+            CRI_TIMEOUT,
+        )?;
+        match r {
+            Ok(v) => bail!("a third container of 16 MiB in a full pod was created: {v}"),
+            Err(e) => ensure!(
+                e.message.contains("memory limit of 16 MiB does not fit in the pod's VM of 664 MiB")
+                    && e.message.contains("0 MiB are left"),
+                "CreateContainer of a container that does not fit: {e}"
+            ),
+        }
+        Ok(())
+    })();
+    let stop = cri.stop_pod(&pod).and_then(|()| cri.remove_pod(&pod));
+    result?;
+    stop?;
+    check_pod_gone(c, cri, &pod)
 }
 
 /// `RunPodSandbox` on a handler containerd does not have fails, and

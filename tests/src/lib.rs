@@ -11,6 +11,7 @@ pub mod docker;
 pub mod pod;
 pub mod profile;
 pub mod scenarios;
+pub mod soak;
 pub mod stress;
 
 use std::io::{BufRead, BufReader, Read};

@@ -38,7 +38,7 @@ fn start_agent(tag: &str) -> (Agent, Endpoint) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_agent_scenario_on_the_host() {
     let (_agent, endpoint) = start_agent("all");
-    scenarios::connect_and_run_all(endpoint, Duration::from_secs(30)).await;
+    scenarios::connect_and_run_all(endpoint, Duration::from_secs(30), scenarios::Load::HOST).await;
 }
 
 #[tokio::test]

@@ -109,7 +109,7 @@ fn shared_vm() -> &'static Result<PathBuf, String> {
 async fn every_agent_scenario_in_a_vm() {
     let uds = shared_vm().as_ref().expect("shared VM");
     let endpoint = Endpoint::vm(uds);
-    scenarios::connect_and_run_all(endpoint, Duration::from_secs(60)).await;
+    scenarios::connect_and_run_all(endpoint, Duration::from_secs(60), scenarios::Load::VM).await;
 }
 
 #[test]

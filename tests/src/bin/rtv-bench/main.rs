@@ -17,6 +17,7 @@
 mod cri;
 mod jail;
 mod net;
+mod soak;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -126,6 +127,24 @@ enum What {
         /// below 1.5 before measuring.
         #[arg(long, default_value_t = 600)]
         max_wait: u64,
+    },
+    /// Many lifecycles through rtv and pods through CRI in a row, with a
+    /// census of what could leak (processes, mounts, sockets, links,
+    /// network namespaces, cgroups, state, descriptors, the template cache,
+    /// memory) after the first and every tenth; fails on a leak.
+    Soak {
+        /// Cycles of each kind.
+        #[arg(long, default_value_t = 200)]
+        cycles: usize,
+        /// A census after every this many cycles.
+        #[arg(long, default_value_t = 10)]
+        every: usize,
+        /// Only the rtv lifecycles.
+        #[arg(long, conflicts_with = "cri_only")]
+        rtv_only: bool,
+        /// Only the CRI pods.
+        #[arg(long)]
+        cri_only: bool,
     },
     /// Pods through containerd 1.6's CRI plugin on the runc, crun and rtv
     /// handlers: `RunPodSandbox` to the first container running, stop and
@@ -1752,6 +1771,12 @@ fn main() -> Result<()> {
             Duration::from_secs(max_wait),
             &sysctl,
         ),
+        What::Soak {
+            cycles,
+            every,
+            rtv_only,
+            cri_only,
+        } => soak::soak_bench(cycles, every, rtv_only, cri_only),
         What::Flamegraph { out, title, folded } => flamegraph(&out, &title, &folded),
     }
 }
