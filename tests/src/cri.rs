@@ -1350,8 +1350,8 @@ pub fn scenario_killed_vmm(c: &Containerd, cri: &CriClient, handler: &str) -> Re
 /// A pod sized by containerd 1.7's annotations for 600 MiB (a VM of 664
 /// MiB) holds two containers with 300 MiB memory limits, each limited to
 /// its own 300 MiB in the guest (its cgroup's `memory.max`); a third with
-/// a limit of 16 MiB does not fit what is left, and its create fails with
-/// both sizes named.
+/// a limit of 16 MiB does not fit what is left, and its start (where
+/// containerd asks the shim to create it) fails with both sizes named.
 fn pod_fit(c: &Containerd, cri: &CriClient, handler: &str) -> Result<()> {
     let mut pod_cfg = pod_config(c, "fit")?;
     pod_cfg["annotations"] = json!({
@@ -1368,23 +1368,37 @@ fn pod_fit(c: &Containerd, cri: &CriClient, handler: &str) -> Result<()> {
             let id = cri.create_container(&pod, &limited(name, 300), &pod_cfg)?;
             cri.start(&id)
                 .with_context(|| format!("StartContainer {name}"))?;
-            let max = exec_ok(cri, &id, &["cat", "/sys/fs/cgroup/memory.max"])?;
+            // The container's own cgroup, wherever its cgroup namespace
+            // (if any) roots /sys/fs/cgroup.
+            let max = exec_ok(
+                cri,
+                &id,
+                &[
+                    "sh",
+                    "-c",
+                    "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max",
+                ],
+            )?;
             ensure!(
                 max.trim() == (300u64 << 20).to_string(),
                 "{name}'s memory.max in the guest: {max:?}"
             );
         }
+        // CRI's CreateContainer only records the container: containerd
+        // asks the shim for it at StartContainer.
+        let third = cri.create_container(&pod, &limited("third", 16), &pod_cfg)?;
         let r = cri.try_call(
-            "RuntimeService/CreateContainer",
-            json!({"pod_sandbox_id": pod, "config": limited("third", 16), "sandbox_config": pod_cfg}),
+            "RuntimeService/StartContainer",
+            json!({"container_id": third}),
             CRI_TIMEOUT,
         )?;
         match r {
-            Ok(v) => bail!("a third container of 16 MiB in a full pod was created: {v}"),
+            Ok(v) => bail!("a third container of 16 MiB in a full pod started: {v}"),
             Err(e) => ensure!(
-                e.message.contains("memory limit of 16 MiB does not fit in the pod's VM of 664 MiB")
+                e.message
+                    .contains("memory limit of 16 MiB does not fit in the pod's VM of 664 MiB")
                     && e.message.contains("0 MiB are left"),
-                "CreateContainer of a container that does not fit: {e}"
+                "StartContainer of a container that does not fit: {e}"
             ),
         }
         Ok(())

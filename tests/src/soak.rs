@@ -241,23 +241,39 @@ fn mem_available_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs `rtv --root <root> <args>` with no stdio; an error names the
-/// command and holds its stderr.
+/// Runs `rtv --root <root> <args>`: its stdout, or an error naming the
+/// command with its stderr. The container's stdio is what `create` is
+/// given, and the container (its waiter) keeps it: a `create` gets no
+/// pipe, only a file for its errors.
 fn rtv(rtv: &Path, root: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(rtv)
-        .arg("--root")
-        .arg(root)
-        .args(args)
-        .stdin(Stdio::null())
+    let mut cmd = Command::new(rtv);
+    cmd.arg("--root").arg(root).args(args).stdin(Stdio::null());
+    let failed = |status: std::process::ExitStatus, err: &str| {
+        anyhow::anyhow!("rtv {}: {status}: {}", args.join(" "), err.trim())
+    };
+    if args.first() == Some(&"create") {
+        let errors = root.with_extension("create-errors");
+        let file = std::fs::File::create(&errors)
+            .with_context(|| format!("creating {}", errors.display()))?;
+        let status = cmd
+            .stdout(Stdio::null())
+            .stderr(file)
+            .status()
+            .with_context(|| format!("running {}", rtv.display()))?;
+        let err = std::fs::read_to_string(&errors).unwrap_or_default();
+        let _ = std::fs::remove_file(&errors);
+        return if status.success() {
+            Ok(String::new())
+        } else {
+            Err(failed(status, &err))
+        };
+    }
+    let out = cmd
         .output()
         .with_context(|| format!("running {}", rtv.display()))?;
-    ensure!(
-        out.status.success(),
-        "rtv {}: {}: {}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    if !out.status.success() {
+        return Err(failed(out.status, &String::from_utf8_lossy(&out.stderr)));
+    }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
