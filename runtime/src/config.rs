@@ -21,6 +21,13 @@
 //! [vm]
 //! default_memory_mib = 128                 # a spec without a memory limit
 //! default_vcpus = 1                        # a spec without a CPU quota
+//! max_memory_mib = 16384                   # a larger VM is refused (unset: the host's)
+//! max_vcpus = 2                            # more vCPUs are capped (unset: the host's CPUs)
+//! kernel_args = "quiet"                    # appended to the guest kernel's command line
+//! pvm = "auto"                             # "on" or "off": `rtv-vmm --pvm ...`
+//!
+//! [log]
+//! level = "info"                           # rtv's --log file and the shim's log
 //!
 //! [templates]
 //! dir = "/var/cache/rtv/templates"
@@ -40,6 +47,9 @@ pub const ENV: &str = "RTV_CONFIG";
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 /// The most vCPUs a default may ask for.
 pub const MAX_VCPUS: u64 = 254;
+/// The longest `vm.kernel_args`: the x86 command line holds 2048 bytes,
+/// rtv's own take about 400.
+pub const MAX_KERNEL_ARGS: usize = 1024;
 /// The largest template cache budget, MiB (1 PiB).
 pub const MAX_TEMPLATE_BUDGET_MIB: u64 = 1 << 30;
 
@@ -74,6 +84,7 @@ pub struct Config {
     pub vmm: Vmm,
     pub vm: Vm,
     pub templates: Templates,
+    pub log: Log,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -136,6 +147,73 @@ fn yes() -> bool {
 pub struct Vm {
     pub default_memory_mib: Option<u64>,
     pub default_vcpus: Option<u8>,
+    /// The largest VM a spec or a pod may ask for, MiB: a larger one is
+    /// refused (unset: what the host can give, which the VMM checks).
+    pub max_memory_mib: Option<u64>,
+    /// The most vCPUs a VM gets: more are capped (unset: the host's CPUs).
+    pub max_vcpus: Option<u8>,
+    /// Appended to the guest kernel's command line (`rtv-vmm --append`)
+    /// when a template is made; part of the template's key.
+    pub kernel_args: Option<String>,
+    /// `rtv-vmm --pvm`: PVM's accommodations; part of the template's key.
+    pub pvm: Pvm,
+}
+
+/// `vm.pvm`: PVM native-mode accommodations (`rtv-vmm --pvm`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pvm {
+    /// On when the host's KVM is PVM.
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never (a hardware-virtualization host).
+    Off,
+}
+
+impl Pvm {
+    /// The value as `rtv-vmm --pvm` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pvm::Auto => "auto",
+            Pvm::On => "on",
+            Pvm::Off => "off",
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// The level of rtv's `--log` file and of the shim's log (`--debug`
+    /// still means debug); unset: info.
+    pub level: Option<LogLevel>,
+}
+
+/// `log.level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    /// The level's name, as tracing filters take it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -165,6 +243,8 @@ struct File {
     vm: VmFile,
     #[serde(default)]
     templates: TemplatesFile,
+    #[serde(default)]
+    log: Log,
 }
 
 #[derive(Deserialize, Default)]
@@ -172,6 +252,11 @@ struct File {
 struct VmFile {
     default_memory_mib: Option<toml::Spanned<i64>>,
     default_vcpus: Option<toml::Spanned<i64>>,
+    max_memory_mib: Option<toml::Spanned<i64>>,
+    max_vcpus: Option<toml::Spanned<i64>>,
+    kernel_args: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    pvm: Pvm,
 }
 
 impl Config {
@@ -202,11 +287,47 @@ impl Config {
         };
         let default_memory_mib = ranged(
             "vm.default_memory_mib",
-            file.vm.default_memory_mib,
+            file.vm.default_memory_mib.clone(),
             MAX_MEMORY_MIB,
         )?;
         let default_vcpus =
             ranged("vm.default_vcpus", file.vm.default_vcpus, MAX_VCPUS)?.map(|n| n as u8);
+        let max_memory_mib = ranged("vm.max_memory_mib", file.vm.max_memory_mib, MAX_MEMORY_MIB)?;
+        let max_vcpus = ranged("vm.max_vcpus", file.vm.max_vcpus, MAX_VCPUS)?.map(|n| n as u8);
+        // A default over the maximum could never be used.
+        if let (Some(v), Some(max)) = (&file.vm.default_memory_mib, max_memory_mib) {
+            if *v.get_ref() as u64 > max {
+                return Err(ConfigError::Value {
+                    path: path.to_path_buf(),
+                    line: line(v.span()),
+                    key: "vm.default_memory_mib",
+                    message: format!("{} is over vm.max_memory_mib ({max})", v.get_ref()),
+                });
+            }
+        }
+        let kernel_args = match file.vm.kernel_args {
+            Some(v) if v.get_ref().contains(['\n', '\0']) => {
+                return Err(ConfigError::Value {
+                    path: path.to_path_buf(),
+                    line: line(v.span()),
+                    key: "vm.kernel_args",
+                    message: "a kernel command line is one line".into(),
+                })
+            }
+            Some(v) if v.get_ref().len() > MAX_KERNEL_ARGS => {
+                return Err(ConfigError::Value {
+                    path: path.to_path_buf(),
+                    line: line(v.span()),
+                    key: "vm.kernel_args",
+                    message: format!(
+                        "{} bytes; at most {MAX_KERNEL_ARGS} fit beside rtv's own",
+                        v.get_ref().len()
+                    ),
+                })
+            }
+            Some(v) => Some(v.into_inner().trim().to_owned()).filter(|a| !a.is_empty()),
+            None => None,
+        };
         let max_size_mib = ranged(
             "templates.max_size_mib",
             file.templates.max_size_mib,
@@ -239,11 +360,16 @@ impl Config {
             vm: Vm {
                 default_memory_mib,
                 default_vcpus,
+                max_memory_mib,
+                max_vcpus,
+                kernel_args,
+                pvm: file.vm.pvm,
             },
             templates: Templates {
                 dir: file.templates.dir,
                 max_size_mib,
             },
+            log: file.log,
         })
     }
 
@@ -338,10 +464,17 @@ mod tests {
         let c = parse(
             "[guest]\nkernel = \"/k\"\nkernel_up = \"/ku\"\ninitramfs = \"/i\"\n\
              [vmm]\npath = \"/v\"\njail = false\nseccomp = \"log\"\n\
-             [vm]\ndefault_memory_mib = 512\ndefault_vcpus = 2\n\
-             [templates]\ndir = \"/t\"\nmax_size_mib = 300\n",
+             [vm]\ndefault_memory_mib = 512\ndefault_vcpus = 2\nmax_memory_mib = 4096\n\
+             max_vcpus = 2\nkernel_args = \" quiet loglevel=4 \"\npvm = \"off\"\n\
+             [templates]\ndir = \"/t\"\nmax_size_mib = 300\n\
+             [log]\nlevel = \"debug\"\n",
         )
         .unwrap();
+        assert_eq!(c.vm.max_memory_mib, Some(4096));
+        assert_eq!(c.vm.max_vcpus, Some(2));
+        assert_eq!(c.vm.kernel_args.as_deref(), Some("quiet loglevel=4"));
+        assert_eq!(c.vm.pvm, Pvm::Off);
+        assert_eq!(c.log.level, Some(LogLevel::Debug));
         assert_eq!(c.guest.kernel.as_deref(), Some(Path::new("/k")));
         assert_eq!(c.guest.kernel_up.as_deref(), Some(Path::new("/ku")));
         assert_eq!(c.guest.initramfs.as_deref(), Some(Path::new("/i")));
@@ -387,11 +520,14 @@ mod tests {
         assert!(c.guest.initramfs.is_some() && c.vmm.path.is_some());
         assert!(c.vm.default_memory_mib.is_some() && c.vm.default_vcpus.is_some());
         assert!(c.templates.dir.is_some() && c.templates.max_size_mib.is_some());
+        assert!(c.vm.max_memory_mib.is_some() && c.vm.max_vcpus.is_some());
+        // kernel_args's default is empty: no value.
+        assert!(c.vm.kernel_args.is_none() && c.log.level.is_some());
         let keys = uncommented
             .lines()
             .filter(|l| !l.starts_with('#') && l.contains(" = "))
             .count();
-        assert_eq!(keys, 10, "every key of the file, once:\n{uncommented}");
+        assert_eq!(keys, 15, "every key of the file, once:\n{uncommented}");
     }
 
     #[test]
@@ -451,6 +587,34 @@ mod tests {
             e.contains(":3: guest.kernel: vmlinux is not an absolute path"),
             "{e}"
         );
+        let e = parse("[vm]\nmax_memory_mib = 256\n\ndefault_memory_mib = 512\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":4: vm.default_memory_mib: 512 is over vm.max_memory_mib (256)"),
+            "{e}"
+        );
+        let e = parse("[vm]\nmax_vcpus = 0\n").unwrap_err().to_string();
+        assert!(
+            e.contains(":2: vm.max_vcpus: 0 is not between 1 and"),
+            "{e}"
+        );
+        let e = parse("[vm]\n\nkernel_args = \"a\\nb\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":3: vm.kernel_args: a kernel command line is one line"),
+            "{e}"
+        );
+        let long = format!("[vm]\nkernel_args = \"{}\"\n", "x".repeat(2000));
+        let e = parse(&long).unwrap_err().to_string();
+        assert!(e.contains(":2: vm.kernel_args: 2000 bytes"), "{e}");
+        let e = parse("[vm]\npvm = \"maybe\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("`auto`, `on`"), "{e}");
+        let e = parse("[log]\nlevel = \"loud\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("`error`, `warn`"), "{e}");
+        let e = parse("[log]\nfile = \"/x\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("file"), "{e}");
         let e = parse("[vm\n").unwrap_err().to_string();
         assert!(e.contains("line 1"), "{e}");
         assert!(!e.contains('|'), "one line: {e}");

@@ -312,6 +312,7 @@ impl PodConfig {
             .unwrap_or_else(|| id.chars().take(63).collect());
         let artifacts = Artifacts::find()?;
         let size = vm_size(spec, crate::spec::host_cpus());
+        crate::spec::check_vm_size(spec, size).map_err(PodError::Invalid)?;
         let profile = std::env::var_os(PROFILE_ENV)
             .filter(|d| !d.is_empty())
             .map(|d| Profile {

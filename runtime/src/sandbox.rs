@@ -134,6 +134,7 @@ impl SandboxConfig {
             mem_mib: self.mem_mib,
             vcpus: self.vcpus,
             virtio_fs: self.shared_dir.is_some(),
+            guest: crate::vmm_process::GuestOptions::from_config(),
         }
     }
 

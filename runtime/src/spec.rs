@@ -342,18 +342,53 @@ pub fn vm_size(spec: &Spec, host_cpus: u8) -> VmSize {
                 .unwrap_or(100_000),
         ),
     };
+    // At most the host's CPUs, and at most `vm.max_vcpus`.
+    let cap = crate::config::get()
+        .vm
+        .max_vcpus
+        .map_or(host_cpus, |m| m.min(host_cpus))
+        .max(1);
     let vcpus = match quota {
         Some(q) => {
             let n = (q as u64).div_ceil(period).max(1);
-            u8::try_from(n).unwrap_or(u8::MAX).min(host_cpus.max(1))
+            u8::try_from(n).unwrap_or(u8::MAX).min(cap)
         }
         None => crate::config::get()
             .vm
             .default_vcpus
             .unwrap_or(DEFAULT_VM_VCPUS)
-            .min(host_cpus.max(1)),
+            .min(cap),
     };
     VmSize { mem_mib, vcpus }
+}
+
+/// Refuses a VM of `size` over the configuration's `vm.max_memory_mib`,
+/// naming what asked for it (the spec's memory limit or the pod's
+/// annotation) and the key.
+pub fn check_vm_size(spec: &Spec, size: VmSize) -> Result<(), String> {
+    let config = crate::config::get();
+    let Some(max) = config.vm.max_memory_mib else {
+        return Ok(());
+    };
+    if size.mem_mib <= max {
+        return Ok(());
+    }
+    let asked = if annotation_number(spec, SANDBOX_MEMORY).is_some() {
+        format!("annotation {SANDBOX_MEMORY}")
+    } else if memory_limit_mib(spec).is_some() {
+        "linux.resources.memory.limit".to_owned()
+    } else {
+        "vm.default_memory_mib".to_owned()
+    };
+    let file = config
+        .path
+        .as_ref()
+        .map_or_else(String::new, |p| format!(" in {}", p.display()));
+    Err(format!(
+        "{asked} asks for a VM of {} MiB (with {VM_MEMORY_OVERHEAD_MIB} MiB for the guest), \
+         over vm.max_memory_mib = {max}{file}",
+        size.mem_mib
+    ))
 }
 
 #[cfg(test)]

@@ -153,6 +153,8 @@ pub struct TemplateSpec {
     /// With a virtio-fs device (the sandboxes restored from it share a
     /// directory each).
     pub virtio_fs: bool,
+    /// The kernel arguments and PVM mode it boots with.
+    pub guest: crate::vmm_process::GuestOptions,
 }
 
 /// The inputs of a template's key.
@@ -173,6 +175,12 @@ pub struct KeyInputs {
     /// With a virtio-fs device.
     #[serde(default)]
     pub virtio_fs: bool,
+    /// The configuration's `vm.kernel_args`, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_args: Option<String>,
+    /// The configuration's `vm.pvm`, unless auto.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvm: Option<String>,
 }
 
 impl KeyInputs {
@@ -191,6 +199,15 @@ impl KeyInputs {
         ] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
+        }
+        // Set only by a configuration file: keys without them stay as
+        // they were.
+        for (name, value) in [("kernel-args", &self.kernel_args), ("pvm", &self.pvm)] {
+            if let Some(v) = value {
+                let part = format!("{name}={v}");
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part.as_bytes());
+            }
         }
         hex(&h.finalize())
     }
@@ -400,6 +417,9 @@ impl TemplateSpec {
             mem_mib: self.mem_mib,
             vcpus: self.vcpus,
             virtio_fs: self.virtio_fs,
+            kernel_args: self.guest.kernel_args.clone(),
+            pvm: (self.guest.pvm != crate::config::Pvm::Auto)
+                .then(|| self.guest.pvm.as_str().to_owned()),
         })
     }
 }
@@ -872,6 +892,7 @@ impl TemplateCache {
         let stderr = File::create(&stderr_path).map_err(|e| TemplateError::io(&stderr_path, e))?;
         let snapshot = tmp.join(SNAPSHOT_DIR);
         let mut cmd = VmmCommand::cold_boot(&spec.vmm, &spec.kernel, &spec.initramfs)
+            .guest_options(spec.guest.clone())
             .machine(spec.mem_mib, spec.vcpus)
             .vsock(TEMPLATE_CID, &uds)
             .nic(None)
@@ -969,6 +990,8 @@ mod tests {
             mem_mib: 128,
             vcpus: 1,
             virtio_fs: false,
+            kernel_args: None,
+            pvm: None,
         }
     }
 
@@ -1005,7 +1028,17 @@ mod tests {
                 virtio_fs: true,
                 ..inputs()
             },
+            KeyInputs {
+                kernel_args: Some("quiet".into()),
+                ..inputs()
+            },
+            KeyInputs {
+                pvm: Some("off".into()),
+                ..inputs()
+            },
         ];
+        let keys: std::collections::HashSet<String> = variants.iter().map(KeyInputs::key).collect();
+        assert_eq!(keys.len(), variants.len(), "two inputs give one key");
         for v in variants {
             assert_ne!(v.key(), base, "{v:?}");
         }
@@ -1159,6 +1192,7 @@ printf '{{"format_version":1,"vmm":{{"version":"9.9.9","build_id":"fake-{tag}"}}
             mem_mib: 128,
             vcpus: 1,
             virtio_fs: false,
+            guest: Default::default(),
         };
         ready(&spec);
         (work, spec)

@@ -76,6 +76,39 @@ impl Hardening {
     }
 }
 
+/// What the configuration file adds to the guest: `vm.kernel_args` on a
+/// cold boot's command line, `vm.pvm` on every VMM's. Both are part of a
+/// template's key ([`crate::template::KeyInputs`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GuestOptions {
+    /// Appended to the kernel's command line (`--append`).
+    pub kernel_args: Option<String>,
+    /// `--pvm` (left out when auto, rtv-vmm's default).
+    pub pvm: crate::config::Pvm,
+}
+
+impl GuestOptions {
+    /// What the configuration file asks for.
+    pub fn from_config() -> Self {
+        let vm = &crate::config::get().vm;
+        GuestOptions {
+            kernel_args: vm.kernel_args.clone(),
+            pvm: vm.pvm,
+        }
+    }
+
+    fn args(&self, restore: bool) -> Vec<OsString> {
+        let mut a = Vec::new();
+        if let (Some(extra), false) = (&self.kernel_args, restore) {
+            a.extend(["--append".into(), extra.into()]);
+        }
+        if self.pvm != crate::config::Pvm::Auto {
+            a.extend(["--pvm".into(), self.pvm.as_str().into()]);
+        }
+        a
+    }
+}
+
 /// An `rtv-vmm` command line.
 #[derive(Debug, Clone)]
 pub struct VmmCommand {
@@ -86,6 +119,7 @@ pub struct VmmCommand {
     /// A descriptor the VMM inherits as [`TAP_FD`].
     tap: Option<RawFd>,
     hardening: Hardening,
+    guest: GuestOptions,
 }
 
 /// The descriptor number a VMM gets its tap on.
@@ -119,6 +153,7 @@ impl VmmCommand {
             restore: false,
             tap: None,
             hardening: Hardening::from_config(),
+            guest: GuestOptions::from_config(),
         }
     }
 
@@ -205,9 +240,17 @@ impl VmmCommand {
         self
     }
 
+    /// The kernel arguments and PVM mode (default: the configuration
+    /// file's).
+    pub fn guest_options(mut self, guest: GuestOptions) -> Self {
+        self.guest = guest;
+        self
+    }
+
     /// The arguments, for logs and tests.
     pub fn args(&self) -> Vec<OsString> {
         let mut args = self.args.clone();
+        args.extend(self.guest.args(self.restore));
         args.extend(self.hardening.args());
         args
     }
@@ -451,6 +494,35 @@ mod tests {
                 .join(" ")
         };
         assert_eq!(args(Hardening::FULL), "--kernel /k --initrd /i");
+        let guest = GuestOptions {
+            kernel_args: Some("quiet rtv.x=1".into()),
+            pvm: crate::config::Pvm::Off,
+        };
+        let boot = VmmCommand::cold_boot(Path::new("/v"), Path::new("/k"), Path::new("/i"))
+            .guest_options(guest.clone())
+            .hardening(Hardening::FULL);
+        assert_eq!(
+            boot.args(),
+            [
+                "--kernel",
+                "/k",
+                "--initrd",
+                "/i",
+                "--append",
+                "quiet rtv.x=1",
+                "--pvm",
+                "off"
+            ]
+            .map(OsString::from)
+        );
+        // A restore keeps the snapshot's command line.
+        let restore = VmmCommand::restore(Path::new("/v"), Path::new("/s"))
+            .guest_options(guest)
+            .hardening(Hardening::FULL);
+        assert_eq!(
+            restore.args(),
+            ["--restore", "/s", "--pvm", "off"].map(OsString::from)
+        );
         assert_eq!(
             args(Hardening::NONE),
             "--kernel /k --initrd /i --jail off --seccomp off"

@@ -99,23 +99,57 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogFifo {
     }
 }
 
+/// The log's filter, while the configuration file may still change it:
+/// set when neither `-debug` nor `$RTV_SHIM_LOG` chose the level.
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
 /// Logs with `tracing` to `writer`, at `info` (`debug` with containerd's
-/// `-debug`), or as `$RTV_SHIM_LOG` says (an `EnvFilter`).
+/// `-debug`), or as `$RTV_SHIM_LOG` says (an `EnvFilter`); the
+/// configuration file's `log.level`, read when the pod is created,
+/// replaces `info` ([`apply_config_log_level`]).
 fn init_logging<W>(writer: W, debug: bool)
 where
     W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
 {
-    let filter = std::env::var("RTV_SHIM_LOG")
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let chosen = std::env::var("RTV_SHIM_LOG")
         .ok()
-        .and_then(|s| EnvFilter::try_new(s).ok())
-        .unwrap_or_else(|| EnvFilter::new(if debug { "debug" } else { "info" }));
+        .and_then(|s| EnvFilter::try_new(s).ok());
+    let adjustable = chosen.is_none() && !debug;
+    let filter = chosen.unwrap_or_else(|| EnvFilter::new(if debug { "debug" } else { "info" }));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     // The containerd-shim crate logs through `log`; tracing-subscriber's
     // default `tracing-log` feature forwards it.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
-        .with_ansi(false)
-        .try_init();
+        .with_ansi(false);
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .is_ok()
+        && adjustable
+    {
+        let _ = LOG_FILTER.set(handle);
+    }
+}
+
+/// Sets the log's level to the configuration file's `log.level`, unless
+/// `-debug` or `$RTV_SHIM_LOG` chose it.
+pub(crate) fn apply_config_log_level() {
+    let (Some(handle), Some(level)) = (LOG_FILTER.get(), rtv_runtime::config::get().log.level)
+    else {
+        return;
+    };
+    if handle.reload(EnvFilter::new(level.as_str())).is_ok() {
+        tracing::info!(
+            level = level.as_str(),
+            "log level from the configuration file"
+        );
+    }
 }
 
 impl Shim for RtvShim {

@@ -96,6 +96,7 @@ fn load_config(req: &CreateTaskRequest) -> Result<()> {
         if let Err(e) = rtv_runtime::config::init_from_file(explicit.as_deref()) {
             tracing::error!("{e}");
         }
+        crate::apply_config_log_level();
     });
     Ok(())
 }

@@ -154,7 +154,9 @@ fn ctr_run_with_stdin() {
 
 /// `ctr run -d`, `task exec` (output, exit code, a terminal), `pause` and
 /// `resume`, `task ps` (guest pids, the init's among them), `task metrics`,
-/// `task kill`, `task delete`, `container delete`.
+/// `task kill`, `task delete`, `container delete`; then a second task
+/// whose shim is killed with SIGKILL: containerd's cleanup (the shim's
+/// `delete`) stops its VM and removes its state.
 #[test]
 fn ctr_detached_exec_ps_kill_delete() {
     scenario("shim-detached", &mut Vec::new(), |c, ids| {
@@ -256,6 +258,44 @@ fn ctr_detached_exec_ps_kill_delete() {
             "task {id} still listed after ctr task delete"
         );
         c.ctr_ok(&["containers", "delete", &id])?;
+
+        // The shim killed (SIGKILL) under a running task: containerd sees
+        // its connection close and runs `containerd-shim-rtv-v2 delete`,
+        // which stops the VM and removes its mounts and state (`scenario`
+        // checks that none is left once the instance ends).
+        let killed = c.new_id("killed-shim");
+        ids.push(killed.clone());
+        let mut args = vec!["run", "-d"];
+        args.extend(strs(&flags));
+        args.extend([image.as_str(), &killed, "sleep", "1000"]);
+        let out = c.ctr(&args, CTR_TIMEOUT)?;
+        ensure!(out.status.success(), "ctr run -d: {}", describe(&out));
+        let shim = c
+            .shims()
+            .into_iter()
+            .find(|(_, served)| *served == killed)
+            .map(|(pid, _)| pid)
+            .with_context(|| format!("no shim serves {killed}: {:?}", c.shims()))?;
+        // SAFETY: kill(2) takes plain integers and touches none of our memory.
+        if unsafe { libc::kill(shim as i32, libc::SIGKILL) } != 0 {
+            bail!("kill -9 {shim}: {}", std::io::Error::last_os_error());
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let task = task_state(c, &killed)?;
+            let vms = vms_running(&vm_leftovers(c.namespace(), std::slice::from_ref(&killed)));
+            if vms == 0 && task.as_ref().is_none_or(|(_, s)| s == "STOPPED") {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "30 s after its shim was killed: task {task:?}, {vms} VM(s) of it running"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // What containerd still lists of it goes as usual.
+        let _ = c.ctr(&["tasks", "delete", &killed], CTR_TIMEOUT);
+        c.ctr_ok(&["containers", "delete", &killed])?;
         Ok(())
     });
 }

@@ -477,13 +477,21 @@ fn the_configuration_file_takes_effect() {
     let vmm = link("vmm", &a.vmm);
     let templates = dir.join("templates");
     let config = dir.join("config.toml");
+    // PVM's accommodations named as this host needs them.
+    let pvm = if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        "on"
+    } else {
+        "off"
+    };
     std::fs::write(
         &config,
         format!(
             "# rtv's configuration\n[guest]\nkernel = {:?}\nkernel_up = {:?}\ninitramfs = {:?}\n\
              [vmm]\npath = {:?}\njail = false\nseccomp = \"off\"\n\
-             [vm]\ndefault_memory_mib = 256\ndefault_vcpus = 1\n\
-             [templates]\ndir = {:?}\nmax_size_mib = 300\n",
+             [vm]\ndefault_memory_mib = 256\ndefault_vcpus = 1\nmax_memory_mib = 512\n\
+             max_vcpus = 1\nkernel_args = \"rtv.configured=yes\"\npvm = \"{pvm}\"\n\
+             [templates]\ndir = {:?}\nmax_size_mib = 300\n\
+             [log]\nlevel = \"debug\"\n",
             kernel, kernel_up, initramfs, vmm, templates
         ),
     )
@@ -523,19 +531,38 @@ fn the_configuration_file_takes_effect() {
             "VMM seccomp filters off (vmm.seccomp = \"off\")".into(),
             templates.display().to_string(),
             "of its 300 MiB budget (templates.max_size_mib)".into(),
+            "at most 512 MiB (vm.max_memory_mib) and 1 vCPU(s) (vm.max_vcpus)".into(),
+            "kernel arguments added: rtv.configured=yes".into(),
+            format!("PVM accommodations: {pvm}"),
+            "log level: debug".into(),
         ] {
             anyhow::ensure!(stdout.contains(&want), "no {want:?} in {stdout}");
         }
 
         // A container: its VM has the default size, its VMM runs with
         // --jail off, its template is made in the file's directory.
+        // It asks for 2 CPUs (a quota of two periods); vm.max_vcpus caps
+        // them at 1.
         let bundle = dir.join("bundle");
         busybox_bundle(
             &bundle,
-            &["sh", "-c", "grep MemTotal /proc/meminfo; sleep 2"],
+            &[
+                "sh",
+                "-c",
+                "grep MemTotal /proc/meminfo; grep -c ^processor /proc/cpuinfo; \
+                 cat /proc/cmdline; sleep 2",
+            ],
         )?;
+        let spec_path = bundle.join("config.json");
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&spec_path)?)?;
+        spec["linux"]["resources"]["cpu"] = serde_json::json!({"quota": 200000, "period": 100000});
+        std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec)?)?;
+        let log = dir.join("rtv.log");
         let child = cmd(
             &[
+                "--log",
+                log.to_str().unwrap(),
                 "--root",
                 root.to_str().unwrap(),
                 "run",
@@ -585,6 +612,23 @@ fn the_configuration_file_takes_effect() {
         anyhow::ensure!(status.contains("NoNewPrivs:\t0"), "{status}");
         anyhow::ensure!(cmdline.contains("--seccomp off"), "{cmdline}");
         anyhow::ensure!(status.contains("Seccomp:\t0"), "{status}");
+        anyhow::ensure!(cmdline.contains(&format!("--pvm {pvm}")), "{cmdline}");
+        let lines: Vec<&str> = stdout.lines().collect();
+        anyhow::ensure!(
+            lines.get(1) == Some(&"1"),
+            "CPUs in a VM of vm.max_vcpus = 1 for a quota of 2: {stdout}"
+        );
+        anyhow::ensure!(
+            lines
+                .get(2)
+                .is_some_and(|l| l.split_whitespace().any(|a| a == "rtv.configured=yes")),
+            "the guest's command line lacks vm.kernel_args: {stdout}"
+        );
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        anyhow::ensure!(
+            logged.contains("level=debug"),
+            "no debug line in rtv's log with log.level = \"debug\": {logged}"
+        );
         let kb: u64 = stdout
             .split_whitespace()
             .nth(1)
@@ -598,6 +642,45 @@ fn the_configuration_file_takes_effect() {
             std::fs::read_dir(&templates)?.next().is_some(),
             "no template in {}",
             templates.display()
+        );
+
+        // A container asking for more than vm.max_memory_mib: refused,
+        // naming the field, the key and the file; nothing left.
+        let big = dir.join("big");
+        busybox_bundle(&big, &["true"])?;
+        let big_spec = big.join("config.json");
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&big_spec)?)?;
+        spec["linux"]["resources"]["memory"] = serde_json::json!({"limit": 1u64 << 30});
+        std::fs::write(&big_spec, serde_json::to_vec_pretty(&spec)?)?;
+        let out = cmd(
+            &[
+                "--root",
+                root.to_str().unwrap(),
+                "run",
+                "--bundle",
+                big.to_str().unwrap(),
+                "big",
+            ],
+            &config,
+        )
+        .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(
+            !out.status.success(),
+            "a VM over vm.max_memory_mib was started"
+        );
+        anyhow::ensure!(
+            stderr.contains(&format!(
+                "linux.resources.memory.limit asks for a VM of 1088 MiB (with 64 MiB for the guest), \
+                 over vm.max_memory_mib = 512 in {}",
+                config.display()
+            )),
+            "{stderr}"
+        );
+        anyhow::ensure!(
+            !root.join("big").exists(),
+            "state left for the refused container"
         );
 
         // A bad file: refused with the line and the key, nothing runs.

@@ -146,7 +146,23 @@ impl<S: Subscriber> Layer<S> for RuncLayer {
 
 /// Installs the logger. Without `--log` only warnings and errors go to
 /// stderr (and errors are printed there by the binary anyway).
-pub fn init(log: Option<&Path>, format: LogFormat, debug: bool) -> std::io::Result<()> {
+pub fn init(
+    log: Option<&Path>,
+    format: LogFormat,
+    debug: bool,
+    level: Option<rtv_runtime::config::LogLevel>,
+) -> std::io::Result<()> {
+    use rtv_runtime::config::LogLevel;
+    // The file's level: --debug, else the configuration's `log.level`,
+    // else info.
+    let file_level = match (debug, level) {
+        (true, _) => Level::DEBUG,
+        (false, None | Some(LogLevel::Info)) => Level::INFO,
+        (false, Some(LogLevel::Error)) => Level::ERROR,
+        (false, Some(LogLevel::Warn)) => Level::WARN,
+        (false, Some(LogLevel::Debug)) => Level::DEBUG,
+        (false, Some(LogLevel::Trace)) => Level::TRACE,
+    };
     let (sink, max) = match log {
         Some(p) => (
             Sink::File(Mutex::new(
@@ -155,7 +171,7 @@ pub fn init(log: Option<&Path>, format: LogFormat, debug: bool) -> std::io::Resu
                     .append(true)
                     .open(p)?,
             )),
-            if debug { Level::DEBUG } else { Level::INFO },
+            file_level,
         ),
         None => (Sink::Stderr, if debug { Level::DEBUG } else { Level::WARN }),
     };

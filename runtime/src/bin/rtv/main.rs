@@ -961,6 +961,28 @@ fn cmd_check() -> Result<bool> {
                     }
                 ),
             );
+            line(
+                "VM limits and guest",
+                true,
+                format!(
+                    "at most {} and {}; kernel arguments added: {}; PVM accommodations: {}; log level: {}",
+                    config
+                        .vm
+                        .max_memory_mib
+                        .map_or("the host's memory".to_owned(), |m| format!(
+                            "{m} MiB (vm.max_memory_mib)"
+                        )),
+                    config
+                        .vm
+                        .max_vcpus
+                        .map_or("the host's CPUs".to_owned(), |m| format!(
+                            "{m} vCPU(s) (vm.max_vcpus)"
+                        )),
+                    config.vm.kernel_args.as_deref().unwrap_or("none"),
+                    config.vm.pvm.as_str(),
+                    config.log.level.map_or("info", |l| l.as_str()),
+                ),
+            );
             let mut cfg = SandboxConfig::new(
                 a.kernel_for(size.vcpus),
                 &a.initramfs,
@@ -1195,15 +1217,21 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    if let Err(e) = logging::init(cli.log.as_deref(), cli.log_format, cli.debug) {
+    // The configuration first: its `log.level` sets the log's.
+    if let Err(e) = rtv_runtime::config::init_from_file(cli.config.as_deref()) {
+        eprintln!("rtv: {e}");
+        return ExitCode::from(1);
+    }
+    if let Err(e) = logging::init(
+        cli.log.as_deref(),
+        cli.log_format,
+        cli.debug,
+        rtv_runtime::config::get().log.level,
+    ) {
         eprintln!(
             "rtv: --log {}: {e}",
             cli.log.as_deref().unwrap_or(Path::new("")).display()
         );
-        return ExitCode::from(1);
-    }
-    if let Err(e) = rtv_runtime::config::init_from_file(cli.config.as_deref()) {
-        eprintln!("rtv: {e}");
         return ExitCode::from(1);
     }
     if let Some(path) = &cli.config {
