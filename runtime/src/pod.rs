@@ -1602,15 +1602,13 @@ mod tests {
         none.run(Stage::Prestart, "created", 1).await.unwrap();
     }
 
-    #[test]
-    fn members_are_recorded_under_a_lock() {
-        let dir = std::env::temp_dir().join(format!("rtv-pod-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let rec = PodRecord {
-            id: "p".into(),
+    /// A pod's record with no members yet.
+    fn record(id: &str, mem_mib: u64) -> PodRecord {
+        PodRecord {
+            id: id.into(),
             vmm_pid: 1,
             vmm_start: 0,
-            mem_mib: 128,
+            mem_mib,
             vcpus: 1,
             host_cgroups: Vec::new(),
             members: Vec::new(),
@@ -1620,8 +1618,14 @@ mod tests {
             profile_parts: 0,
             vmm_cpus: None,
             network: None,
-        };
-        write_record(&dir, &rec).unwrap();
+        }
+    }
+
+    #[test]
+    fn members_are_recorded_under_a_lock() {
+        let dir = std::env::temp_dir().join(format!("rtv-pod-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_record(&dir, &record("p", 128)).unwrap();
         join_members(&dir, "a", None).unwrap();
         join_members(&dir, "b", None).unwrap();
         let dup = join_members(&dir, "a", None).unwrap_err();
@@ -1647,22 +1651,7 @@ mod tests {
     fn a_members_memory_limit_must_fit_what_the_vm_has_left() {
         let dir = std::env::temp_dir().join(format!("rtv-pod-fit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let rec = PodRecord {
-            id: "p".into(),
-            vmm_pid: 1,
-            vmm_start: 0,
-            mem_mib: 664,
-            vcpus: 1,
-            host_cgroups: Vec::new(),
-            members: Vec::new(),
-            member_memory_mib: Default::default(),
-            stopping: false,
-            profile: None,
-            profile_parts: 0,
-            vmm_cpus: None,
-            network: None,
-        };
-        write_record(&dir, &rec).unwrap();
+        write_record(&dir, &record("p", 664)).unwrap();
         // The pod's own container is what the VM was sized for.
         join_members(&dir, "p", None).unwrap();
         join_members(&dir, "a", Some(300)).unwrap();
@@ -1686,22 +1675,9 @@ mod tests {
         let e = join_members(&dir, "d", Some(4096)).unwrap_err();
         assert!(e.to_string().contains("4096 MiB"), "{e}");
         // A pod made by the container itself is never refused it.
-        let own = PodRecord {
-            id: "q".into(),
-            mem_mib: 128,
-            ..read_record(&dir).unwrap()
-        };
         let qdir = dir.join("q");
         std::fs::create_dir_all(&qdir).unwrap();
-        write_record(
-            &qdir,
-            &PodRecord {
-                members: Vec::new(),
-                member_memory_mib: Default::default(),
-                ..own
-            },
-        )
-        .unwrap();
+        write_record(&qdir, &record("q", 128)).unwrap();
         join_members(&qdir, "q", Some(1000)).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -22,24 +22,13 @@ fn setup() -> PathBuf {
     shim.parent().expect("the shim's directory").to_path_buf()
 }
 
-fn rtv_handler() -> CriRuntime {
-    CriRuntime {
-        name: "rtv".into(),
-        runtime_type: "io.containerd.rtv.v2".into(),
-        binary_name: None,
-        root: None,
-        config_path: None,
-        pod_annotations: Vec::new(),
-    }
-}
-
 #[test]
 fn a_pod_of_two_containers_through_cri() {
     let dir = setup();
     let _one = one_vm_at_a_time();
     cri::run_pod_scenario(
         "cri-rtv",
-        rtv_handler(),
+        CriRuntime::rtv(),
         Some(dir),
         "containerd-shim-rtv-v2",
     );
@@ -63,7 +52,7 @@ fn pod_network_through_cri() {
     let _one = one_vm_at_a_time();
     cri::run_net_scenario(
         "cri-net-rtv",
-        vec![rtv_handler(), runc],
+        vec![CriRuntime::rtv(), runc],
         Some(dir),
         &cri::NetScenario {
             handler: "rtv".into(),
@@ -96,11 +85,11 @@ fn privileged_containers_and_devices_through_cri() {
     let with_file = |name: &str, path: &Path| CriRuntime {
         name: name.into(),
         config_path: Some(path.to_path_buf()),
-        ..rtv_handler()
+        ..CriRuntime::rtv()
     };
     let opts = rtv_tests::cri::cri_net_options(
         vec![
-            rtv_handler(),
+            CriRuntime::rtv(),
             CriRuntime {
                 pod_annotations: vec!["io.kubernetes.cri.sandbox-*".into()],
                 ..with_file("rtv-256", &sized)

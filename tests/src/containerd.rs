@@ -98,6 +98,21 @@ pub struct CriRuntime {
     pub pod_annotations: Vec<String>,
 }
 
+impl CriRuntime {
+    /// The handler `rtv` on rtv's shim (`io.containerd.rtv.v2`), with no
+    /// options.
+    pub fn rtv() -> CriRuntime {
+        CriRuntime {
+            name: "rtv".into(),
+            runtime_type: "io.containerd.rtv.v2".into(),
+            binary_name: None,
+            root: None,
+            config_path: None,
+            pod_annotations: Vec::new(),
+        }
+    }
+}
+
 /// How [`Containerd::start_with`] configures containerd.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerdOptions {

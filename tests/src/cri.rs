@@ -2276,17 +2276,7 @@ mod tests {
 
     #[test]
     fn cri_options_make_the_first_handler_the_default() {
-        let o = cri_options(
-            vec![CriRuntime {
-                name: "rtv".into(),
-                runtime_type: "io.containerd.rtv.v2".into(),
-                binary_name: None,
-                root: None,
-                config_path: None,
-                pod_annotations: Vec::new(),
-            }],
-            Some("/opt/rtv/bin".into()),
-        );
+        let o = cri_options(vec![CriRuntime::rtv()], Some("/opt/rtv/bin".into()));
         let cri = o.cri.as_ref().unwrap();
         assert_eq!(cri.default_runtime, "rtv");
         assert_eq!(cri.sandbox_image, PAUSE_REF);

@@ -48,14 +48,7 @@ fn lifecycles_through_rtv_and_cri_leave_nothing() {
     let leaks = leaks.expect("rtv lifecycles");
     assert!(leaks.is_empty(), "rtv lifecycles leaked: {leaks:?}");
 
-    let handler = CriRuntime {
-        name: "rtv".into(),
-        runtime_type: "io.containerd.rtv.v2".into(),
-        binary_name: None,
-        root: None,
-        config_path: None,
-        pod_annotations: Vec::new(),
-    };
+    let handler = CriRuntime::rtv();
     let shim_dir = shim.parent().map(Path::to_path_buf);
     let opts = cri::cri_net_options(vec![handler], shim_dir);
     cri::with_cri("soak-cri", &opts, |c, client| {

@@ -6,7 +6,7 @@
 //! of what the pod costs beside its containers (the shim, and rtv's VMM or
 //! the pause container), and the time to stop and remove it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -14,8 +14,8 @@ use rtv_tests::containerd::{self, Containerd, CriRuntime};
 use rtv_tests::cri::{self, CriClient};
 
 use super::{
-    host_type, initramfs, mem_usage, oci_bundle, oci_crun, oci_loadavg, oci_rtv_binary,
-    oci_wait_for_quiet_host, print_runtime_header, rss_pss, seconds,
+    host_type, mem_usage, oci_bundle, oci_crun, oci_loadavg, oci_wait_for_quiet_host,
+    print_runtime_header, rss_pss, rtv_and_shim, seconds,
 };
 
 /// One pod's start and stop, timed.
@@ -297,21 +297,7 @@ fn vmm_mem_mib(pid: u32) -> Option<u64> {
 
 /// `rtv-bench cri`.
 pub(crate) fn cri_bench(runs: usize, idle: Duration, max_wait: Duration) -> Result<()> {
-    let rtv = oci_rtv_binary()?;
-    let shim = rtv.with_file_name("containerd-shim-rtv-v2");
-    ensure!(
-        shim.exists(),
-        "{} not found (scripts/build.sh builds it)",
-        shim.display()
-    );
-    let vmm = match std::env::var_os("RTV_VMM") {
-        Some(p) => PathBuf::from(p),
-        None => rtv.with_file_name("rtv-vmm"),
-    };
-    // containerd, and the shims it starts, inherit these.
-    rtv_tests::export_kernels()?;
-    std::env::set_var("RTV_INITRAMFS", initramfs()?);
-    std::env::set_var("RTV_VMM", &vmm);
+    let (_, shim) = rtv_and_shim()?;
     let work = std::env::temp_dir().join(format!("rtv-bench-cri-{}", std::process::id()));
     if work.exists() {
         rtv_runtime::remove_tree(&work)?;
@@ -365,14 +351,7 @@ fn cri_measure(
     } else {
         eprintln!("{crun_note}: leaving crun out");
     }
-    runtimes.push(CriRuntime {
-        name: "rtv".into(),
-        runtime_type: "io.containerd.rtv.v2".into(),
-        binary_name: None,
-        root: None,
-        config_path: None,
-        pod_annotations: Vec::new(),
-    });
+    runtimes.push(CriRuntime::rtv());
     handlers.push(Handler {
         name: "rtv",
         label: "rtv".into(),

@@ -1278,6 +1278,26 @@ fn oci_memory(rt: &OciRuntime, bundle: &std::path::Path, log: &std::path::Path) 
 /// release and set `$RTV_VMM`), the `rtv` next to this binary; else the
 /// release `rtv`, built if needed (with rtv-vmm and the containerd shim,
 /// which sit beside it).
+/// The release `rtv` and the shim beside it, with the guest's kernels,
+/// initramfs and VMM exported for containerd and the shims it starts.
+fn rtv_and_shim() -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let rtv = oci_rtv_binary()?;
+    let shim = rtv.with_file_name("containerd-shim-rtv-v2");
+    anyhow::ensure!(
+        shim.exists(),
+        "{} not found (scripts/build.sh builds it)",
+        shim.display()
+    );
+    let vmm = match std::env::var_os("RTV_VMM") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => rtv.with_file_name("rtv-vmm"),
+    };
+    rtv_tests::export_kernels()?;
+    std::env::set_var("RTV_INITRAMFS", initramfs()?);
+    std::env::set_var("RTV_VMM", &vmm);
+    Ok((rtv, shim))
+}
+
 fn oci_rtv_binary() -> Result<std::path::PathBuf> {
     if let Some(p) = std::env::var_os("RTV_BIN_RTV") {
         return Ok(p.into());

@@ -10,7 +10,6 @@
 //! host; the same with an empty file is timed too and subtracted, which
 //! leaves out what an exec costs (seconds of fork + exec in a PVM guest).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -19,8 +18,7 @@ use rtv_tests::cri::{self, CriClient, Network};
 
 use super::cri::{clock_ticks, cpu_ticks, pod_processes};
 use super::{
-    host_type, initramfs, oci_loadavg, oci_rtv_binary, oci_wait_for_quiet_host,
-    print_runtime_header, seconds,
+    host_type, oci_loadavg, oci_wait_for_quiet_host, print_runtime_header, rtv_and_shim, seconds,
 };
 
 /// The server pod's HTTP port.
@@ -274,20 +272,7 @@ pub(crate) fn net_bench(
         mib <= MAX_MIB,
         "--mib {mib}: the server keeps the file in its container's /dev tmpfs (64 MiB): at most {MAX_MIB}"
     );
-    let rtv = oci_rtv_binary()?;
-    let shim = rtv.with_file_name("containerd-shim-rtv-v2");
-    ensure!(
-        shim.exists(),
-        "{} not found (scripts/build.sh builds it)",
-        shim.display()
-    );
-    let vmm = match std::env::var_os("RTV_VMM") {
-        Some(p) => PathBuf::from(p),
-        None => rtv.with_file_name("rtv-vmm"),
-    };
-    rtv_tests::export_kernels()?;
-    std::env::set_var("RTV_INITRAMFS", initramfs()?);
-    std::env::set_var("RTV_VMM", &vmm);
+    let (_, shim) = rtv_and_shim()?;
     let runc = containerd::find_binary("runc").context("runc (apt-get install runc)")?;
     let runtimes = vec![
         CriRuntime {
@@ -298,14 +283,7 @@ pub(crate) fn net_bench(
             config_path: None,
             pod_annotations: Vec::new(),
         },
-        CriRuntime {
-            name: "rtv".into(),
-            runtime_type: "io.containerd.rtv.v2".into(),
-            binary_name: None,
-            root: None,
-            config_path: None,
-            pod_annotations: Vec::new(),
-        },
+        CriRuntime::rtv(),
     ];
     let shim_dir = shim.parent().context("the shim's directory")?.to_path_buf();
     let opts = cri::cri_net_options(runtimes, Some(shim_dir));

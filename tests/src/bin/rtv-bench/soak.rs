@@ -14,7 +14,7 @@ use rtv_tests::containerd::CriRuntime;
 use rtv_tests::cri;
 use rtv_tests::soak::{self, Census, Places};
 
-use super::{host_type, initramfs, oci_rtv_binary};
+use super::{host_type, rtv_and_shim};
 
 fn print_row(start: Instant) -> impl FnMut(usize, &Census, &[String]) {
     move |n, census, leaks| {
@@ -38,20 +38,7 @@ pub(crate) fn soak_bench(
     rtv_only: bool,
     cri_only: bool,
 ) -> Result<()> {
-    let rtv = oci_rtv_binary()?;
-    let shim = rtv.with_file_name("containerd-shim-rtv-v2");
-    ensure!(
-        shim.exists(),
-        "{} not found (scripts/build.sh builds it)",
-        shim.display()
-    );
-    let vmm = match std::env::var_os("RTV_VMM") {
-        Some(p) => PathBuf::from(p),
-        None => rtv.with_file_name("rtv-vmm"),
-    };
-    rtv_tests::export_kernels()?;
-    std::env::set_var("RTV_INITRAMFS", initramfs()?);
-    std::env::set_var("RTV_VMM", &vmm);
+    let (rtv, shim) = rtv_and_shim()?;
     let templates = rtv_runtime::template_dir();
     println!("host: {}", host_type());
     let mut leaked = Vec::new();
@@ -81,14 +68,7 @@ pub(crate) fn soak_bench(
     }
 
     if !rtv_only {
-        let handler = CriRuntime {
-            name: "rtv".into(),
-            runtime_type: "io.containerd.rtv.v2".into(),
-            binary_name: None,
-            root: None,
-            config_path: None,
-            pod_annotations: Vec::new(),
-        };
+        let handler = CriRuntime::rtv();
         let opts = cri::cri_net_options(vec![handler], shim.parent().map(PathBuf::from));
         let mut cri_leaks = Vec::new();
         cri::with_cri("rtv-bench-soak", &opts, |c, client| {
