@@ -29,7 +29,7 @@ use crate::cri::{self, CriClient};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Census {
     /// Processes whose name starts with `rtv` (the VMMs, their keepers,
-    /// rtv itself) or `containerd-shim`.
+    /// rtv itself) or `containerd-shim`, this process aside.
     pub runtime_processes: usize,
     /// Mounts in this process's mount namespace.
     pub mounts: usize,
@@ -175,9 +175,15 @@ fn runtime_processes() -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
     };
+    let me = std::process::id();
     entries
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .parse::<u32>()
+                .is_ok_and(|pid| pid != me)
+        })
         .filter(|e| {
             std::fs::read_to_string(e.path().join("comm")).is_ok_and(|comm| {
                 let comm = comm.trim_end();
