@@ -269,6 +269,14 @@ impl Config {
         let line = |span: std::ops::Range<usize>| {
             text[..span.start.min(text.len())].matches('\n').count() + 1
         };
+        // A bad value of `key`, at the line where `span` starts.
+        let bad =
+            |key: &'static str, span: std::ops::Range<usize>, message: String| ConfigError::Value {
+                path: path.to_path_buf(),
+                line: line(span),
+                key,
+                message,
+            };
         let ranged = |key: &'static str,
                       v: Option<toml::Spanned<i64>>,
                       max: u64|
@@ -276,12 +284,11 @@ impl Config {
             let Some(v) = v else { return Ok(None) };
             let n = *v.get_ref();
             if n < 1 || n as u64 > max {
-                return Err(ConfigError::Value {
-                    path: path.to_path_buf(),
-                    line: line(v.span()),
+                return Err(bad(
                     key,
-                    message: format!("{n} is not between 1 and {max}"),
-                });
+                    v.span(),
+                    format!("{n} is not between 1 and {max}"),
+                ));
             }
             Ok(Some(n as u64))
         };
@@ -297,33 +304,30 @@ impl Config {
         // A default over the maximum could never be used.
         if let (Some(v), Some(max)) = (&file.vm.default_memory_mib, max_memory_mib) {
             if *v.get_ref() as u64 > max {
-                return Err(ConfigError::Value {
-                    path: path.to_path_buf(),
-                    line: line(v.span()),
-                    key: "vm.default_memory_mib",
-                    message: format!("{} is over vm.max_memory_mib ({max})", v.get_ref()),
-                });
+                return Err(bad(
+                    "vm.default_memory_mib",
+                    v.span(),
+                    format!("{} is over vm.max_memory_mib ({max})", v.get_ref()),
+                ));
             }
         }
         let kernel_args = match file.vm.kernel_args {
             Some(v) if v.get_ref().contains(['\n', '\0']) => {
-                return Err(ConfigError::Value {
-                    path: path.to_path_buf(),
-                    line: line(v.span()),
-                    key: "vm.kernel_args",
-                    message: "a kernel command line is one line".into(),
-                })
+                return Err(bad(
+                    "vm.kernel_args",
+                    v.span(),
+                    "a kernel command line is one line".into(),
+                ))
             }
             Some(v) if v.get_ref().len() > MAX_KERNEL_ARGS => {
-                return Err(ConfigError::Value {
-                    path: path.to_path_buf(),
-                    line: line(v.span()),
-                    key: "vm.kernel_args",
-                    message: format!(
+                return Err(bad(
+                    "vm.kernel_args",
+                    v.span(),
+                    format!(
                         "{} bytes; at most {MAX_KERNEL_ARGS} fit beside rtv's own",
                         v.get_ref().len()
                     ),
-                })
+                ))
             }
             Some(v) => Some(v.into_inner().trim().to_owned()).filter(|a| !a.is_empty()),
             None => None,

@@ -553,11 +553,20 @@ fn the_configuration_file_takes_effect() {
                  cat /proc/cmdline; sleep 2",
             ],
         )?;
-        let spec_path = bundle.join("config.json");
-        let mut spec: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&spec_path)?)?;
-        spec["linux"]["resources"]["cpu"] = serde_json::json!({"quota": 200000, "period": 100000});
-        std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec)?)?;
+        // Sets linux.resources.<field> in a bundle's config.json.
+        let set_resource = |bundle: &std::path::Path, field: &str, value: serde_json::Value| {
+            let path = bundle.join("config.json");
+            let mut spec: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+            spec["linux"]["resources"][field] = value;
+            std::fs::write(&path, serde_json::to_vec_pretty(&spec)?)?;
+            anyhow::Ok(())
+        };
+        set_resource(
+            &bundle,
+            "cpu",
+            serde_json::json!({"quota": 200000, "period": 100000}),
+        )?;
         let log = dir.join("rtv.log");
         let child = cmd(
             &[
@@ -648,11 +657,7 @@ fn the_configuration_file_takes_effect() {
         // naming the field, the key and the file; nothing left.
         let big = dir.join("big");
         busybox_bundle(&big, &["true"])?;
-        let big_spec = big.join("config.json");
-        let mut spec: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&big_spec)?)?;
-        spec["linux"]["resources"]["memory"] = serde_json::json!({"limit": 1u64 << 30});
-        std::fs::write(&big_spec, serde_json::to_vec_pretty(&spec)?)?;
+        set_resource(&big, "memory", serde_json::json!({"limit": 1u64 << 30}))?;
         let out = cmd(
             &[
                 "--root",
