@@ -1317,19 +1317,12 @@ mod tests {
         serde_json::from_str(json).unwrap()
     }
 
-    /// The cgroup2 root, when the tests can use it (as root, on a host with
-    /// cgroup2); `None` (and a note) otherwise.
-    fn test_root() -> Option<PathBuf> {
+    /// The cgroup2 root the tests use: they need root and a cgroup2 mount,
+    /// and fail (not skip) without them.
+    fn test_root() -> PathBuf {
         // SAFETY: geteuid cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: not root");
-            return None;
-        }
-        let root = find_root();
-        if root.is_none() {
-            eprintln!("skipped: no cgroup2 mount");
-        }
-        root
+        assert_eq!(unsafe { libc::geteuid() }, 0, "the cgroup tests run as root");
+        find_root().expect("the cgroup tests need a cgroup2 mount")
     }
 
     /// A cgroup name of this test run's own.
@@ -1723,7 +1716,7 @@ mod tests {
 
     #[test]
     fn cgroup_find_root_is_cgroup2() {
-        let Some(root) = test_root() else { return };
+        let root = test_root();
         assert!(is_cgroup2(&root));
         assert!(root.join("cgroup.controllers").exists());
         assert!(!is_cgroup2(Path::new("/proc")));
@@ -1731,7 +1724,7 @@ mod tests {
 
     #[test]
     fn cgroup_bad_specs_create_nothing() {
-        let Some(root) = test_root() else { return };
+        let root = test_root();
         let name = unique("bad");
         let path = root.join(&name);
         let _cleanup = Cleanup(vec![path.clone()]);
@@ -1766,7 +1759,7 @@ mod tests {
 
     #[test]
     fn cgroup_missing_controllers_are_spec_errors() {
-        let Some(root) = test_root() else { return };
+        let root = test_root();
         let name = unique("ctl");
         let path = root.join(&name);
         let _cleanup = Cleanup(vec![path.clone()]);
@@ -1829,7 +1822,7 @@ mod tests {
 
     #[test]
     fn cgroup_lifecycle_with_real_processes() {
-        let Some(root) = test_root() else { return };
+        let root = test_root();
         let name = unique("life");
         let _cleanup = Cleanup(vec![root.join(&name)]);
         let cgroup = Cgroup::create(&root, &format!("/{name}"), None).unwrap();
@@ -1889,7 +1882,7 @@ mod tests {
 
     #[test]
     fn cgroup_nested_paths_and_child_cgroups() {
-        let Some(root) = test_root() else { return };
+        let root = test_root();
         let name = unique("nest");
         let top = root.join(&name);
         let _cleanup = Cleanup(vec![top.clone()]);
@@ -1922,7 +1915,7 @@ mod tests {
 
     #[test]
     fn cgroup_unified_writes_update_and_rollback() {
-        let Some(root) = test_root() else { return };
+        let root = test_root();
         let name = unique("unified");
         let path = root.join(&name);
         let _cleanup = Cleanup(vec![path.clone()]);
@@ -1989,7 +1982,7 @@ mod tests {
 
     #[test]
     fn cgroup_enable_controllers_enables_the_base_ones_available() {
-        let Some(root) = test_root() else { return };
+        let root = test_root();
         let path = root.join(unique("enable"));
         let _cleanup = Cleanup(vec![path.clone()]);
         fs::create_dir(&path).unwrap();
