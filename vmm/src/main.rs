@@ -226,10 +226,27 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("rtv-vmm: error: {e:#}");
+            eprintln!("rtv-vmm: error: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: the library's
+/// error messages already end with their source's text where it says
+/// something, so a cause the message so far ends with is not repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 /// The jail's last part once the VM is built (`--jail on`): its own root

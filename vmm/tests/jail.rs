@@ -398,3 +398,103 @@ fn the_keeper_relays_signals_and_ends_as_the_vmm_ends() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Bad input to a jailed VMM: a missing KVM device, a device that is not
+/// KVM, a missing or non-directory share. Each fails with exit status 1
+/// and one line naming what was wrong (each cause once), and nothing is
+/// left: no process (keeper or VMM), no vsock socket, no file in the
+/// directory but the log.
+#[test]
+fn bad_input_fails_naming_the_step_and_leaves_nothing() {
+    let kernel = artifact("RTV_KERNEL", "guest-kernel/build.sh");
+    let initrd = artifact("RTV_INITRAMFS", "rootfs-builder/build.sh");
+    let tmp = TempDir::new("vmm-jail-bad");
+    let share = tmp.0.join("share");
+    std::fs::create_dir(&share).unwrap();
+    let not_a_dir = tmp.0.join("file");
+    std::fs::write(&not_a_dir, "x").unwrap();
+    let missing = tmp.0.join("missing");
+    let cases: [(&str, PathBuf, PathBuf, &str); 4] = [
+        (
+            "missing KVM device",
+            missing.clone(),
+            share.clone(),
+            "cannot open the KVM device",
+        ),
+        (
+            "not KVM",
+            PathBuf::from("/dev/null"),
+            share.clone(),
+            "reports API version",
+        ),
+        (
+            "missing share",
+            PathBuf::from("/dev/kvm"),
+            missing.clone(),
+            "virtio-fs shared directory",
+        ),
+        (
+            "share not a directory",
+            PathBuf::from("/dev/kvm"),
+            not_a_dir.clone(),
+            "virtio-fs shared directory",
+        ),
+    ];
+    for (what, kvm, shared, expected) in cases {
+        let sock = tmp.0.join("vsock.sock");
+        let out = Command::new(env!("CARGO_BIN_EXE_rtv-vmm"))
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--initrd")
+            .arg(&initrd)
+            .arg("--console")
+            .arg(tmp.0.join("console"))
+            .arg("--kvm-device")
+            .arg(&kvm)
+            .args(["--vsock-cid", "3", "--vsock-uds"])
+            .arg(&sock)
+            .arg("--shared-dir")
+            .arg(&shared)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("rtv-vmm: error: "))
+            .unwrap_or_else(|| panic!("{what}: no error line in {stderr}"));
+        assert!(line.contains(expected), "{what}: {line}");
+        let path = if what.contains("share") {
+            &shared
+        } else {
+            &kvm
+        };
+        assert!(line.contains(&path.display().to_string()), "{what}: {line}");
+        let cause_parts: Vec<&str> = line.split(": ").collect();
+        let mut unique = cause_parts.clone();
+        unique.dedup();
+        assert_eq!(unique, cause_parts, "{what}: a cause repeated in {line}");
+        assert!(!sock.exists(), "{what}: the vsock socket was left");
+        let mut left: Vec<String> = std::fs::read_dir(&tmp.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !["share", "file", "console"].contains(&n.as_str()))
+            .collect();
+        left.sort();
+        assert!(left.is_empty(), "{what}: left {left:?}");
+        let _ = std::fs::remove_file(tmp.0.join("console"));
+        let dir = tmp.0.display().to_string();
+        let procs: Vec<String> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                e.file_name().to_str()?.parse::<u32>().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                cmd.contains(&dir).then_some(cmd)
+            })
+            .collect();
+        assert!(procs.is_empty(), "{what}: processes left: {procs:?}");
+    }
+}

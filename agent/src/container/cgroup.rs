@@ -1321,7 +1321,8 @@ mod tests {
     /// and fail (not skip) without them.
     fn test_root() -> PathBuf {
         // SAFETY: geteuid cannot fail.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "the cgroup tests run as root");
+        let uid = unsafe { libc::geteuid() };
+        assert_eq!(uid, 0, "the cgroup tests run as root");
         find_root().expect("the cgroup tests need a cgroup2 mount")
     }
 
