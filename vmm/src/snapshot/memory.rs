@@ -2,6 +2,13 @@
 //! other, written sparsely (all-zero pages are holes); restored by mapping
 //! the file MAP_PRIVATE, so VMs restored from one snapshot share its pages
 //! until they write them.
+//!
+//! Its digest ([`sparse_sha256_file`]) covers the content, page by page,
+//! but only the pages that are not all zeros, each with its index: the
+//! check before a restore then reads the file's data only, found with
+//! `SEEK_DATA`/`SEEK_HOLE`, not its holes. A 2 GiB guest's file holds
+//! ~50 MiB of data; hashing all of it, holes read as zeros, took ~2 s of
+//! every restore.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -27,7 +34,7 @@ pub struct Written {
     pub size: u64,
     /// Bytes of non-zero pages actually written.
     pub data_bytes: u64,
-    /// sha256 of the whole logical content, hex.
+    /// The content's digest ([`sparse_sha256_file`]), hex.
     pub sha256: String,
 }
 
@@ -59,8 +66,7 @@ pub fn write(memory: &GuestMemoryMmap, path: &Path) -> io::Result<Written> {
             region
                 .read_slice(chunk, MemoryRegionAddress(done))
                 .map_err(|e| io::Error::other(format!("reading guest memory: {e}")))?;
-            hasher.update(&chunk[..]);
-            // Write runs of non-zero pages.
+            // Write runs of non-zero pages; hash each non-zero page.
             let mut page = 0;
             while page < n {
                 let end = (page + PAGE_SIZE).min(n);
@@ -76,6 +82,12 @@ pub fn write(memory: &GuestMemoryMmap, path: &Path) -> io::Result<Written> {
                         break;
                     }
                     stop = next;
+                }
+                let mut p = start;
+                while p < stop {
+                    let next = (p + PAGE_SIZE).min(stop);
+                    hash_page(&mut hasher, file_offset + done + p as u64, &chunk[p..next]);
+                    p = next;
                 }
                 file.write_all_at(&chunk[start..stop], file_offset + done + start as u64)?;
                 data_bytes += (stop - start) as u64;
@@ -96,6 +108,70 @@ pub fn write(memory: &GuestMemoryMmap, path: &Path) -> io::Result<Written> {
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Adds the non-zero page at byte `offset` of the memory file to a digest.
+fn hash_page(hasher: &mut Sha256, offset: u64, page: &[u8]) {
+    hasher.update((offset / PAGE_SIZE as u64).to_le_bytes());
+    hasher.update(page);
+}
+
+/// The memory file's digest and its length: sha256 over each page that is
+/// not all zeros, in order, as its index (u64, little endian) and its
+/// bytes. Only the file's data is read (`SEEK_DATA`/`SEEK_HOLE`; a file
+/// system without them reports everything as data, which is only
+/// slower); a hole, like a page of zeros, adds nothing. Any change to the
+/// content changes the digest.
+pub fn sparse_sha256_file(path: &Path) -> io::Result<(u64, String)> {
+    use std::os::fd::AsRawFd;
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let fd = file.as_raw_fd();
+    let seek = |from: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let from = libc::off_t::try_from(from).map_err(io::Error::other)?;
+        // SAFETY: lseek on a descriptor this function owns; it only moves
+        // the file offset (the reads below are positioned).
+        let at = unsafe { libc::lseek(fd, from, whence) };
+        if at >= 0 {
+            return Ok(Some(at as u64));
+        }
+        match io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            e => Err(e),
+        }
+    };
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    // The next page not hashed yet: extents of blocks smaller than a page
+    // can share one.
+    let mut next_page = 0u64;
+    let page = PAGE_SIZE as u64;
+    let mut pos = 0u64;
+    while pos < len {
+        let Some(data) = seek(pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let mut at = (data / page * page).max(next_page * page);
+        let end = hole.div_ceil(page) * page;
+        let end = end.min(len);
+        while at < end {
+            let n = ((end - at) as usize).min(CHUNK);
+            file.read_exact_at(&mut buf[..n], at)?;
+            let mut off = 0;
+            while off < n {
+                let stop = (off + PAGE_SIZE).min(n);
+                if !is_zero(&buf[off..stop]) {
+                    hash_page(&mut hasher, at + off as u64, &buf[off..stop]);
+                }
+                off = stop;
+            }
+            at += n as u64;
+        }
+        next_page = end.div_ceil(page);
+        pos = hole.max(end);
+    }
+    Ok((len, hex(&hasher.finalize())))
 }
 
 /// sha256 of a file's content, and its length.
@@ -166,7 +242,7 @@ mod tests {
         let w = write(&mem, &path).unwrap();
         assert_eq!(w.size, 4 << 20);
         assert_eq!(w.data_bytes, 4 * PAGE_SIZE as u64);
-        let (len, sha) = sha256_file(&path).unwrap();
+        let (len, sha) = sparse_sha256_file(&path).unwrap();
         assert_eq!((len, sha.as_str()), (w.size, w.sha256.as_str()));
         use std::os::unix::fs::MetadataExt;
         let blocks = std::fs::metadata(&path).unwrap().blocks() * 512;
@@ -184,6 +260,43 @@ mod tests {
         again.read_slice(&mut b, GuestAddress(0x1234)).unwrap();
         assert_eq!(&b, b"hello");
         assert!(map_private(&path, &[(0, 8 << 20)]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The digest reads only data, yet sees every change: a flipped byte in
+    /// a data page, a byte written into a hole, a data page zeroed; and it
+    /// is the content's, not the layout's (zeros written where a hole was
+    /// change nothing).
+    #[test]
+    fn the_sparse_digest_sees_every_change_of_the_content() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        mem.write_slice(b"kernel", GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[9u8; 3 * PAGE_SIZE], GuestAddress(0x40_0000))
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("rtv-mem-digest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("memory.bin");
+        let w = write(&mem, &path).unwrap();
+        let digest = || sparse_sha256_file(&path).unwrap().1;
+        assert_eq!(digest(), w.sha256);
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        // Zeros written into a hole: the same content.
+        f.write_all_at(&[0u8; PAGE_SIZE], 0x20_0000).unwrap();
+        assert_eq!(digest(), w.sha256, "zeros where a hole was");
+        // A flipped byte in a data page.
+        f.write_all_at(b"Kernel", 0x1000).unwrap();
+        assert_ne!(digest(), w.sha256, "a flipped byte");
+        f.write_all_at(b"kernel", 0x1000).unwrap();
+        assert_eq!(digest(), w.sha256);
+        // A byte in a hole.
+        f.write_all_at(&[1], 0x70_0000).unwrap();
+        assert_ne!(digest(), w.sha256, "a byte in a hole");
+        f.write_all_at(&[0], 0x70_0000).unwrap();
+        assert_eq!(digest(), w.sha256);
+        // A data page zeroed.
+        f.write_all_at(&[0u8; PAGE_SIZE], 0x40_1000).unwrap();
+        assert_ne!(digest(), w.sha256, "a data page zeroed");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

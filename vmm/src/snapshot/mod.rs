@@ -4,7 +4,7 @@
 //!
 //! | file | content |
 //! |---|---|
-//! | `state.json` | the manifest ([`Manifest`]): `format_version`, the VMM's version and build id, memory size, vCPU count, RAM layout, devices, and the size and sha256 of every other file; written last |
+//! | `state.json` | the manifest ([`Manifest`]): `format_version`, the VMM's version and build id, memory size, vCPU count, RAM layout, devices, and the size and sha256 of every other file (of `memory.bin`: of its non-zero pages); written last |
 //! | `memory.bin` | guest RAM, the regions one after the other, sparse (zero pages are holes) |
 //! | `vm.json` | [`VmState`]: PIC master and slave, IOAPIC, PIT, kvmclock |
 //! | `vcpu-N.json` | [`cpu::VcpuState`] of vCPU N |
@@ -35,9 +35,10 @@ use cpu::VcpuState;
 
 /// The snapshot format this VMM writes and reads. Version 2: the devices
 /// are the device manager's ([`VirtioSnapshot`]: slot, configuration and
-/// transport of each). Version 1 snapshots (fixed vsock and virtio-fs
-/// entries) are refused; a template cache makes its templates again.
-pub const FORMAT_VERSION: u32 = 2;
+/// transport of each). Version 3: the memory file's digest covers its
+/// non-zero pages ([`memory::sparse_sha256_file`]). Older snapshots are
+/// refused; a template cache makes its templates again.
+pub const FORMAT_VERSION: u32 = 3;
 /// The manifest's file name.
 pub const MANIFEST_FILE: &str = "state.json";
 /// Guest memory's file name.
@@ -416,8 +417,12 @@ fn read_checked(dir: &Path, manifest: &Manifest, name: &str) -> Result<PathBuf, 
             ),
         ));
     }
-    let (_, sha) =
-        memory::sha256_file(&path).map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+    let digest = if name == MEMORY_FILE {
+        memory::sparse_sha256_file(&path)
+    } else {
+        memory::sha256_file(&path)
+    };
+    let (_, sha) = digest.map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
     if sha != entry.sha256 {
         return Err(Error::file(
             &path,
