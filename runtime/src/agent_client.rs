@@ -95,6 +95,15 @@ pub enum ClientError {
     /// The control connection ended.
     #[error("the agent's control connection closed")]
     Disconnected,
+    /// The agent left a request unanswered past the client's watchdog
+    /// ([`AgentClient::set_watchdog`]): the guest is taken as hung.
+    #[error("the agent did not answer {request} within {} s", after.as_secs())]
+    NoAnswer {
+        /// The request's kind.
+        request: String,
+        /// How long it waited.
+        after: Duration,
+    },
     /// The agent answered with something that does not fit the request.
     #[error("unexpected reply from the agent: {0}")]
     Unexpected(String),
@@ -128,7 +137,9 @@ pub async fn read_frame_async<R: AsyncRead + Unpin, T: DeserializeOwned>(
     decode(&body)
 }
 
-async fn connect_once(endpoint: &Endpoint) -> Result<UnixStream, String> {
+/// One connection attempt; the VMM's reply to `CONNECT` may take up to
+/// `handshake`.
+async fn connect_once(endpoint: &Endpoint, handshake: Duration) -> Result<UnixStream, String> {
     match endpoint {
         Endpoint::Unix(path) => UnixStream::connect(path).await.map_err(|e| e.to_string()),
         Endpoint::Hybrid { uds, port } => {
@@ -155,7 +166,7 @@ async fn connect_once(endpoint: &Endpoint) -> Result<UnixStream, String> {
                     }
                 }
             };
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, read_line)
+            tokio::time::timeout(handshake, read_line)
                 .await
                 .map_err(|_| "no reply to CONNECT".to_string())??;
             let reply = String::from_utf8_lossy(&line);
@@ -171,15 +182,17 @@ async fn connect_once(endpoint: &Endpoint) -> Result<UnixStream, String> {
 /// Connects to the agent, retrying until `deadline` while nobody answers,
 /// and exchanges hellos. Once the guest has accepted the connection the
 /// hello is not sent again: attaching a stream is not idempotent, and a
-/// busy guest may take long to answer.
+/// busy guest may take long to answer: each answer may take `handshake`
+/// even past the deadline.
 async fn dial(
     endpoint: &Endpoint,
     hello: &Hello,
     deadline: Instant,
+    handshake: Duration,
 ) -> Result<UnixStream, ClientError> {
     let started = Instant::now();
     let mut s = loop {
-        match connect_once(endpoint).await {
+        match connect_once(endpoint, handshake).await {
             Ok(s) => break s,
             Err(last) if Instant::now() >= deadline => {
                 return Err(ClientError::Unreachable {
@@ -194,7 +207,7 @@ async fn dial(
     s.write_all(&encode(hello)?).await?;
     let wait = deadline
         .saturating_duration_since(Instant::now())
-        .max(HANDSHAKE_TIMEOUT);
+        .max(handshake);
     match tokio::time::timeout(wait, read_frame_async::<_, HelloReply>(&mut s)).await {
         Ok(Ok(HelloReply::Ok { .. })) => Ok(s),
         Ok(Ok(HelloReply::Refused { reason })) => Err(ClientError::Refused(reason)),
@@ -205,6 +218,15 @@ async fn dial(
             last: format!("no answer to the hello within {wait:?}"),
         }),
     }
+}
+
+/// A request's kind, as its variant's name (`CreateContainer`).
+fn request_kind(body: &RequestBody) -> String {
+    let text = format!("{body:?}");
+    let end = text
+        .find(|c: char| !c.is_alphanumeric() && c != '_')
+        .unwrap_or(text.len());
+    text[..end].to_owned()
 }
 
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<ResponseBody>>>>>;
@@ -247,6 +269,18 @@ impl OomWait {
     }
 }
 
+/// What a client does about an agent that stops answering: a request
+/// (other than a wait for a process or an OOM kill, which may rightly take
+/// forever) unanswered for `timeout` fails with [`ClientError::NoAnswer`],
+/// after `on_silence` ran once with the request's kind (the pod's stops
+/// the hung VM, so everything waiting on it ends too).
+pub struct Watchdog {
+    /// How long an answer may take.
+    pub timeout: Duration,
+    /// Run once, off the async runtime, at the first unanswered request.
+    pub on_silence: Box<dyn Fn(&str) + Send + Sync>,
+}
+
 /// A control connection to the agent.
 pub struct AgentClient {
     endpoint: Endpoint,
@@ -254,6 +288,8 @@ pub struct AgentClient {
     pending: Pending,
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
+    watchdog: std::sync::OnceLock<Arc<Watchdog>>,
+    silenced: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for AgentClient {
@@ -271,7 +307,7 @@ impl AgentClient {
     ) -> Result<UnixStream, ClientError> {
         let started = Instant::now();
         loop {
-            match connect_once(endpoint).await {
+            match connect_once(endpoint, HANDSHAKE_TIMEOUT).await {
                 Ok(s) => return Ok(s),
                 Err(last) if started.elapsed() >= timeout => {
                     return Err(ClientError::Unreachable {
@@ -292,15 +328,33 @@ impl AgentClient {
         hello: &Hello,
         timeout: Duration,
     ) -> Result<UnixStream, ClientError> {
-        dial(endpoint, hello, Instant::now() + timeout).await
+        dial(endpoint, hello, Instant::now() + timeout, HANDSHAKE_TIMEOUT).await
     }
 
-    /// Connects to the agent at `endpoint`, retrying for up to `timeout`.
+    /// Connects to the agent at `endpoint`, retrying for up to `timeout`
+    /// (the agent may then take a minute more to answer: a booting guest).
     pub async fn connect(endpoint: Endpoint, timeout: Duration) -> Result<Self, ClientError> {
+        Self::connect_within(endpoint, timeout, HANDSHAKE_TIMEOUT).await
+    }
+
+    /// Connects to the agent of a running guest, which must answer within
+    /// `timeout` (connecting and exchanging hellos included).
+    pub async fn connect_answering(
+        endpoint: Endpoint,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        Self::connect_within(endpoint, timeout, timeout).await
+    }
+
+    async fn connect_within(
+        endpoint: Endpoint,
+        timeout: Duration,
+        handshake: Duration,
+    ) -> Result<Self, ClientError> {
         let hello = Hello::Control {
             version: PROTOCOL_VERSION,
         };
-        let stream = dial(&endpoint, &hello, Instant::now() + timeout).await?;
+        let stream = dial(&endpoint, &hello, Instant::now() + timeout, handshake).await?;
         let (mut read, writer) = stream.into_split();
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let table = pending.clone();
@@ -341,12 +395,42 @@ impl AgentClient {
             pending,
             next_id: AtomicU64::new(1),
             reader,
+            watchdog: std::sync::OnceLock::new(),
+            silenced: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Sends a request and waits for its response.
+    /// Watches this connection's requests from now on (the first watchdog
+    /// set stays; `false` if one was set already).
+    pub fn set_watchdog(&self, w: Watchdog) -> bool {
+        self.watchdog.set(Arc::new(w)).is_ok()
+    }
+
+    /// Sends a request and waits for its response, within the watchdog's
+    /// timeout unless it waits for a process or an OOM kill.
     pub async fn call(&self, body: RequestBody) -> Result<ResponseBody, ClientError> {
-        self.send(body, None).await?.get().await
+        let watchdog = match body {
+            RequestBody::Wait { .. } | RequestBody::WaitOom { .. } => None,
+            _ => self.watchdog.get().cloned(),
+        };
+        let Some(w) = watchdog else {
+            return self.send(body, None).await?.get().await;
+        };
+        let request = request_kind(&body);
+        let answer = async { self.send(body, None).await?.get().await };
+        match tokio::time::timeout(w.timeout, answer).await {
+            Ok(r) => r,
+            Err(_) => {
+                if !self.silenced.swap(true, Ordering::SeqCst) {
+                    let (w, request) = (w.clone(), request.clone());
+                    let _ = tokio::task::spawn_blocking(move || (w.on_silence)(&request)).await;
+                }
+                Err(ClientError::NoAnswer {
+                    request,
+                    after: w.timeout,
+                })
+            }
+        }
     }
 
     /// Sends a request and returns once it is written, before the answer
@@ -643,6 +727,12 @@ impl AgentClient {
             exec_id,
             stream,
         };
-        dial(&self.endpoint, &hello, Instant::now() + ATTACH_TIMEOUT).await
+        dial(
+            &self.endpoint,
+            &hello,
+            Instant::now() + ATTACH_TIMEOUT,
+            HANDSHAKE_TIMEOUT,
+        )
+        .await
     }
 }

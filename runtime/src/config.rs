@@ -32,6 +32,9 @@
 //! [templates]
 //! dir = "/var/cache/rtv/templates"
 //! max_size_mib = 1024                      # least recently used removed first
+//!
+//! [agent]
+//! answer_timeout_secs = 120                # a VM whose agent answers nothing longer is stopped
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -85,6 +88,7 @@ pub struct Config {
     pub vm: Vm,
     pub templates: Templates,
     pub log: Log,
+    pub agent: Agent,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -216,6 +220,38 @@ impl LogLevel {
     }
 }
 
+/// `[agent]`: the guest agent as rtv and the shim talk to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Agent {
+    /// How long a request may wait for the agent's answer, seconds (waits
+    /// for a process excepted); unset: [`DEFAULT_ANSWER_TIMEOUT_SECS`].
+    pub answer_timeout_secs: Option<u64>,
+}
+
+/// `agent.answer_timeout_secs`'s default: long enough for a loaded host
+/// whose guests run their kernel code emulated (PVM), where a container's
+/// creation takes tens of seconds.
+pub const DEFAULT_ANSWER_TIMEOUT_SECS: u64 = 120;
+/// `agent.answer_timeout_secs`'s largest value.
+pub const MAX_ANSWER_TIMEOUT_SECS: u64 = 3600;
+
+impl Agent {
+    /// How long a request may wait for the agent's answer before its VM
+    /// is taken as hung.
+    pub fn answer_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.answer_timeout_secs
+                .unwrap_or(DEFAULT_ANSWER_TIMEOUT_SECS),
+        )
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    answer_timeout_secs: Option<toml::Spanned<i64>>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Templates {
     pub dir: Option<PathBuf>,
@@ -243,6 +279,8 @@ struct File {
     vm: VmFile,
     #[serde(default)]
     templates: TemplatesFile,
+    #[serde(default)]
+    agent: AgentFile,
     #[serde(default)]
     log: Log,
 }
@@ -352,6 +390,11 @@ impl Config {
             }),
             _ => Ok(()),
         };
+        let answer_timeout_secs = ranged(
+            "agent.answer_timeout_secs",
+            file.agent.answer_timeout_secs,
+            MAX_ANSWER_TIMEOUT_SECS,
+        )?;
         relative("guest.kernel", &file.guest.kernel)?;
         relative("guest.kernel_up", &file.guest.kernel_up)?;
         relative("guest.initramfs", &file.guest.initramfs)?;
@@ -374,6 +417,9 @@ impl Config {
                 max_size_mib,
             },
             log: file.log,
+            agent: Agent {
+                answer_timeout_secs,
+            },
         })
     }
 
@@ -471,9 +517,12 @@ mod tests {
              [vm]\ndefault_memory_mib = 512\ndefault_vcpus = 2\nmax_memory_mib = 4096\n\
              max_vcpus = 2\nkernel_args = \" quiet loglevel=4 \"\npvm = \"off\"\n\
              [templates]\ndir = \"/t\"\nmax_size_mib = 300\n\
-             [log]\nlevel = \"debug\"\n",
+             [log]\nlevel = \"debug\"\n\
+             [agent]\nanswer_timeout_secs = 7\n",
         )
         .unwrap();
+        assert_eq!(c.agent.answer_timeout_secs, Some(7));
+        assert_eq!(c.agent.answer_timeout(), std::time::Duration::from_secs(7));
         assert_eq!(c.vm.max_memory_mib, Some(4096));
         assert_eq!(c.vm.max_vcpus, Some(2));
         assert_eq!(c.vm.kernel_args.as_deref(), Some("quiet loglevel=4"));
@@ -527,11 +576,12 @@ mod tests {
         assert!(c.vm.max_memory_mib.is_some() && c.vm.max_vcpus.is_some());
         // kernel_args's default is empty: no value.
         assert!(c.vm.kernel_args.is_none() && c.log.level.is_some());
+        assert!(c.agent.answer_timeout_secs.is_some());
         let keys = uncommented
             .lines()
             .filter(|l| !l.starts_with('#') && l.contains(" = "))
             .count();
-        assert_eq!(keys, 15, "every key of the file, once:\n{uncommented}");
+        assert_eq!(keys, 16, "every key of the file, once:\n{uncommented}");
     }
 
     #[test]
@@ -550,6 +600,13 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key_and_the_line() {
+        let e = parse("[agent]\nanswer_timeout_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":2: agent.answer_timeout_secs: 0 is not between 1 and 3600"),
+            "{e}"
+        );
         let e = parse("[templates]\nmax_size_mib = -1\n")
             .unwrap_err()
             .to_string();

@@ -35,7 +35,7 @@ use rtv_protocol::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::agent_client::{AgentClient, ClientError, Endpoint};
+use crate::agent_client::{AgentClient, ClientError, Endpoint, Watchdog};
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::hooks::{self, HookError, Stage};
 use crate::host_cgroup::{self, HostCgroupError};
@@ -56,7 +56,8 @@ pub const RECORD_FILE: &str = "pod.json";
 const LOCK_FILE: &str = "pod.lock";
 /// The share's directory in the state directory.
 pub const SHARE_DIR: &str = "share";
-/// How long the agent may take to answer a new connection.
+/// How long the agent of a pod on the host (tests) may take to answer a
+/// new connection; a VM's agent has `agent.answer_timeout_secs`.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a VM may take to power off before it is killed.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -231,6 +232,7 @@ impl PodError {
                 ClientError::Unreachable { .. }
                 | ClientError::Disconnected
                 | ClientError::Refused(_) => ErrorClass::Unavailable,
+                ClientError::NoAnswer { .. } => ErrorClass::TimedOut,
                 _ => ErrorClass::Internal,
             },
         }
@@ -642,6 +644,34 @@ impl std::fmt::Debug for Pod {
     }
 }
 
+/// Stops a hung VM: `client`'s watchdog (`agent.answer_timeout_secs`)
+/// kills the pod's VMM when the agent leaves a request unanswered, so
+/// everything waiting on the VM (the containers' waiters, the shim's
+/// waits) ends and reports its containers killed, instead of hanging.
+fn watch_agent(client: &AgentClient, dir: &Path, pod: &str, vmm: (i32, u64)) {
+    let (pod, dir) = (pod.to_owned(), dir.to_path_buf());
+    let timeout = crate::config::get().agent.answer_timeout();
+    client.set_watchdog(Watchdog {
+        timeout,
+        on_silence: Box::new(move |request| hung(&dir, &pod, vmm, request, timeout)),
+    });
+}
+
+/// Kills the VMM of a pod whose agent did not answer `what` in `waited`,
+/// and leaves the reason where [`crate::sandbox::end_reason`] finds it.
+fn hung(dir: &Path, pod: &str, (pid, start): (i32, u64), what: &str, waited: Duration) {
+    let reason = format!(
+        "the guest agent did not answer {what} within {} s (agent.answer_timeout_secs): \
+         the guest was taken as hung and its VMM killed",
+        waited.as_secs()
+    );
+    tracing::error!(pod, vmm_pid = pid, "{reason}");
+    if let Err(e) = std::fs::write(dir.join(crate::sandbox::END_REASON_FILE), &reason) {
+        tracing::warn!(pod, "noting why the VM ended: {e}");
+    }
+    crate::vmm_process::stop(pid, start, Duration::ZERO);
+}
+
 impl Pod {
     /// Starts a pod: the state directory (anything a dead pod of the same
     /// directory left is removed first), the VM from the template (or a
@@ -703,6 +733,8 @@ impl Pod {
         // The sandbox's own connection (it set the guest's identity).
         let client = sandbox.shared_client();
         let vmm_pid = sandbox.pid() as i32;
+        let vmm_start = crate::vmm_process::start_time(vmm_pid).unwrap_or(0);
+        watch_agent(&client, &cfg.dir, &cfg.id, (vmm_pid, vmm_start));
         let mut pod = Pod {
             id: cfg.id.clone(),
             dir: cfg.dir.clone(),
@@ -732,7 +764,7 @@ impl Pod {
                 &PodRecord {
                     id: pod.id.clone(),
                     vmm_pid,
-                    vmm_start: crate::vmm_process::start_time(vmm_pid).unwrap_or(0),
+                    vmm_start,
                     mem_mib: cfg.size.mem_mib,
                     vcpus: cfg.size.vcpus,
                     host_cgroups: pod.host_cgroups.clone(),
@@ -773,12 +805,30 @@ impl Pod {
                 class: ErrorClass::Unavailable,
             });
         }
-        let client = AgentClient::connect(Endpoint::vm(dir.join(VSOCK_FILE)), AGENT_TIMEOUT)
-            .await
-            .map_err(|source| PodError::Agent {
-                context: Some(format!("reaching the agent of pod {}", rec.id)),
-                source,
-            })?;
+        let timeout = crate::config::get().agent.answer_timeout();
+        let endpoint = Endpoint::vm(dir.join(VSOCK_FILE));
+        let client = match AgentClient::connect_answering(endpoint, timeout).await {
+            Ok(c) => c,
+            Err(source) => {
+                // A VMM that runs but whose agent never answers is hung.
+                let silent = matches!(source, ClientError::Unreachable { .. })
+                    && alive(rec.vmm_pid, rec.vmm_start);
+                let mut context = format!("reaching the agent of pod {}", rec.id);
+                if silent {
+                    let (vmm, id, dir) = ((rec.vmm_pid, rec.vmm_start), rec.id, dir.to_owned());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        hung(&dir, &id, vmm, "a new connection", timeout)
+                    })
+                    .await;
+                    context.push_str(" (its VM was taken as hung and stopped)");
+                }
+                return Err(PodError::Agent {
+                    context: Some(context),
+                    source,
+                });
+            }
+        };
+        watch_agent(&client, dir, &rec.id, (rec.vmm_pid, rec.vmm_start));
         Ok(Pod {
             id: rec.id,
             dir: dir.to_path_buf(),

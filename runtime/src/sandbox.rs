@@ -44,6 +44,32 @@ pub const VSOCK_FILE: &str = "vsock.sock";
 pub const CONSOLE_FILE: &str = "console.log";
 /// The VMM's stderr log's name in the state directory.
 pub const STDERR_FILE: &str = "vmm.stderr.log";
+
+/// Where the runtime notes why it killed a sandbox's VMM (a hung guest).
+pub const END_REASON_FILE: &str = "vm-end-reason";
+
+/// Why the VM of the sandbox whose state directory is `dir` ended, from
+/// what was left there: the runtime's note when it killed a hung VM, else
+/// the guest kernel's panic line, else the VMM's last line on standard
+/// error (its exit), else that it was killed (SIGKILL leaves no line).
+pub fn end_reason(dir: &Path) -> String {
+    if let Ok(note) = std::fs::read_to_string(dir.join(END_REASON_FILE)) {
+        return note;
+    }
+    let console = file_tail(&dir.join(CONSOLE_FILE), 16 * 1024);
+    if let Some(line) = console.lines().rev().find(|l| l.contains("Kernel panic")) {
+        return format!("the guest kernel panicked ({})", line.trim());
+    }
+    let stderr = file_tail(&dir.join(STDERR_FILE), 4096);
+    match stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("rtv-vmm: "))
+    {
+        Some(last) => format!("its VMM ended: {last}"),
+        None => "its VMM was killed (it left no reason)".into(),
+    }
+}
 /// Longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 

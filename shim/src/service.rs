@@ -913,7 +913,12 @@ async fn watch_process(
     let status = match pod.wait(agent_id).await {
         Ok(s) => u32::try_from(s.code()).unwrap_or(LOST_STATUS),
         Err(e) => {
-            tracing::warn!(id = %id, exec_id = %exec_id, "waiting in the guest: {e}");
+            tracing::error!(
+                id = %id,
+                exec_id = %exec_id,
+                "waiting in the guest: {e}; the VM ended: {}",
+                rtv_runtime::sandbox::end_reason(pod.dir())
+            );
             LOST_STATUS
         }
     };

@@ -71,7 +71,9 @@ fn pod_network_through_cri() {
 /// own configuration files (`options.ConfigPath`), one sizing the VM (and
 /// passing containerd 1.7's pod-size annotations), one broken; then a pod
 /// whose VMM is killed under its two containers (both reported exited with
-/// 137, the pod removable, nothing left).
+/// 137, the pod removable, nothing left); then ten pods started at once on
+/// a handler whose template cache is empty (ten shims, one template made);
+/// then containerd restarted while a pod starts.
 #[test]
 fn privileged_containers_and_devices_through_cri() {
     let dir = setup();
@@ -82,6 +84,13 @@ fn privileged_containers_and_devices_through_cri() {
     std::fs::write(&sized, "[vm]\ndefault_memory_mib = 256\n").unwrap();
     let broken = files.join("broken.toml");
     std::fs::write(&broken, "[vm]\n\ndefault_memory_mib = 0\n").unwrap();
+    let templates = files.join("templates");
+    let fresh = files.join("fresh.toml");
+    std::fs::write(
+        &fresh,
+        format!("[templates]\ndir = {:?}\n", templates.display().to_string()),
+    )
+    .unwrap();
     let with_file = |name: &str, path: &Path| CriRuntime {
         name: name.into(),
         config_path: Some(path.to_path_buf()),
@@ -95,13 +104,16 @@ fn privileged_containers_and_devices_through_cri() {
                 ..with_file("rtv-256", &sized)
             },
             with_file("rtv-broken", &broken),
+            with_file("rtv-fresh", &fresh),
         ],
         Some(dir),
     );
     rtv_tests::cri::with_cri("cri-priv-rtv", &opts, |c, cri| {
         cri::scenario_privileged(c, cri, "rtv", true)?;
         cri::scenario_config_path(c, cri, "rtv-256", "rtv-broken", &broken)?;
-        cri::scenario_killed_vmm(c, cri, "rtv")
+        cri::scenario_killed_vmm(c, cri, "rtv")?;
+        cri::scenario_pods_at_once(c, cri, "rtv-fresh", &templates, 10)?;
+        cri::scenario_containerd_restart_mid_start(c, cri, "rtv")
     });
     let _ = std::fs::remove_dir_all(&files);
 }

@@ -98,3 +98,87 @@ async fn a_vmm_whose_guest_never_answers_is_an_error_within_the_deadline() {
     server.abort();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An agent that stops answering (here: the real agent, stopped with
+/// SIGSTOP) trips the client's watchdog: a request unanswered for the
+/// timeout fails with `NoAnswer` naming it, the watchdog's action runs
+/// once however many requests go unanswered, and a wait for a process is
+/// not timed (a process may rightly run for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_trips_the_watchdog_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let (agent, endpoint) = start_agent("silent");
+    let client = Arc::new(
+        AgentClient::connect(endpoint, Duration::from_secs(30))
+            .await
+            .unwrap(),
+    );
+    let trips = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (t, s) = (trips.clone(), seen.clone());
+    assert!(client.set_watchdog(rtv_runtime::agent_client::Watchdog {
+        timeout: Duration::from_secs(1),
+        on_silence: Box::new(move |request| {
+            t.fetch_add(1, Ordering::SeqCst);
+            s.lock().unwrap().push(request.to_owned());
+        }),
+    }));
+    client.version().await.expect("an answering agent");
+    let (exec_id, _) = client
+        .exec(rtv_protocol::ExecRequest {
+            argv: vec!["sleep".into(), "30".into()],
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let waiting = {
+        let client = client.clone();
+        tokio::spawn(async move { client.wait(exec_id).await })
+    };
+    let pid = agent.child.id() as i32;
+    // SAFETY: a signal to the agent this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // The stop is asynchronous: wait until every thread is stopped.
+    let stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .all(|t| {
+                std::fs::read_to_string(t.path().join("status"))
+                    .is_ok_and(|s| s.contains("State:\tT"))
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stopped() {
+        assert!(Instant::now() < deadline, "the agent did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = Instant::now();
+    match client.version().await {
+        Err(ClientError::NoAnswer { request, after }) => {
+            assert_eq!(request, "Version");
+            assert_eq!(after, Duration::from_secs(1));
+        }
+        other => panic!("a stopped agent's answer: {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    match client.guest_info().await {
+        Err(ClientError::NoAnswer { request, .. }) => assert_eq!(request, "GuestInfo"),
+        other => panic!("a stopped agent's second answer: {other:?}"),
+    }
+    assert_eq!(trips.load(Ordering::SeqCst), 1, "the action ran once");
+    assert_eq!(*seen.lock().unwrap(), vec!["Version".to_string()]);
+    assert!(
+        !waiting.is_finished(),
+        "the wait for a running process was timed out"
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    waiting.abort();
+}

@@ -965,7 +965,8 @@ fn cmd_check() -> Result<bool> {
                 "VM limits and guest",
                 true,
                 format!(
-                    "at most {} and {}; kernel arguments added: {}; PVM accommodations: {}; log level: {}",
+                    "at most {} and {}; kernel arguments added: {}; PVM accommodations: {}; log level: {}; \
+                     a guest silent for {} s is stopped (agent.answer_timeout_secs)",
                     config
                         .vm
                         .max_memory_mib
@@ -981,6 +982,7 @@ fn cmd_check() -> Result<bool> {
                     config.vm.kernel_args.as_deref().unwrap_or("none"),
                     config.vm.pvm.as_str(),
                     config.log.level.map_or("info", |l| l.as_str()),
+                    config.agent.answer_timeout().as_secs(),
                 ),
             );
             let mut cfg = SandboxConfig::new(

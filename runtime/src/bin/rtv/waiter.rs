@@ -63,6 +63,9 @@ pub fn spawn_waiter(
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0("rtv");
     cmd.arg("--root").arg(&cli.root);
+    if let Some(config) = &cli.config {
+        cmd.arg("--config").arg(config);
+    }
     if let Some(log) = &cli.log {
         cmd.arg("--log").arg(log);
     }
@@ -296,7 +299,7 @@ async fn waiter_run(w: &WaiterArgs, sync: &mut Option<File>) -> Result<ExitStatu
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
         let status = loop {
             tokio::select! {
-                s = client.wait(exec_id) => break killed_with_vm(s)?,
+                s = client.wait(exec_id) => break killed_with_vm(s, &w.sandbox_dir)?,
                 _ = winch.recv() => {
                     if let Some((rows, cols)) = console::window_size(&tty) {
                         let _ = client.resize(exec_id, WindowSize { rows, cols }).await;
@@ -307,7 +310,7 @@ async fn waiter_run(w: &WaiterArgs, sync: &mut Option<File>) -> Result<ExitStatu
         let _ = tokio::task::spawn_blocking(move || out.join()).await;
         return Ok(status);
     }
-    let status = killed_with_vm(client.wait(exec_id).await)?;
+    let status = killed_with_vm(client.wait(exec_id).await, &w.sandbox_dir)?;
     let _ = tokio::task::spawn_blocking(move || {
         let _ = out.join();
         if let Some(e) = err {
@@ -320,12 +323,17 @@ async fn waiter_run(w: &WaiterArgs, sync: &mut Option<File>) -> Result<ExitStatu
 
 /// The process's status: its own, or SIGKILL's when its VM ended under it
 /// (the agent's connection closed: the VMM exited or was killed), as a
-/// container killed together with its host is reported (137).
-fn killed_with_vm(status: Result<ExitStatus, rtv_runtime::ClientError>) -> Result<ExitStatus> {
+/// container killed together with its host is reported (137); the log
+/// says why the VM ended (`sandbox_dir`'s console and VMM log).
+fn killed_with_vm(
+    status: Result<ExitStatus, rtv_runtime::ClientError>,
+    sandbox_dir: &std::path::Path,
+) -> Result<ExitStatus> {
     match status {
         Err(rtv_runtime::ClientError::Disconnected) => {
             tracing::error!(
-                "the container's VM ended under it (the agent's connection closed): reported as killed (137)"
+                "the container's VM ended under it: {}; reported as killed (137)",
+                rtv_runtime::sandbox::end_reason(sandbox_dir)
             );
             Ok(ExitStatus::Signal(libc::SIGKILL))
         }
