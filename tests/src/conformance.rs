@@ -339,6 +339,8 @@ pub struct Runtime<'a> {
     pub wait_timeout: Duration,
     /// How long one scenario may take.
     pub scenario_deadline: Duration,
+    /// Global options given before `--root` (`--config FILE`, `--log FILE`).
+    pub global_args: Vec<String>,
     deadline: Cell<Option<Instant>>,
     seq: Cell<u32>,
     ids: RefCell<Vec<String>>,
@@ -374,6 +376,7 @@ impl<'a> Runtime<'a> {
             command_timeout: COMMAND_TIMEOUT,
             wait_timeout: WAIT_TIMEOUT,
             scenario_deadline: SCENARIO_DEADLINE,
+            global_args: Vec::new(),
             deadline: Cell::new(None),
             seq: Cell::new(0),
             ids: RefCell::new(Vec::new()),
@@ -463,10 +466,23 @@ impl<'a> Runtime<'a> {
         }
     }
 
+    /// Runs the runtime with `--config config --log log` from now on.
+    pub fn use_config_and_log(&mut self, config: &Path, log: &Path) {
+        self.global_args = vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--log".into(),
+            log.display().to_string(),
+        ];
+    }
+
     /// The command `binary --root R args...` in a process group of its own.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.binary);
-        cmd.arg("--root").arg(&self.root).args(args);
+        cmd.args(&self.global_args)
+            .arg("--root")
+            .arg(&self.root)
+            .args(args);
         // Its own process group, so a hung command and its helpers can be
         // killed together.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -908,6 +924,10 @@ pub fn scenarios() -> Vec<Scenario> {
             "ten creates of one id at once: one wins, the rest fail cleanly"
         ),
         scenario!(
+            exec_kill_delete_at_once,
+            "execs, a kill and a forced delete of one container at once all end, the container goes"
+        ),
+        scenario!(
             bad_ids,
             "a/b, .., ., empty ids fail and leave nothing under --root"
         ),
@@ -1332,6 +1352,40 @@ pub fn create_existing_id(rt: &Runtime<'_>) -> Result<()> {
     rt.assert_gone(&id)
 }
 
+/// Runs every command of `ops` at once (each `binary --root R args`) and
+/// waits for all, up to 300 s: each one's exit status and stderr, in order.
+fn run_at_once(
+    rt: &Runtime<'_>,
+    tag: &str,
+    ops: &[Vec<&str>],
+) -> Result<Vec<(std::process::ExitStatus, String)>> {
+    let mut children = Vec::new();
+    for (i, args) in ops.iter().enumerate() {
+        let err = rt.scratch(&format!("{tag}-{i}.err"));
+        let mut cmd = rt.command(args);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&err)?);
+        children.push((cmd.spawn().context("starting the runtime")?, err));
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut ended = Vec::new();
+    for ((mut child, err), args) in children.into_iter().zip(ops) {
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                bail!("`{}` did not end within 300 s", args.join(" "));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        ended.push((status, std::fs::read_to_string(&err).unwrap_or_default()));
+    }
+    Ok(ended)
+}
+
 /// Ten `create`s of one id at once: exactly one wins; the others fail with
 /// a reason on stderr, and neither they nor their failure touch the
 /// winner, which then deletes cleanly.
@@ -1340,30 +1394,10 @@ pub fn create_same_id_at_once(rt: &Runtime<'_>) -> Result<()> {
     let id = rt.id("race");
     let bundle = rt.bundle(&["sleep", "1000"])?;
     let b = path_str(&bundle)?;
-    let mut children = Vec::new();
-    for i in 0..N {
-        let err = rt.scratch(&format!("race-{i}.err"));
-        let mut cmd = rt.command(&["create", "--bundle", &b, &id]);
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&err)?);
-        children.push((cmd.spawn().context("starting a create")?, err));
-    }
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let create = ["create", "--bundle", b.as_str(), id.as_str()];
     let mut won = Vec::new();
     let mut lost = Vec::new();
-    for (mut child, err) in children {
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                bail!("a create of {id} did not end within 300 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    for (status, stderr) in run_at_once(rt, "race", &vec![create.to_vec(); N])? {
         if status.success() {
             won.push(stderr);
         } else {
@@ -1394,6 +1428,38 @@ pub fn create_same_id_at_once(rt: &Runtime<'_>) -> Result<()> {
     let deleted = rt.ok(&["delete", "--force", &id]).map(|_| ());
     result?;
     deleted?;
+    rt.assert_gone(&id)
+}
+
+/// Three execs, a `kill -9` and a `delete --force` of one running
+/// container, all at once: every command ends (none hangs); each either
+/// succeeds, ends as its process was killed with the container (137), or
+/// fails with a reason on stderr; none panics; the container is gone
+/// afterwards, with nothing left under `--root`.
+pub fn exec_kill_delete_at_once(rt: &Runtime<'_>) -> Result<()> {
+    let (id, _, pid) = rt.started("race-ops", &["sleep", "1000"])?;
+    let mut ops: Vec<Vec<&str>> = (0..3)
+        .map(|_| vec!["exec", id.as_str(), "sh", "-c", "echo ran"])
+        .collect();
+    ops.push(vec!["kill", &id, "KILL"]);
+    ops.push(vec!["delete", "--force", &id]);
+    let mut problems = Vec::new();
+    for (args, (status, stderr)) in ops.iter().zip(run_at_once(rt, "ops", &ops)?) {
+        let what = args.join(" ");
+        if stderr.contains("panicked") {
+            problems.push(format!("`{what}` panicked: {stderr}"));
+        }
+        let killed = matches!(status.code(), Some(137) | Some(143));
+        if !status.success() && !killed && stderr.trim().is_empty() {
+            problems.push(format!("`{what}` failed ({status}) without a reason"));
+        }
+    }
+    // The forced delete may have lost a race to the kill; it must work now.
+    if rt.run(&["state", &id])?.success() {
+        rt.ok(&["delete", "--force", &id])?;
+    }
+    rt.wait_pid(pid)?;
+    ensure!(problems.is_empty(), "{problems:#?}");
     rt.assert_gone(&id)
 }
 

@@ -1347,6 +1347,147 @@ pub fn scenario_killed_vmm(c: &Containerd, cri: &CriClient, handler: &str) -> Re
     check_pod_gone(c, cri, &pod)
 }
 
+/// `n` pods started at once (each from its own CRI client, so containerd
+/// runs the `RunPodSandbox`s together) on a handler whose template cache
+/// (`templates`) is empty: each pod's shim, a process of its own, needs
+/// the same template; one makes it while the others wait on its lock and
+/// restore it, so the cache holds exactly one template afterwards. Every
+/// pod runs a container that answers an exec with its own pod's number;
+/// then all are removed and nothing is left.
+pub fn scenario_pods_at_once(
+    c: &Containerd,
+    cri: &CriClient,
+    handler: &str,
+    templates: &Path,
+    n: usize,
+) -> Result<()> {
+    let started: Vec<Result<String>> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..n)
+            .map(|i| {
+                s.spawn(move || -> Result<String> {
+                    let client = CriClient::connect(c)?;
+                    let pod_cfg = pod_config(c, &format!("at-once-{i}"))?;
+                    let pod = client
+                        .run_pod(&pod_cfg, handler)
+                        .with_context(|| format!("RunPodSandbox {i} of {n}"))?;
+                    let cfg = container_config("c", &["sleep", "1000"], &[]);
+                    let id = client.create_container(&pod, &cfg, &pod_cfg)?;
+                    client.start(&id)?;
+                    let said = exec_ok(&client, &id, &["echo", &format!("pod {i}")])?;
+                    ensure!(
+                        said.trim() == format!("pod {i}"),
+                        "pod {i} answered {said:?}"
+                    );
+                    Ok(pod)
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .map(|r| {
+                r.join()
+                    .unwrap_or_else(|_| bail!("a pod's thread panicked"))
+            })
+            .collect()
+    });
+    let made: Vec<String> = std::fs::read_dir(templates)
+        .with_context(|| format!("the template cache {}", templates.display()))?
+        .flatten()
+        .filter(|e| e.path().join("snapshot").is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for pod in cri.list_pods()? {
+        let id = str_field(&pod, "id")?;
+        cri.stop_pod(&id)?;
+        cri.remove_pod(&id)?;
+    }
+    let failed: Vec<String> = started
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}")))
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "pods started at once failed: {failed:#?}"
+    );
+    ensure!(
+        made.len() == 1,
+        "{n} pods at once on an empty cache made {} templates: {made:?}",
+        made.len()
+    );
+    ensure!(cri.list_pods()?.is_empty(), "pods left after removal");
+    wait_nothing_left(c, cri, Duration::from_secs(30))
+}
+
+/// containerd restarted (SIGTERM, started again) while a pod is starting:
+/// the `RunPodSandbox` in flight ends (an error, or the pod), nothing
+/// hangs; the restarted containerd lists whatever pod it had recorded, and
+/// stopping and removing each leaves nothing (no shim, VMM, mount or
+/// state); a new pod then starts and runs a container as usual.
+pub fn scenario_containerd_restart_mid_start(
+    c: &Containerd,
+    cri: &CriClient,
+    handler: &str,
+) -> Result<()> {
+    let in_flight = std::thread::scope(|s| -> Result<std::result::Result<String, String>> {
+        let run = s.spawn(move || -> Result<std::result::Result<String, String>> {
+            let client = CriClient::connect(c)?;
+            let pod_cfg = pod_config(c, "mid-start")?;
+            let r = client.try_call(
+                "RuntimeService/RunPodSandbox",
+                json!({"config": pod_cfg, "runtime_handler": handler}),
+                CRI_TIMEOUT,
+            )?;
+            Ok(match r {
+                Ok(v) => Ok(str_field(&v, "pod_sandbox_id")?),
+                Err(e) => Err(format!("{}: {}", e.code, e.message)),
+            })
+        });
+        // The pod's shim exists once containerd has started it: restart
+        // then, while the shim starts the pod's VM.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while c.shims().is_empty() {
+            ensure!(
+                Instant::now() < deadline,
+                "no shim within 60 s of RunPodSandbox"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        c.restart()?;
+        run.join()
+            .unwrap_or_else(|_| bail!("the RunPodSandbox thread panicked"))
+    })?;
+    let pods = cri.list_pods()?;
+    if let Ok(pod) = &in_flight {
+        ensure!(
+            pods.iter().any(|p| p["id"] == pod.as_str()),
+            "the pod RunPodSandbox returned ({pod}) is not listed after the restart: {pods:?}"
+        );
+    }
+    for pod in &pods {
+        let id = str_field(pod, "id")?;
+        cri.stop_pod(&id)?;
+        cri.remove_pod(&id)?;
+    }
+    ensure!(cri.list_pods()?.is_empty(), "pods left after removal");
+    wait_nothing_left(c, cri, Duration::from_secs(30))
+        .with_context(|| format!("after a restart mid-start ({in_flight:?})"))?;
+    let pod_cfg = pod_config(c, "after-restart")?;
+    let pod = cri.run_pod(&pod_cfg, handler)?;
+    let id = cri.create_container(
+        &pod,
+        &container_config("c", &["sleep", "1000"], &[]),
+        &pod_cfg,
+    )?;
+    cri.start(&id)?;
+    let said = exec_ok(cri, &id, &["echo", "after"])?;
+    ensure!(
+        said.trim() == "after",
+        "a pod after the restart answered {said:?}"
+    );
+    cri.stop_pod(&pod)?;
+    cri.remove_pod(&pod)?;
+    check_pod_gone(c, cri, &pod)
+}
+
 /// A pod sized by containerd 1.7's annotations for 600 MiB (a VM of 664
 /// MiB) holds two containers with 300 MiB memory limits, each limited to
 /// its own 300 MiB in the guest (its cgroup's `memory.max`); a third with

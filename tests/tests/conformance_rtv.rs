@@ -491,7 +491,8 @@ fn the_configuration_file_takes_effect() {
              [vm]\ndefault_memory_mib = 256\ndefault_vcpus = 1\nmax_memory_mib = 512\n\
              max_vcpus = 1\nkernel_args = \"rtv.configured=yes\"\npvm = \"{pvm}\"\n\
              [templates]\ndir = {:?}\nmax_size_mib = 300\n\
-             [log]\nlevel = \"debug\"\n",
+             [log]\nlevel = \"debug\"\n\
+             [agent]\nanswer_timeout_secs = 300\n",
             kernel, kernel_up, initramfs, vmm, templates
         ),
     )
@@ -535,6 +536,7 @@ fn the_configuration_file_takes_effect() {
             "kernel arguments added: rtv.configured=yes".into(),
             format!("PVM accommodations: {pvm}"),
             "log level: debug".into(),
+            "a guest silent for 300 s is stopped (agent.answer_timeout_secs)".into(),
         ] {
             anyhow::ensure!(stdout.contains(&want), "no {want:?} in {stdout}");
         }
@@ -731,54 +733,290 @@ fn the_configuration_file_takes_effect() {
 /// containerd would wait on) exits with 137 as if the container had been
 /// killed, `delete` succeeds, and nothing is left: no process, no sandbox
 /// directory, no mount under the root.
+/// How a pod's VM fails under a running container, in
+/// [`faults_of_a_pods_vm_stop_its_container_and_leave_nothing`].
+#[derive(Debug, Clone, Copy)]
+enum VmFault {
+    /// The VMM is killed (SIGKILL).
+    Killed,
+    /// The VM stops answering (its VMM is stopped with SIGSTOP): the next
+    /// command times out (`agent.answer_timeout_secs`) and kills it.
+    Hung,
+    /// The guest kernel panics (an OOM kill in a container, with the
+    /// guest's `vm.panic_on_oom = 2`).
+    Panicked,
+}
+
+/// Each fault of a pod's VM while its container runs: what the client
+/// sees (the waiter, which containerd waits on, exits 137 as for a
+/// container killed with its host; `state` says stopped; `delete`
+/// works), the reason in the log, and nothing left (no process, sandbox
+/// directory or mount).
 #[test]
-fn a_killed_vmm_stops_its_container_and_leaves_nothing() {
+fn faults_of_a_pods_vm_stop_its_container_and_leave_nothing() {
     let rtv = rtv_tests::rtv_with_artifacts().expect("building rtv and its guest");
     let root = std::env::temp_dir().join(format!("rtv-fault-vmm-{}", std::process::id()));
     let _one = one_vm_at_a_time();
-    let rt = Runtime::new(&rtv, &root, &busybox_bundle).expect("setting up");
-    let result = (|| -> anyhow::Result<()> {
-        let (id, _, pid) = rt.started("vmm-kill", &["sleep", "1000"])?;
-        let root_text = root.display().to_string();
-        let vmm = std::fs::read_dir("/proc")?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-            .find(|p| {
-                let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
-                let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-                comm.trim() == "rtv-vmm" && String::from_utf8_lossy(&cmdline).contains(&root_text)
-            })
-            .ok_or_else(|| anyhow::anyhow!("no rtv-vmm of {root_text}"))?;
-        // SAFETY: a signal to the VMM process this test's runtime started.
-        anyhow::ensure!(unsafe { libc::kill(vmm, libc::SIGKILL) } == 0);
-        let status = rt.wait_pid(pid)?;
-        anyhow::ensure!(
-            status == 137,
-            "the waiter exited {status} after its VMM was killed (want 137)"
-        );
-        let state = rt.wait_for_status(&id, "stopped")?;
-        anyhow::ensure!(state["pid"] == 0, "{state}");
-        rt.ok(&["delete", &id])?;
-        rt.assert_gone(&id)?;
-        // The killed VMM was reparented to this test (a subreaper, as
-        // containerd's shim is): a zombie until reaped here.
-        anyhow::ensure!(!rtv_tests::conformance::pid_running(vmm), "the VMM is left");
-        // SAFETY: reaps our adopted child, if it is one.
-        unsafe { libc::waitpid(vmm, std::ptr::null_mut(), libc::WNOHANG) };
-        let sandboxes: Vec<_> = std::fs::read_dir(root.join(".sandboxes"))
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        anyhow::ensure!(sandboxes.is_empty(), "sandboxes left: {sandboxes:?}");
-        let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-        anyhow::ensure!(
-            !mounts.contains(&root_text),
-            "mounts left under the root: {mounts}"
-        );
-        Ok(())
-    })();
+    let mut rt = Runtime::new(&rtv, &root, &busybox_bundle).expect("setting up");
+    let config = rt.scratch("config.toml");
+    std::fs::write(&config, "[agent]\nanswer_timeout_secs = 5\n").unwrap();
+    let root_text = root.display().to_string();
+    let mut result = Ok(());
+    for fault in [VmFault::Killed, VmFault::Hung, VmFault::Panicked] {
+        let log = rt.scratch("rtv.log");
+        rt.use_config_and_log(&config, &log);
+        result =
+            vm_fault(&rt, fault, &root_text, &log).map_err(|e| e.context(format!("{fault:?}")));
+        if result.is_err() {
+            break;
+        }
+    }
     drop(rt);
     let _ = rtv_runtime::remove_tree(&root);
     if let Err(e) = result {
         panic!("{e:#}");
     }
+}
+
+fn vm_fault(
+    rt: &Runtime<'_>,
+    fault: VmFault,
+    root_text: &str,
+    log: &std::path::Path,
+) -> anyhow::Result<()> {
+    let id = rt.id("vm-fault");
+    let bundle = rt.bundle(&["sleep", "1000"])?;
+    // /proc/sys writable (the panic's sysctl); nothing else changes.
+    rt.edit_config(&bundle, |c| {
+        c["linux"]["readonlyPaths"] = serde_json::json!([])
+    })?;
+    let (_, pid) = rt.create(&id, &bundle)?;
+    rt.ok(&["start", &id])?;
+    let vmm = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|p| {
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            comm.trim() == "rtv-vmm" && String::from_utf8_lossy(&cmdline).contains(root_text)
+        })
+        .ok_or_else(|| anyhow::anyhow!("no rtv-vmm of {root_text}"))?;
+    let reason = match fault {
+        VmFault::Killed => {
+            // SAFETY: a signal to the VMM process this test's runtime started.
+            anyhow::ensure!(unsafe { libc::kill(vmm, libc::SIGKILL) } == 0);
+            "its VMM was killed"
+        }
+        VmFault::Hung => {
+            // SAFETY: as above.
+            anyhow::ensure!(unsafe { libc::kill(vmm, libc::SIGSTOP) } == 0);
+            let out = rt.run(&["exec", &id, "true"])?;
+            anyhow::ensure!(!out.success(), "exec in a hung VM: {}", out.describe());
+            anyhow::ensure!(
+                out.stderr.contains("hung") && out.elapsed < std::time::Duration::from_secs(60),
+                "exec in a hung VM should fail naming the hang within the timeout: {}",
+                out.describe()
+            );
+            "did not answer a new connection within 5 s"
+        }
+        VmFault::Panicked => {
+            rt.ok(&["update", "--memory", "4194304", &id])?;
+            let out = rt.run(&[
+                "exec",
+                &id,
+                "sh",
+                "-c",
+                "echo 2 > /proc/sys/vm/panic_on_oom && head -c 8388608 /dev/zero | tail",
+            ])?;
+            anyhow::ensure!(!out.success(), "the panicking exec: {}", out.describe());
+            "the guest kernel panicked (Kernel panic - not syncing: Out of memory"
+        }
+    };
+    let status = rt.wait_pid(pid)?;
+    anyhow::ensure!(
+        status == 137,
+        "the waiter exited {status} after its VM failed (want 137)"
+    );
+    let state = rt.wait_for_status(&id, "stopped")?;
+    anyhow::ensure!(state["pid"] == 0, "{state}");
+    let text = std::fs::read_to_string(log)?;
+    anyhow::ensure!(
+        text.contains(reason),
+        "the log does not say {reason:?}:\n{text}"
+    );
+    rt.ok(&["delete", &id])?;
+    rt.assert_gone(&id)?;
+    // The VMM was reparented to this test (a subreaper, as containerd's
+    // shim is): a zombie until reaped here.
+    // SAFETY: reaps our adopted child, if it is one.
+    unsafe { libc::waitpid(vmm, std::ptr::null_mut(), libc::WNOHANG) };
+    anyhow::ensure!(!rtv_tests::conformance::pid_running(vmm), "the VMM is left");
+    let sandboxes: Vec<_> = std::fs::read_dir(std::path::Path::new(root_text).join(".sandboxes"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    anyhow::ensure!(sandboxes.is_empty(), "sandboxes left: {sandboxes:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    anyhow::ensure!(
+        !mounts.contains(root_text),
+        "mounts left under the root: {mounts}"
+    );
+    Ok(())
+}
+
+/// A tmpfs of `size` mounted on `dir` (made if missing), for the disk-full
+/// test; unmounted when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "rtv-test",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs on {}", dir.display());
+        SmallFs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The disk full under the template cache, then under the state
+/// directory (`--root`), during a create. A full cache: the template
+/// cannot be written, the sandbox cold boots instead (the container runs;
+/// the log says why) and no half-made template is left. A full state
+/// directory: `create` fails naming the problem, leaves no process, mount
+/// or entry under `--root`, and once there is space again the next create
+/// of the same id works.
+#[test]
+fn a_full_disk_fails_cleanly_and_the_next_create_works() {
+    let rtv = rtv_tests::rtv_with_artifacts().expect("building rtv and its guest");
+    let base = std::env::temp_dir().join(format!("rtv-full-{}", std::process::id()));
+    let (state, cache) = (base.join("state"), base.join("templates"));
+    let _one = one_vm_at_a_time();
+    let result = (|| -> anyhow::Result<()> {
+        let state_fs = SmallFs::mount(&state, "64m");
+        let cache_fs = SmallFs::mount(&cache, "1m");
+        let mut rt = Runtime::new(&rtv, &state, &busybox_bundle)?;
+        let config = rt.scratch("config.toml");
+        std::fs::write(
+            &config,
+            format!("[templates]\ndir = {:?}\n", cache.display().to_string()),
+        )?;
+        let log = rt.scratch("rtv.log");
+        rt.use_config_and_log(&config, &log);
+        let state_text = state.display().to_string();
+        let nothing_left = |rt: &Runtime<'_>| -> anyhow::Result<()> {
+            // Directories rtv keeps (empty once their containers are gone)
+            // are not leftovers.
+            let entries: Vec<_> = rt
+                .root_entries()
+                .into_iter()
+                .filter(|p| std::fs::read_dir(p).map_or(true, |mut d| d.next().is_some()))
+                .collect();
+            anyhow::ensure!(entries.is_empty(), "left under --root: {entries:?}");
+            let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+            let under: Vec<&str> = mounts
+                .lines()
+                .filter(|l| l.contains(&state_text) && !l.starts_with("rtv-test "))
+                .collect();
+            anyhow::ensure!(under.is_empty(), "mounts left under --root: {under:?}");
+            let vmms = vmms_of(&state_text);
+            anyhow::ensure!(vmms.is_empty(), "VMMs left: {vmms:?}");
+            Ok(())
+        };
+
+        // The template cache is full: a cold boot instead.
+        let (id, _, pid) = rt.started("cache-full", &["sleep", "1000"])?;
+        let out = rt.ok(&["exec", &id, "echo", "cold-booted"])?;
+        anyhow::ensure!(out.stdout.trim() == "cold-booted", "{}", out.describe());
+        let text = std::fs::read_to_string(&log)?;
+        anyhow::ensure!(
+            text.contains("cannot start from a template, cold booting")
+                && text.contains("No space left on device"),
+            "the log should say why the sandbox cold booted:\n{text}"
+        );
+        let in_cache: Vec<_> = std::fs::read_dir(&cache)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect();
+        anyhow::ensure!(
+            in_cache.is_empty(),
+            "a half-made template is left: {in_cache:?}"
+        );
+        rt.ok(&["kill", &id, "KILL"])?;
+        rt.wait_pid(pid)?;
+        rt.ok(&["delete", &id])?;
+        nothing_left(&rt)?;
+        drop(cache_fs);
+
+        // The state directory is full: create fails and leaves nothing.
+        drop(state_fs);
+        let state_fs = SmallFs::mount(&state, "4k");
+        let id = rt.id("state-full");
+        let bundle = rt.bundle(&["sleep", "1000"])?;
+        let out = rt.run(&["create", "--bundle", &bundle.display().to_string(), &id])?;
+        anyhow::ensure!(!out.success(), "create on a full disk: {}", out.describe());
+        anyhow::ensure!(
+            out.stderr.contains("No space left on device"),
+            "create on a full disk should say so: {}",
+            out.describe()
+        );
+        nothing_left(&rt)?;
+        // Space again: the same id is created, runs and goes.
+        drop(state_fs);
+        let _state_fs = SmallFs::mount(&state, "64m");
+        let (_, pid) = rt.create(&id, &bundle)?;
+        rt.ok(&["start", &id])?;
+        let out = rt.ok(&["exec", &id, "echo", "room"])?;
+        anyhow::ensure!(out.stdout.trim() == "room", "{}", out.describe());
+        rt.ok(&["kill", &id, "KILL"])?;
+        rt.wait_pid(pid)?;
+        rt.ok(&["delete", &id])?;
+        nothing_left(&rt)?;
+        drop(rt);
+        Ok(())
+    })();
+    let _ = std::process::Command::new("umount")
+        .arg("-R")
+        .arg("-l")
+        .arg(&base)
+        .status();
+    let _ = std::fs::remove_dir_all(&base);
+    if let Err(e) = result {
+        panic!("{e:#}");
+    }
+}
+
+/// The rtv-vmm processes whose command line names `path`.
+fn vmms_of(path: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|p| {
+                    let comm =
+                        std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+                    let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                    comm.trim() == "rtv-vmm" && String::from_utf8_lossy(&cmdline).contains(path)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -304,6 +304,56 @@ async fn a_truncated_or_corrupted_template_is_detected_and_replaced() {
         (0, "corrupt-0")
     );
     stop(sb).await;
+
+    // Damaged again, now while three sandboxes start from it at once:
+    // each VMM refuses it, each sandbox discards that very template (never
+    // the one another made meanwhile), exactly one makes the new one, the
+    // others wait for it and restore it, and all three run.
+    flip_byte(&new.snapshot_dir().join("memory.bin"), 2 << 20);
+    let starts: Vec<_> = (1..=3)
+        .map(|i| tokio::spawn(Sandbox::start(config("corrupt", i))))
+        .collect();
+    let mut sandboxes = Vec::new();
+    for s in starts {
+        sandboxes.push(s.await.unwrap().unwrap_or_else(|e| panic!("{e}")));
+    }
+    let made = sandboxes
+        .iter()
+        .filter(|sb| origin_key(sb).1.is_some())
+        .count();
+    assert_eq!(made, 1, "templates made by three sandboxes at once");
+    for sb in &sandboxes {
+        let (key, _, replaced) = origin_key(sb);
+        assert_eq!(key, old.key());
+        assert!(
+            replaced.len() <= 1 && replaced.iter().all(|r| r.contains("memory.bin")),
+            "{}: {replaced:?}",
+            sb.hostname()
+        );
+    }
+    let newest = cache().check(&spec).unwrap();
+    assert_ne!(newest.manifest.instance, new.manifest.instance);
+    for (i, sb) in sandboxes.into_iter().enumerate() {
+        let (code, out) = run(sb.client(), &["hostname"]).await;
+        assert_eq!(
+            (code, String::from_utf8_lossy(&out).trim().to_owned()),
+            (0, format!("corrupt-{}", i + 1))
+        );
+        stop(sb).await;
+    }
+}
+
+/// Flips the byte at `offset` of `path` in place (same length).
+fn flip_byte(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, offset).unwrap();
+    f.write_all_at(&[!byte[0]], offset).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
