@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use rtv_tests::containerd::{self, CriRuntime};
+use rtv_tests::cri::VmFault;
 use rtv_tests::{cri, initramfs, one_vm_at_a_time, vmm_binary};
 
 /// The guest kernels, initramfs and VMM in the environment containerd and
@@ -69,9 +70,11 @@ fn pod_network_through_cri() {
 ///
 /// In the same containerd: two more handlers of the same shim with their
 /// own configuration files (`options.ConfigPath`), one sizing the VM (and
-/// passing containerd 1.7's pod-size annotations), one broken; then a pod
-/// whose VMM is killed under its two containers (both reported exited with
-/// 137, the pod removable, nothing left); then ten pods started at once on
+/// passing containerd 1.7's pod-size annotations), one broken; then pods
+/// whose VM fails under their two containers: the VMM killed, the guest
+/// kernel panicking, the guest hung (on a handler whose file sets a 5 s
+/// agent.answer_timeout_secs): both containers reported exited with 137,
+/// the pod removable, nothing left; then ten pods started at once on
 /// a handler whose template cache is empty (ten shims, one template made);
 /// then containerd restarted while a pod starts.
 #[test]
@@ -84,6 +87,8 @@ fn privileged_containers_and_devices_through_cri() {
     std::fs::write(&sized, "[vm]\ndefault_memory_mib = 256\n").unwrap();
     let broken = files.join("broken.toml");
     std::fs::write(&broken, "[vm]\n\ndefault_memory_mib = 0\n").unwrap();
+    let impatient = files.join("impatient.toml");
+    std::fs::write(&impatient, "[agent]\nanswer_timeout_secs = 5\n").unwrap();
     let templates = files.join("templates");
     let fresh = files.join("fresh.toml");
     std::fs::write(
@@ -105,13 +110,17 @@ fn privileged_containers_and_devices_through_cri() {
             },
             with_file("rtv-broken", &broken),
             with_file("rtv-fresh", &fresh),
+            with_file("rtv-impatient", &impatient),
         ],
         Some(dir),
     );
     rtv_tests::cri::with_cri("cri-priv-rtv", &opts, |c, cri| {
         cri::scenario_privileged(c, cri, "rtv", true)?;
         cri::scenario_config_path(c, cri, "rtv-256", "rtv-broken", &broken)?;
-        cri::scenario_killed_vmm(c, cri, "rtv")?;
+        for fault in [VmFault::Killed, VmFault::Panicked] {
+            cri::scenario_vm_fault(c, cri, "rtv", fault)?;
+        }
+        cri::scenario_vm_fault(c, cri, "rtv-impatient", VmFault::Hung)?;
         cri::scenario_pods_at_once(c, cri, "rtv-fresh", &templates, 10)?;
         cri::scenario_containerd_restart_mid_start(c, cri, "rtv")
     });

@@ -1275,18 +1275,54 @@ pub fn scenario_config_path(
     Ok(())
 }
 
-/// The pod's VMM killed (SIGKILL) under two running containers, as the
-/// host's OOM killer or an operator would: containerd gets a TaskExit for
-/// each container and for the sandbox, CRI shows both containers
-/// `CONTAINER_EXITED` with exit code 137 (128 + SIGKILL, the shim's status
-/// for a process whose VM is gone) and the pod `SANDBOX_NOTREADY`, and
-/// `StopPodSandbox` + `RemovePodSandbox` remove it with nothing left.
-pub fn scenario_killed_vmm(c: &Containerd, cri: &CriClient, handler: &str) -> Result<()> {
-    let pod_cfg = pod_config(c, "killed-vmm")?;
+/// How a pod's VM fails in [`scenario_vm_fault`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmFault {
+    /// The VMM is killed (SIGKILL), as the host's OOM killer or an
+    /// operator would.
+    Killed,
+    /// The VMM is stopped (SIGSTOP): the guest answers nothing; an
+    /// `ExecSync` then waits out the handler's `agent.answer_timeout_secs`
+    /// and the shim kills the VMM.
+    Hung,
+    /// The guest kernel panics: a privileged container sets the guest's
+    /// `vm.panic_on_oom = 2` and a container with a 4 MiB limit is then
+    /// OOM-killed in the guest.
+    Panicked,
+}
+
+/// A pod's VM fails under two running containers (`fault`): containerd
+/// gets a TaskExit for each container and for the sandbox, CRI shows both
+/// containers `CONTAINER_EXITED` with exit code 137 (128 + SIGKILL, the
+/// shim's status for a process whose VM is gone) and the pod
+/// `SANDBOX_NOTREADY`, and `StopPodSandbox` + `RemovePodSandbox` remove it
+/// with nothing left.
+pub fn scenario_vm_fault(
+    c: &Containerd,
+    cri: &CriClient,
+    handler: &str,
+    fault: VmFault,
+) -> Result<()> {
+    let mut pod_cfg = pod_config(c, &format!("vm-{fault:?}").to_lowercase())?;
+    if fault == VmFault::Panicked {
+        pod_cfg["linux"]["security_context"]["privileged"] = json!(true);
+    }
     let pod = cri.run_pod(&pod_cfg, handler)?;
     let mut ids = Vec::new();
     for name in ["first", "second"] {
-        let cfg = container_config(name, &["sleep", "1000"], &[]);
+        let mut cfg = container_config(name, &["sleep", "1000"], &[]);
+        if fault == VmFault::Panicked {
+            // The first writes the guest's sysctl (/proc/sys is writable
+            // in a privileged container); the second is the one OOM-killed.
+            if name == "first" {
+                cfg["linux"]["security_context"] = json!({
+                    "privileged": true,
+                    "namespace_options": namespace_options(Network::Node),
+                });
+            } else {
+                cfg["linux"]["resources"] = json!({"memory_limit_in_bytes": 4u64 << 20});
+            }
+        }
         let id = cri.create_container(&pod, &cfg, &pod_cfg)?;
         cri.start(&id)?;
         ids.push(id);
@@ -1306,25 +1342,64 @@ pub fn scenario_killed_vmm(c: &Containerd, cri: &CriClient, handler: &str) -> Re
     let [vmm] = vmms[..] else {
         bail!("want one rtv-vmm under the pod's shims {shims:?}, found {vmms:?}");
     };
-    // SAFETY: kill(2) takes plain integers and touches none of our memory.
-    if unsafe { libc::kill(vmm, libc::SIGKILL) } != 0 {
-        bail!("kill -9 {vmm}: {}", std::io::Error::last_os_error());
+    match fault {
+        VmFault::Killed | VmFault::Hung => {
+            let signal = if fault == VmFault::Killed {
+                libc::SIGKILL
+            } else {
+                libc::SIGSTOP
+            };
+            // SAFETY: kill(2) takes plain integers and touches none of our memory.
+            if unsafe { libc::kill(vmm, signal) } != 0 {
+                bail!("kill -{signal} {vmm}: {}", std::io::Error::last_os_error());
+            }
+        }
+        VmFault::Panicked => {
+            exec_ok(
+                cri,
+                &ids[0],
+                &["sh", "-c", "echo 2 > /proc/sys/vm/panic_on_oom"],
+            )?;
+        }
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // What ends the VM: nothing more (killed), an exec the hung guest does
+    // not answer, or the OOM kill that panics the guest.
+    let provoke = match fault {
+        VmFault::Killed => None,
+        VmFault::Hung => Some((&ids[0], vec!["true"])),
+        VmFault::Panicked => Some((
+            &ids[1],
+            vec!["sh", "-c", "head -c 8388608 /dev/zero | tail"],
+        )),
+    };
+    if let Some((id, cmd)) = provoke {
+        // It fails, or ends as killed with its VM (137).
+        if let Ok(Ok(r)) = cri.try_call(
+            "RuntimeService/ExecSync",
+            json!({"container_id": id, "cmd": cmd, "timeout": 60}),
+            CRI_TIMEOUT + Duration::from_secs(60),
+        ) {
+            ensure!(
+                r["exit_code"] == 137,
+                "an exec that should end the VM ({fault:?}): {r}"
+            );
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
     for id in &ids {
         loop {
             let st = cri.container_status(id)?;
             if st["status"]["state"] == "CONTAINER_EXITED" {
                 ensure!(
                     st["status"]["exit_code"] == 137,
-                    "container {id} after its VMM was killed: {}",
+                    "container {id} after its VM failed ({fault:?}): {}",
                     st["status"]
                 );
                 break;
             }
             ensure!(
                 Instant::now() < deadline,
-                "container {id} not exited 30 s after its VMM was killed: {}",
+                "container {id} not exited 60 s after its VM failed ({fault:?}): {}",
                 st["status"]
             );
             std::thread::sleep(Duration::from_millis(200));
@@ -1337,11 +1412,15 @@ pub fn scenario_killed_vmm(c: &Containerd, cri: &CriClient, handler: &str) -> Re
         }
         ensure!(
             Instant::now() < deadline,
-            "pod not NOTREADY 30 s after its VMM was killed: {}",
+            "pod not NOTREADY 60 s after its VM failed ({fault:?}): {}",
             st["status"]
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    ensure!(
+        !crate::conformance::pid_running(vmm),
+        "the VMM {vmm} outlived its failed VM ({fault:?})"
+    );
     cri.stop_pod(&pod)?;
     cri.remove_pod(&pod)?;
     check_pod_gone(c, cri, &pod)
