@@ -57,8 +57,12 @@ pub fn end_reason(dir: &Path) -> String {
         return note;
     }
     let console = file_tail(&dir.join(CONSOLE_FILE), 16 * 1024);
-    if let Some(line) = console.lines().rev().find(|l| l.contains("Kernel panic")) {
-        return format!("the guest kernel panicked ({})", line.trim());
+    if let Some(at) = console
+        .lines()
+        .rev()
+        .find_map(|l| l.find("Kernel panic").map(|i| &l[i..]))
+    {
+        return format!("the guest kernel panicked ({})", at.trim_end());
     }
     let stderr = file_tail(&dir.join(STDERR_FILE), 4096);
     match stderr
@@ -695,6 +699,37 @@ async fn launch(cfg: &SandboxConfig, boot: Boot<'_>) -> Result<(Vmm, AgentClient
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Why a VM ended, from what was left: the runtime's note first, then
+    /// the guest's panic line (without its timestamp), then the VMM's last
+    /// line, else killed.
+    #[test]
+    fn the_end_reason_comes_from_what_the_vm_left() {
+        let dir = std::env::temp_dir().join(format!("rtv-end-reason-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(end_reason(&dir), "its VMM was killed (it left no reason)");
+        std::fs::write(
+            dir.join(STDERR_FILE),
+            "rtv-vmm: warning: x\nrtv-vmm: stopped by signal 15 (SIGTERM)\n",
+        )
+        .unwrap();
+        assert_eq!(
+            end_reason(&dir),
+            "its VMM ended: stopped by signal 15 (SIGTERM)"
+        );
+        std::fs::write(
+            dir.join(CONSOLE_FILE),
+            "rtv-agent: ready\n[   41.2] Kernel panic - not syncing: Out of memory\n",
+        )
+        .unwrap();
+        assert_eq!(
+            end_reason(&dir),
+            "the guest kernel panicked (Kernel panic - not syncing: Out of memory)"
+        );
+        std::fs::write(dir.join(END_REASON_FILE), "taken as hung").unwrap();
+        assert_eq!(end_reason(&dir), "taken as hung");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn cfg() -> SandboxConfig {
         SandboxConfig::new("k", "i", "v", "/tmp/sb", "sb-1", 3)
