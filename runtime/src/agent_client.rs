@@ -269,11 +269,14 @@ impl OomWait {
     }
 }
 
-/// What a client does about an agent that stops answering: a request
+/// What a client does about an agent that stops answering: when a request
 /// (other than a wait for a process or an OOM kill, which may rightly take
-/// forever) unanswered for `timeout` fails with [`ClientError::NoAnswer`],
-/// after `on_silence` ran once with the request's kind (the pod's stops
-/// the hung VM, so everything waiting on it ends too).
+/// forever) is unanswered for `timeout`, the client asks the agent for its
+/// version; answered, it goes on waiting (the agent is alive, the request
+/// slow); unanswered for `timeout` again, the request fails with
+/// [`ClientError::NoAnswer`], after `on_silence` ran once with the
+/// request's kind (the pod's stops the hung VM, so everything waiting on
+/// it ends too).
 pub struct Watchdog {
     /// How long an answer may take.
     pub timeout: Duration,
@@ -417,19 +420,38 @@ impl AgentClient {
             return self.send(body, None).await?.get().await;
         };
         let request = request_kind(&body);
-        let answer = async { self.send(body, None).await?.get().await };
-        match tokio::time::timeout(w.timeout, answer).await {
-            Ok(r) => r,
-            Err(_) => {
-                if !self.silenced.swap(true, Ordering::SeqCst) {
-                    let (w, request) = (w.clone(), request.clone());
-                    let _ = tokio::task::spawn_blocking(move || (w.on_silence)(&request)).await;
-                }
-                Err(ClientError::NoAnswer {
-                    request,
-                    after: w.timeout,
-                })
+        let reply = match tokio::time::timeout(w.timeout, self.send(body, None)).await {
+            Ok(sent) => sent?,
+            Err(_) => return Err(self.silent(&w, request).await),
+        };
+        let answer = reply.get();
+        tokio::pin!(answer);
+        loop {
+            if let Ok(r) = tokio::time::timeout(w.timeout, &mut answer).await {
+                return r;
             }
+            // Slow, or hung? A request may rightly take long (a container's
+            // creation in a loaded guest), but a live agent answers a
+            // version request at once, from its connection's thread.
+            let ping = async { self.send(RequestBody::Version, None).await?.get().await };
+            match tokio::time::timeout(w.timeout, ping).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(self.silent(&w, request).await),
+            }
+        }
+    }
+
+    /// The watchdog's verdict on an agent that left `request` (and a
+    /// version request after it) unanswered: its action, once per client.
+    async fn silent(&self, w: &Arc<Watchdog>, request: String) -> ClientError {
+        if !self.silenced.swap(true, Ordering::SeqCst) {
+            let (w, request) = (w.clone(), request.clone());
+            let _ = tokio::task::spawn_blocking(move || (w.on_silence)(&request)).await;
+        }
+        ClientError::NoAnswer {
+            request,
+            after: w.timeout,
         }
     }
 

@@ -798,16 +798,31 @@ impl Pod {
     /// process): its record, its VMM (which must still run), its agent.
     pub async fn open(dir: &Path) -> Result<Pod, PodError> {
         let rec = read_record(dir)?;
+        let gone = |rec: PodRecord| PodError::Pod {
+            pod: rec.id,
+            message: format!("its VMM (pid {}) is gone", rec.vmm_pid),
+            class: ErrorClass::Unavailable,
+        };
         if !alive(rec.vmm_pid, rec.vmm_start) {
-            return Err(PodError::Pod {
-                pod: rec.id,
-                message: format!("its VMM (pid {}) is gone", rec.vmm_pid),
-                class: ErrorClass::Unavailable,
-            });
+            return Err(gone(rec));
         }
         let timeout = crate::config::get().agent.answer_timeout();
         let endpoint = Endpoint::vm(dir.join(VSOCK_FILE));
-        let client = match AgentClient::connect_answering(endpoint, timeout).await {
+        // Connecting retries until the timeout: stop as soon as the VMM is
+        // gone (its keeper outlives it by a moment).
+        let connect = AgentClient::connect_answering(endpoint, timeout);
+        tokio::pin!(connect);
+        let connected = loop {
+            tokio::select! {
+                r = &mut connect => break r,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                    if !alive(rec.vmm_pid, rec.vmm_start) {
+                        return Err(gone(rec));
+                    }
+                }
+            }
+        };
+        let client = match connected {
             Ok(c) => c,
             Err(source) => {
                 // A VMM that runs but whose agent never answers is hung.

@@ -42,7 +42,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::vmm_process::{file_tail, VmmCommand};
+use crate::vmm_process::{memory_file, open_file_tail, VmmCommand};
 
 /// Our manifest's file name, in the template's directory.
 pub const MANIFEST_FILE: &str = "template.json";
@@ -428,6 +428,49 @@ fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Where a template maker's vsock socket goes (see `make_in`); removed
+/// when dropped.
+struct UdsDir {
+    dir: PathBuf,
+    /// A directory of its own (removed whole), not the making directory.
+    own: bool,
+}
+
+impl UdsDir {
+    const NAME: &'static str = "vsock.sock";
+    /// The longest Unix socket path, less the VMM's `_<port>` suffixes.
+    const MAX_PATH: usize = 96;
+
+    fn for_making(making: &Path) -> Result<UdsDir, TemplateError> {
+        if making.join(Self::NAME).as_os_str().len() <= Self::MAX_PATH {
+            return Ok(UdsDir {
+                dir: making.to_path_buf(),
+                own: false,
+            });
+        }
+        let dir = std::env::temp_dir().join(format!("rtv-{}", unique("tmpl")));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| TemplateError::io(&dir, e))?;
+        Ok(UdsDir { dir, own: true })
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join(Self::NAME)
+    }
+}
+
+impl Drop for UdsDir {
+    fn drop(&mut self) {
+        if self.own {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            let _ = std::fs::remove_file(self.socket());
+        }
+    }
 }
 
 /// A name nobody else uses at once: pid, a counter and the clock.
@@ -881,15 +924,25 @@ impl TemplateCache {
         tmp: &Path,
     ) -> Result<Template, TemplateError> {
         let started = Instant::now();
-        let failed = |status: String, stderr: &Path| TemplateError::Make {
+        let failed = |status: String, stderr: &File| TemplateError::Make {
             key: key.to_owned(),
             status,
-            stderr_tail: file_tail(stderr, 2048),
+            stderr_tail: open_file_tail(stderr, 2048),
         };
-        // A short path: Unix socket paths are limited to 107 bytes.
-        let uds = std::env::temp_dir().join(format!("rtv-{}.vsock", unique("tmpl")));
-        let stderr_path = tmp.join("make-stderr.log");
-        let stderr = File::create(&stderr_path).map_err(|e| TemplateError::io(&stderr_path, e))?;
+        // In the making directory, or, when that path is too long for a
+        // Unix socket (107 bytes), in a private directory of its own: never
+        // straight in /tmp, which the jailed VMM would then bind whole into
+        // its root (and with it not the mounts under /tmp, the cache's own
+        // among them).
+        let uds_dir = UdsDir::for_making(tmp)?;
+        let uds = uds_dir.socket();
+        // The VMM's stderr in memory, not in the cache: its last words
+        // must not be lost to the cache's file system being full.
+        let stderr_mem =
+            memory_file("rtv-template-stderr").map_err(|e| TemplateError::io(tmp, e))?;
+        let stderr = stderr_mem
+            .try_clone()
+            .map_err(|e| TemplateError::io(tmp, e))?;
         let snapshot = tmp.join(SNAPSHOT_DIR);
         let mut cmd = VmmCommand::cold_boot(&spec.vmm, &spec.kernel, &spec.initramfs)
             .guest_options(spec.guest.clone())
@@ -909,7 +962,7 @@ impl TemplateCache {
         tracing::info!(key, "making a VM template (cold boot)");
         let mut child = cmd
             .spawn(stderr)
-            .map_err(|e| failed(format!("could not start: {e}"), &stderr_path))?;
+            .map_err(|e| failed(format!("could not start: {e}"), &stderr_mem))?;
         let deadline = started + self.make_timeout;
         let status = loop {
             match child.try_wait() {
@@ -917,23 +970,22 @@ impl TemplateCache {
                 Ok(None) if Instant::now() >= deadline => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    let _ = std::fs::remove_file(&uds);
                     return Err(failed(
                         format!("did not snapshot within {:?}", self.make_timeout),
-                        &stderr_path,
+                        &stderr_mem,
                     ));
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(50)),
                 Err(e) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(failed(format!("cannot be waited for: {e}"), &stderr_path));
+                    return Err(failed(format!("cannot be waited for: {e}"), &stderr_mem));
                 }
             }
         };
-        let _ = std::fs::remove_file(&uds);
+        drop(uds_dir);
         if !status.success() {
-            return Err(failed(format!("exited with {status}"), &stderr_path));
+            return Err(failed(format!("exited with {status}"), &stderr_mem));
         }
         let state_path = snapshot.join(SNAPSHOT_MANIFEST);
         let state: SnapshotManifest = std::fs::read(&state_path)
@@ -942,7 +994,7 @@ impl TemplateCache {
             .map_err(|e| {
                 failed(
                     format!("exited 0 without a usable {}: {e}", state_path.display()),
-                    &stderr_path,
+                    &stderr_mem,
                 )
             })?;
         let manifest = TemplateManifest {

@@ -334,6 +334,31 @@ pub fn file_tail(path: &Path, max: usize) -> String {
     String::from_utf8_lossy(&buf).trim_end().to_owned()
 }
 
+/// The last `max` bytes of an open file (read from the start of the file,
+/// whatever its offset), as text.
+pub fn open_file_tail(f: &File, max: usize) -> String {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = len.saturating_sub(max as u64);
+    let mut buf = vec![0u8; (len - from) as usize];
+    let n = f.read_at(&mut buf, from).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).trim_end().to_owned()
+}
+
+/// An anonymous file in memory (`memfd_create`), e.g. a child's stderr
+/// that must not depend on a file system with room.
+pub fn memory_file(name: &str) -> std::io::Result<File> {
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; the
+    // descriptor it returns is new and owned by the File made from it.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 /// The start time of process `pid` (field 22 of `/proc/<pid>/stat`), or
 /// `None` if it does not exist.
 pub fn start_time(pid: i32) -> Option<u64> {

@@ -72,7 +72,7 @@ fn pod_network_through_cri() {
 /// own configuration files (`options.ConfigPath`), one sizing the VM (and
 /// passing containerd 1.7's pod-size annotations), one broken; then pods
 /// whose VM fails under their two containers: the VMM killed, the guest
-/// kernel panicking, the guest hung (on a handler whose file sets a 5 s
+/// kernel panicking, the guest hung (on a handler whose file sets a 10 s
 /// agent.answer_timeout_secs): both containers reported exited with 137,
 /// the pod removable, nothing left; then ten pods started at once on
 /// a handler whose template cache is empty (ten shims, one template made);
@@ -88,7 +88,7 @@ fn privileged_containers_and_devices_through_cri() {
     let broken = files.join("broken.toml");
     std::fs::write(&broken, "[vm]\n\ndefault_memory_mib = 0\n").unwrap();
     let impatient = files.join("impatient.toml");
-    std::fs::write(&impatient, "[agent]\nanswer_timeout_secs = 5\n").unwrap();
+    std::fs::write(&impatient, "[agent]\nanswer_timeout_secs = 10\n").unwrap();
     let templates = files.join("templates");
     let fresh = files.join("fresh.toml");
     std::fs::write(

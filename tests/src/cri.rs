@@ -1283,7 +1283,8 @@ pub enum VmFault {
     Killed,
     /// The VMM is stopped (SIGSTOP): the guest answers nothing; an
     /// `ExecSync` then waits out the handler's `agent.answer_timeout_secs`
-    /// and the shim kills the VMM.
+    /// twice (the request, then a version request) and the shim kills the
+    /// VMM.
     Hung,
     /// The guest kernel panics: a privileged container sets the guest's
     /// `vm.panic_on_oom = 2` and a container with a 4 MiB limit is then
@@ -1534,7 +1535,22 @@ pub fn scenario_containerd_restart_mid_start(
         run.join()
             .unwrap_or_else(|_| bail!("the RunPodSandbox thread panicked"))
     })?;
-    let pods = cri.list_pods()?;
+    // The client's channel broke with the old containerd: the first calls
+    // may fail UNAVAILABLE until it has connected again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pods = loop {
+        match cri.try_call("RuntimeService/ListPodSandbox", json!({}), CRI_TIMEOUT)? {
+            Ok(r) => break r["items"].as_array().cloned().unwrap_or_default(),
+            Err(e) if e.code == "UNAVAILABLE" && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => bail!(
+                "ListPodSandbox after the restart: {}: {}",
+                e.code,
+                e.message
+            ),
+        }
+    };
     if let Ok(pod) = &in_flight {
         ensure!(
             pods.iter().any(|p| p["id"] == pod.as_str()),

@@ -15,6 +15,7 @@
 
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -238,7 +239,10 @@ fn keep(vmm: libc::pid_t, hold: RawFd, seccomp: crate::seccomp::Mode) -> ! {
     // bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, KEEPER_COMM.as_ptr(), 0, 0, 0) };
     if let Err(e) = keeper_lock_down(vmm, hold, seccomp) {
-        eprintln!("rtv-vmm: error: the VMM's keeper: {e}");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("rtv-vmm: error: the VMM's keeper: {e}\n"),
+        );
         // SAFETY: kill(2) of our own child.
         unsafe { libc::kill(vmm, libc::SIGKILL) };
     }
@@ -367,6 +371,63 @@ pub fn root_binds(paths: &[&Path]) -> Vec<PathBuf> {
     dirs
 }
 
+/// A directory the VMM needs (for one of `paths`) that a bind of `binds`
+/// would hide: it lies on a mount (one of `mount_points`) below a
+/// directory bound for another path, and the binds are not recursive (see
+/// [`confine`]). `(the hidden directory, the bind that hides it)`.
+pub fn hidden_by_a_bind(
+    paths: &[&Path],
+    binds: &[PathBuf],
+    mount_points: &[PathBuf],
+) -> Option<(PathBuf, PathBuf)> {
+    paths
+        .iter()
+        .filter(|p| p.is_absolute())
+        .filter_map(|p| p.ancestors().find(|a| a.is_dir()))
+        .find_map(|dir| {
+            let bind = binds
+                .iter()
+                .find(|b| dir.starts_with(b) && dir != b.as_path())?;
+            mount_points
+                .iter()
+                .any(|m| m.starts_with(bind) && m != bind && dir.starts_with(m))
+                .then(|| (dir.to_path_buf(), bind.clone()))
+        })
+}
+
+/// The mount points of this mount namespace (`/proc/self/mountinfo`'s
+/// fifth field, octal escapes decoded).
+fn mount_points() -> std::io::Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|field| {
+            let mut out = Vec::with_capacity(field.len());
+            let bytes = field.as_bytes();
+            let mut i = 0;
+            while i < bytes.len() {
+                let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+                    std::str::from_utf8(d)
+                        .ok()
+                        .and_then(|d| u8::from_str_radix(d, 8).ok())
+                });
+                match (bytes[i], octal) {
+                    (b'\\', Some(b)) => {
+                        out.push(b);
+                        i += 4;
+                    }
+                    (b, _) => {
+                        out.push(b);
+                        i += 1;
+                    }
+                }
+            }
+            PathBuf::from(std::ffi::OsString::from_vec(out))
+        })
+        .collect())
+}
+
 fn cstr(p: &Path) -> Result<std::ffi::CString, JailError> {
     std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| JailError::Root {
         step: "a path with a NUL byte",
@@ -431,6 +492,14 @@ pub fn confine(paths: &[&Path]) -> Result<(), JailError> {
         let path = path.to_path_buf();
         move |source| JailError::Root { step, path, source }
     };
+    let mounts = mount_points().map_err(io("reading the mount table", Path::new("/proc")))?;
+    if let Some((hidden, _)) = hidden_by_a_bind(paths, &binds, &mounts) {
+        return Err(io(
+            "a directory the VMM uses is on a mount inside another directory it uses, \
+             which its root would show without that mount",
+            &hidden,
+        )(std::io::Error::from_raw_os_error(libc::EXDEV)));
+    }
     // The directories to bind, opened before the tmpfs may cover them.
     let sources = binds
         .iter()
@@ -643,6 +712,38 @@ mod tests {
         std::fs::create_dir_all(tmp.join("templates")).unwrap();
         let binds = root_binds(&[&state.join("vsock.sock"), &tmp.join("templates/abc")]);
         assert_eq!(binds, vec![state.clone(), tmp.join("templates")]);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    /// A socket straight in /tmp binds /tmp, not recursively: a snapshot
+    /// directory on another mount under /tmp would be hidden (the VMM would
+    /// write into the directory under that mount). It is found; the same
+    /// directories without that mount are not.
+    #[test]
+    fn a_mount_a_bind_would_hide_is_found() {
+        let tmp = std::env::temp_dir().join(format!("rtv-jail-hidden-{}", std::process::id()));
+        let making = tmp.join("cache/.making-1");
+        std::fs::create_dir_all(&making).unwrap();
+        let sock = std::env::temp_dir().join("rtv-x.vsock");
+        let snapshot = making.join("snapshot");
+        let paths = [sock.as_path(), snapshot.as_path()];
+        let binds = root_binds(&paths);
+        assert_eq!(binds, vec![std::env::temp_dir()]);
+        let cache_mounted = [PathBuf::from("/"), tmp.join("cache")];
+        assert_eq!(
+            hidden_by_a_bind(&paths, &binds, &cache_mounted),
+            Some((making.clone(), std::env::temp_dir()))
+        );
+        assert_eq!(
+            hidden_by_a_bind(&paths, &binds, &[PathBuf::from("/")]),
+            None
+        );
+        // Each in its own directory: nothing nested, nothing hidden.
+        let own = [making.join("vsock.sock"), snapshot.clone()];
+        let own: Vec<&Path> = own.iter().map(PathBuf::as_path).collect();
+        let binds = root_binds(&own);
+        assert_eq!(binds, vec![making.clone()]);
+        assert_eq!(hidden_by_a_bind(&own, &binds, &cache_mounted), None);
         let _ = std::fs::remove_dir_all(&tmp);
     }
 

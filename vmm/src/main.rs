@@ -12,6 +12,14 @@ use rtv_vmm::devices::virtio::net::{self as net, NetError};
 use rtv_vmm::devices::virtio::vsock::{ConfigError, MIN_GUEST_CID};
 use rtv_vmm::platform::{self, PvmMode};
 use rtv_vmm::profile::{self, ProfileConfig, Profiler};
+/// `eprintln!` that never panics: with its stderr a file on a full disk,
+/// an error must still end the VMM with its own status, not a panic's.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 use rtv_vmm::{
     AfterSnapshot, BootProtocol, DeviceConfig, FsConfig, KernelConfig, MachineConfig, NetConfig,
     RestoreConfig, Vm, VmExit, VsockConfig,
@@ -159,13 +167,13 @@ fn main() -> ExitCode {
     // First of all: the jail's VMM has no environment, not even in the
     // block /proc/<pid>/environ shows.
     if let Err(e) = rtv_vmm::jail::reexec_without_environment() {
-        eprintln!("rtv-vmm: error: starting again without the environment: {e}");
+        say!("rtv-vmm: error: starting again without the environment: {e}");
         return ExitCode::from(1);
     }
     // Before any other thread exists: SIGTERM/SIGINT then wait for the
     // event loop, which stops the VM and removes what it created.
     if let Err(e) = rtv_vmm::signals::block_stop_signals() {
-        eprintln!("rtv-vmm: error: cannot block SIGTERM/SIGINT: {e}");
+        say!("rtv-vmm: error: cannot block SIGTERM/SIGINT: {e}");
         return ExitCode::from(1);
     }
     let args = Args::parse();
@@ -202,7 +210,7 @@ fn main() -> ExitCode {
             }
         }
         if let Err(e) = rtv_vmm::jail::prepare(&keep, args.seccomp) {
-            eprintln!("rtv-vmm: error: hardening the VMM: {e}");
+            say!("rtv-vmm: error: hardening the VMM: {e}");
             return ExitCode::from(1);
         }
     } else {
@@ -220,13 +228,13 @@ fn main() -> ExitCode {
         }
     }
     if let Err(e) = rtv_vmm::seccomp::init(args.seccomp) {
-        eprintln!("rtv-vmm: error: {e}");
+        say!("rtv-vmm: error: {e}");
         return ExitCode::from(1);
     }
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("rtv-vmm: error: {}", error_chain(&e));
+            say!("rtv-vmm: error: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
@@ -296,7 +304,7 @@ fn report(exit: VmExit) -> u8 {
     if exit.exit_code() == 0 {
         tracing::info!("{exit}");
     } else {
-        eprintln!("rtv-vmm: {exit}");
+        say!("rtv-vmm: {exit}");
     }
     exit.exit_code() as u8
 }
@@ -328,7 +336,7 @@ fn profiler(args: ProfileArgs, kernel: Option<&Path>) -> anyhow::Result<Option<P
         beside.is_file().then_some(beside)
     });
     if system_map.is_none() {
-        eprintln!("rtv-vmm: warning: --profile without a System.map (--system-map): kernel addresses stay hexadecimal and samples get no task names");
+        say!("rtv-vmm: warning: --profile without a System.map (--system-map): kernel addresses stay hexadecimal and samples get no task names");
     }
     let config = ProfileConfig {
         dir,
@@ -501,7 +509,7 @@ fn snapshot_on_ready(vm: &Vm, dir: PathBuf, then: AfterSnapshot) {
                 return;
             }
             match controller.snapshot(&dir, then) {
-                Ok(info) => eprintln!(
+                Ok(info) => say!(
                     "rtv-vmm: snapshot written to {}: paused {} ms, guest memory {} MiB ({:.1} MiB non-zero), {:.1} MiB on disk",
                     info.dir.display(),
                     info.paused_for.as_millis(),
