@@ -163,7 +163,13 @@ struct Inner {
     state: Mutex<State>,
     /// Serialises creating and deleting containers (and so the VM).
     lifecycle: tokio::sync::Mutex<()>,
+    /// Creates asked for so far (see [`Inner::exit_if_orphaned`]).
+    creates: std::sync::atomic::AtomicU64,
 }
+
+/// How long a shim left with no container after a failed create waits for
+/// containerd's Delete and Shutdown before it ends by itself.
+const ORPHAN_GRACE: Duration = Duration::from_secs(10);
 
 /// The task service.
 pub struct Service {
@@ -198,6 +204,7 @@ impl Service {
                 socket,
                 state: Mutex::new(State::default()),
                 lifecycle: tokio::sync::Mutex::new(()),
+                creates: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -234,14 +241,42 @@ impl Inner {
                 format!("container {id} already exists"),
             ));
         }
+        let n = self
+            .creates
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
         let mut mounted = None;
         let created = self.create_inner(&req, &mut mounted).await;
         if created.is_err() {
             if let Some(rootfs) = mounted {
                 mount::unmount_all(&rootfs);
             }
+            if self.state().containers.is_empty() {
+                tokio::spawn(self.clone().exit_if_orphaned(n));
+            }
         }
         created
+    }
+
+    /// After the failed create number `n` left the shim without a
+    /// container: containerd normally sends Delete and Shutdown at once;
+    /// if it does not within [`ORPHAN_GRACE`] and nothing was created since
+    /// (containerd restarted while the pod was starting and has forgotten
+    /// it), the shim ends by itself instead of staying for ever.
+    async fn exit_if_orphaned(self: Arc<Self>, n: u64) {
+        tokio::time::sleep(ORPHAN_GRACE).await;
+        let idle = {
+            let _lifecycle = self.lifecycle.lock().await;
+            self.creates.load(std::sync::atomic::Ordering::SeqCst) == n
+                && self.state().containers.is_empty()
+        };
+        if idle {
+            tracing::warn!(
+                "no container {} s after a failed create and no word from containerd: the shim ends",
+                ORPHAN_GRACE.as_secs()
+            );
+            let _ = self.shutdown().await;
+        }
     }
 
     async fn create_inner(
