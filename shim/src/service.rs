@@ -191,22 +191,23 @@ impl Service {
             .thread_name("rtv-shim")
             .enable_all()
             .build()?;
-        Ok(Service {
-            rt,
-            inner: Arc::new(Inner {
-                events: Events::start(
-                    publisher,
-                    namespace.clone(),
-                    std::env::var("TTRPC_ADDRESS").ok(),
-                ),
-                namespace,
-                exit,
-                socket,
-                state: Mutex::new(State::default()),
-                lifecycle: tokio::sync::Mutex::new(()),
-                creates: std::sync::atomic::AtomicU64::new(0),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            events: Events::start(
+                publisher,
+                namespace.clone(),
+                std::env::var("TTRPC_ADDRESS").ok(),
+            ),
+            namespace,
+            exit,
+            socket,
+            state: Mutex::new(State::default()),
+            lifecycle: tokio::sync::Mutex::new(()),
+            creates: std::sync::atomic::AtomicU64::new(0),
+        });
+        // A shim that containerd started but never asks for a container
+        // (containerd restarted in between) ends by itself too.
+        rt.spawn(inner.clone().exit_if_orphaned(0));
+        Ok(Service { rt, inner })
     }
 
     /// Runs a request on a worker thread of the runtime and waits for it.
@@ -259,8 +260,9 @@ impl Inner {
     }
 
     /// After the failed create number `n` left the shim without a
-    /// container: containerd normally sends Delete and Shutdown at once;
-    /// if it does not within [`ORPHAN_GRACE`] and nothing was created since
+    /// container (or, with `n` 0, after the shim started): containerd
+    /// normally sends Delete and Shutdown at once (or a Create); if it does
+    /// not within [`ORPHAN_GRACE`] and nothing was created since
     /// (containerd restarted while the pod was starting and has forgotten
     /// it), the shim ends by itself instead of staying for ever.
     async fn exit_if_orphaned(self: Arc<Self>, n: u64) {
