@@ -3,7 +3,6 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -324,14 +323,9 @@ pub fn die_with_parent(cmd: &mut Command) {
 
 /// The last `max` bytes of a log file (lossy UTF-8), for error messages.
 pub fn file_tail(path: &Path, max: usize) -> String {
-    let Ok(mut f) = File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max as u64)));
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).trim_end().to_owned()
+    File::open(path)
+        .map(|f| open_file_tail(&f, max))
+        .unwrap_or_default()
 }
 
 /// The last `max` bytes of an open file (read from the start of the file,
