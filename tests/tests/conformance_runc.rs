@@ -4,8 +4,10 @@
 //!
 //! runc comes from `apt-get install -y runc` (scripts/install-deps.sh);
 //! `$RTV_RUNC` names another binary. Scenarios needing a command this runc
-//! lacks (a capability probe) are reported as "skipped by runc version";
-//! everything else must pass. `$RTV_CONFORMANCE_ONLY` (comma-separated
+//! lacks (a capability probe), or a guarantee it does not give (several
+//! commands on one id at once: runc 1.1 has no lock across processes, see
+//! `Capability::IdLocking`), are reported as "not a guarantee of this
+//! runc"; everything else must pass. rtv runs every scenario. `$RTV_CONFORMANCE_ONLY` (comma-separated
 //! scenario names) runs a subset.
 
 use std::path::PathBuf;
