@@ -12,6 +12,11 @@ if [ ! -e /etc/rtv/config.toml ]; then
   install -D -m 0644 "$root/config/config.toml" /etc/rtv/config.toml
   echo "[setup] installed /etc/rtv/config.toml (every key commented out: the defaults)" >&2
 fi
+# The small pod size of the README's second RuntimeClass (rtv-tiny).
+if [ ! -e /etc/rtv/tiny.toml ]; then
+  install -D -m 0644 "$root/config/tiny.toml" /etc/rtv/tiny.toml
+  echo "[setup] installed /etc/rtv/tiny.toml (128 MiB, 1 vCPU: the rtv-tiny RuntimeClass)" >&2
+fi
 bundle=$root/target/demo-bundle
 bash "$root/scripts/demo-bundle.sh" "$bundle" "$rtv" \
   sh -c 'echo "hello from a container in an rtv micro-VM: $(uname -r), $(hostname)"; id; exit 7'

@@ -19,8 +19,8 @@
 //! seccomp = "on"                           # "log" or "off": `rtv-vmm --seccomp ...`
 //!
 //! [vm]
-//! default_memory_mib = 128                 # a spec without a memory limit
-//! default_vcpus = 1                        # a spec without a CPU quota
+//! default_memory_mib = 2048                # a spec without a memory limit
+//! default_vcpus = 2                        # a spec without a CPU quota
 //! max_memory_mib = 16384                   # a larger VM is refused (unset: the host's)
 //! max_vcpus = 2                            # more vCPUs are capped (unset: the host's CPUs)
 //! kernel_args = "quiet"                    # appended to the guest kernel's command line

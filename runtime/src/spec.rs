@@ -248,10 +248,13 @@ pub fn host_cpus() -> u8 {
 /// guest kernel, the agent, page tables and page cache for the share.
 /// Measured idle use of the guest is ~25 MiB (see README).
 pub const VM_MEMORY_OVERHEAD_MIB: u64 = 64;
-/// Guest memory when the spec sets no memory limit.
-pub const DEFAULT_VM_MEMORY_MIB: u64 = 128;
-/// vCPUs when the spec sets no CPU quota.
-pub const DEFAULT_VM_VCPUS: u8 = 1;
+/// Guest memory when the spec sets no memory limit: a CRI pod under
+/// containerd 1.6 (whose sandbox spec says nothing of the pod's containers)
+/// gets a VM that holds real workloads; the host pays only for the guest
+/// pages touched (see README, "Sizing").
+pub const DEFAULT_VM_MEMORY_MIB: u64 = 2048;
+/// vCPUs when the spec sets no CPU quota (at most the host's CPUs).
+pub const DEFAULT_VM_VCPUS: u8 = 2;
 
 /// A sandbox VM's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -167,8 +167,9 @@ struct Inner {
     creates: std::sync::atomic::AtomicU64,
 }
 
-/// How long a shim left with no container after a failed create waits for
-/// containerd's Delete and Shutdown before it ends by itself.
+/// How long a shim left with no container (after a failed create, or a
+/// delete) waits for containerd's Shutdown (or a Create) before it ends by
+/// itself.
 const ORPHAN_GRACE: Duration = Duration::from_secs(10);
 
 /// The task service.
@@ -247,7 +248,9 @@ impl Inner {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             + 1;
         let mut mounted = None;
+        self.state().creating.insert(id.clone(), false);
         let created = self.create_inner(&req, &mut mounted).await;
+        let denied = self.state().creating.remove(&id).unwrap_or(false);
         if created.is_err() {
             if let Some(rootfs) = mounted {
                 mount::unmount_all(&rootfs);
@@ -255,14 +258,38 @@ impl Inner {
             if self.state().containers.is_empty() {
                 tokio::spawn(self.clone().exit_if_orphaned(n));
             }
+            return created;
+        }
+        drop(_lifecycle);
+        if denied {
+            // containerd restarted while this create ran and, asking for
+            // the container's state, was told it does not exist: it will
+            // never start or delete it, so the create is undone here (and
+            // the shim, left empty, ends by itself).
+            tracing::warn!(
+                id = %id,
+                "containerd was told this container did not exist while it was \
+                 being created (containerd restarted): the create is undone"
+            );
+            let undo = DeleteRequest {
+                id: id.clone(),
+                ..Default::default()
+            };
+            if let Err(e) = self.clone().delete(undo).await {
+                tracing::debug!(id = %id, "undoing the create: {}", e.message);
+            }
+            return Err(Error::new(
+                Code::ABORTED,
+                format!("container {id}: containerd restarted while it was being created"),
+            ));
         }
         created
     }
 
-    /// After the failed create number `n` left the shim without a
-    /// container (or, with `n` 0, after the shim started): containerd
-    /// normally sends Delete and Shutdown at once (or a Create); if it does
-    /// not within [`ORPHAN_GRACE`] and nothing was created since
+    /// After the failed create number `n`, or a delete, left the shim
+    /// without a container (or, with `n` 0, after the shim started):
+    /// containerd normally sends Delete and Shutdown at once (or a Create);
+    /// if it does not within [`ORPHAN_GRACE`] and nothing was created since
     /// (containerd restarted while the pod was starting and has forgotten
     /// it), the shim ends by itself instead of staying for ever.
     async fn exit_if_orphaned(self: Arc<Self>, n: u64) {
@@ -274,7 +301,7 @@ impl Inner {
         };
         if idle {
             tracing::warn!(
-                "no container {} s after a failed create and no word from containerd: the shim ends",
+                "no container for {} s and no word from containerd: the shim ends",
                 ORPHAN_GRACE.as_secs()
             );
             let _ = self.shutdown().await;
@@ -629,6 +656,12 @@ impl Inner {
                 pod.stop().await;
             }
         }
+        if self.state().containers.is_empty() {
+            // containerd sends Shutdown next; one that restarted meanwhile
+            // may never do so.
+            let n = self.creates.load(std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(self.clone().exit_if_orphaned(n));
+        }
         tracing::info!(id = %id, "deleted");
         Ok(delete_response(pid, Some(exit)))
     }
@@ -710,7 +743,12 @@ impl Inner {
     }
 
     async fn state_of(self: Arc<Self>, req: StateRequest) -> Result<StateResponse> {
-        let st = self.state();
+        let mut st = self.state();
+        if !st.containers.contains_key(&req.id) {
+            if let Some(denied) = st.creating.get_mut(&req.id) {
+                *denied = true;
+            }
+        }
         let c = st.container(&req.id)?;
         let p = st.proc(&req.id, &req.exec_id)?;
         let exit = p.exited();

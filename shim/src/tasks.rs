@@ -88,6 +88,9 @@ impl Container {
 pub(crate) struct State {
     pub(crate) pod: Option<Arc<Pod>>,
     pub(crate) containers: HashMap<String, Container>,
+    /// Containers being created, and whether containerd has meanwhile been
+    /// told one does not exist (see `Inner::create`).
+    pub(crate) creating: HashMap<String, bool>,
 }
 
 impl State {

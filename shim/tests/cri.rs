@@ -68,9 +68,10 @@ fn pod_network_through_cri() {
 /// and mounts; CAP_NET_ADMIN makes a bridge in the VM; a host device the
 /// guest lacks is refused by name.
 ///
-/// In the same containerd: two more handlers of the same shim with their
-/// own configuration files (`options.ConfigPath`), one sizing the VM (and
-/// passing containerd 1.7's pod-size annotations), one broken; then pods
+/// In the same containerd: more handlers of the same shim with their own
+/// configuration files (`options.ConfigPath`), one sizing the VM (and
+/// passing containerd 1.7's pod-size annotations), one broken, one the
+/// shipped config/config.toml (a 2 GiB, 2-vCPU pod); then pods
 /// whose VM fails under their two containers: the VMM killed, the guest
 /// kernel panicking, the guest hung (on a handler whose file sets a 10 s
 /// agent.answer_timeout_secs): both containers reported exited with 137,
@@ -83,18 +84,31 @@ fn privileged_containers_and_devices_through_cri() {
     let files = std::env::temp_dir().join(format!("rtv-cri-config-{}", std::process::id()));
     std::fs::create_dir_all(&files).unwrap();
     let sized = files.join("sized.toml");
-    std::fs::write(&sized, "[vm]\ndefault_memory_mib = 256\n").unwrap();
+    std::fs::write(
+        &sized,
+        "[vm]\ndefault_memory_mib = 256\ndefault_vcpus = 1\n",
+    )
+    .unwrap();
     let broken = files.join("broken.toml");
     std::fs::write(&broken, "[vm]\n\ndefault_memory_mib = 0\n").unwrap();
     let impatient = files.join("impatient.toml");
-    std::fs::write(&impatient, "[agent]\nanswer_timeout_secs = 10\n").unwrap();
+    std::fs::write(
+        &impatient,
+        format!("[agent]\nanswer_timeout_secs = 10\n{}", rtv_tests::TINY_VM),
+    )
+    .unwrap();
     let templates = files.join("templates");
     let fresh = files.join("fresh.toml");
     std::fs::write(
         &fresh,
-        format!("[templates]\ndir = {:?}\n", templates.display().to_string()),
+        format!(
+            "[templates]\ndir = {:?}\n{}",
+            templates.display().to_string(),
+            rtv_tests::TINY_VM
+        ),
     )
     .unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/config.toml");
     let with_file = |name: &str, path: &Path| CriRuntime {
         name: name.into(),
         config_path: Some(path.to_path_buf()),
@@ -110,12 +124,14 @@ fn privileged_containers_and_devices_through_cri() {
             with_file("rtv-broken", &broken),
             with_file("rtv-fresh", &fresh),
             with_file("rtv-impatient", &impatient),
+            with_file("rtv-shipped", &shipped),
         ],
         Some(dir),
     );
     rtv_tests::cri::with_cri("cri-priv-rtv", &opts, |c, cri| {
         cri::scenario_privileged(c, cri, "rtv", true)?;
         cri::scenario_config_path(c, cri, "rtv-256", "rtv-broken", &broken)?;
+        cri::scenario_shipped_size(c, cri, "rtv-shipped")?;
         for fault in [VmFault::Killed, VmFault::Panicked] {
             cri::scenario_vm_fault(c, cri, "rtv", fault)?;
         }

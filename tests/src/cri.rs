@@ -290,10 +290,24 @@ impl<'a> CriClient<'a> {
 
     /// `RunPodSandbox` with `config` on `handler`; returns the pod's id.
     pub fn run_pod(&self, config: &Value, handler: &str) -> Result<String> {
-        let r = self.call(
+        self.run_pod_within(config, handler, CRI_TIMEOUT)
+    }
+
+    /// [`CriClient::run_pod`] with a deadline of `timeout`.
+    pub fn run_pod_within(
+        &self,
+        config: &Value,
+        handler: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        let r = match self.try_call(
             "RuntimeService/RunPodSandbox",
             json!({"config": config, "runtime_handler": handler}),
-        )?;
+            timeout,
+        )? {
+            Ok(r) => r,
+            Err(e) => bail!("RuntimeService/RunPodSandbox: {}: {}", e.code, e.message),
+        };
         let id = str_field(&r, "pod_sandbox_id")?;
         self.c.remember(CRI_NAMESPACE, &id);
         // A pod with a network of its own (only an instance with a network
@@ -1184,9 +1198,21 @@ fn pod_vm(
     name: &str,
     annotations: Value,
 ) -> Result<(u64, u64)> {
+    pod_vm_within(c, cri, handler, name, annotations, CRI_TIMEOUT)
+}
+
+/// [`pod_vm`] whose RunPodSandbox may take `run_timeout`.
+fn pod_vm_within(
+    c: &Containerd,
+    cri: &CriClient,
+    handler: &str,
+    name: &str,
+    annotations: Value,
+    run_timeout: Duration,
+) -> Result<(u64, u64)> {
     let mut pod_cfg = pod_config(c, name)?;
     pod_cfg["annotations"] = annotations;
-    let pod = cri.run_pod(&pod_cfg, handler)?;
+    let pod = cri.run_pod_within(&pod_cfg, handler, run_timeout)?;
     let result = (|| {
         let cfg = container_config(name, &["sleep", "1000"], &[]);
         let id = cri.create_container(&pod, &cfg, &pod_cfg)?;
@@ -1214,6 +1240,32 @@ fn pod_vm(
     stop?;
     check_pod_gone(c, cri, &pod)?;
     Ok(vm)
+}
+
+/// A pod on `handler`, whose `ConfigPath` is the shipped
+/// config/config.toml (every key commented out), gets the default pod
+/// size under containerd 1.6: a 2048 MiB VM (MemTotal less what the guest
+/// kernel keeps) with 2 vCPUs, capped at the host's CPUs. Its
+/// RunPodSandbox may take 5 minutes: on an empty cache it makes the 2 GiB
+/// template, ~50 s of cold boot on an idle PVM host (the guest kernel's
+/// setup of 2 GiB of `struct page`s is emulated), longer beside the rest
+/// of the suite.
+pub fn scenario_shipped_size(c: &Containerd, cri: &CriClient, handler: &str) -> Result<()> {
+    let (kb, cpus) = pod_vm_within(
+        c,
+        cri,
+        handler,
+        "shipped",
+        json!({}),
+        Duration::from_secs(300),
+    )?;
+    let want_cpus = u64::from(rtv_runtime::spec::host_cpus().min(2));
+    ensure!(
+        (1900 * 1024..2048 * 1024).contains(&kb) && cpus == want_cpus,
+        "MemTotal {kb} kB and {cpus} CPUs in a pod of the shipped configuration \
+         (want ~2048 MiB and {want_cpus})"
+    );
+    Ok(())
 }
 
 /// The handler's `ConfigPath` is the shim's configuration file: a pod on
@@ -1513,6 +1565,165 @@ pub fn scenario_pods_at_once(
     );
     ensure!(cri.list_pods()?.is_empty(), "pods left after removal");
     wait_nothing_left(c, cri, Duration::from_secs(30))
+}
+
+/// When [`scenario_containerd_restart_mid_start`] restarts containerd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartAt {
+    /// As soon as containerd has started the pod's shim (before or while
+    /// it sends Create).
+    ShimStarted,
+    /// Once the pod's VMM runs (the shim is inside Create, or already in
+    /// Start).
+    VmStarted,
+    /// A second after the pod's VMM started: its guest is up and the
+    /// sandbox is being started or already is (containerd may have recorded
+    /// the pod as ready).
+    VmUp,
+    /// Once `RunPodSandbox` has returned the pod: containerd has it as
+    /// ready, with its shim and VM running.
+    PodReady,
+}
+
+/// containerd restarted (SIGTERM, started again) while a pod is starting,
+/// at `at`: the `RunPodSandbox` in flight ends (an error, or the pod),
+/// nothing hangs; the restarted containerd lists whatever pod it had
+/// recorded, and stopping and removing each leaves nothing (no shim, VMM,
+/// mount or state). [`scenario_next_pod_runs`] then shows the next pod
+/// works.
+pub fn scenario_containerd_restart_mid_start(
+    c: &Containerd,
+    cri: &CriClient,
+    handler: &str,
+    at: RestartAt,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let in_flight = std::thread::scope(|s| -> Result<std::result::Result<String, String>> {
+        let run = s.spawn(move || -> Result<std::result::Result<String, String>> {
+            let client = CriClient::connect(c)?;
+            let pod_cfg = pod_config(c, "mid-start")?;
+            let r = client.try_call(
+                "RuntimeService/RunPodSandbox",
+                json!({"config": pod_cfg, "runtime_handler": handler}),
+                CRI_TIMEOUT,
+            )?;
+            Ok(match r {
+                Ok(v) => Ok(str_field(&v, "pod_sandbox_id")?),
+                Err(e) => Err(format!("{}: {}", e.code, e.message)),
+            })
+        });
+        if at == RestartAt::PodReady {
+            let ran = run
+                .join()
+                .unwrap_or_else(|_| bail!("the RunPodSandbox thread panicked"))?;
+            eprintln!(
+                "[restart mid-start] {at:?} after {:.1?}: restarting containerd",
+                t0.elapsed()
+            );
+            c.restart()?;
+            return Ok(ran);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let shims = c.shims();
+            let ready = match at {
+                RestartAt::ShimStarted => !shims.is_empty(),
+                RestartAt::VmStarted | RestartAt::VmUp | RestartAt::PodReady => {
+                    let procs = containerd::processes();
+                    shims.iter().any(|(pid, _)| {
+                        containerd::descendants(&procs, *pid as i32)
+                            .iter()
+                            .any(|d| {
+                                procs.iter().any(|p| {
+                                    p.pid == *d
+                                        && p.cmdline.first().is_some_and(|a| a.ends_with("rtv-vmm"))
+                                })
+                            })
+                    })
+                }
+            };
+            if ready {
+                if at == RestartAt::VmUp {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no {at:?} within 60 s of RunPodSandbox"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "[restart mid-start] {at:?} after {:.1?}: restarting containerd",
+            t0.elapsed()
+        );
+        c.restart()?;
+        run.join()
+            .unwrap_or_else(|_| bail!("the RunPodSandbox thread panicked"))
+    })?;
+    eprintln!(
+        "[restart mid-start] {at:?}: RunPodSandbox gave {in_flight:?} after {:.1?}",
+        t0.elapsed()
+    );
+    // The client's channel broke with the old containerd: the first calls
+    // may fail UNAVAILABLE until it has connected again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pods = loop {
+        match cri.try_call("RuntimeService/ListPodSandbox", json!({}), CRI_TIMEOUT)? {
+            Ok(r) => break r["items"].as_array().cloned().unwrap_or_default(),
+            Err(e) if e.code == "UNAVAILABLE" && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => bail!(
+                "ListPodSandbox after the restart: {}: {}",
+                e.code,
+                e.message
+            ),
+        }
+    };
+    if let Ok(pod) = &in_flight {
+        ensure!(
+            pods.iter().any(|p| p["id"] == pod.as_str()),
+            "the pod RunPodSandbox returned ({pod}) is not listed after the restart: {pods:?}"
+        );
+    }
+    for pod in &pods {
+        let id = str_field(pod, "id")?;
+        let state = pod["state"].as_str().unwrap_or("?").to_owned();
+        let t = Instant::now();
+        cri.stop_pod(&id)
+            .with_context(|| format!("StopPodSandbox of pod {id} ({state}) after the restart"))?;
+        cri.remove_pod(&id)?;
+        eprintln!(
+            "[restart mid-start] {at:?}: pod {id} ({state}) stopped and removed in {:.1?}",
+            t.elapsed()
+        );
+    }
+    ensure!(cri.list_pods()?.is_empty(), "pods left after removal");
+    wait_nothing_left(c, cri, Duration::from_secs(30))
+        .with_context(|| format!("after a restart mid-start ({at:?}, {in_flight:?})"))
+}
+
+/// A new pod runs a container and an exec in it, then goes (after faults
+/// such as [`scenario_containerd_restart_mid_start`]).
+pub fn scenario_next_pod_runs(c: &Containerd, cri: &CriClient, handler: &str) -> Result<()> {
+    let pod_cfg = pod_config(c, "after-restart")?;
+    let pod = cri.run_pod(&pod_cfg, handler)?;
+    let id = cri.create_container(
+        &pod,
+        &container_config("c", &["sleep", "1000"], &[]),
+        &pod_cfg,
+    )?;
+    cri.start(&id)?;
+    let said = exec_ok(cri, &id, &["echo", "after"])?;
+    ensure!(
+        said.trim() == "after",
+        "a pod after the restart answered {said:?}"
+    );
+    cri.stop_pod(&pod)?;
+    cri.remove_pod(&pod)?;
+    check_pod_gone(c, cri, &pod)
 }
 
 /// A pod sized by containerd 1.7's annotations for 600 MiB (a VM of 664

@@ -489,6 +489,12 @@ pub fn rtv_vmm_command_with_initrd(spec: &BootSpec, initrd: &Path) -> Result<Com
     Ok(cmd)
 }
 
+/// The `[vm]` keys of config/tiny.toml (128 MiB, 1 vCPU), for a test's own
+/// configuration file: the suite's pods keep that size (scripts/test.sh
+/// sets `$RTV_CONFIG` to config/tiny.toml), but a file named by `--config`
+/// or a handler's `ConfigPath` replaces `$RTV_CONFIG`'s.
+pub const TINY_VM: &str = "[vm]\ndefault_memory_mib = 128\ndefault_vcpus = 1\n";
+
 /// Serialises booted VMs within one test binary: two guests emulating
 /// kernel code at once on a 2-core machine would each take twice as long.
 pub fn one_vm_at_a_time() -> std::sync::MutexGuard<'static, ()> {

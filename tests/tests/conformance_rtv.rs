@@ -923,7 +923,11 @@ fn a_full_disk_fails_cleanly_and_the_next_create_works() {
         let config = rt.scratch("config.toml");
         std::fs::write(
             &config,
-            format!("[templates]\ndir = {:?}\n", cache.display().to_string()),
+            format!(
+                "[templates]\ndir = {:?}\n{}",
+                cache.display().to_string(),
+                rtv_tests::TINY_VM
+            ),
         )?;
         let log = rt.scratch("rtv.log");
         rt.use_config_and_log(&config, &log);
