@@ -408,16 +408,25 @@ mod tests {
         assert_eq!(s.mounts().as_ref().unwrap().len(), 7);
     }
 
+    /// The default VM size in force (the suite may run under
+    /// `RTV_CONFIG=config/tiny.toml`).
+    fn default_size(host_cpus: u8) -> VmSize {
+        let vm = &crate::config::get().vm;
+        VmSize {
+            mem_mib: vm.default_memory_mib.unwrap_or(DEFAULT_VM_MEMORY_MIB),
+            vcpus: vm
+                .default_vcpus
+                .unwrap_or(DEFAULT_VM_VCPUS)
+                .min(vm.max_vcpus.unwrap_or(u8::MAX))
+                .min(host_cpus),
+        }
+    }
+
     #[test]
     fn vms_are_sized_from_the_spec() {
         let s = default_spec();
-        assert_eq!(
-            vm_size(&s, 2),
-            VmSize {
-                mem_mib: 128,
-                vcpus: 1
-            }
-        );
+        assert_eq!(vm_size(&s, 2), default_size(2));
+        assert_eq!(vm_size(&s, 1).vcpus, 1);
         let s = parse(
             "c",
             br#"{"ociVersion":"1.0.2","linux":{"resources":{
@@ -471,7 +480,7 @@ mod tests {
             vm_size(&s, 4),
             VmSize {
                 mem_mib: 32 + 64,
-                vcpus: 1
+                vcpus: default_size(4).vcpus
             }
         );
     }
