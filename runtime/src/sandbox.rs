@@ -2,8 +2,9 @@
 //! and its own identity.
 //!
 //! [`Sandbox::start`] restores the VM from a template ([`crate::template`]),
-//! making the template first if there is none; a template the VMM refuses
-//! is discarded and made again once; when templates are off, or the restore
+//! making the template first if there is none; a template the VMM refuses,
+//! or whose restored guest does not come up, is discarded and made again
+//! once; when templates are off, or the restore
 //! path fails anyway, the sandbox cold boots. Either way the host then sets
 //! the guest's identity through the agent (`SetIdentity`): its hostname,
 //! fresh entropy credited to the guest's RNG (and a CRNG reseed), and the
@@ -466,6 +467,24 @@ impl Sandbox {
                         sandbox = %cfg.hostname,
                         template = %template.dir.display(),
                         "the VMM refused the template; replacing it: {reason}"
+                    );
+                    let c = cache.clone();
+                    let r = reason.clone();
+                    tokio::task::spawn_blocking(move || c.discard(&template, &r))
+                        .await
+                        .map_err(|e| SandboxError::Task(e.to_string()))??;
+                    replaced.push(reason);
+                }
+                Err(e @ SandboxError::Agent { .. }) if attempt == 1 => {
+                    // The VMM took the snapshot but the guest it restored
+                    // does not come up (e.g. a template made on another
+                    // CPU model, before the key said so): as useless as a
+                    // refused one, so replaced the same way.
+                    let reason = format!("the restored guest did not come up: {e}");
+                    tracing::warn!(
+                        sandbox = %cfg.hostname,
+                        template = %template.dir.display(),
+                        "{reason}; replacing the template"
                     );
                     let c = cache.clone();
                     let r = reason.clone();

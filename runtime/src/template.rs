@@ -17,7 +17,9 @@
 //!
 //! The key is the sha256 of the kernel's and the initramfs's sha256, the
 //! output of `rtv-vmm --version` with the VMM's build id, the memory size,
-//! the vCPU count and whether the VM has a virtio-fs device. `rtv-vmm` does not print its snapshot build id, so
+//! the vCPU count, whether the VM has a virtio-fs device, and the host's CPU
+//! model and flags ([`host_cpu`]: a snapshot made on one CPU model is not
+//! restored on another). `rtv-vmm` does not print its snapshot build id, so
 //! the build id in the key is the sha256 of the `rtv-vmm` binary (stricter:
 //! any rebuild is another key); the snapshot's own build id is recorded in
 //! `template.json` once made, and checked against `state.json` before use.
@@ -181,6 +183,46 @@ pub struct KeyInputs {
     /// The configuration's `vm.pvm`, unless auto.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pvm: Option<String>,
+    /// The host's CPU ([`host_cpu`]): a snapshot holds the vCPUs' CPUID
+    /// and MSRs as this CPU gave them, and a guest restored on another
+    /// model (a cache carried to another host, or a VM host migrated
+    /// under us) may not run.
+    #[serde(default)]
+    pub host_cpu: String,
+}
+
+/// The host CPU's identity for template keys: vendor, family, model and
+/// stepping, and a hash of its feature flags, from `/proc/cpuinfo` (empty
+/// when it cannot be read).
+pub fn host_cpu() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        cpu_identity(&text)
+    })
+    .clone()
+}
+
+/// [`host_cpu`] from the text of `/proc/cpuinfo` (its first processor).
+fn cpu_identity(cpuinfo: &str) -> String {
+    let first = cpuinfo.split("\n\n").next().unwrap_or_default();
+    let field = |name: &str| {
+        first
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim() == name)
+            .map(|(_, v)| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let flags = hex(&Sha256::digest(field("flags").as_bytes()));
+    format!(
+        "{} {}/{}/{} flags:{}",
+        field("vendor_id"),
+        field("cpu family"),
+        field("model"),
+        field("stepping"),
+        &flags[..16]
+    )
 }
 
 impl KeyInputs {
@@ -196,6 +238,7 @@ impl KeyInputs {
             &self.mem_mib.to_string(),
             &self.vcpus.to_string(),
             if self.virtio_fs { "virtio-fs" } else { "no-fs" },
+            &self.host_cpu,
         ] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
@@ -420,6 +463,7 @@ impl TemplateSpec {
             kernel_args: self.guest.kernel_args.clone(),
             pvm: (self.guest.pvm != crate::config::Pvm::Auto)
                 .then(|| self.guest.pvm.as_str().to_owned()),
+            host_cpu: host_cpu(),
         })
     }
 }
@@ -1044,7 +1088,23 @@ mod tests {
             virtio_fs: false,
             kernel_args: None,
             pvm: None,
+            host_cpu: "GenuineIntel 6/85/7 flags:0123456789abcdef".into(),
         }
+    }
+
+    #[test]
+    fn the_host_cpu_is_its_model_and_a_hash_of_its_flags() {
+        let intel = "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n\
+                     model\t\t: 85\nstepping\t: 7\nflags\t\t: fpu vme avx512f\n\n\
+                     processor\t: 1\nvendor_id\t: Other\n";
+        let id = cpu_identity(intel);
+        assert!(id.starts_with("GenuineIntel 6/85/7 flags:"), "{id}");
+        assert_eq!(id.len(), "GenuineIntel 6/85/7 flags:".len() + 16);
+        let fewer_flags = intel.replace(" avx512f", "");
+        assert_ne!(cpu_identity(&fewer_flags), id);
+        let amd = intel.replace("GenuineIntel", "AuthenticAMD");
+        assert_ne!(cpu_identity(&amd), id);
+        assert!(!host_cpu().is_empty());
     }
 
     #[test]
@@ -1086,6 +1146,10 @@ mod tests {
             },
             KeyInputs {
                 pvm: Some("off".into()),
+                ..inputs()
+            },
+            KeyInputs {
+                host_cpu: "AuthenticAMD 25/1/1 flags:0123456789abcdef".into(),
                 ..inputs()
             },
         ];

@@ -1284,7 +1284,7 @@ pub fn scenario_config_path(
     let (kb, _) = pod_vm(c, cri, sized, "configured", json!({}))?;
     ensure!(
         (200 * 1024..256 * 1024).contains(&kb),
-        "MemTotal {kb} kB in a pod whose handler's file says 256 MiB (the default is 128)"
+        "MemTotal {kb} kB in a pod whose handler's file says 256 MiB (the suite's tiny.toml default is 128)"
     );
     // 600 MiB and 2 CPUs for the pod: a VM of 600 + 64 MiB, 2 vCPUs.
     let (kb, cpus) = pod_vm(
