@@ -250,7 +250,14 @@ impl Inner {
         let mut mounted = None;
         self.state().creating.insert(id.clone(), false);
         let created = self.create_inner(&req, &mut mounted).await;
-        let denied = self.state().creating.remove(&id).unwrap_or(false);
+        let denied = {
+            let mut st = self.state();
+            let denied = st.creating.remove(&id).unwrap_or(false);
+            if denied && created.is_ok() {
+                st.forgotten.insert(id.clone());
+            }
+            denied
+        };
         if created.is_err() {
             if let Some(rootfs) = mounted {
                 mount::unmount_all(&rootfs);
@@ -278,6 +285,7 @@ impl Inner {
             if let Err(e) = self.clone().delete(undo).await {
                 tracing::debug!(id = %id, "undoing the create: {}", e.message);
             }
+            self.state().forgotten.remove(&id);
             return Err(Error::new(
                 Code::ABORTED,
                 format!("container {id}: containerd restarted while it was being created"),
@@ -744,10 +752,18 @@ impl Inner {
 
     async fn state_of(self: Arc<Self>, req: StateRequest) -> Result<StateResponse> {
         let mut st = self.state();
-        if !st.containers.contains_key(&req.id) {
-            if let Some(denied) = st.creating.get_mut(&req.id) {
-                *denied = true;
+        // What containerd was told once (that a container being created
+        // does not exist) stays so until the create is undone.
+        let exists = st.containers.contains_key(&req.id);
+        let told_missing = match st.creating.get_mut(&req.id) {
+            Some(denied) => {
+                *denied |= !exists;
+                *denied
             }
+            None => st.forgotten.contains(&req.id),
+        };
+        if told_missing {
+            return Err(not_found(format!("container {}", req.id)));
         }
         let c = st.container(&req.id)?;
         let p = st.proc(&req.id, &req.exec_id)?;

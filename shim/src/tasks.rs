@@ -91,6 +91,9 @@ pub(crate) struct State {
     /// Containers being created, and whether containerd has meanwhile been
     /// told one does not exist (see `Inner::create`).
     pub(crate) creating: HashMap<String, bool>,
+    /// Containers created after containerd was told they did not exist,
+    /// being undone: they go on not existing for containerd.
+    pub(crate) forgotten: std::collections::HashSet<String>,
 }
 
 impl State {

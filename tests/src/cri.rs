@@ -1702,7 +1702,12 @@ pub fn scenario_containerd_restart_mid_start(
     }
     ensure!(cri.list_pods()?.is_empty(), "pods left after removal");
     wait_nothing_left(c, cri, Duration::from_secs(30))
-        .with_context(|| format!("after a restart mid-start ({at:?}, {in_flight:?})"))
+        .with_context(|| format!("after a restart mid-start ({at:?}, {in_flight:?})"))?;
+    // Which path the shim took, for the reader: the restarted containerd
+    // asked for the task while its create still ran (the create undone).
+    let undone = c.log_tail(1 << 20).matches("the create is undone").count();
+    eprintln!("[restart mid-start] {at:?}: creates undone by the shim so far: {undone}");
+    Ok(())
 }
 
 /// A new pod runs a container and an exec in it, then goes (after faults
